@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Brings up the real-parts test ground on a bare Debian bookworm machine (as root) and prints
+# the environment that points at it, as `export` lines, on stdout. Everything it makes lives
+# outside the clone, under $BW_TESTGROUND (default /var/lib/backup-watcher-test), so that
+# images and tools survive between runs; every step is skipped when its product is there.
+#
+#   eval "$(testground/up.sh)"          # engine + PostgreSQL 15/17 images + restic 0.18
+#   BW_TESTGROUND_PARTS=engine,pg15 ... # only some parts (the demo needs no PG 17)
+#
+# Progress goes to stderr; only the export lines go to stdout.
+set -euo pipefail
+
+TG=${BW_TESTGROUND:-/var/lib/backup-watcher-test}
+RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
+PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic}
+MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+log() { printf 'testground: %s\n' "$*" >&2; }
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+
+mkdir -p "$TG/bin" "$RUN"
+
+apt_ready=0
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ $apt_ready -eq 0 ]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        apt_ready=1
+    fi
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+# --- restic 0.18 from Debian trixie, unpacked into $TG/tools (bookworm's 0.14 is too old) -----
+install_restic() {
+    if [ -x "$TG/bin/restic" ] && "$TG/bin/restic" version 2>/dev/null | grep -q 'restic 0.1[89]'; then
+        return 0
+    fi
+    log "fetching restic from Debian trixie"
+    local apt_dir="$TG/apt-trixie"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs"
+    chmod 755 "$apt_dir/debs"
+    chown _apt "$apt_dir/debs" 2>/dev/null || true
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main" >"$apt_dir/sources.list"
+    local opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Get::List-Cleanup=0)
+    apt-get "${opts[@]}" update -qq >&2
+    (cd "$apt_dir/debs" && rm -f restic_*.deb && apt-get "${opts[@]}" download restic >&2)
+    rm -rf "$TG/tools/restic"
+    mkdir -p "$TG/tools"
+    dpkg -x "$apt_dir"/debs/restic_*.deb "$TG/tools/restic"
+    ln -sf "$TG/tools/restic/usr/bin/restic" "$TG/bin/restic"
+    "$TG/bin/restic" version >&2
+}
+
+# --- a private Docker engine: no bridge, no iptables ------------------------------------------
+engine_alive() { DOCKER_HOST="unix://$RUN/docker.sock" timeout 5 docker info >/dev/null 2>&1; }
+start_engine() {
+    if engine_alive; then return 0; fi
+    if [ -f "$RUN/dockerd.pid" ] && kill -0 "$(cat "$RUN/dockerd.pid")" 2>/dev/null; then
+        kill "$(cat "$RUN/dockerd.pid")" || true
+        sleep 2
+    fi
+    log "starting dockerd (data root $TG/docker)"
+    mkdir -p "$TG/docker" "$RUN/exec"
+    # setsid: the engine outlives the shell that started it, and a test run can restart it.
+    setsid dockerd --data-root "$TG/docker" --exec-root "$RUN/exec" --host "unix://$RUN/docker.sock" \
+        --pidfile "$RUN/dockerd.pid" --bridge=none --iptables=false --ip-masq=false \
+        >"$RUN/dockerd.log" 2>&1 </dev/null &
+    for _ in $(seq 1 100); do
+        engine_alive && return 0
+        sleep 0.2
+    done
+    log "dockerd did not come up; its log:"
+    tail -n 30 "$RUN/dockerd.log" >&2
+    exit 1
+}
+
+# --- PostgreSQL images from Debian packages, following the official image's env contract -------
+build_pg_image() {
+    local major=$1 suite=$2 tag="backup-watcher-test/postgres:$1"
+    local image_version
+    image_version=$(sha256sum "$HERE/pg-entrypoint.sh" | cut -c1-12)
+    if DOCKER_HOST="unix://$RUN/docker.sock" docker image inspect "$tag" \
+        --format '{{index .Config.Labels "backup-watcher-test.entrypoint"}}' 2>/dev/null | grep -qx "$image_version"; then
+        return 0
+    fi
+    local root="$TG/rootfs/pg$major"
+    if [ ! -x "$root/usr/lib/postgresql/$major/bin/postgres" ]; then
+        log "debootstrap $suite with postgresql-$major (about a minute)"
+        rm -rf "$root"
+        mkdir -p "$root"
+        debootstrap --variant=minbase --include="postgresql-$major,postgresql-client-$major,util-linux" \
+            "$suite" "$root" "$MIRROR" >"$TG/rootfs/pg$major.log" 2>&1 || {
+            tail -n 30 "$TG/rootfs/pg$major.log" >&2
+            exit 1
+        }
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    fi
+    install -m 0755 "$HERE/pg-entrypoint.sh" "$root/usr/local/bin/docker-entrypoint.sh"
+    mkdir -p "$root/docker-entrypoint-initdb.d"
+    log "importing $tag"
+    tar -C "$root" -c . | DOCKER_HOST="unix://$RUN/docker.sock" docker import \
+        -c 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' \
+        -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        -c "ENV PGDATA=/var/lib/postgresql/data" -c "ENV PG_MAJOR=$major" -c 'ENV LANG=C.UTF-8' \
+        -c "LABEL backup-watcher-test.entrypoint=$image_version" \
+        - "$tag" >/dev/null
+}
+
+need=(ca-certificates)
+want engine && need+=(docker.io)
+{ want pg15 || want pg17; } && need+=(debootstrap)
+want restic && need+=(gnupg)
+apt_install "${need[@]}"
+want restic && install_restic
+if want engine; then
+    start_engine
+    want pg15 && build_pg_image 15 bookworm
+    want pg17 && build_pg_image 17 trixie
+fi
+
+echo "export DOCKER_HOST=unix://$RUN/docker.sock"
+echo "export BW_TEST_DOCKERD_PIDFILE=$RUN/dockerd.pid"
+echo "export BW_TESTGROUND=$TG"
+echo "export BW_TESTGROUND_RUN=$RUN"
+echo "export PATH=$TG/bin:\$PATH"

@@ -1,0 +1,156 @@
+"""Every command line the watcher runs, built as plain tuples by pure functions.
+
+Nothing here runs anything and nothing here holds a secret: passwords travel in the
+environment (RESTIC_PASSWORD for restic, PGPASSWORD passed by name to the exec helper).
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.parse
+from collections.abc import Mapping, Sequence
+
+from watcher.config import Retention
+
+Command = tuple[str, ...]
+SNAPSHOT_TAG = "backup-watcher"
+CONTAINER_TAG = "container="
+DATABASE_TAG = "database="
+DUMP_SUFFIX = ".pgdump"
+
+
+def encode_name(name: str) -> str:
+    """Percent-encodes a database name for tags and file names (no ',', '/', '%' or blanks)."""
+    return urllib.parse.quote(name, safe="-_.@+:=")
+
+
+def decode_name(encoded: str) -> str:
+    """Inverse of encode_name."""
+    return urllib.parse.unquote(encoded)
+
+
+def snapshot_tags(container: str, database: str) -> tuple[str, ...]:
+    """The tags that identify a (container, database) pair's snapshots."""
+    return (SNAPSHOT_TAG, CONTAINER_TAG + container, DATABASE_TAG + encode_name(database))
+
+
+def dump_filename(database: str) -> str:
+    """The constant, flat --stdin-filename of a database (restic 0.18.0 rejects directories)."""
+    return encode_name(database) + DUMP_SUFFIX
+
+
+def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[str] = (),
+                env_values: Mapping[str, str] | None = None, stdin: bool = False) -> Command:
+    """The `python -m watcher.dockerexec` command that runs `cmd` in a container.
+
+    `env_names` are passed by name only (their values come from the helper's environment), so
+    secrets never reach argv; `env_values` are for values that are not secret.
+    """
+    argv: list[str] = [sys.executable, "-m", "watcher.dockerexec", "--container", container_id]
+    if stdin:
+        argv.append("--stdin")
+    for name, value in (env_values or {}).items():
+        argv += ["--env", f"{name}={value}"]
+    for name in env_names:
+        argv += ["--env", name]
+    return (*argv, "--", *cmd)
+
+
+def pg_dump_command() -> Command:
+    """pg_dump in custom format without its own compression (restic compresses and deduplicates).
+
+    The role and database come from PGUSER/PGDATABASE, never from argv, so that a database name
+    containing '=' is not read as a connection string.
+    """
+    return ("pg_dump", "--format=custom", "--compress=0", "--no-password")
+
+
+def pg_env(user: str, database: str) -> dict[str, str]:
+    """The non-secret libpq environment for a role and database."""
+    return {"PGUSER": user, "PGDATABASE": database, "PGAPPNAME": "backup-watcher"}
+
+
+def list_databases_command() -> Command:
+    """psql that prints every database that is not a template and accepts connections, NUL-separated."""
+    return (
+        "psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "--record-separator-zero",
+        "-v", "ON_ERROR_STOP=1", "--command",
+        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname",
+    )
+
+
+def psql_script_command(variables: Mapping[str, str]) -> Command:
+    """psql that runs the script on its stdin, with `variables` available as :"name" / :'name'."""
+    argv = ["psql", "--no-psqlrc", "--no-password", "--quiet", "--tuples-only", "--no-align",
+            "-v", "ON_ERROR_STOP=1"]
+    for name, value in variables.items():
+        argv += ["--set", f"{name}={value}"]
+    return tuple(argv)
+
+
+def conninfo_quote(value: str) -> str:
+    """Quotes a value for a libpq connection string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def pg_restore_command(database: str) -> Command:
+    """pg_restore reading a custom-format dump from stdin into `database`, all or nothing."""
+    return ("pg_restore", "--no-password", "--single-transaction", "--exit-on-error",
+            f"--dbname=dbname={conninfo_quote(database)}")
+
+
+def restic_backup(restic: str, *, host: str, container: str, database: str, source: Command) -> Command:
+    """restic backup that runs `source` and stores its stdout as one snapshot.
+
+    restic writes no snapshot unless `source` exits 0 (--stdin-from-command, restic >= 0.17).
+    """
+    argv: list[str] = [restic, "backup", "--json", "--host", host, "--stdin-filename", dump_filename(database)]
+    for tag in snapshot_tags(container, database):
+        argv += ["--tag", tag]
+    return (*argv, "--stdin-from-command", "--", *source)
+
+
+def restic_snapshots(restic: str, *, host: str | None = None, container: str | None = None,
+                     database: str | None = None) -> Command:
+    """restic snapshots as JSON, filtered to the watcher's snapshots (and a container/database)."""
+    tags = [SNAPSHOT_TAG]
+    if container is not None:
+        tags.append(CONTAINER_TAG + container)
+    if database is not None:
+        tags.append(DATABASE_TAG + encode_name(database))
+    argv = [restic, "--no-lock", "snapshots", "--json", "--tag", ",".join(tags)]
+    if host is not None:
+        argv += ["--host", host]
+    return tuple(argv)
+
+
+def restic_dump(restic: str, snapshot_id: str, database: str) -> Command:
+    """restic dump of one database's dump file from a snapshot, to stdout."""
+    return (restic, "dump", snapshot_id, "/" + dump_filename(database))
+
+
+def restic_forget(restic: str, *, host: str, container: str, database: str, retention: Retention,
+                  prune: bool = False) -> Command:
+    """restic forget for one (container, database) history on one host, with its own keeps."""
+    argv = [restic, "forget", "--json", "--host", host, "--tag", ",".join(snapshot_tags(container, database)),
+            "--group-by", "host,tags",
+            "--keep-daily", str(retention.daily), "--keep-weekly", str(retention.weekly),
+            "--keep-monthly", str(retention.monthly)]
+    if prune:
+        argv.append("--prune")
+    return tuple(argv)
+
+
+def restic_version(restic: str) -> Command:
+    """restic version."""
+    return (restic, "version")
+
+
+def restic_cat_config(restic: str) -> Command:
+    """restic cat config: exit 0 if the repository exists, 10 if not, 12 on a wrong password."""
+    return (restic, "--no-lock", "cat", "config")
+
+
+def restic_init(restic: str) -> Command:
+    """restic init."""
+    return (restic, "init")

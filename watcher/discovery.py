@@ -1,0 +1,227 @@
+"""Discovery: a pure function from a container's attributes to a backup target, a rejection, or nothing.
+
+No Docker calls here: `ContainerInfo.from_inspect` turns what `docker inspect` returns into plain
+values, and `discover` applies the rules of SPEC §5 to them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from watcher.config import Retention
+from watcher.schedule import validate_cron
+
+LABEL_PREFIX = "backup-watcher."
+ROLE_LABEL = "backup-watcher.role"
+KNOWN_LABELS = frozenset(
+    {
+        "enable", "schedule", "databases", "user", "keep-daily", "keep-weekly", "keep-monthly", "drill", "role",
+    }
+)
+ALL_DATABASES = "all"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What discovery needs to know about one container."""
+
+    id: str
+    name: str
+    image: str
+    labels: Mapping[str, str]
+    env: Mapping[str, str]
+    running: bool = True
+
+    @classmethod
+    def from_inspect(cls, attrs: Mapping[str, object]) -> ContainerInfo:
+        """Builds one from the dict `docker inspect` (or docker-py's `container.attrs`) returns."""
+        config = attrs.get("Config") or {}
+        state = attrs.get("State") or {}
+        assert isinstance(config, dict) and isinstance(state, dict)
+        env: dict[str, str] = {}
+        for item in config.get("Env") or []:
+            key, _, value = str(item).partition("=")
+            env[key] = value
+        return cls(
+            id=str(attrs["Id"]),
+            name=str(attrs.get("Name", "")).lstrip("/"),
+            image=str(config.get("Image") or attrs.get("Image") or ""),
+            labels=dict(config.get("Labels") or {}),
+            env=env,
+            running=bool(state.get("Running", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to reach PostgreSQL inside a container: role, default database, password if known."""
+
+    user: str
+    database: str
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One container to back up, with every setting resolved."""
+
+    container_id: str
+    name: str
+    image: str
+    credentials: Credentials
+    databases: tuple[str, ...]  # empty means "all" (resolved at run time)
+    schedule: str
+    retention: Retention
+    drill: bool = True
+
+    @property
+    def all_databases(self) -> bool:
+        """True when the target backs up every non-template database it has."""
+        return not self.databases
+
+    def renamed(self, name: str) -> Target:
+        """The same target under a new container name."""
+        return replace(self, name=name)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A container that asked to be backed up but whose labels are wrong; it is not backed up."""
+
+    container_id: str
+    name: str
+    problems: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        """All problems in one line."""
+        return "; ".join(self.problems)
+
+
+@dataclass(frozen=True)
+class DiscoveryRules:
+    """Host-wide defaults that discovery applies."""
+
+    patterns: Sequence[str]
+    schedule: str = "0 3 * * *"
+    retention: Retention = Retention()
+
+
+def credentials_of(env: Mapping[str, str], user_label: str | None = None) -> Credentials:
+    """Reads the official image's POSTGRES_* variables; a role label overrides POSTGRES_USER.
+
+    The password is kept only for the role it belongs to.
+    """
+    env_user = env.get("POSTGRES_USER") or "postgres"
+    user = user_label or env_user
+    database = env.get("POSTGRES_DB") or env_user
+    password = env.get("POSTGRES_PASSWORD") or None
+    return Credentials(user=user, database=database, password=password if user == env_user else None)
+
+
+def _parse_bool(label: str, raw: str, problems: list[str]) -> bool | None:
+    value = raw.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    problems.append(f"label {label}={raw!r}: must be true or false")
+    return None
+
+
+def _parse_keep(label: str, raw: str, problems: list[str]) -> int | None:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        problems.append(f"label {label}={raw!r}: must be a whole number")
+        return None
+    if value < 0:
+        problems.append(f"label {label}={raw!r}: must not be negative")
+        return None
+    return value
+
+
+def _parse_databases(label: str, raw: str, problems: list[str]) -> tuple[str, ...] | None:
+    if raw.strip().lower() == ALL_DATABASES:
+        return ()
+    names = [name.strip() for name in raw.split(",")]
+    if not raw.strip() or any(not name for name in names):
+        problems.append(f"label {label}={raw!r}: a comma list of database names, or 'all'")
+        return None
+    return tuple(dict.fromkeys(names))
+
+
+def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
+    """Decides what a container is to the watcher.
+
+    Returns a Target when it is selected (opt-in label, or name matches a pattern, and no opt-out)
+    and every label is valid; a Rejected naming each bad label when it is selected but a label is
+    wrong; None when it is not selected (no match, opted out, or one of the watcher's own drill
+    containers). Never raises on bad input.
+    """
+    labels = {key[len(LABEL_PREFIX):]: value for key, value in container.labels.items()
+              if key.startswith(LABEL_PREFIX)}
+    if "role" in labels:
+        # The watcher's own throwaway containers are never targets, whatever their name.
+        return None
+    problems: list[str] = []
+    enable_raw = labels.get("enable")
+    enabled = _parse_bool(LABEL_PREFIX + "enable", enable_raw, problems) if enable_raw is not None else None
+    if enabled is False:
+        return None
+    selected = enabled is True or any(fnmatch.fnmatchcase(container.name, p) for p in rules.patterns)
+    if not selected and not problems:
+        return None
+
+    for key in sorted(labels.keys() - KNOWN_LABELS):
+        problems.append(f"label {LABEL_PREFIX}{key}: unknown label (known: {', '.join(sorted(KNOWN_LABELS))})")
+
+    schedule = rules.schedule
+    if "schedule" in labels:
+        error = validate_cron(labels["schedule"].strip())
+        if error:
+            problems.append(f"label {LABEL_PREFIX}schedule={labels['schedule']!r}: {error}")
+        else:
+            schedule = labels["schedule"].strip()
+
+    keeps: dict[str, int] = {}
+    for kind in ("daily", "weekly", "monthly"):
+        raw = labels.get(f"keep-{kind}")
+        if raw is not None:
+            value = _parse_keep(f"{LABEL_PREFIX}keep-{kind}", raw, problems)
+            if value is not None:
+                keeps[kind] = value
+    retention = replace(rules.retention, **keeps)
+    if keeps and retention == Retention(0, 0, 0):
+        problems.append(f"labels {LABEL_PREFIX}keep-*: all 0 would forget every snapshot")
+
+    drill = True
+    if "drill" in labels:
+        drill = _parse_bool(LABEL_PREFIX + "drill", labels["drill"], problems) is not False
+
+    user_label = labels.get("user")
+    if user_label is not None and not user_label.strip():
+        problems.append(f"label {LABEL_PREFIX}user: must not be empty")
+        user_label = None
+    credentials = credentials_of(container.env, user_label.strip() if user_label else None)
+
+    databases: tuple[str, ...] = (credentials.database,)
+    if "databases" in labels:
+        parsed = _parse_databases(LABEL_PREFIX + "databases", labels["databases"], problems)
+        if parsed is not None:
+            databases = parsed
+
+    if problems:
+        return Rejected(container.id, container.name, tuple(problems))
+    return Target(
+        container_id=container.id,
+        name=container.name,
+        image=container.image,
+        credentials=credentials,
+        databases=databases,
+        schedule=schedule,
+        retention=retention,
+        drill=drill,
+    )

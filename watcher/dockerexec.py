@@ -1,0 +1,345 @@
+"""Streams of `docker exec` over the Docker Engine API, with an exit-code verdict you can trust.
+
+Why not docker-py's exec stream: it can drop the first frames (docker/docker-py#3332, bytes that
+arrived with the HTTP upgrade response are lost) and turns a broken connection into a clean EOF.
+A backup must never take a truncated stream for a whole one, so this module speaks the hijacked
+HTTP protocol itself, keeps every byte that follows the response header, checks that the stream
+ends on a frame boundary, and then asks the engine for the process's exit code. Only "stream
+ended cleanly AND the exec is no longer running AND its exit code is 0" counts as success.
+
+It runs in two ways:
+- in process, `run_exec(...)`, for small commands (psql queries);
+- as a program, `python -m watcher.dockerexec --container ID [--stdin] [--env NAME] -- CMD...`,
+  which restic starts with `--stdin-from-command` and which `restore` pipes `restic dump` into.
+  Its exit status is the exec's own (or 125 when the engine could not be asked), so restic
+  refuses to write a snapshot for anything but a complete, successful dump.
+
+The program takes secret environment values (PGPASSWORD) by name only, from its own
+environment, so they never appear in any process's argv nor in Docker events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
+HEADER = struct.Struct(">BxxxI")
+READ_CHUNK = 1 << 20
+EXIT_ENGINE_ERROR = 125
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+class DockerExecError(Exception):
+    """The engine could not be reached or answered with an error; the exec's outcome is unknown."""
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    """What one exec did: its exit code (None if the engine never reported one) and why it failed."""
+
+    exit_code: int | None
+    stream_complete: bool
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True only for a complete stream from a process that exited 0."""
+        return self.exit_code == 0 and self.stream_complete and self.problem is None
+
+
+def _connect(docker_host: str, timeout: float | None) -> socket.socket:
+    """Opens a stream socket to DOCKER_HOST (unix:// or tcp://); raises DockerExecError."""
+    parsed = urllib.parse.urlsplit(docker_host)
+    try:
+        if parsed.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(parsed.path)
+            return sock
+        if parsed.scheme in ("tcp", "http"):
+            host = parsed.hostname or "localhost"
+            return socket.create_connection((host, parsed.port or 2375), timeout=timeout)
+    except OSError as exc:
+        raise DockerExecError(f"cannot reach the Docker engine at DOCKER_HOST={docker_host}: {exc}") from exc
+    raise DockerExecError(
+        f"DOCKER_HOST={docker_host}: scheme {parsed.scheme!r} is not supported for exec streams "
+        "(use unix:// or tcp://, e.g. through a socket proxy)"
+    )
+
+
+class _SocketHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, docker_host: str, timeout: float) -> None:
+        super().__init__("docker", timeout=timeout)
+        self._docker_host = docker_host
+
+    def connect(self) -> None:
+        self.sock = _connect(self._docker_host, self.timeout)
+
+
+def _api(docker_host: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> object:
+    """Sends one Engine API request and returns its decoded JSON body; raises DockerExecError."""
+    conn = _SocketHTTPConnection(docker_host, timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    except OSError as exc:
+        raise DockerExecError(f"Docker engine at {docker_host} failed on {method} {path}: {exc}") from exc
+    finally:
+        conn.close()
+    if response.status >= 300:
+        message = data.decode(errors="replace").strip()
+        try:
+            message = str(json.loads(message).get("message", message))
+        except (ValueError, AttributeError):
+            pass
+        raise DockerExecError(f"Docker engine refused {method} {path.split('?')[0]}: {response.status} {message}")
+    return json.loads(data) if data.strip() else None
+
+
+def _create_exec(
+    docker_host: str, container: str, cmd: Sequence[str], env: Mapping[str, str], attach_stdin: bool, user: str | None
+) -> str:
+    body = {
+        "AttachStdin": attach_stdin,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "Tty": False,
+        "Cmd": list(cmd),
+        "Env": [f"{k}={v}" for k, v in env.items()],
+    }
+    if user:
+        body["User"] = user
+    created = _api(docker_host, "POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", body)
+    assert isinstance(created, dict)
+    return str(created["Id"])
+
+
+def _start_hijacked(docker_host: str, exec_id: str) -> tuple[socket.socket, bytes]:
+    """Starts the exec on an upgraded connection; returns the socket and stream bytes already read."""
+    sock = _connect(docker_host, timeout=30.0)
+    body = json.dumps({"Detach": False, "Tty": False}).encode()
+    request = (
+        f"POST /exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+        f"Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    try:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise DockerExecError("Docker engine closed the connection while starting the exec")
+            received += chunk
+            if len(received) > 65536:
+                raise DockerExecError("Docker engine sent an oversized response header")
+    except OSError as exc:
+        sock.close()
+        raise DockerExecError(f"Docker engine failed while starting the exec: {exc}") from exc
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or parts[1] not in ("101", "200"):
+        sock.close()
+        raise DockerExecError(f"Docker engine refused to start the exec: {status_line} {rest[:200]!r}")
+    # No read timeout from here on: pg_dump may legitimately stay silent for a long time while it
+    # waits for a lock; the caller's own timeout ends the whole pipeline instead.
+    sock.settimeout(None)
+    return sock, rest
+
+
+def _inspect_exit_code(docker_host: str, exec_id: str, wait_seconds: float) -> int | None:
+    """Waits up to wait_seconds for the exec to stop; returns its exit code or None if still running."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        info = _api(docker_host, "GET", f"/exec/{exec_id}/json")
+        assert isinstance(info, dict)
+        if not info.get("Running"):
+            code = info.get("ExitCode")
+            return int(code) if code is not None else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _pump_stdin(sock: socket.socket, source: Callable[[int], bytes], errors: list[str]) -> None:
+    try:
+        while chunk := source(READ_CHUNK):
+            sock.sendall(chunk)
+        # Half-close: the engine closes the process's stdin, the output direction stays open.
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        errors.append(f"writing to the exec's stdin failed: {exc}")
+
+
+def stream_exec(
+    docker_host: str,
+    container: str,
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: Callable[[int], bytes] | None = None,
+    on_stdout: Callable[[bytes], object],
+    on_stderr: Callable[[bytes], object],
+    user: str | None = None,
+) -> ExecOutcome:
+    """Runs `cmd` in `container`, feeding it from `stdin` and handing its output to the callbacks.
+
+    Returns an ExecOutcome; `ok` is true only if the multiplexed stream ended on a frame boundary,
+    the exec stopped, and its exit code is 0. Raises DockerExecError when the engine cannot be
+    reached or refuses the exec (nothing ran, or its outcome is unknown).
+    """
+    exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
+    sock, buffered = _start_hijacked(docker_host, exec_id)
+    stdin_errors: list[str] = []
+    pump: threading.Thread | None = None
+    if stdin is not None:
+        pump = threading.Thread(target=_pump_stdin, args=(sock, stdin, stdin_errors), daemon=True)
+        pump.start()
+    stream_complete = False
+    problem: str | None = None
+    try:
+        buf = bytearray(buffered)
+        while True:
+            while len(buf) >= HEADER.size:
+                kind, size = HEADER.unpack_from(buf)
+                if len(buf) < HEADER.size + size:
+                    break
+                payload = bytes(buf[HEADER.size : HEADER.size + size])
+                del buf[: HEADER.size + size]
+                if kind == STREAM_STDOUT:
+                    on_stdout(payload)
+                elif kind == STREAM_STDERR:
+                    on_stderr(payload)
+                else:
+                    problem = f"unexpected stream type {kind} in the exec stream"
+            if problem:
+                break
+            chunk = sock.recv(READ_CHUNK)
+            if not chunk:
+                stream_complete = not buf
+                if buf:
+                    problem = f"exec stream ended inside a frame ({len(buf)} bytes of a partial frame)"
+                break
+            buf += chunk
+    except OSError as exc:
+        problem = f"exec stream broke: {exc}"
+    finally:
+        sock.close()
+    if pump is not None:
+        pump.join(timeout=5)
+    try:
+        exit_code = _inspect_exit_code(docker_host, exec_id, wait_seconds=10.0)
+    except DockerExecError as exc:
+        return ExecOutcome(None, stream_complete, problem or f"could not learn the exit code: {exc}")
+    if exit_code is None and problem is None:
+        problem = "the exec stream ended but the process is still running (connection lost?)"
+    if stdin_errors and problem is None and exit_code == 0:
+        problem = stdin_errors[0]
+    return ExecOutcome(exit_code, stream_complete, problem)
+
+
+@dataclass(frozen=True)
+class CapturedExec:
+    """Result of run_exec: the outcome plus everything the command printed."""
+
+    outcome: ExecOutcome
+    stdout: bytes
+    stderr: bytes
+
+
+def run_exec(
+    docker_host: str,
+    container: str,
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    user: str | None = None,
+) -> CapturedExec:
+    """Runs a small command in a container and captures its output (do not use for dumps).
+
+    Raises DockerExecError when the engine cannot be reached or refuses the exec.
+    """
+    out, err = bytearray(), bytearray()
+    feeder: Callable[[int], bytes] | None = None
+    if stdin is not None:
+        remaining = [stdin]
+
+        def feeder(_size: int) -> bytes:
+            data, remaining[0] = remaining[0], b""
+            return data
+
+    outcome = stream_exec(
+        docker_host, container, cmd, env=env, stdin=feeder, on_stdout=out.extend, on_stderr=err.extend, user=user
+    )
+    return CapturedExec(outcome, bytes(out), bytes(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m watcher.dockerexec")
+    parser.add_argument("--container", required=True)
+    parser.add_argument("--stdin", action="store_true", help="feed our stdin to the command")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME[=VALUE]",
+        help="set NAME in the exec; without =VALUE the value comes from our own environment",
+    )
+    parser.add_argument("--user")
+    parser.add_argument("cmd", nargs="+")
+    args = parser.parse_args(argv)
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if sep:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+    docker_host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    stdout = sys.stdout.buffer
+    stderr = sys.stderr.buffer
+
+    def write_err(data: bytes) -> None:
+        stderr.write(data)
+        stderr.flush()
+
+    try:
+        outcome = stream_exec(
+            docker_host, args.container, args.cmd, env=env,
+            stdin=sys.stdin.buffer.read1 if args.stdin else None,
+            on_stdout=stdout.write, on_stderr=write_err, user=args.user,
+        )
+        stdout.flush()
+    except DockerExecError as exc:
+        print(f"backup-watcher: {exc}", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
+    except BrokenPipeError:
+        print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
+    if outcome.ok:
+        return 0
+    program = args.cmd[0]
+    if outcome.problem:
+        print(f"backup-watcher: {program} in {args.container}: {outcome.problem}", file=sys.stderr)
+    if outcome.exit_code:
+        print(f"backup-watcher: {program} in {args.container} exited with status {outcome.exit_code}",
+              file=sys.stderr)
+        return outcome.exit_code if 0 < outcome.exit_code < 256 else 1
+    return EXIT_ENGINE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

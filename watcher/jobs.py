@@ -1,0 +1,202 @@
+"""Backup jobs: one snapshot per (container, database), streamed from pg_dump into restic.
+
+A job never raises into its caller: every outcome, good or bad, comes back as a BackupResult.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from watcher import commands
+from watcher.discovery import Target
+from watcher.dockerexec import DockerExecError, run_exec
+from watcher.execute import Masker, run_pipeline
+from watcher.restic import Repository, ResticError
+
+log = structlog.get_logger("watcher.jobs")
+DUMP_TIMEOUT_SECONDS = 6 * 3600.0
+RETRY_LOCK = "5m"
+
+
+class JobError(Exception):
+    """A step of a job failed; the message is masked and says which step."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """What one (container, database) backup did."""
+
+    target: str
+    database: str
+    ok: bool
+    run_id: str
+    started_at: datetime
+    duration_s: float
+    snapshot_id: str | None = None
+    bytes_processed: int = 0
+    bytes_added: int = 0
+    error: str | None = None
+
+
+@dataclass
+class JobContext:
+    """What every job needs, built once by the CLI entry."""
+
+    docker_host: str
+    repository: Repository
+    host: str
+    masker: Masker
+    cancel: threading.Event = field(default_factory=threading.Event)
+    dump_timeout: float = DUMP_TIMEOUT_SECONDS
+
+
+def new_run_id() -> str:
+    """A short random id that ties together every log line of one job."""
+    return uuid.uuid4().hex[:12]
+
+
+def list_databases(ctx: JobContext, target: Target) -> list[str]:
+    """Asks the container's PostgreSQL for every non-template database; raises JobError."""
+    creds = target.credentials
+    env = commands.pg_env(creds.user, creds.database)
+    if creds.password:
+        env["PGPASSWORD"] = creds.password
+    try:
+        done = run_exec(ctx.docker_host, target.container_id, commands.list_databases_command(), env=env)
+    except DockerExecError as exc:
+        raise JobError(ctx.masker(f"listing databases in {target.name}: {exc}")) from exc
+    if not done.outcome.ok:
+        stderr = ctx.masker(done.stderr.decode(errors="replace").strip())
+        raise JobError(f"listing databases in {target.name} failed (exit {done.outcome.exit_code}): {stderr}")
+    return [name for name in done.stdout.decode().split("\0") if name.strip()]
+
+
+def restic_error_text(lines: list[str]) -> str:
+    """Turns restic's stderr (JSON messages and plain lines) into readable text, one line each."""
+    readable: list[str] = []
+    for line in lines:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            readable.append(line)
+            continue
+        if isinstance(message, dict):
+            error = message.get("error")
+            text = error.get("message") if isinstance(error, dict) else message.get("message")
+            if text:
+                readable.append(str(text))
+    return "\n".join(dict.fromkeys(readable))
+
+
+def _summary(lines: list[str]) -> dict[str, object]:
+    for line in reversed(lines):
+        if '"summary"' in line:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and message.get("message_type") == "summary":
+                return message
+    return {}
+
+
+def backup_database(ctx: JobContext, target: Target, database: str, run_id: str) -> BackupResult:
+    """Streams one database's dump into one snapshot; returns the result, never raises.
+
+    The snapshot is written only when pg_dump exited 0 and its stream arrived whole: restic runs
+    the exec helper with --stdin-from-command and discards everything if the helper fails.
+    """
+    bound = log.bind(target=target.name, database=database, run_id=run_id)
+    started_at = datetime.now(UTC)
+    started = time.monotonic()
+    creds = target.credentials
+    env_names = ["PGPASSWORD"] if creds.password else []
+    source = commands.exec_helper(
+        target.container_id, commands.pg_dump_command(),
+        env_values=commands.pg_env(creds.user, database), env_names=env_names,
+    )
+    argv = commands.restic_backup(
+        ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source
+    )
+    argv = (argv[0], "--retry-lock", RETRY_LOCK, *argv[1:])
+    env = dict(ctx.repository.env)
+    env["DOCKER_HOST"] = ctx.docker_host
+    if creds.password:
+        env["PGPASSWORD"] = creds.password
+    masker = ctx.masker.with_secrets([creds.password])
+    bound.info("backup_started")
+    stdout_lines: list[str] = []
+    try:
+        done = run_pipeline(
+            [argv], env=env, masker=masker, timeout=ctx.dump_timeout, cancel=ctx.cancel,
+            capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines),
+        )
+    except OSError as exc:
+        duration = time.monotonic() - started
+        error = masker(f"cannot start restic ({ctx.repository.binary!r}): {exc}")
+        bound.error("backup_failed", error=error, duration_s=round(duration, 3))
+        return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+    duration = time.monotonic() - started
+    summary = _summary(stdout_lines)
+    snapshot_id = summary.get("snapshot_id")
+    if done.ok and isinstance(snapshot_id, str):
+        processed = int(summary.get("total_bytes_processed", 0) or 0)  # type: ignore[call-overload]
+        added = int(summary.get("data_added_packed", summary.get("data_added", 0)) or 0)  # type: ignore[call-overload]
+        bound.info("backup_succeeded", snapshot_id=snapshot_id[:8], duration_s=round(duration, 3),
+                   bytes=processed, bytes_added=added)
+        return BackupResult(target.name, database, True, run_id, started_at, duration,
+                            snapshot_id=snapshot_id, bytes_processed=processed, bytes_added=added)
+    detail = restic_error_text(done.stderr_tail.splitlines())
+    if done.cancelled:
+        head = "backup aborted by shutdown; no snapshot was written"
+    elif done.timed_out:
+        head = f"backup timed out after {duration:.0f}s; no snapshot was written"
+    else:
+        head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
+    error = masker(f"{head}\n{detail}" if detail else head)
+    bound.error("backup_failed", error=error, duration_s=round(duration, 3))
+    return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+
+
+def _keep_summary_lines(sink: list[str]) -> Callable[[str], None]:
+    # restic --json prints a status line many times a second; keep only what we need.
+    def keep(line: str) -> None:
+        if '"status"' not in line:
+            sink.append(line)
+    return keep
+
+
+def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
+    """Backs up every database of a target, one snapshot each; returns one result per database.
+
+    Never raises: a failure to even find the databases is returned as a failed result.
+    """
+    run_id = new_run_id()
+    databases = list(target.databases)
+    if target.all_databases:
+        try:
+            databases = list_databases(ctx, target)
+        except JobError as exc:
+            log.error("backup_failed", target=target.name, run_id=run_id, error=str(exc))
+            return [BackupResult(target.name, "*", False, run_id, datetime.now(UTC), 0.0, error=str(exc))]
+    results = []
+    for database in databases:
+        if ctx.cancel.is_set():
+            break
+        results.append(backup_database(ctx, target, database, run_id))
+    return results
+
+
+def check_repository(ctx: JobContext, init: bool) -> None:
+    """Checks restic's version and the repository; raises ResticError naming the culprit."""
+    ctx.repository.version()
+    if ctx.repository.ensure(init):
+        log.info("repository_initialised", repository=ctx.repository.label)

@@ -1,0 +1,145 @@
+"""The restic repository as the watcher uses it: version gate, existence and init, snapshot listing."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from watcher import commands
+from watcher.execute import Completed, Masker, run
+
+MIN_VERSION = (0, 17, 0)
+EXIT_NO_REPOSITORY = 10
+EXIT_LOCKED = 11
+EXIT_WRONG_PASSWORD = 12
+QUERY_TIMEOUT_SECONDS = 300.0
+
+
+class ResticError(Exception):
+    """restic is missing, too old, or failed; the message is masked and names what to fix."""
+
+
+def parse_time(raw: str) -> datetime:
+    """Parses restic's RFC 3339 timestamps (nanoseconds, any offset) into an aware UTC datetime."""
+    match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", raw)
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {raw!r}")
+    base, fraction, offset = match.groups()
+    fraction = (fraction or ".0")[:7]
+    offset = "+00:00" if offset in (None, "Z") else offset
+    return datetime.fromisoformat(f"{base}{fraction}{offset}").astimezone(UTC)
+
+
+def parse_version(output: str) -> tuple[int, int, int] | None:
+    """Reads (major, minor, patch) from `restic version` output; None if it is not there."""
+    match = re.search(r"restic (\d+)\.(\d+)\.(\d+)", output)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One of the watcher's snapshots, as `restic snapshots --json` describes it."""
+
+    id: str
+    short_id: str
+    time: datetime
+    host: str
+    container: str
+    database: str
+    bytes: int | None
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
+        """Builds one from a `restic snapshots --json` element; None if it is not the watcher's."""
+        tags = [str(tag) for tag in item.get("tags") or []]  # type: ignore[attr-defined]
+        container = next((t[len(commands.CONTAINER_TAG):] for t in tags if t.startswith(commands.CONTAINER_TAG)), None)
+        database = next((t[len(commands.DATABASE_TAG):] for t in tags if t.startswith(commands.DATABASE_TAG)), None)
+        if container is None or database is None:
+            return None
+        summary = item.get("summary")
+        size = summary.get("total_bytes_processed") if isinstance(summary, dict) else None
+        snapshot_id = str(item["id"])
+        return cls(
+            id=snapshot_id,
+            short_id=str(item.get("short_id") or snapshot_id[:8]),
+            time=parse_time(str(item["time"])),
+            host=str(item.get("hostname", "")),
+            container=container,
+            database=commands.decode_name(database),
+            bytes=int(size) if isinstance(size, int) else None,
+        )
+
+
+def parse_snapshots(output: bytes) -> list[Snapshot]:
+    """Parses `restic snapshots --json` output, oldest first; skips snapshots that are not ours."""
+    data = json.loads(output or b"[]") or []
+    snapshots = [snap for item in data if (snap := Snapshot.from_json(item)) is not None]
+    return sorted(snapshots, key=lambda snap: snap.time)
+
+
+class Repository:
+    """Runs restic against one repository with one environment and one masker."""
+
+    def __init__(self, binary: str, env: Mapping[str, str], masker: Masker, repository_label: str) -> None:
+        self.binary = binary
+        self.env = dict(env)
+        self.masker = masker
+        self.label = repository_label
+
+    def run(self, argv: tuple[str, ...], timeout: float = QUERY_TIMEOUT_SECONDS,
+            cancel: threading.Event | None = None) -> Completed:
+        """Runs a restic command with the repository's environment; raises ResticError if restic is missing."""
+        try:
+            return run(argv, env=self.env, masker=self.masker, timeout=timeout, cancel=cancel)
+        except FileNotFoundError as exc:
+            raise ResticError(
+                f"restic not found (looked for {self.binary!r}; install restic >= 0.17 or set WATCHER_RESTIC_BINARY)"
+            ) from exc
+
+    def version(self) -> tuple[int, int, int]:
+        """Returns restic's version; raises ResticError if it is missing or older than 0.17."""
+        done = self.run(commands.restic_version(self.binary), timeout=30)
+        found = parse_version(done.stdout.decode(errors="replace"))
+        if not done.ok or found is None:
+            raise ResticError(f"cannot tell restic's version: {done.describe_failure()}")
+        if found < MIN_VERSION:
+            raise ResticError(
+                f"restic {'.'.join(map(str, found))} found at {self.binary!r}, but backup-watcher needs restic >= "
+                f"{'.'.join(map(str, MIN_VERSION))} (for --stdin-from-command, which keeps failed dumps out of "
+                "the repository)"
+            )
+        return found
+
+    def ensure(self, init: bool) -> bool:
+        """Checks that the repository exists and opens with the password; initialises it if allowed.
+
+        Returns True if it was initialised now. Raises ResticError naming the culprit otherwise.
+        """
+        done = self.run(commands.restic_cat_config(self.binary), timeout=120)
+        if done.ok:
+            return False
+        if done.returncode == EXIT_WRONG_PASSWORD:
+            raise ResticError(f"repository {self.label}: wrong password (RESTIC_PASSWORD / RESTIC_PASSWORD_FILE)")
+        if done.returncode == EXIT_NO_REPOSITORY:
+            if not init:
+                raise ResticError(
+                    f"repository {self.label} does not exist: create it with `restic init`, or set "
+                    "WATCHER_INIT_REPOSITORY=true to let backup-watcher initialise it"
+                )
+            created = self.run(commands.restic_init(self.binary), timeout=300)
+            if not created.ok:
+                raise ResticError(f"repository {self.label}: init failed: {created.describe_failure()}")
+            return True
+        raise ResticError(f"repository {self.label} cannot be opened: {done.describe_failure()}")
+
+    def snapshots(self, *, host: str | None = None, container: str | None = None,
+                  database: str | None = None) -> list[Snapshot]:
+        """Lists the watcher's snapshots, oldest first; raises ResticError when restic fails."""
+        done = self.run(commands.restic_snapshots(self.binary, host=host, container=container, database=database))
+        if not done.ok:
+            raise ResticError(f"listing snapshots of {self.label} failed: {done.describe_failure()}")
+        return parse_snapshots(done.stdout)
