@@ -1,0 +1,294 @@
+"""The `backup-watcher` command: parses arguments, builds and wires every object, runs one command.
+
+Exit codes (SPEC §3): 0 success, 1 a job failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+
+from watcher import __version__, logs
+from watcher.config import Config, ConfigError, effective_config, load_config, mask_url
+from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
+from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.execute import Masker
+from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
+from watcher.restic import Repository, ResticError, Snapshot
+from watcher.restore import Restorer, RestoreError, choose_snapshot
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = structlog.get_logger("watcher.cli")
+
+
+class UsageError(Exception):
+    """The command line or the environment is wrong; exit 2 with this message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="backup-watcher",
+        description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
+    )
+    parser.add_argument("--version", action="version", version=f"backup-watcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backup = sub.add_parser("backup", help="back up now (every discovered target if none is named)")
+    backup.add_argument("targets", nargs="*", metavar="TARGET", help="container name")
+
+    snapshots = sub.add_parser("snapshots", help="list snapshots")
+    snapshots.add_argument("target", nargs="?", metavar="TARGET")
+    snapshots.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    snapshots.add_argument("--host", help="only snapshots from this host (default: every host)")
+
+    restore = sub.add_parser("restore", help="restore a snapshot (drops and recreates the database)")
+    restore.add_argument("target", metavar="TARGET", help="container whose snapshots to restore")
+    restore.add_argument("snapshot", nargs="?", default="latest", metavar="SNAPSHOT|latest")
+    restore.add_argument("--database", help="which database (needed when the target has several)")
+    restore.add_argument("--into", metavar="CONTAINER", help="restore into this container instead of TARGET")
+    restore.add_argument("--host", help="snapshots of this host (default: WATCHER_HOST or the engine's name)")
+    restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
+    return parser
+
+
+@dataclass
+class App:
+    """Every long-lived object of one invocation, built once here."""
+
+    config: Config
+    masker: Masker
+    docker: DockerSource
+    repository: Repository
+
+    @property
+    def docker_host(self) -> str:
+        """The resolved Docker endpoint."""
+        return self.docker.docker_host
+
+    def rules(self) -> DiscoveryRules:
+        """The discovery rules the configuration gives."""
+        return DiscoveryRules(self.config.container_patterns, self.config.schedule, self.config.retention)
+
+    def host(self) -> str:
+        """The restic --host of this engine's snapshots; raises DockerUnavailable."""
+        return self.config.host or self.docker.engine_name()
+
+    def job_context(self) -> JobContext:
+        """A JobContext for backups; raises DockerUnavailable."""
+        return JobContext(self.docker_host, self.repository, self.host(), self.masker)
+
+
+def build_app(config: Config) -> App:
+    """Wires the objects; raises UsageError when Docker's endpoint cannot even be set up."""
+    masker = Masker(config.secrets)
+    try:
+        docker_source = DockerSource(config.docker_host)
+    except DockerUnavailable as exc:
+        raise UsageError(masker(str(exc))) from exc
+    repository = Repository(config.restic_binary, config.restic_env, masker,
+                            mask_url(config.restic_repository or "(RESTIC_REPOSITORY_FILE)"))
+    return App(config, masker, docker_source, repository)
+
+
+def discover_all(app: App) -> tuple[list[Target], list[Rejected], dict[str, str]]:
+    """Discovers every running container; returns targets, rejected ones, and every name → id."""
+    rules = app.rules()
+    targets: list[Target] = []
+    rejected: list[Rejected] = []
+    names: dict[str, str] = {}
+    for container in app.docker.running_containers():
+        names[container.name] = container.id
+        found = discover(container, rules)
+        if isinstance(found, Target):
+            targets.append(found)
+        elif isinstance(found, Rejected):
+            rejected.append(found)
+    return sorted(targets, key=lambda t: t.name), rejected, names
+
+
+def cmd_backup(app: App, args: argparse.Namespace) -> int:
+    targets, rejected, names = discover_all(app)
+    for bad in rejected:
+        log.error("label_invalid", target=bad.name, error=bad.reason)
+    if args.targets:
+        by_name = {t.name: t for t in targets}
+        rejected_by_name = {r.name: r for r in rejected}
+        chosen = []
+        for name in args.targets:
+            if name in by_name:
+                chosen.append(by_name[name])
+            elif name in rejected_by_name:
+                raise UsageError(f"{name}: not backed up because of its labels: {rejected_by_name[name].reason}")
+            elif name in names:
+                raise UsageError(
+                    f"{name}: not a backup target (its name matches none of WATCHER_CONTAINER_PATTERNS="
+                    f"{','.join(app.config.container_patterns)} and it has no backup-watcher.enable=true label)"
+                )
+            else:
+                raise UsageError(f"{name}: no running container of that name")
+        targets, rejected = chosen, []
+    if not targets and not rejected:
+        log.warning("no_targets", patterns=",".join(app.config.container_patterns))
+        print("no backup targets found", file=sys.stderr)
+        return EXIT_OK
+    ctx = app.job_context()
+    check_repository(ctx, app.config.init_repository)
+    with ThreadPoolExecutor(max_workers=app.config.concurrency, thread_name_prefix="backup") as pool:
+        batches = list(pool.map(lambda target: backup_target(ctx, target), targets))
+    results: list[BackupResult] = [result for batch in batches for result in batch]
+    for result in results:
+        if result.ok:
+            assert result.snapshot_id is not None
+            print(f"ok      {result.target}/{result.database}  snapshot {result.snapshot_id[:8]}  "
+                  f"{result.bytes_processed} bytes in {result.duration_s:.1f}s")
+        else:
+            print(f"FAILED  {result.target}/{result.database}: {result.error}")
+    for bad in rejected:
+        print(f"FAILED  {bad.name}: bad labels: {bad.reason}")
+    return EXIT_OK if all(r.ok for r in results) and not rejected else EXIT_FAILED
+
+
+def _snapshot_row(snap: Snapshot) -> dict[str, object]:
+    return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
+            "target": snap.container, "database": snap.database, "bytes": snap.bytes}
+
+
+def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
+    app.repository.version()
+    snapshots = app.repository.snapshots(host=args.host, container=args.target)
+    if args.json:
+        print(json.dumps([_snapshot_row(s) for s in snapshots], indent=2))
+        return EXIT_OK
+    rows = [("ID", "TIME (UTC)", "HOST", "TARGET", "DATABASE", "SIZE")]
+    for snap in snapshots:
+        rows.append((snap.short_id, snap.time.strftime("%Y-%m-%d %H:%M:%S"), snap.host, snap.container,
+                     snap.database, _human_bytes(snap.bytes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(f"{len(snapshots)} snapshot(s)")
+    return EXIT_OK
+
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def cmd_restore(app: App, args: argparse.Namespace) -> int:
+    app.repository.version()
+    host = args.host or app.host()
+    snapshots = app.repository.snapshots(host=host, container=args.target)
+    if not snapshots:
+        elsewhere = sorted({s.host for s in app.repository.snapshots(container=args.target)})
+        hint = f"; snapshots of it exist from host(s) {', '.join(elsewhere)}: use --host" if elsewhere else ""
+        raise UsageError(f"{args.target}: no snapshots from host {host}{hint}")
+    try:
+        snapshot = choose_snapshot(snapshots, args.snapshot, args.database)
+    except RestoreError as exc:
+        raise UsageError(f"{args.target}: {exc}") from exc
+    destination_name = args.into or args.target
+    destination = app.docker.inspect(destination_name)
+    if destination is None or not destination.running:
+        raise UsageError(f"{destination_name}: no running container of that name to restore into")
+    found = discover(destination, app.rules())
+    user_label = found.credentials.user if isinstance(found, Target) else None
+    creds = credentials_of(destination.env, user_label)
+    database = snapshot.database
+    print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
+          f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
+          f"  The database {database!r} there will be DROPPED and replaced.", file=sys.stderr)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+        answer = input(f"Type the database name ({database}) to confirm: ")
+        if answer.strip() != database:
+            print("not confirmed; nothing was changed", file=sys.stderr)
+            return EXIT_USAGE
+    restorer = Restorer(app.docker_host, app.repository, app.masker)
+    try:
+        result = restorer.restore(snapshot, destination.id, destination_name, creds, database)
+    except RestoreError as exc:
+        print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"restored {database!r} in {destination_name} from snapshot {snapshot.short_id} "
+          f"in {result.duration_s:.1f}s")
+    return EXIT_OK
+
+
+def cmd_check_config(app: App, args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    try:
+        app.docker.engine_name()
+    except DockerUnavailable as exc:
+        problems.append(str(exc))
+    try:
+        app.repository.version()
+        app.repository.ensure(init=False)
+    except ResticError as exc:
+        message = str(exc)
+        if app.config.init_repository and "does not exist" in message:
+            message = ""
+        if message:
+            problems.append(message)
+    for key, value in effective_config(app.config).items():
+        print(f"{key}={value}")
+    if problems:
+        print("\nproblems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {app.masker(problem)}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\nconfiguration OK", file=sys.stderr)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "backup": cmd_backup,
+    "snapshots": cmd_snapshots,
+    "restore": cmd_restore,
+    "check-config": cmd_check_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print("backup-watcher: configuration errors:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    # One-shot commands keep stdout for their result; their log lines go to stderr.
+    logs.configure(config.log_format, config.log_level, stream=sys.stderr)
+    app: App | None = None
+    try:
+        app = build_app(config)
+        return COMMANDS[args.command](app, args)
+    except (UsageError, DockerUnavailable, ResticError) as exc:
+        masker = app.masker if app is not None else Masker(config.secrets)
+        print(f"backup-watcher: {masker(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("backup-watcher: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if app is not None:
+            app.docker.close()

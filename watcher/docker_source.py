@@ -1,0 +1,70 @@
+"""The Docker engine as a source of container facts: ping, engine name, list and inspect.
+
+Exec streams do not go through here (see watcher.dockerexec).
+"""
+
+from __future__ import annotations
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from watcher.discovery import ContainerInfo
+from watcher.dockerexec import DEFAULT_DOCKER_HOST
+
+API_TIMEOUT_SECONDS = 30
+
+
+class DockerUnavailable(Exception):
+    """The engine cannot be reached or refused a call; the message names DOCKER_HOST."""
+
+
+class DockerSource:
+    """A thin, typed layer over docker-py's low-level client."""
+
+    def __init__(self, docker_host: str | None) -> None:
+        self.docker_host = docker_host or DEFAULT_DOCKER_HOST
+        try:
+            self.api = docker.APIClient(base_url=self.docker_host, timeout=API_TIMEOUT_SECONDS, version="auto")
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+
+    def _describe(self, exc: Exception) -> str:
+        reason = str(exc).split("(Caused by", 1)[0].strip()
+        return f"cannot reach the Docker engine at DOCKER_HOST={self.docker_host}: {reason}"
+
+    def engine_name(self) -> str:
+        """Returns the engine's host name (`docker info` Name); raises DockerUnavailable."""
+        try:
+            return str(self.api.info()["Name"])
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        """Returns one container's facts, or None if it does not exist; raises DockerUnavailable."""
+        try:
+            return ContainerInfo.from_inspect(self.api.inspect_container(container))
+        except docker.errors.NotFound:
+            return None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+
+    def running_containers(self) -> list[ContainerInfo]:
+        """Returns every running container, fully inspected; raises DockerUnavailable.
+
+        A container that vanishes between the list and its inspect is skipped.
+        """
+        try:
+            listed = self.api.containers()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+        found = []
+        for item in listed:
+            info = self.inspect(str(item["Id"]))
+            if info is not None and info.running:
+                found.append(info)
+        return found
+
+    def close(self) -> None:
+        """Releases the HTTP connection pool."""
+        self.api.close()
