@@ -1,0 +1,1 @@
+"""Apprise notifications and the alert policy. Never imports `watcher`."""

@@ -1,0 +1,180 @@
+"""Fixtures on the real test ground: the private Docker engine, PostgreSQL containers, restic.
+
+Run through `scripts/test`, which brings the test ground up and exports DOCKER_HOST and PATH.
+Every container started here has `--network none` and a name starting with `bwt-` or the name
+the test asks for, and is removed when its test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
+TEST_LABEL = "backup-watcher-test.owner=pytest"
+REPO_PASSWORD = "repo-pw 'quoted' $(not-run) ✓"
+
+
+def docker(*args: str, check: bool = True, input: bytes | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs the docker CLI against the test engine (extra `env` for `-e NAME` passed by name)."""
+    done = subprocess.run(["docker", *args], input=input.decode() if input else None, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine() -> str:
+    """The test engine's DOCKER_HOST; fails (never skips) when the test ground is not up."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if not host or shutil.which("restic") is None:
+        pytest.fail("the test ground is not up: run the tests through scripts/test")
+    info = docker("info", "--format", "{{.Name}}", check=False, timeout=20)
+    if info.returncode != 0:
+        pytest.fail(f"the test engine at {host} does not answer: {info.stderr}")
+    # Leftovers of an interrupted earlier run.
+    stale = docker("ps", "-aq", "--filter", f"label={TEST_LABEL}").stdout.split()
+    if stale:
+        docker("rm", "-f", *stale, check=False)
+    return host
+
+
+@dataclass
+class PgContainer:
+    """A running PostgreSQL container of the test engine."""
+
+    name: str
+    major: str
+    user: str
+    database: str
+    password: str
+
+    @property
+    def id(self) -> str:
+        return docker("inspect", "--format", "{{.Id}}", self.name).stdout.strip()
+
+    def psql(self, sql: str, database: str | None = None, user: str | None = None, check: bool = True) -> str:
+        """Runs SQL (psql -At, ON_ERROR_STOP) inside the container over its local socket."""
+        done = docker("exec", "-i", "-e", "PGPASSWORD", self.name, "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                      "-U", user or self.user, "-d", database or self.database,
+                      input=sql.encode(), check=check, env={"PGPASSWORD": self.password})
+        return done.stdout.strip()
+
+    def require_password_locally(self) -> None:
+        """Makes local socket connections ask for a password (the image trusts them by default)."""
+        docker("exec", self.name, "sh", "-c",
+               "sed -i 's/^local\\(.*\\)trust$/local\\1scram-sha-256/' \"$PGDATA/pg_hba.conf\"")
+        self.psql("SELECT pg_reload_conf()")
+        done = docker("exec", self.name, "psql", "-X", "-U", self.user, "-d", self.database, "-w", "-c", "select 1",
+                      check=False)
+        assert done.returncode != 0, "local connections still work without a password"
+
+
+def wait_ready(name: str, timeout: float = 60) -> None:
+    """Waits until PostgreSQL is PID 1 (initdb finished) and accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = docker("exec", name, "sh", "-c",
+                      "tr '\\0' ' ' </proc/1/cmdline | grep -q '^postgres' && pg_isready -q", check=False)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    logs = docker("logs", name, check=False)
+    raise AssertionError(f"{name} did not become ready: {logs.stdout[-2000:]} {logs.stderr[-2000:]}")
+
+
+@pytest.fixture
+def start_pg(engine: str) -> Iterator[Callable[..., PgContainer]]:
+    """Factory: starts a PostgreSQL container (--network none), waits until it is ready, removes it after."""
+    started: list[str] = []
+
+    def start(name: str | None = None, major: str = "17", *, user: str = "app", database: str = "appdb",
+              password: str = "db-pw", labels: dict[str, str] | None = None,
+              extra_env: dict[str, str] | None = None) -> PgContainer:
+        name = name or f"bwt-{uuid.uuid4().hex[:8]}-db"
+        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+                "-e", f"POSTGRES_USER={user}", "-e", f"POSTGRES_DB={database}"]
+        env = {"POSTGRES_PASSWORD": password, **(extra_env or {})}
+        for key in env:
+            # By name only: the value reaches the container without being in our argv.
+            argv += ["-e", key]
+        for key, value in (labels or {}).items():
+            argv += ["--label", f"{key}={value}"]
+        started.append(name)
+        subprocess.run(["docker", *argv, PG_IMAGES[major]], check=True, capture_output=True,
+                       env={**os.environ, **env})
+        wait_ready(name)
+        return PgContainer(name, major, user, database, password)
+
+    yield start
+    if started:
+        docker("rm", "-f", "-v", *started, check=False)
+
+
+@dataclass
+class Repo:
+    """A local restic repository for one test."""
+
+    path: Path
+    password: str = REPO_PASSWORD
+    env: dict[str, str] = field(default_factory=dict)
+
+    def restic(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["restic", *args], capture_output=True, text=True,
+                              env={**os.environ, "RESTIC_REPOSITORY": str(self.path),
+                                   "RESTIC_PASSWORD": self.password}, timeout=300)
+        if check and done.returncode != 0:
+            raise AssertionError(f"restic {' '.join(args)} failed: {done.stderr}")
+        return done
+
+    def snapshots(self) -> list[dict[str, object]]:
+        """Every snapshot in the repository, as restic lists it (not through the watcher)."""
+        if not (self.path / "config").exists():
+            return []
+        return list(json.loads(self.restic("snapshots", "--json").stdout or "[]"))
+
+    def snapshots_of(self, container: str) -> list[dict[str, object]]:
+        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]  # type: ignore[operator]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    return Repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def watcher_env(repo: Repo, engine: str) -> dict[str, str]:
+    """The environment of a watcher pointed at the test engine and the test's repository.
+
+    The container patterns default to a name no other container has, so each test chooses its
+    own targets.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "RESTIC_"))}
+    env.update({
+        "DOCKER_HOST": engine,
+        "RESTIC_REPOSITORY": str(repo.path),
+        "RESTIC_PASSWORD": repo.password,
+        "WATCHER_INIT_REPOSITORY": "true",
+        "WATCHER_CONTAINER_PATTERNS": "bwt-nothing-matches-this",
+        "WATCHER_HOST": "test-host",
+    })
+    return env
+
+
+def run_watcher(args: Sequence[str], env: dict[str, str], *, timeout: float = 600,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m watcher ARGS` to completion (stdin closed unless `input` is given)."""
+    return subprocess.run([sys.executable, "-m", "watcher", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
