@@ -1,0 +1,112 @@
+"""The integrity gate: a dump that fails, is killed, or loses its container never becomes a snapshot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import PgContainer, Repo, docker
+
+pytestmark = pytest.mark.engine
+
+# About 120 MB of table data: pg_dump needs a couple of seconds to stream it, so a test can
+# interrupt it in the middle.
+BIG_TABLE = """
+CREATE TABLE a_big (id int PRIMARY KEY, payload text);
+INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
+"""
+
+
+def _start_backup(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "watcher", "backup"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def _wait_for_copy(db: PgContainer, table: str, timeout: float = 60) -> None:
+    """Waits until pg_dump is streaming `table`'s rows (its COPY is running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = db.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.{table} %'",
+                         database="postgres", check=False)
+        if active == "1":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pg_dump never started copying {table}")
+
+
+def _kill_from_host(container: str, program: str) -> None:
+    """SIGKILLs a process of a container from the host, as the OOM killer would."""
+    rows = docker("top", container, "-eo", "pid,comm").stdout.splitlines()[1:]
+    pids = [int(row.split()[0]) for row in rows if row.split()[1] == program]
+    assert pids, f"no {program} running in {container}: {rows}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+                                                  watcher_env: dict[str, str]) -> None:
+    # The dump role may read a_big but not the rows of z_secret: pg_dump streams a_big first,
+    # then fails on z_secret, part-way through the dump.
+    name = f"bwt-partway{major}-db"
+    db: PgContainer = start_pg(name, major, labels={"backup-watcher.user": "dumper"})
+    db.psql(BIG_TABLE + """
+        CREATE TABLE z_secret (id int, secret text);
+        INSERT INTO z_secret VALUES (1, 'x');
+        ALTER TABLE z_secret ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY only_owner ON z_secret USING (current_user = 'app');
+        CREATE ROLE dumper LOGIN;
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
+    """)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    backup = _start_backup(env)
+    _wait_for_copy(db, "a_big")
+    out, err = backup.communicate(timeout=300)
+    assert backup.returncode == 1, err
+    assert "z_secret" in out and "no snapshot was written" in out, out
+    assert repo.snapshots_of(name) == []
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+                                                      watcher_env: dict[str, str]) -> None:
+    name = f"bwt-killed{major}-db"
+    db: PgContainer = start_pg(name, major)
+    db.psql(BIG_TABLE)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    backup = _start_backup(env)
+    _wait_for_copy(db, "a_big")
+    _kill_from_host(name, "pg_dump")
+    out, err = backup.communicate(timeout=300)
+    assert backup.returncode == 1, err
+    assert "pg_dump" in out and "exited with status 137" in out, out
+    assert repo.snapshots_of(name) == []
+
+    # The repository is consistent and the next run heals.
+    healed = subprocess.run([sys.executable, "-m", "watcher", "backup"], env=env, capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert len(repo.snapshots_of(name)) == 1
+    assert "no errors were found" in repo.restic("check").stdout
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_container_stopped_mid_stream_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+                                                         watcher_env: dict[str, str]) -> None:
+    name = f"bwt-stopped{major}-db"
+    db: PgContainer = start_pg(name, major)
+    db.psql(BIG_TABLE)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    backup = _start_backup(env)
+    _wait_for_copy(db, "a_big")
+    docker("stop", "-t", "1", name)
+    out, err = backup.communicate(timeout=300)
+    assert backup.returncode == 1, err
+    assert "no snapshot was written" in out and "pg_dump" in out, out
+    assert repo.snapshots_of(name) == []
+    assert "no errors were found" in repo.restic("check").stdout

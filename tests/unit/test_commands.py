@@ -1,0 +1,206 @@
+"""Command lines built by watcher.commands (SPEC §6): exact argv, tags, file names, no secrets in argv."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from watcher import commands
+from watcher.config import Retention
+
+NAMES = [
+    "app",
+    "my,db",
+    "a/b",
+    "100%",
+    "two words",
+    "tab\there",
+    "straße",
+    "数据库",
+    "key=value",
+    "a=b,c=d",
+    "../etc/passwd",
+    "%2F",
+    "plus+sign",
+    "'quoted\"",
+    "😀",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_decode_round_trip(name: str) -> None:
+    encoded = commands.encode_name(name)
+    assert commands.decode_name(encoded) == name
+    assert not any(char in encoded for char in ", /\t")
+    assert encoded.isascii()
+
+
+def test_encode_is_injective_on_tricky_pairs() -> None:
+    assert commands.encode_name("a%2Cb") != commands.encode_name("a,b")
+    assert commands.encode_name("a b") != commands.encode_name("a+b")
+
+
+def test_plain_names_stay_readable() -> None:
+    assert commands.encode_name("scalr_app-1.0") == "scalr_app-1.0"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dump_filename_is_flat(name: str) -> None:
+    filename = commands.dump_filename(name)
+    assert "/" not in filename
+    assert filename.endswith(".pgdump")
+
+
+def test_dump_filename_is_constant_per_database() -> None:
+    assert commands.dump_filename("app") == "app.pgdump"
+    assert commands.dump_filename("app") == commands.dump_filename("app")
+    assert commands.dump_filename("a/b") != commands.dump_filename("a_b")
+
+
+def test_snapshot_tags() -> None:
+    assert commands.snapshot_tags("scalr-app-db", "scalr_app") == (
+        "backup-watcher", "container=scalr-app-db", "database=scalr_app",
+    )
+
+
+def test_snapshot_tags_never_hold_a_comma() -> None:
+    # restic splits --tag values on ',', so a database name with one must not break the tag.
+    tags = commands.snapshot_tags("scalr-app-db", "a,b")
+    assert all("," not in tag for tag in tags)
+    assert tags[2] == "database=a%2Cb"
+
+
+def test_restic_backup_exact() -> None:
+    source = ("python", "-m", "watcher.dockerexec", "--container", "abc", "--", "pg_dump")
+    argv = commands.restic_backup("restic", host="db-host", container="scalr-app-db", database="scalr_app",
+                                  source=source)
+    assert argv == (
+        "restic", "backup", "--json", "--host", "db-host", "--stdin-filename", "scalr_app.pgdump",
+        "--tag", "backup-watcher", "--tag", "container=scalr-app-db", "--tag", "database=scalr_app",
+        "--stdin-from-command", "--",
+        "python", "-m", "watcher.dockerexec", "--container", "abc", "--", "pg_dump",
+    )
+
+
+def test_restic_backup_encodes_odd_database_names() -> None:
+    argv = commands.restic_backup("/usr/bin/restic", host="h", container="c", database="my db/x",
+                                  source=("true",))
+    assert argv[argv.index("--stdin-filename") + 1] == "my%20db%2Fx.pgdump"
+    assert "database=my%20db%2Fx" in argv
+
+
+def test_restic_snapshots() -> None:
+    assert commands.restic_snapshots("restic") == (
+        "restic", "--no-lock", "snapshots", "--json", "--tag", "backup-watcher",
+    )
+    assert commands.restic_snapshots("restic", host="h1", container="scalr-app-db", database="a,b") == (
+        "restic", "--no-lock", "snapshots", "--json", "--tag",
+        "backup-watcher,container=scalr-app-db,database=a%2Cb", "--host", "h1",
+    )
+
+
+def test_restic_dump() -> None:
+    assert commands.restic_dump("restic", "1a2b3c4d", "a/b") == ("restic", "dump", "1a2b3c4d", "/a%2Fb.pgdump")
+
+
+def test_restic_forget_groups_per_history_with_its_keeps() -> None:
+    argv = commands.restic_forget("restic", host="db-host", container="scalr-app-db", database="scalr_app",
+                                  retention=Retention(daily=7, weekly=0, monthly=12))
+    assert argv == (
+        "restic", "forget", "--json", "--host", "db-host",
+        "--tag", "backup-watcher,container=scalr-app-db,database=scalr_app",
+        "--group-by", "host,tags",
+        "--keep-daily", "7", "--keep-weekly", "0", "--keep-monthly", "12",
+    )
+
+
+def test_restic_forget_prune() -> None:
+    argv = commands.restic_forget("restic", host="h", container="c", database="d", retention=Retention(), prune=True)
+    assert argv[-1] == "--prune"
+    assert argv.count("--prune") == 1
+    assert argv[argv.index("--keep-daily") + 1] == "30"
+    assert argv[argv.index("--keep-weekly") + 1] == "4"
+    assert argv[argv.index("--keep-monthly") + 1] == "6"
+
+
+def test_small_restic_commands() -> None:
+    assert commands.restic_version("r") == ("r", "version")
+    assert commands.restic_cat_config("r") == ("r", "--no-lock", "cat", "config")
+    assert commands.restic_init("r") == ("r", "init")
+
+
+def test_exec_helper_exact() -> None:
+    argv = commands.exec_helper("abc123", ("pg_dump", "--format=custom"), env_names=["PGPASSWORD"],
+                                env_values={"PGUSER": "scalr", "PGDATABASE": "app"}, stdin=True)
+    assert argv == (
+        sys.executable, "-m", "watcher.dockerexec", "--container", "abc123", "--stdin",
+        "--env", "PGUSER=scalr", "--env", "PGDATABASE=app", "--env", "PGPASSWORD",
+        "--", "pg_dump", "--format=custom",
+    )
+
+
+def test_exec_helper_without_stdin_or_env() -> None:
+    argv = commands.exec_helper("abc", ("true",))
+    assert argv == (sys.executable, "-m", "watcher.dockerexec", "--container", "abc", "--", "true")
+
+
+def test_backup_argv_never_holds_the_password() -> None:
+    password = "pg-Sup3r-secret"
+    source = commands.exec_helper("abc", commands.pg_dump_command(), env_names=["PGPASSWORD"],
+                                  env_values=commands.pg_env("scalr", "app"))
+    argv = commands.restic_backup("restic", host="h", container="scalr-app-db", database="app", source=source)
+    assert not any(password in arg for arg in argv)
+    assert "PGPASSWORD" in argv  # by name only
+    assert not any(arg.startswith("PGPASSWORD=") for arg in argv)
+
+
+def test_pg_dump_command() -> None:
+    argv = commands.pg_dump_command()
+    assert argv[0] == "pg_dump"
+    assert "--format=custom" in argv
+    assert "--compress=0" in argv
+    assert "--no-password" in argv
+    # no database name, role or connection string in argv: they come from PGUSER/PGDATABASE
+    assert all(arg.startswith("--") for arg in argv[1:])
+    assert not any(arg.startswith(("--dbname", "--username", "--file", "-d", "-U", "-f")) for arg in argv[1:])
+
+
+def test_pg_env() -> None:
+    assert commands.pg_env("scalr", "a=b") == {"PGUSER": "scalr", "PGDATABASE": "a=b", "PGAPPNAME": "backup-watcher"}
+
+
+@pytest.mark.parametrize(("value", "quoted"), [
+    ("app", "'app'"),
+    ("it's", "'it\\'s'"),
+    ("back\\slash", "'back\\\\slash'"),
+    ("\\'", "'\\\\\\''"),
+    ("a b=c", "'a b=c'"),
+    ("", "''"),
+])
+def test_conninfo_quote(value: str, quoted: str) -> None:
+    assert commands.conninfo_quote(value) == quoted
+
+
+def test_pg_restore_command() -> None:
+    assert commands.pg_restore_command("it's_bw_restore") == (
+        "pg_restore", "--no-password", "--single-transaction", "--exit-on-error",
+        "--dbname=dbname='it\\'s_bw_restore'",
+    )
+
+
+def test_psql_script_command_passes_variables() -> None:
+    argv = commands.psql_script_command({"db": "a=b", "scratch": "x_bw_restore"})
+    assert argv[:1] == ("psql",)
+    assert "ON_ERROR_STOP=1" in argv
+    assert ("--set", "db=a=b") == argv[argv.index("db=a=b") - 1:argv.index("db=a=b") + 1]
+    assert "scratch=x_bw_restore" in argv
+
+
+def test_list_databases_command_excludes_templates() -> None:
+    argv = commands.list_databases_command()
+    assert argv[0] == "psql"
+    assert "--record-separator-zero" in argv
+    sql = argv[-1]
+    assert "NOT datistemplate" in sql
+    assert "datallowconn" in sql

@@ -1,0 +1,274 @@
+"""Masker and run_pipeline (watcher.execute), with real local `sh` processes (no Docker, no restic)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from watcher.execute import STDERR_TAIL_LINES, Completed, Masker, run, run_pipeline
+
+ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+NO_SECRETS = Masker()
+
+
+def sh(script: str) -> tuple[str, ...]:
+    return ("sh", "-c", script)
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_gone(pid: int, within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+# --- Masker -------------------------------------------------------------------------------------
+
+
+def test_masker_masks_every_occurrence() -> None:
+    masker = Masker(["hunter22", "tok-abc"])
+    assert masker("pw=hunter22 again hunter22, token tok-abc") == "pw=*** again ***, token ***"
+
+
+def test_masker_longest_secret_first() -> None:
+    masker = Masker(["abc", "abcdef"])
+    assert masker("x abcdef y abc") == "x *** y ***"
+    # the order given does not matter
+    assert Masker(["abcdef", "abc"])("abcdef") == "***"
+
+
+def test_masker_ignores_short_and_empty_secrets() -> None:
+    masker = Masker(["ab", "", None, "x"])
+    assert masker("ab x cab") == "ab x cab"
+    assert Masker(["abc"])("abc") == "***"
+
+
+def test_masker_with_secrets_adds_without_changing_the_original() -> None:
+    base = Masker(["repo-password"])
+    more = base.with_secrets(["pg-password", None])
+    assert more("repo-password pg-password") == "*** ***"
+    assert base("repo-password pg-password") == "*** pg-password"
+
+
+# --- run / run_pipeline: exit codes and output ---------------------------------------------------
+
+
+def test_exit_code_and_stdout() -> None:
+    done = run(sh("echo hello; exit 3"), env=ENV, masker=NO_SECRETS)
+    assert done.returncodes == (3,)
+    assert done.returncode == 3
+    assert done.stdout == b"hello\n"
+    assert not done.ok
+    assert not done.timed_out
+    assert not done.cancelled
+
+
+def test_success_is_ok() -> None:
+    done = run(("true",), env=ENV, masker=NO_SECRETS)
+    assert done.ok
+    assert done.returncode == 0
+
+
+def test_pipeline_passes_data_and_reports_every_exit_code() -> None:
+    done = run_pipeline([sh("printf 'a\\nb\\nc\\n'; exit 0"), sh("wc -l; exit 4")], env=ENV, masker=NO_SECRETS)
+    assert done.returncodes == (0, 4)
+    assert done.returncode == 4
+    assert done.stdout.strip() == b"3"
+    assert not done.ok
+
+
+def test_pipeline_first_nonzero_code_wins() -> None:
+    done = run_pipeline([sh("cat >/dev/null; exit 0"), sh("cat >/dev/null; exit 0")], env=ENV, masker=NO_SECRETS)
+    assert done.ok
+    assert done.returncodes == (0, 0)
+
+
+def test_pipeline_streams_large_output() -> None:
+    done = run_pipeline([sh("head -c 5000000 /dev/zero"), ("wc", "-c")], env=ENV, masker=NO_SECRETS, timeout=20)
+    assert done.ok
+    assert done.stdout.strip() == b"5000000"
+
+
+def test_stdin_is_fed_to_the_first_member() -> None:
+    payload = b"line one\nline two\n" * 5000
+    done = run(sh("cat"), env=ENV, masker=NO_SECRETS, stdin=payload, timeout=20)
+    assert done.ok
+    assert done.stdout == payload
+
+
+def test_no_stdin_means_empty_stdin() -> None:
+    done = run(sh("cat; echo end"), env=ENV, masker=NO_SECRETS, timeout=10)
+    assert done.stdout == b"end\n"
+
+
+def test_environment_is_exactly_what_is_given() -> None:
+    done = run(sh('echo "${FOO}-${HOME:-unset}"'), env={**ENV, "FOO": "bar"}, masker=NO_SECRETS)
+    assert done.stdout == b"bar-unset\n"
+
+
+def test_stdout_lines_callback() -> None:
+    seen: list[str] = []
+    done = run_pipeline([sh("echo one; echo two")], env=ENV, masker=NO_SECRETS, capture_stdout=False,
+                        on_stdout_line=seen.append)
+    assert done.ok
+    assert seen == ["one", "two"]
+    assert done.stdout == b""
+    assert done.stdout_lines == []
+
+
+def test_missing_program_raises() -> None:
+    with pytest.raises(FileNotFoundError):
+        run(("/nonexistent/restic", "version"), env=ENV, masker=NO_SECRETS)
+
+
+def test_missing_second_program_raises_quickly() -> None:
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        run_pipeline([sh("sleep 30"), ("/nonexistent/pg_restore",)], env=ENV, masker=NO_SECRETS)
+    assert time.monotonic() - started < 5
+
+
+def test_empty_pipeline_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        run_pipeline([], env=ENV, masker=NO_SECRETS)
+
+
+# --- stderr tail --------------------------------------------------------------------------------
+
+
+def test_stderr_tail_is_masked() -> None:
+    masker = Masker(["s3cret-pw", "pg-pass"])
+    done = run_pipeline(
+        [sh("echo 'Fatal: wrong password s3cret-pw' >&2; exit 1"), sh("echo 'auth pg-pass failed' >&2; exit 2")],
+        env=ENV, masker=masker,
+    )
+    assert "s3cret-pw" not in done.stderr_tail
+    assert "pg-pass" not in done.stderr_tail
+    assert "Fatal: wrong password ***" in done.stderr_tail
+    assert "auth *** failed" in done.stderr_tail
+    assert "s3cret-pw" not in done.describe_failure()
+
+
+def test_stderr_lines_callback_is_masked_too() -> None:
+    seen: list[str] = []
+    run_pipeline([sh("echo 'token=abc123' >&2")], env=ENV, masker=Masker(["abc123"]), on_stderr_line=seen.append)
+    assert seen == ["token=***"]
+
+
+def test_stderr_tail_keeps_the_last_lines() -> None:
+    script = 'i=1; while [ $i -le 100 ]; do echo "err $i" >&2; i=$((i+1)); done; exit 1'
+    done = run(sh(script), env=ENV, masker=NO_SECRETS)
+    lines = done.stderr_tail.splitlines()
+    assert len(lines) == STDERR_TAIL_LINES
+    assert lines[-1] == "err 100"
+    assert lines[0] == f"err {100 - STDERR_TAIL_LINES + 1}"
+
+
+def test_describe_failure() -> None:
+    done = run(sh("echo 'boom' >&2; exit 3"), env=ENV, masker=NO_SECRETS)
+    assert done.describe_failure() == "sh failed (exit status 3): boom"
+    piped = Completed(argv=(("/usr/bin/restic", "dump"), ("python3", "-m", "x")), returncodes=(0, 1))
+    assert piped.describe_failure() == "restic | python3 failed (exit status 0, 1)"
+
+
+# --- timeouts, failures and cancellation end the whole pipeline ---------------------------------
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "background.pid"
+    started = time.monotonic()
+    done = run(sh(f"sleep 100 & echo $! > {pid_file}; sleep 100"), env=ENV, masker=NO_SECRETS, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert done.timed_out
+    assert not done.ok
+    assert not done.cancelled
+    assert elapsed < 5
+    assert done.returncodes[0] != 0
+    assert "timed out" in done.describe_failure()
+    background = read_pid(pid_file)
+    assert wait_gone(background), f"background sleep {background} survived the timeout"
+
+
+def test_timeout_escalates_to_sigkill_after_the_grace(tmp_path: Path) -> None:
+    pid_file = tmp_path / "stubborn.pid"
+    started = time.monotonic()
+    done = run_pipeline([sh(f"trap '' TERM; sleep 100 & echo $! > {pid_file}; sleep 100")], env=ENV,
+                        masker=NO_SECRETS, timeout=0.5, terminate_grace=0.5)
+    assert done.timed_out
+    assert time.monotonic() - started < 5
+    assert done.returncodes == (-9,)
+    assert wait_gone(read_pid(pid_file))
+
+
+def test_failing_first_member_ends_a_blocked_second_member(tmp_path: Path) -> None:
+    pid_file = tmp_path / "second.pid"
+    started = time.monotonic()
+    done = run_pipeline(
+        [sh("echo partial; echo 'pg_dump: error: connection lost' >&2; exit 2"),
+         sh(f"cat >/dev/null; sleep 100 & echo $! > {pid_file}; wait")],
+        env=ENV, masker=NO_SECRETS, timeout=30,
+    )
+    assert time.monotonic() - started < 5
+    assert done.returncodes[0] == 2
+    assert done.returncodes[1] != 0
+    assert not done.ok
+    assert not done.timed_out
+    assert done.returncode == 2
+    assert "connection lost" in done.stderr_tail
+    assert wait_gone(read_pid(pid_file))
+
+
+def test_failing_second_member_ends_a_blocked_first_member() -> None:
+    started = time.monotonic()
+    done = run_pipeline([sh("sleep 100"), sh("exit 5")], env=ENV, masker=NO_SECRETS, timeout=30)
+    assert time.monotonic() - started < 5
+    assert done.returncodes[1] == 5
+    assert done.returncodes[0] != 0
+    assert not done.timed_out
+
+
+def test_cancel_event_ends_the_pipeline(tmp_path: Path) -> None:
+    pid_file = tmp_path / "cancelled.pid"
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    started = time.monotonic()
+    try:
+        done = run_pipeline([sh(f"sleep 100 & echo $! > {pid_file}; wait"), sh("cat")], env=ENV,
+                            masker=NO_SECRETS, cancel=cancel, timeout=30)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 5
+    assert done.cancelled
+    assert not done.timed_out
+    assert not done.ok
+    assert "cancelled" in done.describe_failure()
+    assert wait_gone(read_pid(pid_file))
+
+
+def test_cancel_already_set_before_start() -> None:
+    cancel = threading.Event()
+    cancel.set()
+    started = time.monotonic()
+    done = run(sh("sleep 100"), env=ENV, masker=NO_SECRETS, cancel=cancel)
+    assert done.cancelled
+    assert time.monotonic() - started < 5
