@@ -59,6 +59,24 @@ install_restic() {
     "$TG/bin/restic" version >&2
 }
 
+# --- Debian bookworm's restic 0.14, only to prove that a too-old restic is refused ------------
+install_old_restic() {
+    [ -x "$TG/bin/restic-0.14" ] && return 0
+    log "fetching bookworm's restic 0.14 (for the version-gate test)"
+    local debs="$TG/apt-bookworm"
+    mkdir -p "$debs"
+    chmod 755 "$debs"
+    chown _apt "$debs" 2>/dev/null || true
+    if ! (cd "$debs" && rm -f restic_*.deb && apt-get download restic >&2 2>/dev/null); then
+        apt-get update -qq >&2
+        (cd "$debs" && apt-get download restic >&2)
+    fi
+    rm -rf "$TG/tools/restic-0.14"
+    mkdir -p "$TG/tools"
+    dpkg -x "$debs"/restic_*.deb "$TG/tools/restic-0.14"
+    ln -sf "$TG/tools/restic-0.14/usr/bin/restic" "$TG/bin/restic-0.14"
+}
+
 # --- a private Docker engine: no bridge, no iptables ------------------------------------------
 engine_alive() { DOCKER_HOST="unix://$RUN/docker.sock" timeout 5 docker info >/dev/null 2>&1; }
 start_engine() {
@@ -119,7 +137,7 @@ want engine && need+=(docker.io)
 { want pg15 || want pg17; } && need+=(debootstrap)
 want restic && need+=(gnupg)
 apt_install "${need[@]}"
-want restic && install_restic
+want restic && install_restic && install_old_restic
 if want engine; then
     start_engine
     want pg15 && build_pg_image 15 bookworm

@@ -132,7 +132,7 @@ class Repo:
     env: dict[str, str] = field(default_factory=dict)
 
     def restic(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(["restic", *args], capture_output=True, text=True,
+        done = subprocess.run(["restic", *args], capture_output=True, text=True, errors="replace",
                               env={**os.environ, "RESTIC_REPOSITORY": str(self.path),
                                    "RESTIC_PASSWORD": self.password}, timeout=300)
         if check and done.returncode != 0:

@@ -101,7 +101,8 @@ def test_restic_snapshots() -> None:
 
 
 def test_restic_dump() -> None:
-    assert commands.restic_dump("restic", "1a2b3c4d", "a/b") == ("restic", "dump", "1a2b3c4d", "/a%2Fb.pgdump")
+    argv = commands.restic_dump("restic", "1a2b3c4d", "a/b")
+    assert argv == ("restic", "dump", "1a2b3c4d", "/a%2Fb.pgdump")
 
 
 def test_restic_forget_groups_per_history_with_its_keeps() -> None:
@@ -116,7 +117,8 @@ def test_restic_forget_groups_per_history_with_its_keeps() -> None:
 
 
 def test_restic_forget_prune() -> None:
-    argv = commands.restic_forget("restic", host="h", container="c", database="d", retention=Retention(), prune=True)
+    argv = commands.restic_forget("restic", host="h", container="c", database="d", retention=Retention(),
+                                  prune=True)
     assert argv[-1] == "--prune"
     assert argv.count("--prune") == 1
     assert argv[argv.index("--keep-daily") + 1] == "30"
@@ -167,7 +169,9 @@ def test_pg_dump_command() -> None:
 
 
 def test_pg_env() -> None:
-    assert commands.pg_env("scalr", "a=b") == {"PGUSER": "scalr", "PGDATABASE": "a=b", "PGAPPNAME": "backup-watcher"}
+    assert commands.pg_env("scalr", "a=b") == {
+        "PGUSER": "scalr", "PGDATABASE": "a=b", "PGAPPNAME": "backup-watcher",
+    }
 
 
 @pytest.mark.parametrize(("value", "quoted"), [
@@ -193,7 +197,8 @@ def test_psql_script_command_passes_variables() -> None:
     argv = commands.psql_script_command({"db": "a=b", "scratch": "x_bw_restore"})
     assert argv[:1] == ("psql",)
     assert "ON_ERROR_STOP=1" in argv
-    assert ("--set", "db=a=b") == argv[argv.index("db=a=b") - 1:argv.index("db=a=b") + 1]
+    at = argv.index("db=a=b")
+    assert argv[at - 1:at + 1] == ("--set", "db=a=b")
     assert "scratch=x_bw_restore" in argv
 
 

@@ -130,8 +130,8 @@ def test_error_message_lists_one_problem_per_line() -> None:
     assert lines == caught.value.problems
 
 
-@pytest.mark.xfail(strict=True, reason="WATCHER_INIT_REPOSITORY is parsed after the 'if problems: raise' check, "
-                                       "so a bad value is silently read as false")
+@pytest.mark.xfail(strict=True, reason="WATCHER_INIT_REPOSITORY is parsed after the 'if problems: raise' "
+                                       "check, so a bad value is silently read as false")
 def test_bad_init_repository_value_is_an_error() -> None:
     problems = problems_of(env(WATCHER_INIT_REPOSITORY="maybe"))
     assert_named(problems, "WATCHER_INIT_REPOSITORY")
@@ -278,7 +278,8 @@ def test_bad_timezone(zone: str) -> None:
     assert_named(problems, "WATCHER_TIMEZONE")
 
 
-@pytest.mark.parametrize("schedule", ["0 3 * *", "0 3 * * * *", "61 3 * * *", "0 25 * * *", "every day", "@daily"])
+@pytest.mark.parametrize("schedule", ["0 3 * *", "0 3 * * * *", "61 3 * * *", "0 25 * * *", "every day",
+                                      "@daily"])
 def test_bad_schedule(schedule: str) -> None:
     problems = problems_of(env(WATCHER_SCHEDULE=schedule))
     assert_named(problems, "WATCHER_SCHEDULE")
@@ -328,7 +329,8 @@ def test_split_list(raw: str, expected: list[str]) -> None:
     assert split_list(raw) == expected
 
 
-@pytest.mark.parametrize("pattern", ["scalr-*-db", "scalr-auth-postgres", "db-?", "db-[0-9]", "db-[!x]*", "a_b.c"])
+@pytest.mark.parametrize("pattern", ["scalr-*-db", "scalr-auth-postgres", "db-?", "db-[0-9]", "db-[!x]*",
+                                     "a_b.c"])
 def test_validate_pattern_accepts(pattern: str) -> None:
     assert validate_pattern(pattern) is None
 
@@ -352,8 +354,9 @@ def test_mask_url(url: str, expected: str) -> None:
     assert mask_url(url) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="mask_url stops at the first '@'; a password holding a raw '@' (which "
-                                       "restic's Go url.Parse accepts, splitting at the last '@') is shown in part")
+@pytest.mark.xfail(strict=True, reason="mask_url stops at the first '@'; a password holding a raw '@' "
+                                       "(which restic's Go url.Parse accepts, splitting at the last '@') "
+                                       "is shown in part")
 def test_mask_url_password_with_at_sign() -> None:
     assert mask_url("rest:https://user:p@ssw0rd@host/repo") == "rest:https://user:***@host/repo"
 

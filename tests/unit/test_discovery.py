@@ -50,8 +50,8 @@ def test_name_matching_a_pattern_is_a_target(name: str) -> None:
     assert target.drill is True
 
 
-@pytest.mark.parametrize("name", ["postgres", "scalr-app-db-replica", "my-scalr-app-db", "scalr-auth-postgres2",
-                                  "SCALR-APP-DB"])
+@pytest.mark.parametrize("name", ["postgres", "scalr-app-db-replica", "my-scalr-app-db",
+                                  "scalr-auth-postgres2", "SCALR-APP-DB"])
 def test_non_matching_name_is_ignored(name: str) -> None:
     assert discover(container(name), RULES) is None
 
@@ -92,7 +92,8 @@ def test_no_patterns_means_only_opt_in() -> None:
 
 
 def test_other_labels_do_not_matter() -> None:
-    info = container("scalr-app-db", {"com.docker.compose.project": "scalr", "backup-watcherx.enable": "false"})
+    info = container("scalr-app-db", {"com.docker.compose.project": "scalr",
+                                      "backup-watcherx.enable": "false"})
     assert isinstance(discover(info, RULES), Target)
 
 
@@ -240,7 +241,8 @@ def test_rules_schedule_is_the_default() -> None:
 def test_label_retention_merges_with_defaults() -> None:
     target = target_of(container(labels={"backup-watcher.keep-daily": "7"}))
     assert target.retention == Retention(daily=7, weekly=4, monthly=6)
-    target = target_of(container(labels={"backup-watcher.keep-weekly": "0", "backup-watcher.keep-monthly": "24"}))
+    target = target_of(container(labels={"backup-watcher.keep-weekly": "0",
+                                         "backup-watcher.keep-monthly": "24"}))
     assert target.retention == Retention(daily=30, weekly=0, monthly=24)
 
 

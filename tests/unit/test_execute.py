@@ -89,7 +89,8 @@ def test_success_is_ok() -> None:
 
 
 def test_pipeline_passes_data_and_reports_every_exit_code() -> None:
-    done = run_pipeline([sh("printf 'a\\nb\\nc\\n'; exit 0"), sh("wc -l; exit 4")], env=ENV, masker=NO_SECRETS)
+    done = run_pipeline([sh("printf 'a\\nb\\nc\\n'; exit 0"), sh("wc -l; exit 4")], env=ENV,
+                        masker=NO_SECRETS)
     assert done.returncodes == (0, 4)
     assert done.returncode == 4
     assert done.stdout.strip() == b"3"
@@ -97,13 +98,15 @@ def test_pipeline_passes_data_and_reports_every_exit_code() -> None:
 
 
 def test_pipeline_first_nonzero_code_wins() -> None:
-    done = run_pipeline([sh("cat >/dev/null; exit 0"), sh("cat >/dev/null; exit 0")], env=ENV, masker=NO_SECRETS)
+    done = run_pipeline([sh("cat >/dev/null; exit 0"), sh("cat >/dev/null; exit 0")], env=ENV,
+                        masker=NO_SECRETS)
     assert done.ok
     assert done.returncodes == (0, 0)
 
 
 def test_pipeline_streams_large_output() -> None:
-    done = run_pipeline([sh("head -c 5000000 /dev/zero"), ("wc", "-c")], env=ENV, masker=NO_SECRETS, timeout=20)
+    done = run_pipeline([sh("head -c 5000000 /dev/zero"), ("wc", "-c")], env=ENV, masker=NO_SECRETS,
+                        timeout=20)
     assert done.ok
     assert done.stdout.strip() == b"5000000"
 
@@ -158,7 +161,8 @@ def test_empty_pipeline_is_an_error() -> None:
 def test_stderr_tail_is_masked() -> None:
     masker = Masker(["s3cret-pw", "pg-pass"])
     done = run_pipeline(
-        [sh("echo 'Fatal: wrong password s3cret-pw' >&2; exit 1"), sh("echo 'auth pg-pass failed' >&2; exit 2")],
+        [sh("echo 'Fatal: wrong password s3cret-pw' >&2"),
+         sh("cat >/dev/null; echo 'auth pg-pass failed' >&2; exit 2")],
         env=ENV, masker=masker,
     )
     assert "s3cret-pw" not in done.stderr_tail
@@ -170,7 +174,8 @@ def test_stderr_tail_is_masked() -> None:
 
 def test_stderr_lines_callback_is_masked_too() -> None:
     seen: list[str] = []
-    run_pipeline([sh("echo 'token=abc123' >&2")], env=ENV, masker=Masker(["abc123"]), on_stderr_line=seen.append)
+    run_pipeline([sh("echo 'token=abc123' >&2")], env=ENV, masker=Masker(["abc123"]),
+                 on_stderr_line=seen.append)
     assert seen == ["token=***"]
 
 
@@ -212,7 +217,7 @@ def test_timeout_escalates_to_sigkill_after_the_grace(tmp_path: Path) -> None:
     pid_file = tmp_path / "stubborn.pid"
     started = time.monotonic()
     done = run_pipeline([sh(f"trap '' TERM; sleep 100 & echo $! > {pid_file}; sleep 100")], env=ENV,
-                        masker=NO_SECRETS, timeout=0.5, terminate_grace=0.5)
+                        masker=NO_SECRETS, timeout=1.0, terminate_grace=0.5)
     assert done.timed_out
     assert time.monotonic() - started < 5
     assert done.returncodes == (-9,)
@@ -223,8 +228,9 @@ def test_failing_first_member_ends_a_blocked_second_member(tmp_path: Path) -> No
     pid_file = tmp_path / "second.pid"
     started = time.monotonic()
     done = run_pipeline(
-        [sh("echo partial; echo 'pg_dump: error: connection lost' >&2; exit 2"),
-         sh(f"cat >/dev/null; sleep 100 & echo $! > {pid_file}; wait")],
+        [sh(f"while [ ! -s {pid_file} ]; do sleep 0.02; done; "
+            "echo partial; echo 'pg_dump: error: connection lost' >&2; exit 2"),
+         sh(f"sleep 100 & echo $! > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; cat >/dev/null; wait")],
         env=ENV, masker=NO_SECRETS, timeout=30,
     )
     assert time.monotonic() - started < 5
@@ -249,14 +255,17 @@ def test_failing_second_member_ends_a_blocked_first_member() -> None:
 def test_cancel_event_ends_the_pipeline(tmp_path: Path) -> None:
     pid_file = tmp_path / "cancelled.pid"
     cancel = threading.Event()
-    timer = threading.Timer(0.3, cancel.set)
-    timer.start()
+
+    def cancel_once_running() -> None:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cancel.set()
+
+    threading.Thread(target=cancel_once_running, daemon=True).start()
     started = time.monotonic()
-    try:
-        done = run_pipeline([sh(f"sleep 100 & echo $! > {pid_file}; wait"), sh("cat")], env=ENV,
-                            masker=NO_SECRETS, cancel=cancel, timeout=30)
-    finally:
-        timer.cancel()
+    done = run_pipeline([sh(f"sleep 100 & echo $! > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; wait"),
+                         sh("cat")], env=ENV, masker=NO_SECRETS, cancel=cancel, timeout=30)
     assert time.monotonic() - started < 5
     assert done.cancelled
     assert not done.timed_out
