@@ -22,7 +22,7 @@ from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
 from watcher.restic import Repository, ResticError, Snapshot
-from watcher.restore import Restorer, RestoreError, choose_snapshot
+from watcher.restore import RestoreError, Restorer, choose_snapshot
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = structlog.get_logger("watcher.cli")

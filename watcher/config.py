@@ -151,7 +151,8 @@ def parse_address(raw: str) -> tuple[str, int] | None:
 
 def mask_url(url: str) -> str:
     """Masks the password of a URL-like string (rest:https://user:pw@host/, s3:..., sftp:user@host)."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+    # Greedy up to the last '@' before the path, as restic's URL parser splits a raw '@' in a password.
+    return re.sub(r"(://[^/@:]*:)[^/]*@", r"\1***@", url)
 
 
 def load_config(environ: Mapping[str, str]) -> Config:
@@ -207,7 +208,9 @@ def load_config(environ: Mapping[str, str]) -> Config:
         problems.append(f"WATCHER_TIMEZONE={timezone!r}: unknown time zone (use an IANA name such as Europe/Berlin)")
 
     raw_patterns = environ.get("WATCHER_CONTAINER_PATTERNS")
-    patterns = tuple(split_list(raw_patterns)) if raw_patterns is not None else DEFAULT_PATTERNS
+    # Commas only: a blank inside a pattern is a mistake to report, not a separator.
+    patterns = (tuple(p.strip() for p in raw_patterns.split(",") if p.strip()) if raw_patterns is not None
+                else DEFAULT_PATTERNS)
     for pattern in patterns:
         why = validate_pattern(pattern)
         if why:
@@ -242,6 +245,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
     if log_level not in LOG_LEVELS:
         problems.append(f"WATCHER_LOG_LEVEL={log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
+    init_repository = _bool(environ, "WATCHER_INIT_REPOSITORY", False, problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -249,7 +253,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         restic_repository=repository,
         restic_env=restic_env,
         restic_binary=environ.get("WATCHER_RESTIC_BINARY", "").strip() or "restic",
-        init_repository=_bool(environ, "WATCHER_INIT_REPOSITORY", False, problems),
+        init_repository=init_repository,
         schedule=schedule,
         timezone=timezone,
         container_patterns=patterns,

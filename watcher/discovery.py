@@ -106,7 +106,7 @@ class DiscoveryRules:
 
     patterns: Sequence[str]
     schedule: str = "0 3 * * *"
-    retention: Retention = Retention()
+    retention: Retention = field(default_factory=Retention)
 
 
 def credentials_of(env: Mapping[str, str], user_label: str | None = None) -> Credentials:

@@ -21,6 +21,7 @@ environment, so they never appear in any process's argv nor in Docker events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -102,11 +103,10 @@ def _api(docker_host: str, method: str, path: str, body: object | None = None, t
         conn.close()
     if response.status >= 300:
         message = data.decode(errors="replace").strip()
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             message = str(json.loads(message).get("message", message))
-        except (ValueError, AttributeError):
-            pass
-        raise DockerExecError(f"Docker engine refused {method} {path.split('?')[0]}: {response.status} {message}")
+        endpoint = path.split("?", maxsplit=1)[0]
+        raise DockerExecError(f"Docker engine refused {method} {endpoint}: {response.status} {message}")
     return json.loads(data) if data.strip() else None
 
 
@@ -289,6 +289,12 @@ def run_exec(
     return CapturedExec(outcome, bytes(out), bytes(err))
 
 
+def _stdin_reader() -> Callable[[int], bytes]:
+    """Reads whatever our stdin has (up to n bytes) without waiting to fill a whole buffer."""
+    raw = sys.stdin.buffer
+    return lambda size: os.read(raw.fileno(), size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m watcher.dockerexec")
@@ -319,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = stream_exec(
             docker_host, args.container, args.cmd, env=env,
-            stdin=sys.stdin.buffer.read1 if args.stdin else None,
+            stdin=_stdin_reader() if args.stdin else None,
             on_stdout=stdout.write, on_stderr=write_err, user=args.user,
         )
         stdout.flush()

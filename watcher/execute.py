@@ -8,6 +8,7 @@ captured or handed line by line to a callback; exit codes are returned, never gu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,10 +107,8 @@ class _LineReader(threading.Thread):
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def run_pipeline(
@@ -139,21 +138,21 @@ def run_pipeline(
     readers: list[_TailReader] = []
     try:
         for index, argv in enumerate(commands):
-            first, last = index == 0, index == len(commands) - 1
-            if first:
+            is_first, is_last = index == 0, index == len(commands) - 1
+            if is_first:
                 proc_stdin = subprocess.PIPE if stdin is not None else subprocess.DEVNULL
             else:
                 proc_stdin = procs[-1].stdout  # type: ignore[assignment]
             proc = subprocess.Popen(
                 argv,
                 stdin=proc_stdin,
-                stdout=subprocess.PIPE if (not last or capture_stdout or on_stdout_line) else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if (not is_last or capture_stdout or on_stdout_line) else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=dict(env),
                 start_new_session=True,
                 close_fds=True,
             )
-            if not first and procs[-1].stdout is not None:
+            if not is_first and procs[-1].stdout is not None:
                 # Only the reader holds the pipe now, so the writer sees EPIPE if the reader dies.
                 procs[-1].stdout.close()
             procs.append(proc)
@@ -170,15 +169,10 @@ def run_pipeline(
         feeder_stdin = procs[0].stdin
 
         def feed() -> None:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 feeder_stdin.write(stdin)
-            except BrokenPipeError:
-                pass
-            finally:
-                try:
-                    feeder_stdin.close()
-                except BrokenPipeError:
-                    pass
+            with contextlib.suppress(BrokenPipeError):
+                feeder_stdin.close()
 
         threading.Thread(target=feed, daemon=True).start()
 

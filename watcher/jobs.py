@@ -19,7 +19,7 @@ from watcher import commands
 from watcher.discovery import Target
 from watcher.dockerexec import DockerExecError, run_exec
 from watcher.execute import Masker, run_pipeline
-from watcher.restic import Repository, ResticError
+from watcher.restic import Repository
 
 log = structlog.get_logger("watcher.jobs")
 DUMP_TIMEOUT_SECONDS = 6 * 3600.0

@@ -43,9 +43,11 @@ def choose_snapshot(snapshots: Sequence[Snapshot], selector: str, database: str 
             held = ", ".join(sorted({snap.database for snap in snapshots}))
             raise RestoreError(f"no snapshot of database {database!r}; snapshots hold: {held}")
     if selector == "latest":
-        held = sorted({snap.database for snap in candidates})
-        if len(held) > 1:
-            raise RestoreError(f"snapshots hold several databases ({', '.join(held)}): choose one with --database")
+        databases = sorted({snap.database for snap in candidates})
+        if len(databases) > 1:
+            raise RestoreError(
+                f"snapshots hold several databases ({', '.join(databases)}): choose one with --database"
+            )
         return max(candidates, key=lambda snap: snap.time)
     matches = [snap for snap in candidates if snap.id.startswith(selector)]
     if not matches:

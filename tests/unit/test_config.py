@@ -130,8 +130,6 @@ def test_error_message_lists_one_problem_per_line() -> None:
     assert lines == caught.value.problems
 
 
-@pytest.mark.xfail(strict=True, reason="WATCHER_INIT_REPOSITORY is parsed after the 'if problems: raise' "
-                                       "check, so a bad value is silently read as false")
 def test_bad_init_repository_value_is_an_error() -> None:
     problems = problems_of(env(WATCHER_INIT_REPOSITORY="maybe"))
     assert_named(problems, "WATCHER_INIT_REPOSITORY")
@@ -354,9 +352,6 @@ def test_mask_url(url: str, expected: str) -> None:
     assert mask_url(url) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="mask_url stops at the first '@'; a password holding a raw '@' "
-                                       "(which restic's Go url.Parse accepts, splitting at the last '@') "
-                                       "is shown in part")
 def test_mask_url_password_with_at_sign() -> None:
     assert mask_url("rest:https://user:p@ssw0rd@host/repo") == "rest:https://user:***@host/repo"
 
@@ -401,3 +396,14 @@ def test_restic_env_keeps_restic_variables_and_drops_watcher_ones() -> None:
     assert config.restic_env["RESTIC_PASSWORD"] == PASSWORD
     assert config.restic_env["RESTIC_CACHE_DIR"] == "/cache"
     assert not any(key.startswith("WATCHER_") for key in config.restic_env)
+
+
+def test_pattern_with_a_blank_is_rejected_not_split() -> None:
+    # "scalr *" split on blanks would become "scalr" and "*", and "*" selects every container.
+    problems = problems_of(env(WATCHER_CONTAINER_PATTERNS="scalr-*-db, scalr *"))
+    assert any("WATCHER_CONTAINER_PATTERNS" in p and "'scalr *'" in p for p in problems)
+
+
+def test_patterns_are_comma_separated_with_blanks_around_ignored() -> None:
+    config = load_config(env(WATCHER_CONTAINER_PATTERNS=" scalr-*-db , other-db "))
+    assert config.container_patterns == ("scalr-*-db", "other-db")

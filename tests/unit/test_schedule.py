@@ -96,8 +96,6 @@ def test_spring_forward_next_run_from_just_before_the_gap() -> None:
     assert datetime(2026, 3, 29, 1, 0, tzinfo=UTC) <= run <= datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
 
 
-@pytest.mark.xfail(strict=True, reason="next_run hands croniter a local time; in the repeated hour of "
-                                       "2026-10-25 it returns 02:30 CEST and then 02:30 CET (two backups)")
 def test_fall_back_repeated_slot_runs_once() -> None:
     # 2026-10-25 in Berlin: 03:00 CEST goes back to 02:00 CET; 02:30 happens twice on the wall clock.
     runs = runs_on_local_day("30 2 * * *", date(2026, 10, 25), "Europe/Berlin")
