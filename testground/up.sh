@@ -15,6 +15,8 @@ RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
 PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic}
 MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# BW_ENGINE_HOST: use this already running engine instead of starting a private one.
+ENGINE_HOST=${BW_ENGINE_HOST:-unix://$RUN/docker.sock}
 
 log() { printf 'testground: %s\n' "$*" >&2; }
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -78,9 +80,13 @@ install_old_restic() {
 }
 
 # --- a private Docker engine: no bridge, no iptables ------------------------------------------
-engine_alive() { DOCKER_HOST="unix://$RUN/docker.sock" timeout 5 docker info >/dev/null 2>&1; }
+engine_alive() { DOCKER_HOST="$ENGINE_HOST" timeout 5 docker info >/dev/null 2>&1; }
 start_engine() {
     if engine_alive; then return 0; fi
+    if [ -n "${BW_ENGINE_HOST:-}" ]; then
+        log "the engine at BW_ENGINE_HOST=$BW_ENGINE_HOST does not answer"
+        exit 1
+    fi
     if [ -f "$RUN/dockerd.pid" ] && kill -0 "$(cat "$RUN/dockerd.pid")" 2>/dev/null; then
         kill "$(cat "$RUN/dockerd.pid")" || true
         sleep 2
@@ -105,7 +111,7 @@ build_pg_image() {
     local major=$1 suite=$2 tag="backup-watcher-test/postgres:$1"
     local image_version
     image_version=$(sha256sum "$HERE/pg-entrypoint.sh" | cut -c1-12)
-    if DOCKER_HOST="unix://$RUN/docker.sock" docker image inspect "$tag" \
+    if DOCKER_HOST="$ENGINE_HOST" docker image inspect "$tag" \
         --format '{{index .Config.Labels "backup-watcher-test.entrypoint"}}' 2>/dev/null | grep -qx "$image_version"; then
         return 0
     fi
@@ -124,7 +130,7 @@ build_pg_image() {
     install -m 0755 "$HERE/pg-entrypoint.sh" "$root/usr/local/bin/docker-entrypoint.sh"
     mkdir -p "$root/docker-entrypoint-initdb.d"
     log "importing $tag"
-    tar -C "$root" -c . | DOCKER_HOST="unix://$RUN/docker.sock" docker import \
+    tar -C "$root" -c . | DOCKER_HOST="$ENGINE_HOST" docker import \
         -c 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' \
         -c "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         -c "ENV PGDATA=/var/lib/postgresql/data" -c "ENV PG_MAJOR=$major" -c 'ENV LANG=C.UTF-8' \
@@ -144,7 +150,7 @@ if want engine; then
     want pg17 && build_pg_image 17 trixie
 fi
 
-echo "export DOCKER_HOST=unix://$RUN/docker.sock"
+echo "export DOCKER_HOST=$ENGINE_HOST"
 echo "export BW_TEST_DOCKERD_PIDFILE=$RUN/dockerd.pid"
 echo "export BW_TESTGROUND=$TG"
 echo "export BW_TESTGROUND_RUN=$RUN"

@@ -8,21 +8,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from watcher import __version__, logs
 from watcher.config import Config, ConfigError, effective_config, load_config, mask_url
+from watcher.daemon import Daemon
 from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
+from watcher.metrics import Metrics, MetricsServer
+from watcher.registry import Registry
 from watcher.restic import Repository, ResticError, Snapshot
 from watcher.restore import RestoreError, Restorer, choose_snapshot
+from watcher.retention import apply_retention
+from watcher.status import render_table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = structlog.get_logger("watcher.cli")
@@ -58,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
+    sub.add_parser("run", help="the daemon: discovery, schedules, retention, metrics (stops on SIGTERM/SIGINT)")
+    sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
+    status = sub.add_parser("status", help="targets: state, last snapshot, age, next run, last error")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -258,7 +271,80 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(app: App, args: argparse.Namespace) -> int:
+    ctx = app.job_context()
+    check_repository(ctx, app.config.init_repository)
+    registry = Registry()
+    metrics = Metrics(CollectorRegistry(), registry, version=__version__)
+    metrics.set_restic_version(".".join(map(str, app.repository.version())))
+    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics)
+    try:
+        server = MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
+                               daemon.health, daemon.status)
+    except OSError as exc:
+        raise UsageError(f"WATCHER_METRICS_ADDRESS={app.config.metrics_host}:{app.config.metrics_port}: "
+                         f"cannot listen: {exc.strerror}") from exc
+    server.start()
+    log.info("metrics_listening", address=f"{app.config.metrics_host}:{server.server_address[1]}")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.request_stop())
+    try:
+        return daemon.run()
+    finally:
+        server.stop()
+
+
+def cmd_prune(app: App, args: argparse.Namespace) -> int:
+    targets, rejected, _ = discover_all(app)
+    for bad in rejected:
+        log.error("label_invalid", target=bad.name, error=bad.reason)
+    ctx = app.job_context()
+    check_repository(ctx, init=False)
+    result = apply_retention(ctx, targets)
+    if not result.ok:
+        print(f"prune FAILED: {result.error}")
+        return EXIT_FAILED
+    print(f"pruned: {result.snapshots_removed} snapshot(s) forgotten in {result.duration_s:.1f}s")
+    return EXIT_OK
+
+
+def _daemon_status(app: App) -> list[dict[str, object]] | None:
+    host = app.config.metrics_host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - reaching our own wildcard listener
+        host = "127.0.0.1"
+    url = f"http://{host}:{app.config.metrics_port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            rows = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) else None
+
+
+def cmd_status(app: App, args: argparse.Namespace) -> int:
+    rows = _daemon_status(app)
+    source = "daemon"
+    if rows is None:
+        # No daemon answers: show what Docker and the repository say, as the daemon would see it.
+        source = "survey (no daemon answered on WATCHER_METRICS_ADDRESS)"
+        ctx = app.job_context()
+        app.repository.version()
+        daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=Registry(),
+                        metrics=Metrics(CollectorRegistry(), Registry(), version=__version__))
+        daemon.survey()
+        rows = cast(list[dict[str, object]], daemon.status())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_table(rows))
+        print(f"\n{len(rows)} target(s); source: {source}", file=sys.stderr)
+    return EXIT_OK
+
+
 COMMANDS = {
+    "run": cmd_run,
+    "prune": cmd_prune,
+    "status": cmd_status,
     "backup": cmd_backup,
     "snapshots": cmd_snapshots,
     "restore": cmd_restore,
@@ -276,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_USAGE
-    # One-shot commands keep stdout for their result; their log lines go to stderr.
-    logs.configure(config.log_format, config.log_level, stream=sys.stderr)
+    # The daemon logs to stdout (SPEC §9); one-shot commands keep stdout for their result.
+    logs.configure(config.log_format, config.log_level, stream=sys.stdout if args.command == "run" else sys.stderr)
     app: App | None = None
     try:
         app = build_app(config)

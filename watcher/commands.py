@@ -129,16 +129,44 @@ def restic_dump(restic: str, snapshot_id: str, database: str) -> Command:
     return (restic, "dump", snapshot_id, "/" + dump_filename(database))
 
 
-def restic_forget(restic: str, *, host: str, container: str, database: str, retention: Retention,
-                  prune: bool = False) -> Command:
-    """restic forget for one (container, database) history on one host, with its own keeps."""
-    argv = [restic, "forget", "--json", "--host", host, "--tag", ",".join(snapshot_tags(container, database)),
-            "--group-by", "host,tags",
-            "--keep-daily", str(retention.daily), "--keep-weekly", str(retention.weekly),
-            "--keep-monthly", str(retention.monthly)]
-    if prune:
-        argv.append("--prune")
+def restic_forget(restic: str, *, host: str, containers: Sequence[str], retention: Retention) -> Command:
+    """restic forget of the watcher's snapshots of `containers` on `host`, all with one retention.
+
+    Grouped by host and tags, so each (container, database) history keeps its own snapshots.
+    """
+    argv = [restic, "forget", "--json", "--host", host]
+    for container in sorted(containers):
+        argv += ["--tag", f"{SNAPSHOT_TAG},{CONTAINER_TAG}{container}"]
+    argv += ["--group-by", "host,tags",
+             "--keep-daily", str(retention.daily), "--keep-weekly", str(retention.weekly),
+             "--keep-monthly", str(retention.monthly)]
     return tuple(argv)
+
+
+def restic_prune(restic: str) -> Command:
+    """restic prune: removes the data no snapshot references any more."""
+    return (restic, "prune")
+
+
+def restic_unlock(restic: str) -> Command:
+    """restic unlock: removes stale locks only (a dead process on this host, or older than 30 min)."""
+    return (restic, "unlock")
+
+
+def restic_retag(restic: str, *, host: str, old_name: str, new_name: str) -> Command:
+    """restic tag that moves a renamed container's history to its new name."""
+    return (restic, "tag", "--host", host, "--tag", f"{SNAPSHOT_TAG},{CONTAINER_TAG}{old_name}",
+            "--add", CONTAINER_TAG + new_name, "--remove", CONTAINER_TAG + old_name)
+
+
+def restic_stats(restic: str) -> Command:
+    """restic stats of the packed data actually stored (the repository's size)."""
+    return (restic, "--no-lock", "stats", "--json", "--mode", "raw-data")
+
+
+def with_lock_wait(argv: Command, wait: str) -> Command:
+    """The same restic command, waiting up to `wait` (e.g. "5m") for a lock held by a live process."""
+    return (argv[0], "--retry-lock", wait, *argv[1:])
 
 
 def restic_version(restic: str) -> Command:

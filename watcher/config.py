@@ -69,6 +69,8 @@ class Config:
     log_format: str
     log_level: str
     host: str | None
+    shutdown_grace_s: int = 5
+    reconcile_interval_s: int = 300
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
@@ -246,6 +248,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         problems.append(f"WATCHER_LOG_LEVEL={log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
     init_repository = _bool(environ, "WATCHER_INIT_REPOSITORY", False, problems)
+    shutdown_grace = _int(environ, "WATCHER_SHUTDOWN_GRACE", 5, 0, problems)
+    reconcile_interval = _int(environ, "WATCHER_RECONCILE_INTERVAL", 300, 5, problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -267,6 +271,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         log_format=log_format,
         log_level=log_level,
         host=environ.get("WATCHER_HOST", "").strip() or None,
+        shutdown_grace_s=shutdown_grace,
+        reconcile_interval_s=reconcile_interval,
         secrets=tuple(secrets),
     )
 
@@ -298,4 +304,6 @@ def effective_config(config: Config) -> dict[str, object]:
         "WATCHER_LOG_LEVEL": config.log_level,
         "WATCHER_HOST": config.host or "(the Docker engine's host name)",
         "WATCHER_RESTIC_BINARY": config.restic_binary,
+        "WATCHER_SHUTDOWN_GRACE": config.shutdown_grace_s,
+        "WATCHER_RECONCILE_INTERVAL": config.reconcile_interval_s,
     }

@@ -65,6 +65,15 @@ class DockerSource:
                 found.append(info)
         return found
 
+    def list_all(self) -> list[tuple[str, str, bool]]:
+        """Returns (id, name, running) of every container, stopped ones included; raises DockerUnavailable."""
+        try:
+            listed = self.api.containers(all=True)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+        return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/"), item.get("State") == "running")
+                for item in listed]
+
     def close(self) -> None:
         """Releases the HTTP connection pool."""
         self.api.close()

@@ -23,7 +23,9 @@ from watcher.restic import Repository
 
 log = structlog.get_logger("watcher.jobs")
 DUMP_TIMEOUT_SECONDS = 6 * 3600.0
-RETRY_LOCK = "5m"
+# Wait this long for a lock held by a live restic (a prune, another host's backup); stale locks of
+# dead processes are removed by `restic unlock` instead.
+LOCK_WAIT = "5m"
 
 
 class JobError(Exception):
@@ -126,7 +128,7 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str)
     argv = commands.restic_backup(
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source
     )
-    argv = (argv[0], "--retry-lock", RETRY_LOCK, *argv[1:])
+    argv = commands.with_lock_wait(argv, LOCK_WAIT)
     env = dict(ctx.repository.env)
     env["DOCKER_HOST"] = ctx.docker_host
     if creds.password:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import zoneinfo
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from croniter import croniter
 
@@ -58,14 +59,53 @@ def next_run(expression: str, after: datetime, timezone: str) -> datetime:
 
 
 def interval_seconds(expression: str, timezone: str, around: datetime) -> float:
-    """Returns the nominal interval of the schedule: the largest gap between its slots over a week."""
-    slot = next_run(expression, around, timezone)
-    horizon = slot + timedelta(days=8)
+    """Returns the nominal interval of the schedule: the largest gap between its slots over a week.
+
+    Measured on wall-clock time, so a daily schedule is 24 h also across a DST change. Cached per
+    expression, zone and day: targets usually share a handful of schedules.
+    """
+    return _interval_on(expression, timezone, around.astimezone(zoneinfo.ZoneInfo(timezone)).date())
+
+
+@functools.lru_cache(maxsize=256)
+def _interval_on(expression: str, timezone: str, day: date) -> float:
+    start = datetime(day.year, day.month, day.day)
+    slots = croniter(expression, start)
+    slot = slots.get_next(datetime)
+    # Every day alike (no day, month or weekday restriction): two days show every gap.
+    every_day_alike = expression.split()[2:] == ["*", "*", "*"]
+    horizon = slot + timedelta(days=2 if every_day_alike else 8)
     largest = timedelta(0)
     for _ in range(INTERVAL_LOOKAHEAD_SLOTS):
-        following = next_run(expression, slot, timezone)
+        following = slots.get_next(datetime)
         largest = max(largest, following - slot)
         slot = following
         if slot > horizon:
             break
     return largest.total_seconds()
+
+
+def previous_run(expression: str, before: datetime, timezone: str) -> datetime:
+    """Returns the latest slot at or before `before` (aware), as an aware UTC datetime."""
+    zone = zoneinfo.ZoneInfo(timezone)
+    wall = before.astimezone(zone).replace(tzinfo=None)
+    # croniter's get_prev is exclusive of its start; step one second past `before` to include it.
+    slots = croniter(expression, wall + timedelta(seconds=1))
+    while True:
+        candidate = slots.get_prev(datetime)
+        assert isinstance(candidate, datetime)
+        instant = _resolve_wall_time(candidate, zone)
+        if instant <= before:
+            return instant
+
+
+def first_run(expression: str, timezone: str, newest_snapshot: datetime | None, now: datetime) -> datetime:
+    """When a newly registered target is first backed up.
+
+    Now, if it has no snapshot at all, or if its newest snapshot is older than the schedule's most
+    recent slot (a slot was missed while the watcher was down or the container was away);
+    otherwise at its next slot.
+    """
+    if newest_snapshot is None or newest_snapshot < previous_run(expression, now, timezone):
+        return now
+    return next_run(expression, now, timezone)

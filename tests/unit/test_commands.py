@@ -106,24 +106,33 @@ def test_restic_dump() -> None:
 
 
 def test_restic_forget_groups_per_history_with_its_keeps() -> None:
-    argv = commands.restic_forget("restic", host="db-host", container="scalr-app-db", database="scalr_app",
+    argv = commands.restic_forget("restic", host="db-host", containers=["scalr-b-db", "scalr-app-db"],
                                   retention=Retention(daily=7, weekly=0, monthly=12))
     assert argv == (
         "restic", "forget", "--json", "--host", "db-host",
-        "--tag", "backup-watcher,container=scalr-app-db,database=scalr_app",
+        "--tag", "backup-watcher,container=scalr-app-db",
+        "--tag", "backup-watcher,container=scalr-b-db",
         "--group-by", "host,tags",
         "--keep-daily", "7", "--keep-weekly", "0", "--keep-monthly", "12",
     )
 
 
-def test_restic_forget_prune() -> None:
-    argv = commands.restic_forget("restic", host="h", container="c", database="d", retention=Retention(),
-                                  prune=True)
-    assert argv[-1] == "--prune"
-    assert argv.count("--prune") == 1
+def test_restic_forget_never_prunes_itself_and_uses_the_keeps() -> None:
+    argv = commands.restic_forget("restic", host="h", containers=["c"], retention=Retention())
+    assert "--prune" not in argv
     assert argv[argv.index("--keep-daily") + 1] == "30"
     assert argv[argv.index("--keep-weekly") + 1] == "4"
     assert argv[argv.index("--keep-monthly") + 1] == "6"
+
+
+def test_retention_and_lock_commands() -> None:
+    assert commands.restic_prune("r") == ("r", "prune")
+    assert commands.restic_unlock("r") == ("r", "unlock")
+    assert commands.restic_retag("r", host="h", old_name="a-db", new_name="b-db") == (
+        "r", "tag", "--host", "h", "--tag", "backup-watcher,container=a-db",
+        "--add", "container=b-db", "--remove", "container=a-db",
+    )
+    assert commands.with_lock_wait(("r", "prune"), "5m") == ("r", "--retry-lock", "5m", "prune")
 
 
 def test_small_restic_commands() -> None:

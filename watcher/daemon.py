@@ -1,0 +1,452 @@
+"""The daemon: Docker events → discovery → registry → scheduler → jobs → metrics and logs.
+
+One loop thread owns the registry. Each loop step does one unit of work: it handles one message
+(a container event, a reconnect, a finished job) and then starts whatever is due. Jobs run on a
+bounded pool and never raise into the loop: they return a JobFinished, which comes back through
+the same queue. A signal handler only counts signals; the loop notices, stops starting work,
+lets running backups finish within the grace period and then aborts them (restic writes no
+snapshot for an aborted dump), and returns 0.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from watcher import commands
+from watcher.config import Config
+from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
+from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.events import ContainerEvent, EventStream, StreamConnected
+from watcher.jobs import LOCK_WAIT, BackupResult, JobContext, backup_target, restic_error_text
+from watcher.metrics import Metrics
+from watcher.registry import DatabaseState, Registry, TargetState, due
+from watcher.restic import ResticError, Snapshot
+from watcher.retention import PruneResult, apply_retention, clear_stale_locks, repository_figures
+from watcher.schedule import first_run, interval_seconds, next_run
+from watcher.status import status_rows
+
+log = structlog.get_logger("watcher.daemon")
+LOOP_TICK_SECONDS = 0.2
+HEALTHY_HEARTBEAT_SECONDS = 60.0
+RETRY_BASE_SECONDS = 300
+RETRY_MAX_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A job's outcome, handed back to the loop."""
+
+    kind: str  # "backup", "prune" or "retag"
+    container_id: str | None = None
+    results: tuple[BackupResult, ...] = ()
+    snapshots: tuple[Snapshot, ...] | None = None
+    prune: PruneResult | None = None
+    error: str | None = None
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def newest_by_database(snapshots: list[Snapshot] | tuple[Snapshot, ...]) -> dict[tuple[str, str], Snapshot]:
+    """The newest snapshot of each (container, database)."""
+    newest: dict[tuple[str, str], Snapshot] = {}
+    for snap in snapshots:
+        key = (snap.container, snap.database)
+        if key not in newest or snap.time > newest[key].time:
+            newest[key] = snap
+    return newest
+
+
+class Daemon:
+    """The long-running loop of `backup-watcher run`."""
+
+    def __init__(self, *, config: Config, docker: DockerSource, ctx: JobContext, registry: Registry,
+                 metrics: Metrics, clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self.docker = docker
+        self.ctx = ctx
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.rules = DiscoveryRules(config.container_patterns, config.schedule, config.retention)
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=config.concurrency + 1, thread_name_prefix="job")
+        self._events = EventStream(docker.docker_host, self._queue.put, self._set_connected)
+        self._stop_signals = 0
+        self._stopping_since: float | None = None
+        self._running_backups = 0
+        self._running_other = 0
+        self._prune_running = False
+        self._backed_up_since_prune: set[str] = set()
+        self._pending_retags: dict[str, list[tuple[str, str]]] = {}
+        self._ignored: dict[str, str] = {}
+        self._newest: dict[tuple[str, str], Snapshot] = {}
+        self._last_reconcile = 0.0
+        self.heartbeat = time.monotonic()
+        self.events_connected = False
+
+    # --- called from other threads ---------------------------------------------------------
+    def request_stop(self) -> None:
+        """Asks the loop to stop (signal-handler safe: it only counts)."""
+        self._stop_signals += 1
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, detail) for /healthz: the loop is alive; the event stream is connected or reconnecting."""
+        age = time.monotonic() - self.heartbeat
+        stream = "connected" if self.events_connected else "reconnecting"
+        if age > HEALTHY_HEARTBEAT_SECONDS:
+            return False, f"loop stalled for {age:.0f}s; event stream {stream}\n"
+        return True, f"ok; event stream {stream}\n"
+
+    def status(self) -> object:
+        """The status rows of every watched container (for /status)."""
+        return status_rows(self.registry.view(), self.clock())
+
+    def _set_connected(self, connected: bool) -> None:
+        self.events_connected = connected
+        self.metrics.events_connected.set(1 if connected else 0)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Runs until stopped by a signal; returns the exit code (0)."""
+        log.info("daemon_started", host=self.ctx.host, concurrency=self.config.concurrency,
+                 schedule=self.config.schedule, timezone=self.config.timezone)
+        self._load_repository_state()
+        clear_stale_locks(self.ctx)
+        self._events.start()
+        while True:
+            self.heartbeat = time.monotonic()
+            if self._stop_signals and self._shutdown_step():
+                break
+            try:
+                message = self._queue.get(timeout=LOOP_TICK_SECONDS)
+            except queue.Empty:
+                message = None
+            if message is not None:
+                self._handle(message)
+            if self._stopping_since is None:
+                if time.monotonic() - self._last_reconcile >= self.config.reconcile_interval_s:
+                    self._reconcile("periodic")
+                self._start_due_work()
+        self._events.stop()
+        self._pool.shutdown(wait=True)
+        log.info("daemon_stopped")
+        return 0
+
+    def _shutdown_step(self) -> bool:
+        """Advances the shutdown; returns True when nothing runs any more and the loop may end."""
+        now = time.monotonic()
+        if self._stopping_since is None:
+            self._stopping_since = now
+            log.info("shutdown_requested", running_backups=self._running_backups,
+                     grace_s=self.config.shutdown_grace_s)
+        if not self.ctx.cancel.is_set() and (
+            self._stop_signals >= 2 or now - self._stopping_since >= self.config.shutdown_grace_s
+        ) and (self._running_backups or self._running_other):
+            log.warning("shutdown_aborting_jobs", running_backups=self._running_backups,
+                        reason="second signal" if self._stop_signals >= 2 else "grace period over")
+            self.ctx.cancel.set()
+        return self._running_backups == 0 and self._running_other == 0
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, ContainerEvent):
+            self.metrics.events.labels(message.action).inc()
+            if message.action in ("start", "health_status"):
+                self._observe(message.container_id)
+            elif message.action == "rename":
+                self._observe(message.container_id, old_name=message.old_name)
+            elif message.action in ("die", "stop"):
+                self._mark_stopped(message.container_id)
+            elif message.action == "destroy":
+                self._forget(message.container_id)
+        elif isinstance(message, StreamConnected):
+            self._reconcile("event stream connected")
+        elif isinstance(message, JobFinished):
+            self._job_finished(message)
+
+    # --- discovery into the registry ---------------------------------------------------------
+    def _observe(self, container_id: str, old_name: str | None = None) -> None:
+        try:
+            info = self.docker.inspect(container_id)
+        except DockerUnavailable as exc:
+            log.warning("inspect_failed", container_id=container_id[:12], error=str(exc))
+            return
+        if info is None:
+            self._forget(container_id)
+        elif not info.running:
+            self._mark_stopped(container_id)
+        else:
+            self._register(info, old_name)
+
+    def _register(self, info: ContainerInfo, old_name: str | None = None) -> None:
+        found = discover(info, self.rules)
+        existing = self.registry.get(info.id)
+        if existing is not None and old_name is None and existing.name != info.name:
+            old_name = existing.name
+        if found is None:
+            self._ignored[info.id] = info.name
+            if existing is not None:
+                self.registry.remove(info.id)
+                self.metrics.forget_target(existing.name)
+                log.info("target_removed", target=existing.name, reason="no longer selected")
+            return
+        self._ignored.pop(info.id, None)
+        if isinstance(found, Rejected):
+            if existing is None or existing.rejected != found:
+                log.error("label_invalid", target=found.name, error=found.reason)
+            self.registry.put(TargetState(info.id, info.name, rejected=found))
+            return
+        if old_name is not None and old_name != info.name:
+            self._rename_history(info.id, old_name, info.name)
+        if (existing is not None and existing.target == found and not existing.stopped
+                and existing.rejected is None):
+            return
+        now = self.clock()
+        databases = self._known_databases(found)
+        newest = None if not databases or any(d.last_snapshot is None for d in databases.values()) else min(
+            d.last_snapshot for d in databases.values() if d.last_snapshot is not None)
+        when = first_run(found.schedule, self.config.timezone, newest, now)
+        entry = TargetState(
+            container_id=info.id, name=info.name, target=found, next_run=when,
+            interval_s=interval_seconds(found.schedule, self.config.timezone, now),
+            databases={**databases, **(existing.databases if existing else {})},
+            consecutive_failures=existing.consecutive_failures if existing else 0,
+            running_job=existing.running_job if existing else False,
+            last_error=existing.last_error if existing else None,
+        )
+        self.registry.put(entry)
+        log.info("target_registered", target=info.name, container_id=info.id[:12], schedule=found.schedule,
+                 next_run=when.isoformat(), catch_up=when == now,
+                 databases="all" if found.all_databases else ",".join(found.databases))
+
+    def _known_databases(self, target: Target) -> dict[str, DatabaseState]:
+        cached = {db: snap for (container, db), snap in self._newest.items() if container == target.name}
+        names = sorted(cached) if target.all_databases else list(target.databases)
+        return {db: DatabaseState(last_snapshot=cached[db].time if db in cached else None,
+                                  last_snapshot_id=cached[db].id if db in cached else None) for db in names}
+
+    def _rename_history(self, container_id: str, old_name: str, new_name: str) -> None:
+        log.info("target_renamed", target=new_name, old_name=old_name)
+        for container, database in list(self._newest):
+            if container == old_name:
+                self._newest[(new_name, database)] = self._newest.pop((container, database))
+        self.metrics.forget_target(old_name)
+        self._pending_retags.setdefault(container_id, []).append((old_name, new_name))
+        entry = self.registry.get(container_id)
+        if entry is not None:
+            self.registry.update(container_id, name=new_name,
+                                 target=entry.target.renamed(new_name) if entry.target else None)
+
+    def _mark_stopped(self, container_id: str) -> None:
+        entry = self.registry.get(container_id)
+        if entry is not None and not entry.stopped:
+            self.registry.update(container_id, stopped=True)
+            log.info("target_stopped", target=entry.name)
+
+    def _forget(self, container_id: str) -> None:
+        self._ignored.pop(container_id, None)
+        self._pending_retags.pop(container_id, None)
+        entry = self.registry.remove(container_id)
+        if entry is not None:
+            self.metrics.forget_target(entry.name)
+            log.info("target_removed", target=entry.name, reason="container destroyed")
+
+    def _reconcile(self, reason: str) -> None:
+        """Brings the registry in line with a full container list (idempotent by container id)."""
+        self._last_reconcile = time.monotonic()
+        try:
+            listing = self.docker.list_all()
+        except DockerUnavailable as exc:
+            log.warning("reconcile_failed", reason=reason, error=str(exc))
+            return
+        seen: set[str] = set()
+        for container_id, name, running in listing:
+            seen.add(container_id)
+            entry = self.registry.get(container_id)
+            if entry is None:
+                if running and self._ignored.get(container_id) != name:
+                    self._observe(container_id)
+            elif entry.name != name or (running and entry.stopped):
+                self._observe(container_id, old_name=entry.name if entry.name != name else None)
+            elif not running and not entry.stopped:
+                self._mark_stopped(container_id)
+        for container_id in self.registry.ids() - seen:
+            self._forget(container_id)
+        for container_id in set(self._ignored) - seen:
+            del self._ignored[container_id]
+        log.debug("reconciled", reason=reason, containers=len(listing), targets=len(self.registry.ids()))
+
+    # --- the scheduler ---------------------------------------------------------------------
+    def _start_due_work(self) -> None:
+        if self._prune_running:
+            return
+        now = self.clock()
+        entries = self.registry.view()
+        for container_id, renames in list(self._pending_retags.items()):
+            entry = self.registry.get(container_id)
+            if entry is None or entry.running_job or self._running_other:
+                continue
+            del self._pending_retags[container_id]
+            self._submit_retag(entry, renames)
+        waiting = due(entries, now)
+        for entry in waiting:
+            if self._running_backups >= self.config.concurrency:
+                break
+            current = self.registry.get(entry.container_id)
+            if current is None or current.running_job:
+                continue
+            self._submit_backup(current)
+        if (self._backed_up_since_prune and not self._running_backups and not self._running_other
+                and not due(self.registry.view(), now)):
+            self._submit_prune()
+
+    def _submit(self, work: Callable[[], JobFinished], kind: str, container_id: str | None) -> None:
+        def guarded() -> JobFinished:
+            try:
+                return work()
+            except Exception as exc:
+                log.exception("job_crashed", kind=kind)
+                return JobFinished(kind, container_id, error=self.ctx.masker(f"{type(exc).__name__}: {exc}"))
+
+        future: Future[JobFinished] = self._pool.submit(guarded)
+        future.add_done_callback(lambda done: self._queue.put(done.result()))
+
+    def _submit_backup(self, entry: TargetState) -> None:
+        assert entry.target is not None
+        target = entry.target
+        self.registry.update(entry.container_id, running_job=True)
+        self._running_backups += 1
+
+        def work() -> JobFinished:
+            results = backup_target(self.ctx, target)
+            try:
+                snapshots: tuple[Snapshot, ...] | None = tuple(
+                    self.ctx.repository.snapshots(host=self.ctx.host, container=target.name))
+            except ResticError as exc:
+                log.warning("snapshot_listing_failed", target=target.name, error=str(exc))
+                snapshots = None
+            return JobFinished("backup", entry.container_id, tuple(results), snapshots)
+
+        self._submit(work, "backup", entry.container_id)
+
+    def _submit_prune(self) -> None:
+        targets = [e.target for e in self.registry.view() if e.target is not None]
+        self._backed_up_since_prune.clear()
+        self._prune_running = True
+        self._running_other += 1
+        self._submit(lambda: JobFinished("prune", prune=apply_retention(self.ctx, targets)), "prune", None)
+
+    def _submit_retag(self, entry: TargetState, renames: list[tuple[str, str]]) -> None:
+        self.registry.update(entry.container_id, running_job=True)
+        self._running_other += 1
+
+        def work() -> JobFinished:
+            for old_name, new_name in renames:
+                argv = commands.with_lock_wait(commands.restic_retag(
+                    self.ctx.repository.binary, host=self.ctx.host, old_name=old_name, new_name=new_name), LOCK_WAIT)
+                done = self.ctx.repository.run(argv, timeout=3600, cancel=self.ctx.cancel)
+                if not done.ok:
+                    error = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
+                    return JobFinished("retag", entry.container_id,
+                                       error=f"moving history of {old_name} to {new_name} failed: {error}")
+                log.info("history_renamed", target=new_name, old_name=old_name)
+            return JobFinished("retag", entry.container_id)
+
+        self._submit(work, "retag", entry.container_id)
+
+    def _job_finished(self, finished: JobFinished) -> None:
+        if finished.kind == "backup":
+            self._running_backups -= 1
+            self._backup_finished(finished)
+        elif finished.kind == "prune":
+            self._running_other -= 1
+            self._prune_running = False
+            self._prune_finished(finished)
+        else:
+            self._running_other -= 1
+            if finished.container_id is not None:
+                self.registry.update(finished.container_id, running_job=False)
+            if finished.error:
+                log.error("history_rename_failed", error=finished.error)
+
+    def _backup_finished(self, finished: JobFinished) -> None:
+        assert finished.container_id is not None
+        entry = self.registry.get(finished.container_id)
+        if entry is None or entry.target is None:
+            return
+        results = finished.results
+        if finished.error:
+            results = (BackupResult(entry.name, "*", False, "-", self.clock(), 0.0, error=finished.error),)
+        for result in results:
+            self.metrics.observe_backup(entry.name, result.database, result.ok, result.duration_s,
+                                        result.bytes_processed, result.bytes_added)
+            if result.database == "*":
+                continue
+            if result.ok:
+                self.registry.set_database(entry.container_id, result.database,
+                                           last_success=result.started_at, last_error=None)
+            else:
+                self.registry.set_database(entry.container_id, result.database,
+                                           last_failure=result.started_at, last_error=result.error)
+        if finished.snapshots is not None:
+            for (_, database), snap in newest_by_database(finished.snapshots).items():
+                self._newest[(entry.name, database)] = snap
+                if entry.target.all_databases or database in entry.target.databases:
+                    self.registry.set_database(entry.container_id, database, last_snapshot=snap.time,
+                                               last_snapshot_id=snap.id)
+        ok = bool(results) and all(r.ok for r in results)
+        failures = 0 if ok else entry.consecutive_failures + 1
+        now = self.clock()
+        when = next_run(entry.target.schedule, now, self.config.timezone)
+        if not ok and not self.ctx.cancel.is_set():
+            # A failed daily backup should not wait a day for its next attempt.
+            retry = min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+            when = min(when, datetime.fromtimestamp(now.timestamp() + retry, UTC))
+        error = next((r.error for r in results if not r.ok), None)
+        self.registry.update(finished.container_id, running_job=False, consecutive_failures=failures,
+                             last_error=error, next_run=when)
+        self._backed_up_since_prune.add(finished.container_id)
+
+    def _prune_finished(self, finished: JobFinished) -> None:
+        result = finished.prune
+        ok = result is not None and result.ok
+        self.metrics.prunes.labels("success" if ok else "failure").inc()
+        if result is not None and result.ok:
+            self.metrics.prune_last_success.set(self.clock().timestamp())
+            if result.repository_size is not None:
+                self.metrics.repository_size.set(result.repository_size)
+            if result.repository_snapshots is not None:
+                self.metrics.repository_snapshots.set(result.repository_snapshots)
+        elif finished.error:
+            log.error("prune_failed", error=finished.error)
+
+    def survey(self) -> None:
+        """Fills the registry from the repository and a container list, without running anything."""
+        self._load_repository_state(with_figures=False)
+        self._reconcile("survey")
+
+    def _load_repository_state(self, with_figures: bool = True) -> None:
+        """Reads the newest snapshot of every (container, database) of this host, for catch-up and metrics."""
+        try:
+            snapshots = self.ctx.repository.snapshots(host=self.ctx.host)
+        except ResticError as exc:
+            log.error("snapshot_listing_failed", error=str(exc))
+            return
+        self._newest = newest_by_database(snapshots)
+        if not with_figures:
+            return
+        size, count = repository_figures(self.ctx)
+        if size is not None:
+            self.metrics.repository_size.set(size)
+        if count is not None:
+            self.metrics.repository_snapshots.set(count)
+        log.info("repository_read", snapshots=len(snapshots), histories=len(self._newest))

@@ -1,0 +1,202 @@
+"""Prometheus metrics (SPEC §7) and the HTTP endpoint that serves them with /healthz and /status.
+
+Everything is defined once against an injected CollectorRegistry. Per-target gauges are rendered
+at scrape time from the target registry's cached view, so a scrape never runs restic or calls
+Docker, snapshot ages are always current, and a destroyed target's series simply stop. Counters
+and histograms keep their totals and are removed explicitly when a target is destroyed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from watcher.registry import STATES, Registry
+
+PREFIX = "backup_watcher_"
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
+
+
+class TargetCollector(Collector):
+    """Renders the per-target gauges from the registry's view at scrape time."""
+
+    def __init__(self, targets: Registry, clock: Callable[[], float] = time.time) -> None:
+        self._targets = targets
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        """Yields the gauge families; reads only cached state."""
+        now = self._clock()
+        per_db = ["target", "database"]
+        success = GaugeMetricFamily(PREFIX + "last_success_timestamp_seconds",
+                                    "Unix time of the last successful backup", labels=per_db)
+        failure = GaugeMetricFamily(PREFIX + "last_failure_timestamp_seconds",
+                                    "Unix time of the last failed backup", labels=per_db)
+        snapshot = GaugeMetricFamily(PREFIX + "last_snapshot_timestamp_seconds",
+                                     "Unix time of the newest snapshot in the repository", labels=per_db)
+        age = GaugeMetricFamily(PREFIX + "snapshot_age_seconds",
+                                "Seconds since the newest snapshot in the repository", labels=per_db)
+        interval = GaugeMetricFamily(PREFIX + "schedule_interval_seconds",
+                                     "Longest gap between two scheduled backups", labels=["target"])
+        next_run = GaugeMetricFamily(PREFIX + "next_run_timestamp_seconds",
+                                     "Unix time of the next scheduled backup", labels=["target"])
+        failures = GaugeMetricFamily(PREFIX + "consecutive_failures",
+                                     "Backups failed in a row (0 when the last one succeeded)", labels=["target"])
+        states = GaugeMetricFamily(PREFIX + "targets", "Watched containers by state", labels=["state"])
+        counts = dict.fromkeys(STATES, 0)
+        for entry in self._targets.view():
+            counts[entry.state] += 1
+            if entry.target is None:
+                continue
+            if entry.interval_s is not None:
+                interval.add_metric([entry.name], entry.interval_s)
+            if entry.next_run is not None and not entry.stopped:
+                next_run.add_metric([entry.name], entry.next_run.timestamp())
+            failures.add_metric([entry.name], entry.consecutive_failures)
+            for database, db in sorted(entry.databases.items()):
+                labels = [entry.name, database]
+                if db.last_success is not None:
+                    success.add_metric(labels, db.last_success.timestamp())
+                if db.last_failure is not None:
+                    failure.add_metric(labels, db.last_failure.timestamp())
+                if db.last_snapshot is not None:
+                    snapshot.add_metric(labels, db.last_snapshot.timestamp())
+                    age.add_metric(labels, max(0.0, now - db.last_snapshot.timestamp()))
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield from (success, failure, snapshot, age, interval, next_run, failures, states)
+
+
+class Metrics:
+    """Every metric of the watcher, registered on one CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry, targets: Registry, *, version: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        per_db = ["target", "database"]
+        self.backups = Counter(PREFIX + "backups", "Backups by result", [*per_db, "result"], registry=registry)
+        self.backup_duration = Histogram(PREFIX + "backup_duration_seconds", "Duration of one database's backup",
+                                         per_db, buckets=DURATION_BUCKETS, registry=registry)
+        self.bytes_processed = Counter(PREFIX + "backup_bytes_processed", "Dump bytes read by restic",
+                                       per_db, registry=registry)
+        self.bytes_added = Counter(PREFIX + "backup_bytes_added", "Bytes added to the repository (packed)",
+                                   per_db, registry=registry)
+        self.prunes = Counter(PREFIX + "prunes", "Retention runs (forget + prune) by result", ["result"],
+                              registry=registry)
+        self.prune_last_success = Gauge(PREFIX + "prune_last_success_timestamp_seconds",
+                                        "Unix time of the last successful retention run", registry=registry)
+        self.drills = Counter(PREFIX + "restore_drills", "Restore drills by result", [*per_db, "result"],
+                              registry=registry)
+        self.drill_last_success = Gauge(PREFIX + "restore_drill_last_success_timestamp_seconds",
+                                        "Unix time of the last successful restore drill", per_db, registry=registry)
+        self.drill_duration = Gauge(PREFIX + "restore_drill_duration_seconds", "Duration of the last restore drill",
+                                    per_db, registry=registry)
+        self.events_connected = Gauge(PREFIX + "docker_events_connected",
+                                      "1 while the Docker event stream is connected", registry=registry)
+        self.events = Counter(PREFIX + "docker_events", "Docker container events received", ["action"],
+                              registry=registry)
+        self.repository_size = Gauge(PREFIX + "repository_size_bytes", "Size of the repository's packed data",
+                                     registry=registry)
+        self.repository_snapshots = Gauge(PREFIX + "repository_snapshots", "Snapshots in the repository",
+                                          registry=registry)
+        self.notifications = Counter(PREFIX + "notifications", "Alert notifications by result", ["result"],
+                                     registry=registry)
+        self.build_info = Gauge(PREFIX + "build_info", "Versions of the watcher and of restic",
+                                ["version", "restic_version"], registry=registry)
+        self._version = version
+        self._series: dict[str, set[str]] = {}
+        registry.register(TargetCollector(targets, clock))
+
+    def set_restic_version(self, restic_version: str) -> None:
+        """Publishes build_info{version,restic_version} = 1."""
+        self.build_info.clear()
+        self.build_info.labels(self._version, restic_version).set(1)
+
+    def observe_backup(self, target: str, database: str, ok: bool, duration_s: float,
+                       bytes_processed: int, bytes_added: int) -> None:
+        """Counts one backup result."""
+        self._series.setdefault(target, set()).add(database)
+        self.backups.labels(target, database, "success" if ok else "failure").inc()
+        self.backup_duration.labels(target, database).observe(duration_s)
+        if ok:
+            self.bytes_processed.labels(target, database).inc(bytes_processed)
+            self.bytes_added.labels(target, database).inc(bytes_added)
+
+    def observe_drill(self, target: str, database: str, ok: bool, duration_s: float, finished_at: float) -> None:
+        """Counts one restore drill result."""
+        self._series.setdefault(target, set()).add(database)
+        self.drills.labels(target, database, "success" if ok else "failure").inc()
+        self.drill_duration.labels(target, database).set(duration_s)
+        if ok:
+            self.drill_last_success.labels(target, database).set(finished_at)
+
+    def forget_target(self, target: str) -> None:
+        """Removes every series of a destroyed target, so labels stay bounded."""
+        for database in self._series.pop(target, set()):
+            for result in ("success", "failure"):
+                for counter in (self.backups, self.drills):
+                    with contextlib.suppress(KeyError):
+                        counter.remove(target, database, result)
+            for metric in (self.backup_duration, self.bytes_processed, self.bytes_added,
+                           self.drill_last_success, self.drill_duration):
+                with contextlib.suppress(KeyError):
+                    metric.remove(target, database)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+        elif path == "/healthz":
+            healthy, detail = self.server.health()
+            self._send(200 if healthy else 503, "text/plain; charset=utf-8", detail.encode())
+        elif path == "/status":
+            body = json.dumps(self.server.status(), indent=2, default=str).encode()
+            self._send(200, "application/json", body)
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /status\n")
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        # Scrapes every 15 s would drown the log; errors still surface through log_error.
+        return
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """Serves /metrics, /healthz and /status on a background thread."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 health: Callable[[], tuple[bool, str]], status: Callable[[], object]) -> None:
+        super().__init__((host, port), _Handler)
+        self.registry = registry
+        self.health = health
+        self.status = status
+        self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        """Starts serving in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops serving and closes the socket."""
+        self.shutdown()
+        self.server_close()

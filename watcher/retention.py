@@ -1,0 +1,117 @@
+"""Retention: forget by the configured keeps, per (container, database) history, then prune.
+
+Runs only while no backup runs (the daemon serializes it), so it never competes with one for the
+repository's exclusive lock; stale locks left by a crashed restic are cleared first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from watcher import commands
+from watcher.config import Retention
+from watcher.discovery import Target
+from watcher.jobs import LOCK_WAIT, JobContext, restic_error_text
+
+log = structlog.get_logger("watcher.retention")
+PRUNE_TIMEOUT_SECONDS = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What one retention run did."""
+
+    ok: bool
+    run_id: str
+    duration_s: float
+    snapshots_removed: int = 0
+    error: str | None = None
+    repository_size: int | None = None
+    repository_snapshots: int | None = None
+
+
+def retention_classes(targets: Sequence[Target]) -> dict[Retention, list[str]]:
+    """Groups target names by their retention, so one forget call serves each class."""
+    classes: dict[Retention, list[str]] = {}
+    for target in targets:
+        classes.setdefault(target.retention, []).append(target.name)
+    return classes
+
+
+def count_removed(forget_output: str) -> int:
+    """How many snapshots `restic forget --json` removed."""
+    removed = 0
+    for raw_line in forget_output.splitlines():
+        line = raw_line.strip()
+        if not line.startswith("["):
+            continue
+        try:
+            groups = json.loads(line)
+        except ValueError:
+            continue
+        for group in groups if isinstance(groups, list) else []:
+            removed += len(group.get("remove") or []) if isinstance(group, dict) else 0
+    return removed
+
+
+def clear_stale_locks(ctx: JobContext) -> None:
+    """Removes locks of restic processes that no longer exist (never a live one); logs, never raises."""
+    done = ctx.repository.run(commands.restic_unlock(ctx.repository.binary), timeout=300, cancel=ctx.cancel)
+    if not done.ok:
+        log.warning("unlock_failed", error=done.describe_failure())
+
+
+def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
+    """Forgets snapshots beyond each target's keeps and prunes the repository; never raises."""
+    run_id = uuid.uuid4().hex[:12]
+    bound = log.bind(run_id=run_id)
+    started = time.monotonic()
+    bound.info("prune_started", targets=len(targets))
+    removed = 0
+
+    def failed(step: str, detail: str) -> PruneResult:
+        duration = time.monotonic() - started
+        error = ctx.masker(f"{step} failed: {detail}")
+        bound.error("prune_failed", error=error, duration_s=round(duration, 3))
+        return PruneResult(False, run_id, duration, removed, error)
+
+    clear_stale_locks(ctx)
+    for retention, names in retention_classes(targets).items():
+        argv = commands.with_lock_wait(
+            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention),
+            LOCK_WAIT)
+        done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS, cancel=ctx.cancel)
+        if not done.ok:
+            return failed("restic forget", restic_error_text(done.stderr_tail.splitlines())
+                          or done.describe_failure())
+        removed += count_removed(done.stdout.decode(errors="replace"))
+    done = ctx.repository.run(commands.with_lock_wait(commands.restic_prune(ctx.repository.binary), LOCK_WAIT),
+                              timeout=PRUNE_TIMEOUT_SECONDS, cancel=ctx.cancel)
+    if not done.ok:
+        return failed("restic prune", restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure())
+    size, count = repository_figures(ctx)
+    duration = time.monotonic() - started
+    bound.info("prune_succeeded", duration_s=round(duration, 3), snapshots_removed=removed,
+               repository_bytes=size, repository_snapshots=count)
+    return PruneResult(True, run_id, duration, removed, None, size, count)
+
+
+def repository_figures(ctx: JobContext) -> tuple[int | None, int | None]:
+    """The repository's packed size and snapshot count, or None where restic could not tell."""
+    done = ctx.repository.run(commands.restic_stats(ctx.repository.binary), timeout=600, cancel=ctx.cancel)
+    if not done.ok:
+        log.warning("repository_stats_failed", error=done.describe_failure())
+        return None, None
+    try:
+        stats = json.loads(done.stdout)
+    except ValueError:
+        return None, None
+    size = stats.get("total_size")
+    count = stats.get("snapshots_count")
+    return (int(size) if isinstance(size, int) else None, int(count) if isinstance(count, int) else None)

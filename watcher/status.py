@@ -1,0 +1,74 @@
+"""`status`: what every watched container is doing, as rows for JSON and as a table for people."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+
+from watcher.registry import TargetState
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def status_rows(entries: Iterable[TargetState], now: datetime) -> list[dict[str, object]]:
+    """One row per watched container: state, newest snapshot and its age, next run, last error."""
+    rows: list[dict[str, object]] = []
+    for entry in entries:
+        newest = entry.oldest_newest_snapshot
+        error = entry.rejected.reason if entry.rejected is not None else entry.last_error
+        rows.append({
+            "target": entry.name,
+            "container_id": entry.container_id[:12],
+            "state": entry.state,
+            "schedule": entry.target.schedule if entry.target else None,
+            "last_snapshot": _iso(newest),
+            "age_s": round((now - newest).total_seconds()) if newest is not None else None,
+            "next_run": _iso(entry.next_run) if entry.target is not None and not entry.stopped else None,
+            "consecutive_failures": entry.consecutive_failures,
+            "last_error": error,
+            "databases": [
+                {"database": name, "last_snapshot": _iso(db.last_snapshot),
+                 "snapshot_id": db.last_snapshot_id[:8] if db.last_snapshot_id else None,
+                 "last_success": _iso(db.last_success), "last_failure": _iso(db.last_failure),
+                 "last_error": db.last_error}
+                for name, db in sorted(entry.databases.items())
+            ],
+        })
+    return rows
+
+
+def human_age(seconds: object) -> str:
+    """3d4h, 5h12m, 7m, 42s; '-' when unknown."""
+    if not isinstance(seconds, int | float):
+        return "-"
+    value = int(seconds)
+    days, rest = divmod(value, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"
+
+
+def render_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """The rows as an aligned text table (errors cut to their first line)."""
+    header = ("TARGET", "STATE", "LAST SNAPSHOT (UTC)", "AGE", "NEXT RUN (UTC)", "LAST ERROR")
+    table = [header]
+    for row in rows:
+        error = str(row.get("last_error") or "").strip().splitlines()
+        table.append((
+            str(row["target"]), str(row["state"]),
+            str(row.get("last_snapshot") or "-")[:19].replace("T", " "),
+            human_age(row.get("age_s")),
+            str(row.get("next_run") or "-")[:19].replace("T", " "),
+            (error[0][:80] if error else ""),
+        ))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
+    return "\n".join(lines)
