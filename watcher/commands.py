@@ -70,6 +70,11 @@ def pg_env(user: str, database: str) -> dict[str, str]:
     return {"PGUSER": user, "PGDATABASE": database, "PGAPPNAME": "backup-watcher"}
 
 
+def pg_isready_command() -> Command:
+    """pg_isready: exit 0 once the server accepts connections (PGUSER/PGDATABASE from the environment)."""
+    return ("pg_isready", "--quiet")
+
+
 def list_databases_command() -> Command:
     """psql that prints every database that is not a template and accepts connections, NUL-separated."""
     return (

@@ -23,6 +23,7 @@ from watcher.restic import Repository
 
 log = structlog.get_logger("watcher.jobs")
 DUMP_TIMEOUT_SECONDS = 6 * 3600.0
+READY_TIMEOUT_SECONDS = 120.0
 # Wait this long for a lock held by a live restic (a prune, another host's backup); stale locks of
 # dead processes are removed by `restic unlock` instead.
 LOCK_WAIT = "5m"
@@ -79,6 +80,28 @@ def list_databases(ctx: JobContext, target: Target) -> list[str]:
         stderr = ctx.masker(done.stderr.decode(errors="replace").strip())
         raise JobError(f"listing databases in {target.name} failed (exit {done.outcome.exit_code}): {stderr}")
     return [name for name in done.stdout.decode().split("\0") if name.strip()]
+
+
+def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    """Waits until PostgreSQL in the container accepts connections (a container that just started
+    may still be running initdb); raises JobError naming the container when it does not in time."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            done = run_exec(ctx.docker_host, target.container_id, commands.pg_isready_command(),
+                            env=commands.pg_env(target.credentials.user, target.credentials.database))
+            if done.outcome.ok:
+                return
+            last = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace").strip()
+        except DockerExecError as exc:
+            last = str(exc)
+            if "is not running" in last:
+                raise JobError(ctx.masker(f"{target.name} is not running: {last}")) from exc
+        if time.monotonic() >= deadline or ctx.cancel.is_set():
+            raise JobError(ctx.masker(f"PostgreSQL in {target.name} did not accept connections within "
+                                      f"{timeout:.0f}s: {last}"))
+        ctx.cancel.wait(1.0)
 
 
 def restic_error_text(lines: list[str]) -> str:
@@ -183,12 +206,13 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     """
     run_id = new_run_id()
     databases = list(target.databases)
-    if target.all_databases:
-        try:
+    try:
+        wait_until_ready(ctx, target)
+        if target.all_databases:
             databases = list_databases(ctx, target)
-        except JobError as exc:
-            log.error("backup_failed", target=target.name, run_id=run_id, error=str(exc))
-            return [BackupResult(target.name, "*", False, run_id, datetime.now(UTC), 0.0, error=str(exc))]
+    except JobError as exc:
+        log.error("backup_failed", target=target.name, run_id=run_id, error=str(exc))
+        return [BackupResult(target.name, "*", False, run_id, datetime.now(UTC), 0.0, error=str(exc))]
     results = []
     for database in databases:
         if ctx.cancel.is_set():

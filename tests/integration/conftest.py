@@ -178,3 +178,113 @@ def run_watcher(args: Sequence[str], env: dict[str, str], *, timeout: float = 60
     """Runs `python -m watcher ARGS` to completion (stdin closed unless `input` is given)."""
     return subprocess.run([sys.executable, "-m", "watcher", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DaemonProcess:
+    """`backup-watcher run` as a real process, with its JSON log and its HTTP endpoints."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.env = {**env, "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{self.port}"}
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "watcher", "run"], env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def status(self) -> list[dict[str, object]]:
+        """The daemon's /status rows ([] while it is not listening yet)."""
+        try:
+            code, body = self.get("/status")
+        except OSError:
+            return []
+        return json.loads(body) if code == 200 else []
+
+    def row(self, name: str) -> dict[str, object] | None:
+        return next((r for r in self.status() if r["target"] == name), None)
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1].decode()
+
+    def lines(self) -> list[dict[str, object]]:
+        """Every log line so far, parsed (a line that is not JSON fails the test)."""
+        if not self._log.closed:
+            self._log.flush()
+        parsed = []
+        for raw in self.log_path.read_text().splitlines():
+            if raw.strip():
+                try:
+                    parsed.append(json.loads(raw))
+                except ValueError:
+                    raise AssertionError(f"log line is not JSON: {raw!r}") from None
+        return parsed
+
+    def events(self, event: str, **fields: object) -> list[dict[str, object]]:
+        return [line for line in self.lines()
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())]
+
+    def stop(self, sig: int = 15, timeout: float = 120) -> int:
+        """Sends `sig` and waits; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+        return code
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Polls `predicate` until it returns something truthy; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
+    """Factory: starts `backup-watcher run`; any daemon still running at the end is killed."""
+    daemons: list[DaemonProcess] = []
+
+    def start(env: dict[str, str]) -> DaemonProcess:
+        daemon = DaemonProcess(env, tmp_path / f"daemon-{len(daemons)}.log")
+        daemons.append(daemon)
+        wait_for(lambda: daemon.proc.poll() is not None or _listening(daemon),
+                 60, "the daemon's HTTP endpoint")
+        assert daemon.proc.poll() is None, daemon.log_path.read_text()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def _listening(daemon: DaemonProcess) -> bool:
+    try:
+        return daemon.get("/healthz")[0] == 200
+    except OSError:
+        return False
