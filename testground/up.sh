@@ -12,7 +12,7 @@ set -euo pipefail
 
 TG=${BW_TESTGROUND:-/var/lib/backup-watcher-test}
 RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
-PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic}
+PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,prometheus}
 MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # BW_ENGINE_HOST: use this already running engine instead of starting a private one.
@@ -139,9 +139,13 @@ build_pg_image() {
 }
 
 need=(ca-certificates)
-want engine && need+=(docker.io)
+# An engine of the user's own (BW_ENGINE_HOST) needs only a docker client; never replace their packages.
+if want engine && { [ -z "${BW_ENGINE_HOST:-}" ] || ! command -v docker >/dev/null; }; then
+    need+=(docker.io)
+fi
 { want pg15 || want pg17; } && need+=(debootstrap)
 want restic && need+=(gnupg)
+want prometheus && need+=(prometheus)
 apt_install "${need[@]}"
 want restic && install_restic && install_old_restic
 if want engine; then

@@ -273,10 +273,8 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:
     ctx = app.job_context()
-    check_repository(ctx, app.config.init_repository)
     registry = Registry()
     metrics = Metrics(CollectorRegistry(), registry, version=__version__)
-    metrics.set_restic_version(".".join(map(str, app.repository.version())))
     daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics)
     try:
         server = MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
@@ -284,11 +282,13 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"WATCHER_METRICS_ADDRESS={app.config.metrics_host}:{app.config.metrics_port}: "
                          f"cannot listen: {exc.strerror}") from exc
-    server.start()
-    log.info("metrics_listening", address=f"{app.config.metrics_host}:{server.server_address[1]}")
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.request_stop())
     try:
+        check_repository(ctx, app.config.init_repository)
+        metrics.set_restic_version(".".join(map(str, app.repository.version())))
+        server.start()
+        log.info("metrics_listening", address=f"{app.config.metrics_host}:{server.server_address[1]}")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: daemon.request_stop())
         return daemon.run()
     finally:
         server.stop()

@@ -288,7 +288,7 @@ def effective_config(config: Config) -> dict[str, object]:
         "DOCKER_HOST": config.docker_host or "unix:///var/run/docker.sock",
         "RESTIC_REPOSITORY": mask_url(config.restic_repository or ""),
         "RESTIC_PASSWORD": f"*** (from {password_source})",
-        "WATCHER_INIT_REPOSITORY": config.init_repository,
+        "WATCHER_INIT_REPOSITORY": str(config.init_repository).lower(),
         "WATCHER_SCHEDULE": config.schedule,
         "WATCHER_TIMEZONE": config.timezone,
         "WATCHER_CONTAINER_PATTERNS": ",".join(config.container_patterns),

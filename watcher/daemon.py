@@ -86,6 +86,7 @@ class Daemon:
         self._running_backups = 0
         self._running_other = 0
         self._prune_running = False
+        self._refresh_running = False
         self._backed_up_since_prune: set[str] = set()
         self._pending_retags: dict[str, list[tuple[str, str]]] = {}
         self._ignored: dict[str, str] = {}
@@ -120,9 +121,11 @@ class Daemon:
         """Runs until stopped by a signal; returns the exit code (0)."""
         log.info("daemon_started", host=self.ctx.host, concurrency=self.config.concurrency,
                  schedule=self.config.schedule, timezone=self.config.timezone)
-        self._load_repository_state()
-        clear_stale_locks(self.ctx)
+        # Subscribe first: events that arrive while the repository is read wait in the queue.
         self._events.start()
+        clear_stale_locks(self.ctx)
+        self._load_repository_state()
+        log.info("watching", reconcile_interval_s=self.config.reconcile_interval_s)
         while True:
             self.heartbeat = time.monotonic()
             if self._stop_signals and self._shutdown_step():
@@ -136,6 +139,7 @@ class Daemon:
             if self._stopping_since is None:
                 if time.monotonic() - self._last_reconcile >= self.config.reconcile_interval_s:
                     self._reconcile("periodic")
+                    self._submit_refresh()
                 self._start_due_work()
         self._events.stop()
         self._pool.shutdown(wait=True)
@@ -338,6 +342,21 @@ class Daemon:
 
         self._submit(work, "backup", entry.container_id)
 
+    def _submit_refresh(self) -> None:
+        """Re-reads the repository in the background: snapshots made outside the daemon count too."""
+        if self._refresh_running:
+            return
+        self._refresh_running = True
+        self._running_other += 1
+
+        def work() -> JobFinished:
+            try:
+                return JobFinished("refresh", snapshots=tuple(self.ctx.repository.snapshots(host=self.ctx.host)))
+            except ResticError as exc:
+                return JobFinished("refresh", error=str(exc))
+
+        self._submit(work, "refresh", None)
+
     def _submit_prune(self) -> None:
         targets = [e.target for e in self.registry.view() if e.target is not None]
         self._backed_up_since_prune.clear()
@@ -371,6 +390,13 @@ class Daemon:
             self._running_other -= 1
             self._prune_running = False
             self._prune_finished(finished)
+        elif finished.kind == "refresh":
+            self._running_other -= 1
+            self._refresh_running = False
+            if finished.snapshots is not None:
+                self._apply_snapshots(finished.snapshots)
+            else:
+                log.warning("snapshot_listing_failed", error=finished.error)
         else:
             self._running_other -= 1
             if finished.container_id is not None:
@@ -398,11 +424,7 @@ class Daemon:
                 self.registry.set_database(entry.container_id, result.database,
                                            last_failure=result.started_at, last_error=result.error)
         if finished.snapshots is not None:
-            for (_, database), snap in newest_by_database(finished.snapshots).items():
-                self._newest[(entry.name, database)] = snap
-                if entry.target.all_databases or database in entry.target.databases:
-                    self.registry.set_database(entry.container_id, database, last_snapshot=snap.time,
-                                               last_snapshot_id=snap.id)
+            self._apply_snapshots(finished.snapshots)
         ok = bool(results) and all(r.ok for r in results)
         failures = 0 if ok else entry.consecutive_failures + 1
         now = self.clock()
@@ -415,6 +437,21 @@ class Daemon:
         self.registry.update(finished.container_id, running_job=False, consecutive_failures=failures,
                              last_error=error, next_run=when)
         self._backed_up_since_prune.add(finished.container_id)
+
+    def _apply_snapshots(self, snapshots: tuple[Snapshot, ...]) -> None:
+        """Takes newer snapshots from a repository listing into the cache and the registry (never older ones)."""
+        by_name = {entry.name: entry for entry in self.registry.view() if entry.target is not None}
+        for key, snap in newest_by_database(snapshots).items():
+            known = self._newest.get(key)
+            if known is not None and known.time >= snap.time:
+                continue
+            self._newest[key] = snap
+            container, database = key
+            entry = by_name.get(container)
+            if entry is not None and entry.target is not None and (
+                    entry.target.all_databases or database in entry.target.databases):
+                self.registry.set_database(entry.container_id, database, last_snapshot=snap.time,
+                                           last_snapshot_id=snap.id)
 
     def _prune_finished(self, finished: JobFinished) -> None:
         result = finished.prune

@@ -143,7 +143,14 @@ class Repo:
         """Every snapshot in the repository, as restic lists it (not through the watcher)."""
         if not (self.path / "config").exists():
             return []
-        return list(json.loads(self.restic("snapshots", "--json").stdout or "[]"))
+        # --no-lock: a daemon's prune may hold the exclusive lock; a listing during it may see a
+        # pack vanish, so one retry.
+        for attempt in range(3):
+            done = self.restic("--no-lock", "snapshots", "--json", check=attempt == 2)
+            if done.returncode == 0:
+                break
+            time.sleep(1)
+        return list(json.loads(done.stdout or "[]"))
 
     def snapshots_of(self, container: str) -> list[dict[str, object]]:
         return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]  # type: ignore[operator]
@@ -271,8 +278,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonPr
     def start(env: dict[str, str]) -> DaemonProcess:
         daemon = DaemonProcess(env, tmp_path / f"daemon-{len(daemons)}.log")
         daemons.append(daemon)
-        wait_for(lambda: daemon.proc.poll() is not None or _listening(daemon),
-                 60, "the daemon's HTTP endpoint")
+        # Healthy already while reconnecting; a test needs the event stream itself.
+        wait_for(lambda: daemon.proc.poll() is not None or (
+            _listening(daemon) and "backup_watcher_docker_events_connected 1.0" in daemon.metrics()
+            and daemon.events("watching")), 60, "the daemon to watch the event stream")
         assert daemon.proc.poll() is None, daemon.log_path.read_text()
         return daemon
 
