@@ -14,13 +14,25 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import cast
 
 import structlog
 from prometheus_client import CollectorRegistry
 
+from alerting.notify import Notifier, url_secret_parts
+from alerting.notify import validate as validate_apprise
+from alerting.policy import ADVICE, Alert, AlertPolicy, Concern, Kind
 from watcher import __version__, logs
-from watcher.config import Config, ConfigError, effective_config, load_config, mask_url
+from watcher.config import (
+    Config,
+    ConfigError,
+    effective_config,
+    load_config,
+    mask_url,
+    read_secret,
+    split_list,
+)
 from watcher.daemon import Daemon
 from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
@@ -275,7 +287,10 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     ctx = app.job_context()
     registry = Registry()
     metrics = Metrics(CollectorRegistry(), registry, version=__version__)
-    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics)
+    notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
+                        on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
+    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics,
+                    policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
     try:
         server = MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
                                daemon.health, daemon.status)
@@ -289,9 +304,11 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
         log.info("metrics_listening", address=f"{app.config.metrics_host}:{server.server_address[1]}")
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: daemon.request_stop())
+        notifier.start()
         return daemon.run()
     finally:
         server.stop()
+        notifier.close(timeout=10)
 
 
 def cmd_prune(app: App, args: argparse.Namespace) -> int:
@@ -352,6 +369,24 @@ COMMANDS = {
 }
 
 
+def _page_configuration_errors(problems: list[str]) -> None:
+    """A daemon that cannot start tells its Apprise targets why, if those at least are valid."""
+    unused: list[str] = []
+    raw = read_secret(os.environ, "WATCHER_APPRISE_URLS", unused) or ""
+    urls = [url for url in split_list(raw) if not validate_apprise([url], None)]
+    config_path = os.environ.get("WATCHER_APPRISE_CONFIG") or None
+    if config_path and validate_apprise([], config_path):
+        config_path = None
+    if not urls and not config_path:
+        return
+    secrets = [part for url in urls for part in url_secret_parts(url)]
+    notifier = Notifier(urls, config_path, mask=Masker(secrets), timeout_s=20)
+    body = "\n".join(f"- {problem}" for problem in problems)
+    notifier.deliver_now(Alert(Kind.FAILED, "backup-watcher", Concern.CONFIG,
+                               "[backup-watcher] FAILED: configuration of backup-watcher",
+                               f"backup-watcher did not start:\n{body}\n\nWhat to do: {ADVICE[Concern.CONFIG]}"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
     args = build_parser().parse_args(argv)
@@ -361,9 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("backup-watcher: configuration errors:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
+        if args.command == "run":
+            _page_configuration_errors(exc.problems)
         return EXIT_USAGE
     # The daemon logs to stdout (SPEC §9); one-shot commands keep stdout for their result.
-    logs.configure(config.log_format, config.log_level, stream=sys.stdout if args.command == "run" else sys.stderr)
+    logs.configure(config.log_format, config.log_level, stream=sys.stdout if args.command == "run" else sys.stderr,
+                   mask=Masker(config.secrets))
     app: App | None = None
     try:
         app = build_app(config)

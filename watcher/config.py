@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alerting.notify import url_secret_parts
+from alerting.notify import validate as validate_apprise
 from watcher.schedule import validate_cron
 
 DEFAULT_PATTERNS = ("scalr-*-db", "scalr-auth-postgres")
@@ -235,10 +237,13 @@ def load_config(environ: Mapping[str, str]) -> Config:
 
     apprise_raw = read_secret(environ, "WATCHER_APPRISE_URLS", problems) or ""
     apprise_urls = tuple(split_list(apprise_raw))
-    secrets.extend(apprise_urls)
+    for url in apprise_urls:
+        secrets.extend(url_secret_parts(url))
     apprise_config = environ.get("WATCHER_APPRISE_CONFIG") or None
     if apprise_config and not Path(apprise_config).is_file():
         problems.append(f"WATCHER_APPRISE_CONFIG={apprise_config!r}: no such file")
+    else:
+        problems.extend(validate_apprise(apprise_urls, apprise_config))
 
     log_format = environ.get("WATCHER_LOG_FORMAT", "").strip().lower() or "json"
     if log_format not in ("json", "console"):

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 import structlog
 
+from alerting.notify import Notifier
+from alerting.policy import AlertPolicy, Concern, Observation, startup_summary
 from watcher import commands
 from watcher.config import Config
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
@@ -37,6 +39,9 @@ LOOP_TICK_SECONDS = 0.2
 HEALTHY_HEARTBEAT_SECONDS = 60.0
 RETRY_BASE_SECONDS = 300
 RETRY_MAX_SECONDS = 3600
+STALE_FACTOR = 1.5
+STALE_CHECK_SECONDS = 15.0
+EVENTS_DOWN_ALERT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,11 @@ class Daemon:
     """The long-running loop of `backup-watcher run`."""
 
     def __init__(self, *, config: Config, docker: DockerSource, ctx: JobContext, registry: Registry,
-                 metrics: Metrics, clock: Callable[[], datetime] = utcnow) -> None:
+                 metrics: Metrics, policy: AlertPolicy | None = None, notifier: Notifier | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.config = config
+        self.policy = policy or AlertPolicy()
+        self.notifier = notifier
         self.docker = docker
         self.ctx = ctx
         self.registry = registry
@@ -92,6 +100,9 @@ class Daemon:
         self._ignored: dict[str, str] = {}
         self._newest: dict[tuple[str, str], Snapshot] = {}
         self._last_reconcile = 0.0
+        self._last_stale_check = 0.0
+        self._disconnected_since: float | None = time.monotonic()
+        self._startup_stale: list[tuple[str, str]] | None = []
         self.heartbeat = time.monotonic()
         self.events_connected = False
 
@@ -115,6 +126,15 @@ class Daemon:
     def _set_connected(self, connected: bool) -> None:
         self.events_connected = connected
         self.metrics.events_connected.set(1 if connected else 0)
+        if connected:
+            self._disconnected_since = None
+        elif self._disconnected_since is None:
+            self._disconnected_since = time.monotonic()
+
+    def _alert(self, subject: str, concern: Concern, ok: bool, detail: str = "") -> None:
+        alert = self.policy.observe(Observation(subject, concern, ok, self.clock(), self.ctx.masker(detail)))
+        if alert is not None and self.notifier is not None:
+            self.notifier.send(alert)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -141,6 +161,7 @@ class Daemon:
                     self._reconcile("periodic")
                     self._submit_refresh()
                 self._start_due_work()
+                self._check_health_alerts()
         self._events.stop()
         self._pool.shutdown(wait=True)
         log.info("daemon_stopped")
@@ -160,6 +181,38 @@ class Daemon:
                         reason="second signal" if self._stop_signals >= 2 else "grace period over")
             self.ctx.cancel.set()
         return self._running_backups == 0 and self._running_other == 0
+
+    def _check_health_alerts(self) -> None:
+        """Stale snapshots and a lost event stream, checked every few seconds from cached state only."""
+        now_mono = time.monotonic()
+        if now_mono - self._last_stale_check < STALE_CHECK_SECONDS:
+            return
+        self._last_stale_check = now_mono
+        down = self._disconnected_since
+        if down is None:
+            self._alert("docker", Concern.EVENTS, True, "the event stream is connected again")
+        elif now_mono - down > EVENTS_DOWN_ALERT_SECONDS:
+            self._alert("docker", Concern.EVENTS, False,
+                        f"disconnected from {self.docker.docker_host} for {now_mono - down:.0f}s; reconnecting")
+        now = self.clock()
+        for entry in self.registry.view():
+            stale, detail = self._staleness(entry, now)
+            if stale is not None:
+                self._alert(entry.name, Concern.STALE, not stale, detail)
+
+    def _staleness(self, entry: TargetState, now: datetime) -> tuple[bool | None, str]:
+        """(stale?, why) of one target; stale is None when it cannot be judged (no schedule yet)."""
+        if entry.target is None or entry.interval_s is None:
+            return None, ""
+        newest = entry.oldest_newest_snapshot
+        reference = newest or entry.registered_at
+        if reference is None:
+            return None, ""
+        limit = STALE_FACTOR * entry.interval_s
+        age = (now - reference).total_seconds()
+        what = f"newest snapshot {newest:%Y-%m-%d %H:%M} UTC" if newest else "no snapshot yet"
+        state = "; the container is stopped" if entry.stopped else ""
+        return age > limit, f"{what}, {age / 3600:.1f} h old (limit {limit / 3600:.1f} h){state}"
 
     def _handle(self, message: object) -> None:
         if isinstance(message, ContainerEvent):
@@ -208,7 +261,9 @@ class Daemon:
             if existing is None or existing.rejected != found:
                 log.error("label_invalid", target=found.name, error=found.reason)
             self.registry.put(TargetState(info.id, info.name, rejected=found))
+            self._alert(found.name, Concern.LABEL, False, found.reason)
             return
+        self._alert(found.name, Concern.LABEL, True, "its labels are valid now")
         if old_name is not None and old_name != info.name:
             self._rename_history(info.id, old_name, info.name)
         if (existing is not None and existing.target == found and not existing.stopped
@@ -226,8 +281,16 @@ class Daemon:
             consecutive_failures=existing.consecutive_failures if existing else 0,
             running_job=existing.running_job if existing else False,
             last_error=existing.last_error if existing else None,
+            registered_at=existing.registered_at if existing and existing.registered_at else now,
         )
         self.registry.put(entry)
+        if self._startup_stale is not None:
+            stale, detail = self._staleness(entry, now)
+            if stale:
+                # Derived after a restart: probably already paged before it; one summary instead.
+                self.policy.assume_failing(info.name, Concern.STALE, now)
+                self.policy.assume_failing(info.name, Concern.BACKUP, now)
+                self._startup_stale.append((info.name, detail))
         log.info("target_registered", target=info.name, container_id=info.id[:12], schedule=found.schedule,
                  next_run=when.isoformat(), catch_up=when == now,
                  databases="all" if found.all_databases else ",".join(found.databases))
@@ -244,6 +307,7 @@ class Daemon:
             if container == old_name:
                 self._newest[(new_name, database)] = self._newest.pop((container, database))
         self.metrics.forget_target(old_name)
+        self.policy.rename(old_name, new_name)
         self._pending_retags.setdefault(container_id, []).append((old_name, new_name))
         entry = self.registry.get(container_id)
         if entry is not None:
@@ -262,6 +326,7 @@ class Daemon:
         entry = self.registry.remove(container_id)
         if entry is not None:
             self.metrics.forget_target(entry.name)
+            self.policy.forget(entry.name)
             log.info("target_removed", target=entry.name, reason="container destroyed")
 
     def _reconcile(self, reason: str) -> None:
@@ -287,6 +352,10 @@ class Daemon:
             self._forget(container_id)
         for container_id in set(self._ignored) - seen:
             del self._ignored[container_id]
+        if self._startup_stale is not None:
+            if self._startup_stale and self.notifier is not None:
+                self.notifier.send(startup_summary(self.ctx.host, self._startup_stale, self.clock()))
+            self._startup_stale = None
         log.debug("reconciled", reason=reason, containers=len(listing), targets=len(self.registry.ids()))
 
     # --- the scheduler ---------------------------------------------------------------------
@@ -436,6 +505,12 @@ class Daemon:
         error = next((r.error for r in results if not r.ok), None)
         self.registry.update(finished.container_id, running_job=False, consecutive_failures=failures,
                              last_error=error, next_run=when)
+        if not self.ctx.cancel.is_set():
+            # A backup we aborted ourselves at shutdown is not an incident to page about.
+            done = next((r for r in results if r.ok and r.snapshot_id), None)
+            self._alert(entry.name, Concern.BACKUP, ok,
+                        error or (f"snapshot {done.snapshot_id[:8]} of {done.database}" if done and done.snapshot_id
+                                  else ""))
         self._backed_up_since_prune.add(finished.container_id)
 
     def _apply_snapshots(self, snapshots: tuple[Snapshot, ...]) -> None:
@@ -457,6 +532,9 @@ class Daemon:
         result = finished.prune
         ok = result is not None and result.ok
         self.metrics.prunes.labels("success" if ok else "failure").inc()
+        if not self.ctx.cancel.is_set():
+            self._alert("repository", Concern.PRUNE, ok,
+                        (result.error if result is not None else finished.error) or "retention applied")
         if result is not None and result.ok:
             self.metrics.prune_last_success.set(self.clock().timestamp())
             if result.repository_size is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, MutableMapping
 from typing import TextIO
 
 import structlog
@@ -11,10 +12,21 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+def _masking(mask: Callable[[str], str]) -> structlog.types.Processor:
+    def processor(_logger: object, _name: str, event: MutableMapping[str, object]) -> MutableMapping[str, object]:
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = mask(value)
+        return event
+    return processor
+
+
+def configure(log_format: str = "json", level: str = "info", stream: TextIO | None = None,
+              mask: Callable[[str], str] | None = None) -> None:
     """Routes structlog and the stdlib logging module through one renderer writing to `stream`.
 
-    `timestamp` is RFC 3339 in UTC, `level` is lower case, `event` is the message.
+    `timestamp` is RFC 3339 in UTC, `level` is lower case, `event` is the message. Every string
+    value of every line, ours or a library's (Apprise logs its targets), passes through `mask`.
     """
     stream = stream or sys.stdout
     shared: list[structlog.types.Processor] = [
@@ -32,6 +44,7 @@ def configure(log_format: str = "json", level: str = "info", stream: TextIO | No
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _masking(mask or (lambda text: text)),
             renderer,
         ],
     )

@@ -44,6 +44,7 @@ class TargetState:
     databases: dict[str, DatabaseState] = field(default_factory=dict)
     last_error: str | None = None
     consecutive_failures: int = 0
+    registered_at: datetime | None = None
 
     @property
     def state(self) -> str:

@@ -1,0 +1,540 @@
+"""Observability on the real test ground: a real Prometheus scrapes a watcher that did real backups.
+
+Every query of the shipped Grafana dashboard and every expression of the shipped alert rules is
+evaluated against that Prometheus; the JSON log lines are checked against SPEC §9; the metrics
+survive a restart; and a scrape with 100 registered targets never runs restic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import (
+    PG_IMAGES,
+    TEST_LABEL,
+    DaemonProcess,
+    Repo,
+    docker,
+    free_port,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "grafana" / "backup-watcher.json"
+ALERTS = ROOT / "prometheus" / "alerts.yml"
+TARGETS = ["bwt-obs-1-db", "bwt-obs-2-db"]
+JOB = "backup-watcher"
+
+# Dashboard queries (panel title, refId) that legitimately return nothing in this run: a healthy
+# watcher that ran backups and prunes, but no restore drill (not implemented yet; monthly by
+# default), no failed backup and no Apprise notification (no WATCHER_APPRISE_URLS).
+EMPTY_DASHBOARD_QUERIES = {
+    ("Target health", "D"),  # last failure: no backup failed
+    ("Last success, failure and snapshot per database", "B"),  # last failure: no backup failed
+    ("Restore drills", "A"),  # time since the last successful drill: no drill ran
+    ("Restore drills", "B"),  # last drill duration: no drill ran
+    ("Restore drills", "C"),  # failed drills: no drill ran
+    ("Alert notifications (24 h)", "A"),  # no Apprise URL configured, nothing sent
+}
+# Series selected by alert expressions that legitimately have no data in this run.
+EMPTY_ALERT_SELECTORS = {
+    'backup_watcher_prunes_total{result="failure"}',  # created at the first failed prune
+    'backup_watcher_restore_drills_total{result="failure"}',  # no drill ran
+    "backup_watcher_restore_drill_last_success_timestamp_seconds",  # no drill ran
+}
+# Alerts made to fire in this healthy run by relaxing their threshold: proves that their joins
+# and label matching select both targets (value: replacement, how many series must come back).
+ALERT_PROBES = {
+    "BackupWatcherBackupFailing": (("> 0", ">= 0"), 2),
+    "BackupWatcherSnapshotStale": (("(1.5 *", "(0 *"), 2),
+    "BackupWatcherNoSnapshot": (("unless on(job, instance, target)", "and on(job, instance, target)"), 2),
+    "BackupWatcherDown": (("== 0", "== 1"), 1),
+    "BackupWatcherEventStreamDisconnected": (("== 0", "== 1"), 1),
+    "BackupWatcherInvalidLabels": (("> 0", ">= 0"), 1),
+}
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+class Prometheus:
+    """A real Prometheus process scraping one watcher every second, with the shipped rules."""
+
+    def __init__(self, workdir: Path, scrape_port: int) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / "prometheus.yml"
+        self.write_config(scrape_port)
+        self._log = open(workdir / "prometheus.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is not None or self._ready(), 30, "Prometheus to be ready", interval=0.2)
+        assert self.proc.poll() is None, self.log()
+
+    def write_config(self, scrape_port: int) -> None:
+        self.instance = f"127.0.0.1:{scrape_port}"
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [self.instance]}]}],
+        }
+        self.config.write_text(yaml.safe_dump(config))
+
+    def reload(self, scrape_port: int) -> None:
+        """Points the scrape job at another port and reloads the configuration (SIGHUP)."""
+        self.write_config(scrape_port)
+        self.proc.send_signal(signal.SIGHUP)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, params: dict[str, str] | None = None) -> dict[str, object]:
+        """POSTs to the HTTP API; returns the decoded answer, errors included."""
+        data = urllib.parse.urlencode(params or {}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data if params else None)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as exc:
+            return dict(json.loads(exc.read()))
+
+    def query(self, expr: str) -> dict[str, object]:
+        return self.api("/api/v1/query", {"query": expr})
+
+    def vector(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        """An instant query's result as (labels, value); fails on a query error."""
+        answer = self.query(expr)
+        assert answer.get("status") == "success", (expr, answer)
+        data = answer["data"]
+        assert isinstance(data, dict)
+        if data["resultType"] == "scalar":
+            return [({}, float(data["result"][1]))]
+        return [(dict(item["metric"]), float(item["value"][1])) for item in data["result"]]
+
+    def log(self) -> str:
+        return (self.workdir / "prometheus.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
+    """Factory: starts Prometheus scraping 127.0.0.1:PORT; always stopped at the end."""
+    started: list[Prometheus] = []
+
+    def start(scrape_port: int) -> Prometheus:
+        workdir = tmp_path / f"prometheus-{len(started)}"
+        workdir.mkdir()
+        prom = Prometheus(workdir, scrape_port)
+        started.append(prom)
+        return prom
+
+    yield start
+    for prom in started:
+        prom.stop()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def parse_time(raw: str) -> float:
+    """RFC 3339 with any number of fractional digits (restic writes nanoseconds) → Unix seconds."""
+    match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", raw)
+    assert match, raw
+    base, fraction, offset = match.groups()
+    offset = "+00:00" if offset == "Z" else offset
+    return datetime.fromisoformat(f"{base}{(fraction or '')[:7]}{offset}").timestamp()
+
+
+def scraped(text: str, name: str) -> dict[tuple[str, ...], float]:
+    """Samples of one metric in a /metrics text, keyed by their sorted label values."""
+    values: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                values[tuple(f"{k}={v}" for k, v in sorted(sample.labels.items()))] = sample.value
+    return values
+
+
+def by_target_db(rows: list[tuple[dict[str, str], float]]) -> dict[tuple[str, str], float]:
+    return {(labels["target"], labels["database"]): value for labels, value in rows}
+
+
+def newest_in_repository(repo: Repo) -> dict[tuple[str, str], float]:
+    """The newest snapshot time of every (container, database), read with restic itself."""
+    newest: dict[tuple[str, str], float] = {}
+    for snap in repo.snapshots():
+        tags = {tag.split("=", 1)[0]: tag.split("=", 1)[1] for tag in snap.get("tags") or [] if "=" in tag}
+        key = (tags.get("container", ""), tags.get("database", ""))
+        newest[key] = max(newest.get(key, 0.0), parse_time(str(snap["time"])))
+    return newest
+
+
+def dashboard() -> dict[str, object]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def all_panels(panels: list[dict[str, object]]) -> Iterator[dict[str, object]]:
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels") or [])  # type: ignore[arg-type]
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every query of every panel."""
+    queries = []
+    for panel in all_panels(dashboard()["panels"]):  # type: ignore[arg-type]
+        for target in panel.get("targets") or []:  # type: ignore[union-attr]
+            queries.append((str(panel["title"]), str(target["refId"]), str(target["expr"])))
+    return queries
+
+
+GRAFANA_VARIABLES = {"target": ".*", "instance": ".*", "__rate_interval": "1m", "__interval": "15s",
+                     "__range": "5m"}
+
+
+def substitute(expr: str) -> str:
+    """Replaces Grafana's variables ($name and ${name}) as Grafana would for "All" and a 1 h view."""
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in GRAFANA_VARIABLES, f"unknown variable ${name} in {expr}"
+        return GRAFANA_VARIABLES[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", one, expr)
+
+
+def alert_rules() -> list[dict[str, str]]:
+    document = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+# --- a to d: Prometheus, dashboard, alert rules, logs, restart -----------------------------------------
+def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, repo: Repo,
+                                                      watcher_env: dict[str, str], prometheus) -> None:
+    # a. Two real targets, backed up at once (no snapshot yet), then every minute.
+    start_pg(TARGETS[0], "15")
+    start_pg(TARGETS[1], "17")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-obs-*", "WATCHER_SCHEDULE": "* * * * *"}
+    daemon: DaemonProcess = start_daemon(env)
+    # Some container events for backup_watcher_docker_events_total (a name the patterns do not select).
+    docker("run", "--rm", "--network", "none", "--label", TEST_LABEL, "--name", "bwt-evt-obs",
+           "--entrypoint", "true", PG_IMAGES["15"])
+    wait_for(lambda: all(daemon.events("backup_succeeded", target=name) for name in TARGETS), 150,
+             "a backup of each target", interval=0.5)
+    wait_for(lambda: daemon.events("prune_succeeded"), 120, "the first prune", interval=0.5)
+    assert all(repo.snapshots_of(name) for name in TARGETS)
+
+    prom: Prometheus = prometheus(daemon.port)
+    wait_for(lambda: prom.vector(f'up{{job="{JOB}"}}') == [({"__name__": "up", "job": JOB,
+                                                            "instance": prom.instance}, 1.0)],
+             30, "Prometheus to scrape the daemon", interval=0.2)
+    now = time.time()
+    successes = by_target_db(prom.vector("backup_watcher_last_success_timestamp_seconds"))
+    ages = by_target_db(prom.vector("backup_watcher_snapshot_age_seconds"))
+    assert {target for target, _ in successes} == set(TARGETS), successes
+    assert {target for target, _ in ages} == set(TARGETS), ages
+    for value in successes.values():
+        assert now - 600 <= value <= now + 5
+    for value in ages.values():
+        assert 0 <= value <= 600
+
+    # Let one more pass and its prune happen while Prometheus scrapes, so that rate() and
+    # increase() see the counters move.
+    prunes = len(daemon.events("prune_succeeded"))
+    wait_for(lambda: len(daemon.events("prune_succeeded")) > prunes, 100, "the next pass and its prune",
+             interval=0.5)
+    time.sleep(3)
+
+    # c. Every dashboard query and every alert expression, against this Prometheus.
+    check_dashboard_structure()
+    check_dashboard_queries(prom)
+    check_alert_rules(prom)
+
+    # b. The newest snapshot's timestamp survives a restart (read from the repository).
+    def quiet() -> bool:
+        rows = daemon.status()
+        return (datetime.now(UTC).second < 35 and len(rows) == 2 and all(r["state"] == "ok" for r in rows)
+                and len(daemon.events("prune_started")) == len(daemon.events("prune_succeeded")))
+
+    wait_for(quiet, 70, "a moment without a running job, well before the next slot", interval=0.2)
+    time.sleep(1.5)  # one more scrape
+    before = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
+    assert {target for target, _ in before} == set(TARGETS)
+    assert daemon.stop() == 0
+    in_repository = newest_in_repository(repo)
+    for key, value in before.items():
+        assert abs(in_repository[key] - value) < 0.01, (key, value, in_repository)
+
+    restarted: DaemonProcess = start_daemon(env)
+
+    def snapshot_series() -> dict[tuple[str, ...], float] | None:
+        series = scraped(restarted.metrics(), "backup_watcher_last_snapshot_timestamp_seconds")
+        return series if len(series) == len(before) else None
+
+    after_direct = wait_for(snapshot_series, 30, "the restarted daemon's snapshot series")
+    assert isinstance(after_direct, dict)
+    assert sorted(after_direct.values()) == sorted(before.values())
+    prom.reload(restarted.port)
+    wait_for(lambda: prom.vector(f'up{{instance="{prom.instance}"}} == 1'), 30,
+             "Prometheus to scrape the restarted daemon", interval=0.2)
+    time.sleep(1.5)
+    after = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
+    assert after == before
+    assert restarted.stop() == 0
+
+    # d. Every log line of both daemons (SPEC §9).
+    check_log_lines([*daemon.lines(), *restarted.lines()])
+
+
+def check_dashboard_structure() -> None:
+    board = dashboard()
+    assert "__inputs" not in board
+    assert 36 <= int(board["schemaVersion"]) <= 39  # type: ignore[call-overload]
+    variables = {v["name"]: v for v in board["templating"]["list"]}  # type: ignore[index]
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["target"]["type"] == "query"
+    uids = set()
+    for panel in all_panels(board["panels"]):  # type: ignore[arg-type]
+        if panel["type"] == "row":
+            continue
+        uids.add(panel["datasource"]["uid"])  # type: ignore[index]
+        for target in panel["targets"]:  # type: ignore[union-attr]
+            uids.add(target["datasource"]["uid"])
+    for variable in variables.values():
+        if variable["type"] == "query":
+            uids.add(variable["datasource"]["uid"])
+    assert uids == {"${datasource}"}
+    ids = [p["id"] for p in all_panels(board["panels"])]  # type: ignore[arg-type]
+    assert len(ids) == len(set(ids))
+
+
+def check_dashboard_queries(prom: Prometheus) -> None:
+    assert len(EMPTY_DASHBOARD_QUERIES) + len(EMPTY_ALERT_SELECTORS) <= 10, "the allow-list has grown"
+    # Template variables: label_values(SELECTOR, LABEL) must list something.
+    for variable in dashboard()["templating"]["list"]:  # type: ignore[index]
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["definition"])
+        assert match, variable["definition"]
+        rows = prom.vector(substitute(match.group(1)))
+        assert rows and all(match.group(2) in labels for labels, _ in rows), variable["name"]
+
+    queries = dashboard_queries()
+    assert len(queries) >= 25
+    problems = []
+    seen_allowed = set()
+    for title, ref, expr in queries:
+        answer = prom.query(substitute(expr))
+        if answer.get("status") != "success":
+            problems.append(f"{title} [{ref}]: {answer.get('error')}\n{expr}")
+            continue
+        result = answer["data"]["result"]  # type: ignore[index]
+        if (title, ref) in EMPTY_DASHBOARD_QUERIES:
+            seen_allowed.add((title, ref))
+            if result:
+                problems.append(f"{title} [{ref}] has data now: take it off EMPTY_DASHBOARD_QUERIES")
+        elif not result:
+            problems.append(f"{title} [{ref}] returned nothing:\n{expr}")
+    assert seen_allowed == EMPTY_DASHBOARD_QUERIES, "stale allow-list entries"
+    assert not problems, "\n\n".join(problems)
+
+
+def check_alert_rules(prom: Prometheus) -> None:
+    rules = alert_rules()
+    problems = []
+    selectors: set[str] = set()
+    for rule in rules:
+        expr = rule["expr"]
+        answer = prom.query(expr)
+        if answer.get("status") != "success":
+            problems.append(f"{rule['alert']}: {answer.get('error')}")
+            continue
+        # A healthy run: nothing may fire.
+        if answer["data"]["result"]:  # type: ignore[index]
+            problems.append(f"{rule['alert']} would fire: {answer['data']}")  # type: ignore[index]
+        if rule["alert"] in ALERT_PROBES:
+            (old, new), expected = ALERT_PROBES[rule["alert"]]
+            assert old in expr, (rule["alert"], old)
+            probed = prom.vector(expr.replace(old, new))
+            if len(probed) != expected:
+                problems.append(f"{rule['alert']} relaxed ({old!r} → {new!r}) gave {probed}, "
+                                f"expected {expected} series")
+        selectors |= set(re.findall(r"\b(?:up|backup_watcher_\w+)(?:\{[^}]*\})?", expr))
+    # Every series an alert reads exists, except those that only a failure or a drill creates.
+    for selector in sorted(selectors):
+        rows = prom.vector(selector)
+        if selector in EMPTY_ALERT_SELECTORS:
+            if rows:
+                problems.append(f"{selector} has data now: take it off EMPTY_ALERT_SELECTORS")
+        elif not rows:
+            problems.append(f"no series for {selector}")
+    assert selectors >= EMPTY_ALERT_SELECTORS, "stale allow-list entries"
+
+    # Prometheus itself loaded and evaluated every rule without an error, and nothing is pending.
+    answer = prom.api("/api/v1/rules")
+    loaded = [rule for group in answer["data"]["groups"] for rule in group["rules"]]  # type: ignore[index]
+    assert {r["name"] for r in loaded} == {r["alert"] for r in rules}
+    for rule in loaded:
+        if rule["health"] != "ok" or rule["lastEvaluation"].startswith("0001"):
+            problems.append(f"rule {rule['name']}: health {rule['health']} {rule.get('lastError')}")
+    alerts = prom.api("/api/v1/alerts")["data"]["alerts"]  # type: ignore[index]
+    if alerts:
+        problems.append(f"alerts active in a healthy run: {alerts}")
+    assert not problems, "\n".join(problems)
+
+
+def check_log_lines(lines: list[dict[str, object]]) -> None:
+    assert lines
+    for line in lines:
+        for key in ("timestamp", "level", "event"):
+            assert key in line, line
+        assert RFC3339_UTC.match(str(line["timestamp"])), line
+        assert line["level"] in ("debug", "info", "warning", "error", "critical"), line
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", str(line["event"])), line
+    started = [line for line in lines if line["event"] == "backup_started"]
+    succeeded = [line for line in lines if line["event"] == "backup_succeeded"]
+    assert len(succeeded) >= 4
+    for line in succeeded:
+        for key in ("target", "database", "run_id", "snapshot_id", "duration_s", "bytes"):
+            assert key in line, (key, line)
+        assert isinstance(line["bytes"], int) and line["bytes"] > 0, line
+        assert isinstance(line["duration_s"], int | float) and line["duration_s"] >= 0, line
+        same_job = [s for s in started if s["run_id"] == line["run_id"]]
+        assert same_job, f"no backup_started line with run_id {line['run_id']}"
+        assert all(s["target"] == line["target"] for s in same_job), same_job
+        assert any(s["database"] == line["database"] for s in same_job), same_job
+    # One run_id per job: all its lines are of one target, once per database; jobs never share one.
+    jobs: dict[str, list[dict[str, object]]] = {}
+    for line in started:
+        jobs.setdefault(str(line["run_id"]), []).append(line)
+    for run_id, job in jobs.items():
+        assert len({line["target"] for line in job}) == 1, (run_id, job)
+        assert len({line["database"] for line in job}) == len(job), (run_id, job)
+    assert len(jobs) >= 4
+
+
+# --- e: 100 registered targets, scrapes never run restic --------------------------------------------
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1 and len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+class ResticWatch(threading.Thread):
+    """Samples /proc every few milliseconds for processes whose argv[0] is restic."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.seen: dict[int, tuple[str, list[int]]] = {}
+        self.rounds = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) in self.seen:
+                    continue
+                try:
+                    argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if os.path.basename(argv[0]) == b"restic":
+                    pid = int(entry.name)
+                    self.seen[pid] = (b" ".join(argv).decode(errors="replace"), _ancestors(pid))
+            self.rounds += 1
+            time.sleep(0.003)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(timeout=10)
+
+    def descendants_of(self, root: int) -> list[str]:
+        return [argv for pid, (argv, chain) in self.seen.items() if pid == root or root in chain]
+
+
+def _start_sleeper(name: str) -> None:
+    docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+           "--label", "backup-watcher.enable=true", "--entrypoint", "sleep", PG_IMAGES["15"], "infinity")
+
+
+def test_scrapes_with_100_targets_never_run_restic(start_daemon, watcher_env: dict[str, str]) -> None:
+    names = [f"bwt-fleet-{i:03d}" for i in range(1, 101)]
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(_start_sleeper, names))
+        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-nothing", "WATCHER_CONCURRENCY": "1"}
+        daemon: DaemonProcess = start_daemon(env)
+        wait_for(lambda: len([r for r in daemon.status() if str(r["target"]).startswith("bwt-fleet-")]) == 100,
+                 60, "100 registered targets", interval=0.2)
+
+        # The watch sees a short-lived restic (argv[0] only) at all: a positive control.
+        watch = ResticWatch()
+        watch.start()
+        control = subprocess.Popen(["bash", "-c", "exec -a restic sleep 0.2"])
+        control.wait()
+        wait_for(lambda: watch.descendants_of(control.pid), 5, "the watch to see the control process")
+        watch.seen.clear()
+
+        latencies = []
+        rounds_before = watch.rounds
+        for _ in range(50):
+            started = time.perf_counter()
+            text = daemon.metrics()
+            latencies.append(time.perf_counter() - started)
+        rounds = watch.rounds - rounds_before
+        watch.stop()
+
+        ours = watch.descendants_of(daemon.proc.pid)
+        others = [argv for argv, _ in watch.seen.values() if argv not in ours]
+        intervals = scraped(text, "backup_watcher_schedule_interval_seconds")
+        listed = {key[-1].split("=", 1)[1] for key in intervals}
+        p50, worst = statistics.median(latencies), max(latencies)
+        print(f"\n/metrics with {len(listed)} targets: p50 {p50 * 1000:.1f} ms, max {worst * 1000:.1f} ms "
+              f"over {len(latencies)} scrapes; {rounds} /proc samples; restic processes of the daemon: "
+              f"{len(ours)}; other restic processes on the machine: {len(others)}")
+        assert rounds >= 5, "the /proc watch did not run during the scrapes"
+        assert not ours, f"restic ran during scrapes: {ours}"
+        assert set(names) <= listed, sorted(set(names) - listed)
+        assert worst < 2.0, latencies
+        daemon.stop(timeout=60)
+    finally:
+        for start in range(0, len(names), 25):
+            docker("rm", "-f", *names[start:start + 25], check=False, timeout=300)
