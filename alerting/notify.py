@@ -23,7 +23,7 @@ DELIVERY_TIMEOUT_SECONDS = 30.0
 
 
 def url_secret_parts(url: str) -> list[str]:
-    """The parts of an Apprise URL that may be secret: user, password, query values, long path tokens.
+    """The parts of an Apprise URL that may be secret: password, query values, long path tokens.
 
     Used to mask them everywhere; an Apprise URL is a secret as a whole and in its parts.
     """
@@ -31,8 +31,6 @@ def url_secret_parts(url: str) -> list[str]:
     parsed = urllib.parse.urlsplit(url)
     if parsed.password:
         parts.append(parsed.password)
-    if parsed.username and parsed.password:
-        parts.append(parsed.username)
     for _, value in urllib.parse.parse_qsl(parsed.query):
         if len(value) >= 6:
             parts.append(value)

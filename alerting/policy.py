@@ -68,7 +68,7 @@ class AlertState:
     failing: bool = False
     since: datetime | None = None
     failures: int = 0
-    last_notified: datetime | None = None
+    last_notified: datetime | None = None  # None while failing: it was never paged (absorbed)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,9 @@ def transition(state: AlertState | None, observation: Observation, *,
     if observation.ok:
         if not state.failing:
             return state, None
+        if state.last_notified is None:
+            # Never paged (absorbed into another incident): nothing to announce either.
+            return AlertState(), None
         duration = f" after {state.failures} failure(s) since {state.since:%Y-%m-%d %H:%M} UTC" if state.since else ""
         body = f"{subject}: {concern.value} is healthy again{duration}."
         if observation.detail:
@@ -142,8 +145,7 @@ class AlertPolicy:
         key = (observation.subject, observation.concern)
         if (observation.concern is Concern.STALE and not observation.ok
                 and self.is_failing(observation.subject, Concern.BACKUP) and not self.is_failing(*key)):
-            self._states[key] = AlertState(failing=True, since=observation.at, failures=1,
-                                           last_notified=observation.at)
+            self._states[key] = AlertState(failing=True, since=observation.at, failures=1, last_notified=None)
             return None
         state, alert = transition(self._states.get(key), observation, reminder_after=self.reminder_after)
         self._states[key] = state

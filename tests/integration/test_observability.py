@@ -465,10 +465,10 @@ class ResticWatch(threading.Thread):
         super().__init__(daemon=True)
         self.seen: dict[int, tuple[str, list[int]]] = {}
         self.rounds = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit() or int(entry.name) in self.seen:
                     continue
@@ -482,8 +482,8 @@ class ResticWatch(threading.Thread):
             self.rounds += 1
             time.sleep(0.003)
 
-    def stop(self) -> None:
-        self._stop.set()
+    def halt(self) -> None:
+        self._halt.set()
         self.join(timeout=10)
 
     def descendants_of(self, root: int) -> list[str]:
@@ -520,7 +520,7 @@ def test_scrapes_with_100_targets_never_run_restic(start_daemon, watcher_env: di
             text = daemon.metrics()
             latencies.append(time.perf_counter() - started)
         rounds = watch.rounds - rounds_before
-        watch.stop()
+        watch.halt()
 
         ours = watch.descendants_of(daemon.proc.pid)
         others = [argv for argv, _ in watch.seen.values() if argv not in ours]

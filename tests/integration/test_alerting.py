@@ -1,0 +1,175 @@
+"""Alerts through real Apprise to a JSON webhook and an SMTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import email
+import email.header
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.integration.conftest import DaemonProcess, PgContainer, Repo, docker, free_port, wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+HOOK_PASSWORD = "hook-s3cret-pw-42"
+HOOK_TOKEN = "Tok3nInThePathOfTheWebhook0123"
+DB_PASSWORD = "alert-db-pw 'x' $(y)"
+
+
+class Webhook:
+    """A JSON webhook that records every notification Apprise posts to it."""
+
+    def __init__(self) -> None:
+        received = self.received = []  # type: list[dict[str, object]]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"json://watcher:{HOOK_PASSWORD}@127.0.0.1:{self.server.server_address[1]}/{HOOK_TOKEN}"
+
+    def titles(self) -> list[str]:
+        return [str(item["title"]) for item in self.received]
+
+
+class Mailbox:
+    """An SMTP server (aiosmtpd) that keeps every message."""
+
+    def __init__(self) -> None:
+        messages = self.messages = []  # type: list[email.message.Message]
+
+        class Handler:
+            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+                messages.append(email.message_from_bytes(envelope.content))  # type: ignore[attr-defined]
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+        self.url = f"mailto://127.0.0.1:{self.port}?from=watcher@example.com&to=ops@example.com"
+
+    def subjects(self) -> list[str]:
+        return [str(email.header.make_header(email.header.decode_header(m["Subject"]))) for m in self.messages]
+
+    def bodies(self) -> str:
+        texts = []
+        for message in self.messages:
+            for part in message.walk():
+                payload = part.get_payload(decode=True)
+                if isinstance(payload, bytes):
+                    texts.append(payload.decode(errors="replace"))
+        return "\n".join(texts)
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.server.shutdown()
+
+
+@pytest.fixture
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox()
+    yield box
+    box.controller.stop()
+
+
+def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_daemon, repo: Repo,
+                                                               watcher_env: dict[str, str], webhook: Webhook,
+                                                               mailbox: Mailbox) -> None:
+    # The dump role does not exist yet: every backup fails until it is created.
+    db: PgContainer = start_pg("bwt-alert-db", "17", password=DB_PASSWORD, labels={"backup-watcher.user": "dumper"})
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100) AS g;")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "* * * * *",
+           "WATCHER_APPRISE_URLS": f"{webhook.url} {mailbox.url}"}
+    daemon: DaemonProcess = start_daemon(env)
+    wait_for(lambda: len(daemon.events("backup_failed", target=db.name)) >= 3, 200, "three failed runs",
+             interval=1)
+    db.psql("CREATE ROLE dumper LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;")
+    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 90, "the first success", interval=1)
+    wait_for(lambda: len(webhook.received) >= 2 and len(mailbox.messages) >= 2, 30, "both notices", interval=0.5)
+    time.sleep(20)  # nothing more may follow (stale checks, prunes, the next slot)
+    assert daemon.stop() == 0
+
+    for titles in (webhook.titles(), mailbox.subjects()):
+        assert titles == [f"[backup-watcher] FAILED: backup of {db.name}",
+                          f"[backup-watcher] RECOVERED: backup of {db.name}"], titles
+    failure_text = str(webhook.received[0]["message"])
+    assert 'role "dumper" does not exist' in failure_text and "What to do:" in failure_text
+    assert "after 3 failure(s)" in str(webhook.received[1]["message"])
+    assert 'role "dumper" does not exist' in mailbox.bodies()
+
+    # No secret in any alert or log line.
+    everything = json.dumps(webhook.received) + mailbox.bodies() + "\n".join(mailbox.subjects())
+    everything += daemon.log_path.read_text()
+    for secret in (DB_PASSWORD, repo.password, HOOK_PASSWORD, HOOK_TOKEN):
+        assert secret not in everything, secret
+    assert "notification_sent" in daemon.log_path.read_text()
+
+
+def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_changes_nothing(
+        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
+    good: PgContainer = start_pg("bwt-stale-db", "15")
+    bad: PgContainer = start_pg("bwt-badlabel-db", "15", labels={"backup-watcher.keep-daily": "lots"})
+    unreachable = f"json://127.0.0.1:{free_port()}/nobody-listens"
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-stale-db,bwt-badlabel-db",
+           "WATCHER_SCHEDULE": "* * * * *", "WATCHER_RECONCILE_INTERVAL": "5",
+           "WATCHER_APPRISE_URLS": f"{webhook.url},{unreachable}"}
+    daemon: DaemonProcess = start_daemon(env)
+    # The healthy target is backed up although one endpoint is unreachable.
+    wait_for(lambda: daemon.events("backup_succeeded", target=good.name), 60, "the healthy backup")
+    wait_for(lambda: daemon.events("notification_failed"), 60, "the failed delivery to be logged")
+    assert 'backup_watcher_notifications_total{result="failure"}' in daemon.metrics()
+
+    # Stopped after its backup: its newest snapshot grows stale (limit 1.5 x 60 s).
+    docker("stop", "-t", "2", good.name)
+    wait_for(lambda: any("snapshot stale of bwt-stale-db" in t for t in webhook.titles()), 150, "the stale alert",
+             interval=1)
+    time.sleep(40)  # several more stale checks and reconciliations
+    assert daemon.stop() == 0
+
+    titles = webhook.titles()
+    assert titles.count(f"[backup-watcher] FAILED: labels of {bad.name}") == 1, titles
+    assert titles.count(f"[backup-watcher] FAILED: snapshot stale of {good.name}") == 1, titles
+    label_text = next(str(m["message"]) for m in webhook.received if "labels of" in str(m["title"]))
+    assert "backup-watcher.keep-daily='lots'" in label_text
+    assert len(daemon.events("label_invalid", target=bad.name)) == 1
+    assert repo.snapshots_of(bad.name) == []
+
+
+def test_configuration_errors_at_start_are_paged(watcher_env: dict[str, str], webhook: Webhook) -> None:
+    env = {**watcher_env, "WATCHER_SCHEDULE": "every night", "WATCHER_APPRISE_URLS": webhook.url}
+    done = subprocess.run([sys.executable, "-m", "watcher", "run"], env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert "WATCHER_SCHEDULE" in done.stderr
+    assert webhook.titles() == ["[backup-watcher] FAILED: configuration of backup-watcher"]
+    assert "WATCHER_SCHEDULE='every night'" in str(webhook.received[0]["message"])
+    assert HOOK_PASSWORD not in json.dumps(webhook.received) + done.stderr + done.stdout
+
+
+def test_invalid_apprise_url_is_a_configuration_error_without_its_secret(watcher_env: dict[str, str]) -> None:
+    env = {**watcher_env, "WATCHER_APPRISE_URLS": "jsn://user:very-secret-token@host/x"}
+    done = subprocess.run([sys.executable, "-m", "watcher", "check-config"], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert "WATCHER_APPRISE_URLS: entry #1 (scheme 'jsn')" in done.stderr
+    assert "very-secret-token" not in done.stderr + done.stdout
+
