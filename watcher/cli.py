@@ -36,6 +36,7 @@ from watcher.config import (
 from watcher.daemon import Daemon
 from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.drill import Driller, remove_leftovers
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
 from watcher.metrics import Metrics, MetricsServer
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--host", help="snapshots of this host (default: WATCHER_HOST or the engine's name)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+    drill = sub.add_parser("drill", help="restore drill now: restore the latest snapshot into a throwaway "
+                                         "container and check it")
+    drill.add_argument("targets", nargs="*", metavar="TARGET", help="container name (default: every target "
+                                                                    "without backup-watcher.drill=false)")
     sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
     sub.add_parser("run", help="the daemon: discovery, schedules, retention, metrics (stops on SIGTERM/SIGINT)")
     sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
@@ -141,27 +146,33 @@ def discover_all(app: App) -> tuple[list[Target], list[Rejected], dict[str, str]
     return sorted(targets, key=lambda t: t.name), rejected, names
 
 
-def cmd_backup(app: App, args: argparse.Namespace) -> int:
-    targets, rejected, names = discover_all(app)
+def select_targets(app: App, names: Sequence[str]) -> tuple[list[Target], list[Rejected]]:
+    """The discovered targets, or those named; raises UsageError naming a name that is not a target."""
+    targets, rejected, known = discover_all(app)
     for bad in rejected:
         log.error("label_invalid", target=bad.name, error=bad.reason)
-    if args.targets:
-        by_name = {t.name: t for t in targets}
-        rejected_by_name = {r.name: r for r in rejected}
-        chosen = []
-        for name in args.targets:
-            if name in by_name:
-                chosen.append(by_name[name])
-            elif name in rejected_by_name:
-                raise UsageError(f"{name}: not backed up because of its labels: {rejected_by_name[name].reason}")
-            elif name in names:
-                raise UsageError(
-                    f"{name}: not a backup target (its name matches none of WATCHER_CONTAINER_PATTERNS="
-                    f"{','.join(app.config.container_patterns)} and it has no backup-watcher.enable=true label)"
-                )
-            else:
-                raise UsageError(f"{name}: no running container of that name")
-        targets, rejected = chosen, []
+    if not names:
+        return targets, rejected
+    by_name = {t.name: t for t in targets}
+    rejected_by_name = {r.name: r for r in rejected}
+    chosen = []
+    for name in names:
+        if name in by_name:
+            chosen.append(by_name[name])
+        elif name in rejected_by_name:
+            raise UsageError(f"{name}: not backed up because of its labels: {rejected_by_name[name].reason}")
+        elif name in known:
+            raise UsageError(
+                f"{name}: not a backup target (its name matches none of WATCHER_CONTAINER_PATTERNS="
+                f"{','.join(app.config.container_patterns)} and it has no backup-watcher.enable=true label)"
+            )
+        else:
+            raise UsageError(f"{name}: no running container of that name")
+    return chosen, []
+
+
+def cmd_backup(app: App, args: argparse.Namespace) -> int:
+    targets, rejected = select_targets(app, args.targets)
     if not targets and not rejected:
         log.warning("no_targets", patterns=",".join(app.config.container_patterns))
         print("no backup targets found", file=sys.stderr)
@@ -181,6 +192,32 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
     for bad in rejected:
         print(f"FAILED  {bad.name}: bad labels: {bad.reason}")
     return EXIT_OK if all(r.ok for r in results) and not rejected else EXIT_FAILED
+
+
+def cmd_drill(app: App, args: argparse.Namespace) -> int:
+    targets, _ = select_targets(app, args.targets)
+    if not args.targets:
+        targets = [t for t in targets if t.drill]
+    if not targets:
+        print("no targets to drill", file=sys.stderr)
+        return EXIT_OK
+    ctx = app.job_context()
+    check_repository(ctx, init=False)
+    remove_leftovers(app.docker)
+    driller = Driller(ctx, app.docker)
+    results = [result for target in targets for result in driller.drill_target(target)]
+    for result in results:
+        snapshot = result.snapshot_id[:8] if result.snapshot_id else "-"
+        if result.ok:
+            rows = sum(t.restored or 0 for t in result.tables)
+            print(f"ok      {result.target}/{result.database}  snapshot {snapshot}  {len(result.tables)} tables, "
+                  f"{rows} rows, restored in {result.restore_duration_s or 0:.1f}s")
+        else:
+            print(f"FAILED  {result.target}/{result.database}  snapshot {snapshot}: {result.error}")
+        for table in result.tables:
+            print(f"          {table.table}: dump {table.in_dump}, restored {table.restored}"
+                  f"{'' if table.problem is None else '  <-- ' + table.problem}")
+    return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
 
 
 def _snapshot_row(snap: Snapshot) -> dict[str, object]:
@@ -312,9 +349,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(app: App, args: argparse.Namespace) -> int:
-    targets, rejected, _ = discover_all(app)
-    for bad in rejected:
-        log.error("label_invalid", target=bad.name, error=bad.reason)
+    targets, _ = select_targets(app, ())
     ctx = app.job_context()
     check_repository(ctx, init=False)
     result = apply_retention(ctx, targets)
@@ -366,6 +401,7 @@ COMMANDS = {
     "snapshots": cmd_snapshots,
     "restore": cmd_restore,
     "check-config": cmd_check_config,
+    "drill": cmd_drill,
 }
 
 

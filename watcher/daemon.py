@@ -25,6 +25,7 @@ from watcher import commands
 from watcher.config import Config
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.drill import Driller, DrillResult, remove_leftovers
 from watcher.events import ContainerEvent, EventStream, StreamConnected
 from watcher.jobs import LOCK_WAIT, BackupResult, JobContext, backup_target, restic_error_text
 from watcher.metrics import Metrics
@@ -53,6 +54,7 @@ class JobFinished:
     results: tuple[BackupResult, ...] = ()
     snapshots: tuple[Snapshot, ...] | None = None
     prune: PruneResult | None = None
+    drills: tuple[DrillResult, ...] = ()
     error: str | None = None
 
 
@@ -95,6 +97,9 @@ class Daemon:
         self._running_other = 0
         self._prune_running = False
         self._refresh_running = False
+        self._drill_running = False
+        self._next_drill: datetime | None = None
+        self.driller = Driller(ctx, docker)
         self._backed_up_since_prune: set[str] = set()
         self._pending_retags: dict[str, list[tuple[str, str]]] = {}
         self._ignored: dict[str, str] = {}
@@ -143,8 +148,15 @@ class Daemon:
                  schedule=self.config.schedule, timezone=self.config.timezone)
         # Subscribe first: events that arrive while the repository is read wait in the queue.
         self._events.start()
+        try:
+            remove_leftovers(self.docker)
+        except DockerUnavailable as exc:
+            log.warning("drill_leftover_check_failed", error=str(exc))
         clear_stale_locks(self.ctx)
         self._load_repository_state()
+        if self.config.drill_schedule:
+            self._next_drill = next_run(self.config.drill_schedule, self.clock(), self.config.timezone)
+            log.info("drills_scheduled", next_drill=self._next_drill.isoformat())
         log.info("watching", reconcile_interval_s=self.config.reconcile_interval_s)
         while True:
             self.heartbeat = time.monotonic()
@@ -370,17 +382,24 @@ class Daemon:
                 continue
             del self._pending_retags[container_id]
             self._submit_retag(entry, renames)
+        if (self._next_drill is not None and self._next_drill <= now and not self._drill_running
+                and self._slots_in_use() < self.config.concurrency):
+            self._submit_drills()
         waiting = due(entries, now)
         for entry in waiting:
-            if self._running_backups >= self.config.concurrency:
+            if self._slots_in_use() >= self.config.concurrency:
                 break
             current = self.registry.get(entry.container_id)
             if current is None or current.running_job:
                 continue
             self._submit_backup(current)
         if (self._backed_up_since_prune and not self._running_backups and not self._running_other
-                and not due(self.registry.view(), now)):
+                and not self._drill_running and not due(self.registry.view(), now)):
             self._submit_prune()
+
+    def _slots_in_use(self) -> int:
+        """Backups and a drill share WATCHER_CONCURRENCY."""
+        return self._running_backups + (1 if self._drill_running else 0)
 
     def _submit(self, work: Callable[[], JobFinished], kind: str, container_id: str | None) -> None:
         def guarded() -> JobFinished:
@@ -410,6 +429,27 @@ class Daemon:
             return JobFinished("backup", entry.container_id, tuple(results), snapshots)
 
         self._submit(work, "backup", entry.container_id)
+
+    def _submit_drills(self) -> None:
+        """One job drills every eligible target in turn: drills never run two at a time."""
+        assert self.config.drill_schedule is not None
+        self._next_drill = next_run(self.config.drill_schedule, self.clock(), self.config.timezone)
+        targets = [e.target for e in self.registry.view() if e.target is not None and e.target.drill
+                   and not e.stopped]
+        if not targets:
+            return
+        self._drill_running = True
+        self._running_other += 1
+
+        def work() -> JobFinished:
+            results: list[DrillResult] = []
+            for target in targets:
+                if self.ctx.cancel.is_set():
+                    break
+                results.extend(self.driller.drill_target(target))
+            return JobFinished("drill", drills=tuple(results))
+
+        self._submit(work, "drill", None)
 
     def _submit_refresh(self) -> None:
         """Re-reads the repository in the background: snapshots made outside the daemon count too."""
@@ -459,6 +499,10 @@ class Daemon:
             self._running_other -= 1
             self._prune_running = False
             self._prune_finished(finished)
+        elif finished.kind == "drill":
+            self._running_other -= 1
+            self._drill_running = False
+            self._drills_finished(finished)
         elif finished.kind == "refresh":
             self._running_other -= 1
             self._refresh_running = False
@@ -527,6 +571,22 @@ class Daemon:
                     entry.target.all_databases or database in entry.target.databases):
                 self.registry.set_database(entry.container_id, database, last_snapshot=snap.time,
                                            last_snapshot_id=snap.id)
+
+    def _drills_finished(self, finished: JobFinished) -> None:
+        if finished.error:
+            log.error("drill_failed", error=finished.error)
+        by_target: dict[str, list[DrillResult]] = {}
+        for result in finished.drills:
+            by_target.setdefault(result.target, []).append(result)
+            self.metrics.observe_drill(result.target, result.database, result.ok, result.duration_s,
+                                       result.finished_at.timestamp())
+        if self.ctx.cancel.is_set():
+            return
+        for target, results in by_target.items():
+            failed = [r for r in results if not r.ok]
+            detail = "\n".join(f"{r.database}: {r.error}" for r in failed) or ", ".join(
+                f"{r.database}: {len(r.tables)} tables, {sum(t.restored or 0 for t in r.tables)} rows" for r in results)
+            self._alert(target, Concern.DRILL, not failed, detail)
 
     def _prune_finished(self, finished: JobFinished) -> None:
         result = finished.prune

@@ -33,6 +33,7 @@ class ContainerInfo:
     labels: Mapping[str, str]
     env: Mapping[str, str]
     running: bool = True
+    image_id: str = ""
 
     @classmethod
     def from_inspect(cls, attrs: Mapping[str, object]) -> ContainerInfo:
@@ -51,6 +52,7 @@ class ContainerInfo:
             labels=dict(config.get("Labels") or {}),
             env=env,
             running=bool(state.get("Running", False)),
+            image_id=str(attrs.get("Image") or ""),
         )
 
 
@@ -75,6 +77,7 @@ class Target:
     schedule: str
     retention: Retention
     drill: bool = True
+    image_id: str = ""
 
     @property
     def all_databases(self) -> bool:
@@ -224,4 +227,5 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         schedule=schedule,
         retention=retention,
         drill=drill,
+        image_id=container.image_id,
     )

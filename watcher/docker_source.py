@@ -5,6 +5,8 @@ Exec streams do not go through here (see watcher.dockerexec).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import docker
 import docker.errors
 import requests.exceptions
@@ -73,6 +75,38 @@ class DockerSource:
             raise DockerUnavailable(self._describe(exc)) from exc
         return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/"), item.get("State") == "running")
                 for item in listed]
+
+    def run_throwaway(self, image: str, name: str, env: Mapping[str, str], labels: Mapping[str, str]) -> str:
+        """Creates and starts a container with no network and no published ports; returns its id.
+
+        The environment travels in the API request body (never in any argv). Raises DockerUnavailable.
+        """
+        try:
+            host_config = self.api.create_host_config(network_mode="none", auto_remove=False)
+            created = self.api.create_container(image, name=name, environment=dict(env), labels=dict(labels),
+                                                host_config=host_config, network_disabled=True)
+            container_id = str(created["Id"])
+            self.api.start(container_id)
+            return container_id
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"starting a throwaway container from {image}: {self._describe(exc)}") from exc
+
+    def remove(self, container_id: str) -> None:
+        """Removes a container and its anonymous volumes, running or not; a missing one is fine."""
+        try:
+            self.api.remove_container(container_id, v=True, force=True)
+        except docker.errors.NotFound:
+            return
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+
+    def containers_with_label(self, label: str) -> list[tuple[str, str]]:
+        """(id, name) of every container, running or not, that carries `label` (KEY or KEY=VALUE)."""
+        try:
+            listed = self.api.containers(all=True, filters={"label": label})
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(self._describe(exc)) from exc
+        return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/")) for item in listed]
 
     def close(self) -> None:
         """Releases the HTTP connection pool."""

@@ -6,6 +6,7 @@ A job never raises into its caller: every outcome, good or bad, comes back as a 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -111,7 +112,8 @@ def restic_error_text(lines: list[str]) -> str:
         try:
             message = json.loads(line)
         except ValueError:
-            readable.append(line)
+            # restic prefixes the source command's stderr with "subprocess <argv0>: ".
+            readable.append(re.sub(r"^subprocess \S+: ", "", line))
             continue
         if isinstance(message, dict):
             error = message.get("error")

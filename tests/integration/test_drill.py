@@ -1,0 +1,145 @@
+"""Restore drills on the real engine: pass, fail with a reason, always clean up, never become targets."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from tests.integration.conftest import (
+    PG_IMAGES,
+    TEST_LABEL,
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    docker,
+    run_watcher,
+    wait_for,
+)
+from tests.integration.test_alerting import Webhook
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+SEED = """
+CREATE TABLE orders (id int PRIMARY KEY, note text);
+INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 4321) AS g;
+CREATE TABLE "Line Items" (order_id int, qty numeric);
+INSERT INTO "Line Items" SELECT g % 100, g FROM generate_series(1, 777) AS g;
+CREATE TABLE empty_one (x int);
+CREATE SCHEMA billing;
+CREATE TABLE billing.invoices AS SELECT g AS id FROM generate_series(1, 55) AS g;
+"""
+
+
+def drill_containers() -> list[str]:
+    return docker("ps", "-a", "--filter", "label=backup-watcher.role=drill", "--format", "{{.Names}}").stdout.split()
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.server.shutdown()
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_drill_of_a_healthy_target_reports_counts_matching_the_source(major: str, start_pg, repo: Repo,
+                                                                      watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg(f"bwt-drill{major}-db", major)
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+    at_backup = {"public.orders": 4321, 'public."Line Items"': 777, "public.empty_one": 0, "billing.invoices": 55}
+    db.psql("INSERT INTO orders SELECT g, 'later' FROM generate_series(5000, 5100) AS g;")  # after the backup
+
+    done = run_watcher(["drill", db.name], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for table, rows in at_backup.items():
+        assert f"{table}: dump {rows}, restored {rows}\n" in done.stdout, done.stdout
+    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
+    assert succeeded and succeeded[0]["counts"] == at_backup
+    assert succeeded[0]["restore_duration_s"] > 0
+    assert drill_containers() == []
+
+
+def test_drill_of_an_unreadable_snapshot_fails_once_with_reason_alert_and_metric(
+        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
+    db: PgContainer = start_pg("bwt-baddrill-db", "15")
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+    # Make the snapshot's data unreadable: damage every data pack in the middle.
+    packs = [p for p in (repo.path / "data").rglob("*") if p.is_file()]
+    assert packs
+    for pack in packs:
+        pack.chmod(0o644)
+        data = bytearray(pack.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(64)
+        pack.write_bytes(bytes(data))
+
+    daemon_env = {**env, "WATCHER_SCHEDULE": "0 3 * * *", "WATCHER_DRILL_SCHEDULE": "* * * * *",
+                  "WATCHER_APPRISE_URLS": webhook.url}
+    daemon: DaemonProcess = start_daemon(daemon_env)
+    wait_for(lambda: len(daemon.events("drill_failed", target=db.name)) >= 2, 200, "two failed drills", interval=1)
+    wait_for(lambda: 'backup_watcher_restore_drills_total{database="appdb",result="failure",target="bwt-baddrill-db"}'
+             in daemon.metrics(), 10, "the failure metric")
+    assert daemon.stop() == 0
+
+    failure = daemon.events("drill_failed", target=db.name)[0]
+    assert "restore of snapshot" in str(failure["error"]) and "failed" in str(failure["error"])
+    drill_alerts = [t for t in webhook.titles() if "restore drill" in t]
+    assert drill_alerts == [f"[backup-watcher] FAILED: restore drill of {db.name}"]
+    assert drill_containers() == []
+
+
+def test_no_drill_container_remains_after_sigterm_or_after_sigkill_and_restart(
+        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-killdrill-db", "17")
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "0 3 * * *",
+           "WATCHER_DRILL_SCHEDULE": "* * * * *", "WATCHER_SHUTDOWN_GRACE": "0"}
+    assert run_watcher(["backup"], env).returncode == 0
+
+    daemon: DaemonProcess = start_daemon(env)
+    wait_for(lambda: drill_containers(), 90, "a drill container to appear", interval=0.2)
+    assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+    assert drill_containers() == []
+
+    killed: DaemonProcess = start_daemon(env)
+    wait_for(lambda: drill_containers(), 90, "a drill container to appear", interval=0.2)
+    killed.stop(signal.SIGKILL)
+    assert drill_containers(), "SIGKILL leaves the drill container behind"
+    again: DaemonProcess = start_daemon(env)
+    assert drill_containers() == []
+    assert again.events("drill_leftover_removed")
+    assert again.stop() == 0
+
+
+def test_drill_containers_are_never_targets(start_pg, start_daemon, repo: Repo,
+                                            watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-pattern-db", "15")
+    db.psql(SEED)
+    # A container that looks like a drill's, with a name every pattern here matches.
+    docker("run", "-d", "--network", "none", "--name", "bwt-impostor-db", "--label", TEST_LABEL,
+           "--label", "backup-watcher.role=drill", "--label", "backup-watcher.enable=true",
+           "-e", "POSTGRES_PASSWORD=test-only", PG_IMAGES["15"])
+    try:
+        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-*,bw-drill-*", "WATCHER_SCHEDULE": "0 3 * * *",
+               "WATCHER_DRILL_SCHEDULE": "* * * * *"}
+        daemon: DaemonProcess = start_daemon(env)
+        seen: set[str] = set()
+
+        def drill_done() -> bool:
+            seen.update(str(row["target"]) for row in daemon.status())
+            return bool(daemon.events("drill_succeeded", target=db.name))
+
+        wait_for(drill_done, 150, "a drill", interval=0.1)
+        assert daemon.stop() == 0
+        assert db.name in seen
+        assert not [name for name in seen if name.startswith("bw-drill-") or name == "bwt-impostor-db"], seen
+        assert not [e for e in daemon.events("target_registered") if str(e["target"]).startswith("bw-drill-")]
+    finally:
+        docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
+

@@ -1,0 +1,275 @@
+"""Restore drills: prove that the latest snapshot of a database restores, in a throwaway container.
+
+For each target and database: start a container from the source container's own image (same
+PostgreSQL major, same extensions) with no network and the label backup-watcher.role=drill (never
+a target), restore the latest snapshot into it, and check it:
+- pg_restore finished without an error;
+- every table of the dump exists after the restore, with exactly as many rows as the dump holds;
+- a table that is non-empty in the live database is not empty in the restore.
+The container is always removed, also on failure or cancellation; one left by a crash is removed
+at the next start (`remove_leftovers`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from watcher import commands
+from watcher.discovery import ROLE_LABEL, Credentials, Target
+from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.dockerexec import DockerExecError, run_exec
+from watcher.execute import Masker, run_pipeline
+from watcher.jobs import JobContext, JobError, new_run_id, restic_error_text
+from watcher.restic import ResticError, Snapshot
+
+log = structlog.get_logger("watcher.drill")
+SOURCE_LABEL = "backup-watcher.drill-source"
+READY_TIMEOUT_SECONDS = 180.0
+DRILL_TIMEOUT_SECONDS = 12 * 3600.0
+_COPY = re.compile(r"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    """One table: rows in the dump, rows after the restore, and whether the live table has rows."""
+
+    table: str
+    in_dump: int
+    restored: int | None
+    live_nonempty: bool | None
+
+    @property
+    def problem(self) -> str | None:
+        """Why this table fails the check, or None."""
+        if self.restored is None:
+            return f"{self.table}: missing after the restore"
+        if self.restored != self.in_dump:
+            return f"{self.table}: {self.restored} rows restored, the dump holds {self.in_dump}"
+        if self.live_nonempty and self.restored == 0:
+            return f"{self.table}: empty in the restore but not in the live database"
+        return None
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    """What one drill of one database found."""
+
+    target: str
+    database: str
+    ok: bool
+    run_id: str
+    finished_at: datetime
+    duration_s: float
+    snapshot_id: str | None = None
+    restore_duration_s: float | None = None
+    tables: tuple[TableCheck, ...] = field(default_factory=tuple)
+    error: str | None = None
+
+
+class RowCounter:
+    """Counts the rows of each COPY block of `pg_restore --data-only` text, line by line, so a large
+    dump never sits in memory (COPY text escapes newlines: one line is one row)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._current: str | None = None
+
+    def __call__(self, line: str) -> None:
+        if self._current is None:
+            match = _COPY.match(line)
+            if match:
+                self._current = match.group(1)
+                self.counts.setdefault(self._current, 0)
+        elif line == "\\.":
+            self._current = None
+        else:
+            self.counts[self._current] += 1
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def remove_leftovers(docker: DockerSource) -> int:
+    """Removes drill containers left by an interrupted watcher; returns how many."""
+    leftovers = docker.containers_with_label(f"{ROLE_LABEL}=drill")
+    for container_id, name in leftovers:
+        docker.remove(container_id)
+        log.warning("drill_leftover_removed", container=name)
+    return len(leftovers)
+
+
+class Driller:
+    """Runs restore drills; built once, used by the `drill` command and the daemon."""
+
+    def __init__(self, ctx: JobContext, docker: DockerSource) -> None:
+        self.ctx = ctx
+        self.docker = docker
+
+    def drill_target(self, target: Target, snapshots: list[Snapshot] | None = None,
+                     on_result: Callable[[DrillResult], None] | None = None) -> list[DrillResult]:
+        """Drills the latest snapshot of every database of a target; never raises."""
+        try:
+            found = snapshots if snapshots is not None else self.ctx.repository.snapshots(
+                host=self.ctx.host, container=target.name)
+        except ResticError as exc:
+            return [self._failed(target, "*", new_run_id(), time.monotonic(), None, str(exc))]
+        latest: dict[str, Snapshot] = {}
+        for snap in found:
+            wanted = target.all_databases or snap.database in target.databases
+            if wanted and (snap.database not in latest or snap.time > latest[snap.database].time):
+                latest[snap.database] = snap
+        if not latest:
+            return [self._failed(target, "*", new_run_id(), time.monotonic(), None,
+                                 f"no snapshot of {target.name} to drill")]
+        results = []
+        for database, snap in sorted(latest.items()):
+            if self.ctx.cancel.is_set():
+                break
+            result = self.drill_database(target, database, snap)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+
+    def _failed(self, target: Target, database: str, run_id: str, started: float, snapshot: Snapshot | None,
+                error: str, tables: tuple[TableCheck, ...] = (), restore_s: float | None = None) -> DrillResult:
+        error = self.ctx.masker(error)
+        duration = time.monotonic() - started
+        log.error("drill_failed", target=target.name, database=database, run_id=run_id, error=error,
+                  snapshot_id=snapshot.short_id if snapshot else None, duration_s=round(duration, 3))
+        return DrillResult(target.name, database, False, run_id, datetime.now(UTC), duration,
+                           snapshot.id if snapshot else None, restore_s, tables, error)
+
+    def drill_database(self, target: Target, database: str, snapshot: Snapshot) -> DrillResult:
+        """Restores one snapshot into a throwaway container and checks it; never raises."""
+        run_id = new_run_id()
+        started = time.monotonic()
+        bound = log.bind(target=target.name, database=database, run_id=run_id, snapshot_id=snapshot.short_id)
+        password = secrets.token_urlsafe(24)
+        masker = self.ctx.masker.with_secrets([password, target.credentials.password])
+        creds = Credentials(user=target.credentials.user, database=database, password=None)
+        name = f"bw-drill-{run_id}"
+        container_id: str | None = None
+        bound.info("drill_started", image=target.image)
+        try:
+            container_id = self.docker.run_throwaway(
+                target.image_id or target.image, name,
+                env={"POSTGRES_USER": creds.user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": database},
+                labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name},
+            )
+            self._wait_ready(container_id, creds)
+            restore_started = time.monotonic()
+            self._restore(container_id, creds, snapshot, database, masker)
+            restore_s = time.monotonic() - restore_started
+            tables = self._check(container_id, creds, target, snapshot, database, masker)
+        except (JobError, DockerUnavailable, DockerExecError) as exc:
+            return self._failed(target, database, run_id, started, snapshot, str(exc))
+        finally:
+            if container_id is not None:
+                try:
+                    self.docker.remove(container_id)
+                except DockerUnavailable as exc:
+                    bound.error("drill_cleanup_failed", container=name, error=str(exc))
+        problems = [check.problem for check in tables if check.problem]
+        if problems:
+            return self._failed(target, database, run_id, started, snapshot,
+                                "restored data does not match the dump: " + "; ".join(problems[:10]),
+                                tables, restore_s)
+        duration = time.monotonic() - started
+        bound.info("drill_succeeded", duration_s=round(duration, 3), restore_duration_s=round(restore_s, 3),
+                   tables=len(tables), rows=sum(t.restored or 0 for t in tables),
+                   counts={t.table: t.restored for t in tables})
+        return DrillResult(target.name, database, True, run_id, datetime.now(UTC), duration, snapshot.id,
+                           restore_s, tables)
+
+    def _wait_ready(self, container_id: str, creds: Credentials) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while True:
+            done = run_exec(self.ctx.docker_host, container_id, commands.ready_command(),
+                            env=commands.pg_env(creds.user, creds.database))
+            if done.outcome.ok:
+                return
+            if time.monotonic() >= deadline:
+                raise JobError(f"the drill container did not become ready within {READY_TIMEOUT_SECONDS:.0f}s")
+            if self.ctx.cancel.wait(0.5):
+                raise JobError("drill cancelled")
+
+    def _restore(self, container_id: str, creds: Credentials, snapshot: Snapshot, database: str,
+                 masker: Masker) -> None:
+        env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
+        restorer = commands.exec_helper(container_id, commands.pg_restore_command(database, keep_owners=False),
+                                        stdin=True, env_values=commands.pg_env(creds.user, database))
+        dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database)
+        done = run_pipeline_checked(self.ctx, [dump, restorer], env, masker)
+        if done is not None:
+            raise JobError(f"restore of snapshot {snapshot.short_id} failed: {done}")
+
+    def _check(self, container_id: str, creds: Credentials, target: Target, snapshot: Snapshot, database: str,
+               masker: Masker) -> tuple[TableCheck, ...]:
+        env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
+        counter = RowCounter()
+        as_text = commands.exec_helper(container_id, commands.pg_restore_data_as_text_command(), stdin=True,
+                                       env_values=commands.pg_env(creds.user, database))
+        dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database)
+        failure = run_pipeline_checked(self.ctx, [dump, as_text], env, masker, on_stdout_line=counter)
+        if failure is not None:
+            raise JobError(f"reading the dump of snapshot {snapshot.short_id} failed: {failure}")
+        in_dump = counter.counts
+        if not in_dump:
+            return ()
+        # Table names are pg_dump's own COPY targets, already quoted identifiers.
+        restored = self._query_pairs(container_id, creds, database, [
+            f"SELECT {_quote_literal(table)}, count(*) FROM {table};" for table in in_dump])  # noqa: S608
+        live = self._query_pairs(target.container_id, target.credentials, database, [
+            f"SELECT {_quote_literal(table)}, EXISTS (SELECT 1 FROM {table});" for table in in_dump],  # noqa: S608
+            tolerate_missing=True)
+        return tuple(
+            TableCheck(table, rows, int(restored[table]) if table in restored else None,
+                       (live[table] == "t") if table in live else None)
+            for table, rows in sorted(in_dump.items())
+        )
+
+    def _query_pairs(self, container_id: str, creds: Credentials, database: str, statements: list[str],
+                     tolerate_missing: bool = False) -> dict[str, str]:
+        """Runs `SELECT label, value` statements in one psql; returns label → value.
+
+        With `tolerate_missing`, a statement that fails (a table dropped from the live database since
+        the backup) is left out instead of failing the whole check.
+        """
+        env = commands.pg_env(creds.user, database)
+        if creds.password:
+            env["PGPASSWORD"] = creds.password
+        done = run_exec(self.ctx.docker_host, container_id,
+                        ("psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align",
+                         "-v", f"ON_ERROR_STOP={0 if tolerate_missing else 1}"),
+                        env=env, stdin="\n".join(statements).encode())
+        if not done.outcome.ok and not tolerate_missing:
+            raise JobError("counting restored rows failed: "
+                           + self.ctx.masker(done.stderr.decode(errors="replace").strip()))
+        results: dict[str, str] = {}
+        for line in done.stdout.decode().splitlines():
+            label, sep, value = line.rpartition("|")
+            if sep:
+                results[label] = value
+        return results
+
+
+def run_pipeline_checked(ctx: JobContext, argv: list[tuple[str, ...]], env: dict[str, str],
+                         masker: Masker, on_stdout_line: Callable[[str], None] | None = None) -> str | None:
+    """Runs a restic-dump pipeline; returns None on success or the readable reason of its failure."""
+    done = run_pipeline(argv, env=env, masker=masker,
+                        timeout=DRILL_TIMEOUT_SECONDS, cancel=ctx.cancel, capture_stdout=False,
+                        on_stdout_line=on_stdout_line)
+    if done.ok:
+        return None
+    detail = restic_error_text(done.stderr_tail.splitlines())
+    head = done.describe_failure().split(":", 1)[0]
+    return masker(f"{head}: {detail}" if detail else head)
