@@ -12,16 +12,35 @@ set -euo pipefail
 
 TG=${BW_TESTGROUND:-/var/lib/backup-watcher-test}
 RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
-PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,prometheus}
+PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,prometheus,pybase,proxy}
 MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # BW_ENGINE_HOST: use this already running engine instead of starting a private one.
 ENGINE_HOST=${BW_ENGINE_HOST:-unix://$RUN/docker.sock}
 
 log() { printf 'testground: %s\n' "$*" >&2; }
+
+# Removes a rootfs left by an interrupted debootstrap: unmount what it mounted (proc, sys) first,
+# so that rm never walks into a live /proc or /sys.
+remove_rootfs() {
+    local root=$1
+    local mounted
+    mounted=$(findmnt -rn -o TARGET | grep -F "$root/" | sort -r || true)
+    for mountpoint in $mounted; do
+        umount -l "$mountpoint" || true
+    done
+    if findmnt -rn -o TARGET | grep -qF "$root/"; then
+        log "refusing to remove $root: something is still mounted under it"
+        exit 1
+    fi
+    rm -rf "$root"
+}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 mkdir -p "$TG/bin" "$RUN"
+# One set-up at a time: two runs must not debootstrap into the same directory.
+exec 9>"$TG/.lock"
+flock 9
 
 apt_ready=0
 apt_install() {
@@ -118,7 +137,7 @@ build_pg_image() {
     local root="$TG/rootfs/pg$major"
     if [ ! -x "$root/usr/lib/postgresql/$major/bin/postgres" ]; then
         log "debootstrap $suite with postgresql-$major (about a minute)"
-        rm -rf "$root"
+        remove_rootfs "$root"
         mkdir -p "$root"
         debootstrap --variant=minbase --include="postgresql-$major,postgresql-client-$major,util-linux" \
             "$suite" "$root" "$MIRROR" >"$TG/rootfs/pg$major.log" 2>&1 || {
@@ -138,12 +157,37 @@ build_pg_image() {
         - "$tag" >/dev/null
 }
 
+# --- a Python base image from Debian packages, for building the watcher's image without a registry ---
+build_python_base() {
+    local tag="backup-watcher-test/python-base:bookworm"
+    if DOCKER_HOST="$ENGINE_HOST" docker image inspect "$tag" >/dev/null 2>&1; then
+        return 0
+    fi
+    local root="$TG/rootfs/python-base"
+    if [ ! -x "$root/usr/bin/python3" ]; then
+        log "debootstrap bookworm with python3 (about a minute)"
+        remove_rootfs "$root"
+        mkdir -p "$root"
+        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,tini \
+            bookworm "$root" "$MIRROR" >"$TG/rootfs/python-base.log" 2>&1 || {
+            tail -n 30 "$TG/rootfs/python-base.log" >&2
+            exit 1
+        }
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    fi
+    log "importing $tag"
+    tar -C "$root" -c . | DOCKER_HOST="$ENGINE_HOST" docker import \
+        -c "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" -c 'ENV LANG=C.UTF-8' \
+        -c 'CMD ["python3"]' - "$tag" >/dev/null
+}
+
 need=(ca-certificates)
 # An engine of the user's own (BW_ENGINE_HOST) needs only a docker client; never replace their packages.
 if want engine && { [ -z "${BW_ENGINE_HOST:-}" ] || ! command -v docker >/dev/null; }; then
     need+=(docker.io)
 fi
-{ want pg15 || want pg17; } && need+=(debootstrap)
+{ want pg15 || want pg17 || want pybase; } && need+=(debootstrap)
+want proxy && need+=(haproxy docker-compose)
 want restic && need+=(gnupg)
 want prometheus && need+=(prometheus)
 apt_install "${need[@]}"
@@ -152,6 +196,7 @@ if want engine; then
     start_engine
     want pg15 && build_pg_image 15 bookworm
     want pg17 && build_pg_image 17 trixie
+    want pybase && build_python_base
 fi
 
 echo "export DOCKER_HOST=$ENGINE_HOST"

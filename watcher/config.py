@@ -19,6 +19,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Secrets that restic and its backends read from the environment; each also accepts NAME_FILE.
 RESTIC_SECRET_VARIABLES = (
     "RESTIC_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "B2_ACCOUNT_KEY",

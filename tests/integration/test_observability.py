@@ -223,12 +223,15 @@ GRAFANA_VARIABLES = {"target": ".*", "instance": ".*", "__rate_interval": "1m", 
                      "__range": "5m"}
 
 
-def substitute(expr: str) -> str:
-    """Replaces Grafana's variables ($name and ${name}) as Grafana would for "All" and a 1 h view."""
+def substitute(expr: str, **chosen: str) -> str:
+    """Replaces Grafana's variables ($name and ${name}) as Grafana would for "All" (or the `chosen`
+    values) and a 1 h view."""
+    values = {**GRAFANA_VARIABLES, **chosen}
+
     def one(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        assert name in GRAFANA_VARIABLES, f"unknown variable ${name} in {expr}"
-        return GRAFANA_VARIABLES[name]
+        assert name in values, f"unknown variable ${name} in {expr}"
+        return values[name]
 
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", one, expr)
 
@@ -366,8 +369,16 @@ def check_dashboard_queries(prom: Prometheus) -> None:
                 problems.append(f"{title} [{ref}] has data now: take it off EMPTY_DASHBOARD_QUERIES")
         elif not result:
             problems.append(f"{title} [{ref}] returned nothing:\n{expr}")
+        else:
+            # With one target chosen, a query that returns targets returns only that one.
+            chosen = prom.query(substitute(expr, target=TARGETS[0]))
+            rows = chosen.get("data", {}).get("result") or []  # type: ignore[union-attr]
+            others = {row["metric"].get("target") for row in rows} - {None, TARGETS[0]}
+            if chosen.get("status") != "success" or not rows or others:
+                problems.append(f"{title} [{ref}] with target={TARGETS[0]}: {chosen}")
     assert seen_allowed == EMPTY_DASHBOARD_QUERIES, "stale allow-list entries"
     assert not problems, "\n\n".join(problems)
+    print(f"\n{len(queries)} dashboard queries evaluated, {len(queries) - len(EMPTY_DASHBOARD_QUERIES)} with data")
 
 
 def check_alert_rules(prom: Prometheus) -> None:
@@ -412,6 +423,8 @@ def check_alert_rules(prom: Prometheus) -> None:
     if alerts:
         problems.append(f"alerts active in a healthy run: {alerts}")
     assert not problems, "\n".join(problems)
+    print(f"{len(rules)} alert expressions quiet, {len(ALERT_PROBES)} relaxed probes fire, "
+          f"{len(selectors)} selectors checked")
 
 
 def check_log_lines(lines: list[dict[str, object]]) -> None:

@@ -1,0 +1,67 @@
+# backup-watcher: one container beside the databases, reaching Docker through its socket (or a
+# socket proxy, see deploy/). Build:
+#   docker build -t backup-watcher .
+#   docker build --build-arg BASE_IMAGE=my-registry/python:3.11-slim-bookworm -t backup-watcher .
+# The base must be Debian-based with python3 (>= 3.11) and python3-venv; the build reaches Debian's
+# and PyPI's package registries (use --network host where builds have no default network).
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# --- restic, pinned: Debian trixie's 0.18 build, a static Go binary verified by apt's signatures -----
+FROM ${BASE_IMAGE} AS restic
+ARG RESTIC_DEB_VERSION=0.18.0-1+b4
+ARG DEBIAN_MIRROR=http://deb.debian.org/debian
+RUN set -eux; \
+    mkdir -p /tmp/apt/lists/partial /tmp/apt/cache/archives/partial /tmp/restic; \
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${DEBIAN_MIRROR} trixie main" \
+        > /tmp/apt/sources.list; \
+    opts="-o Dir::Etc::SourceList=/tmp/apt/sources.list -o Dir::Etc::SourceParts=/dev/null \
+          -o Dir::State::Lists=/tmp/apt/lists -o Dir::Cache=/tmp/apt/cache -o APT::Sandbox::User=root"; \
+    apt-get $opts update -qq; \
+    cd /tmp/restic && apt-get $opts download "restic=${RESTIC_DEB_VERSION}"; \
+    dpkg -x /tmp/restic/restic_*.deb /tmp/restic/root; \
+    install -m 0755 /tmp/restic/root/usr/bin/restic /restic; \
+    /restic version | grep -q '^restic 0\.1[89]\.'
+
+# --- the watcher and its Python dependencies, in a venv -------------------------------------------
+FROM ${BASE_IMAGE} AS build
+RUN python3 -m venv /opt/watcher
+COPY pyproject.toml README.md /src/
+COPY watcher /src/watcher
+COPY alerting /src/alerting
+RUN /opt/watcher/bin/pip install --no-cache-dir --disable-pip-version-check /src \
+    && /opt/watcher/bin/backup-watcher --version
+
+# --- the image ------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG BASE_IMAGE
+ARG WATCHER_UID=10001
+LABEL org.opencontainers.image.title="backup-watcher" \
+      org.opencontainers.image.description="Backs up every PostgreSQL database running in Docker into restic, and proves the backups restore." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+# tini is PID 1: it forwards SIGTERM to the watcher and reaps the helpers restic leaves behind.
+RUN set -eux; \
+    if ! command -v tini >/dev/null; then \
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends tini && rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    useradd --system --uid "${WATCHER_UID}" --user-group --home-dir /nonexistent --shell /usr/sbin/nologin watcher; \
+    mkdir -p /cache; chown watcher:watcher /cache
+COPY --from=restic /restic /usr/local/bin/restic
+COPY --from=build /opt/watcher /opt/watcher
+ENV PATH=/opt/watcher/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 \
+    RESTIC_CACHE_DIR=/cache \
+    WATCHER_METRICS_ADDRESS=0.0.0.0:9810
+# The Docker socket's group is added at run time (`--group-add <gid>`, compose `group_add`): the
+# image cannot know the host's GID.
+USER watcher
+EXPOSE 9810
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["python3", "-m", "watcher.healthcheck"]
+ENTRYPOINT ["tini", "--", "backup-watcher"]
+CMD ["run"]

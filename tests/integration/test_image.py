@@ -1,0 +1,213 @@
+"""The container image: builds without a registry, runs as non-root, backs up through the socket and
+through the least-privilege proxy, stops cleanly; the proxy refuses everything else."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import TEST_LABEL, PgContainer, Repo, docker, wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "backup-watcher:test"
+BASE_IMAGE = "backup-watcher-test/python-base:bookworm"
+BIG_TABLE = """
+CREATE TABLE a_big (id int PRIMARY KEY, payload text);
+INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
+"""
+
+
+def engine_socket() -> str:
+    return os.environ["DOCKER_HOST"].removeprefix("unix://")
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    done = subprocess.run(["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+                           "-t", IMAGE, str(ROOT)], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return IMAGE
+
+
+class Proxy:
+    """The shipped HAProxy configuration, listening on a unix socket instead of :2375."""
+
+    def __init__(self, directory: Path, allow_drills: bool) -> None:
+        self.socket = directory / "docker-proxy.sock"
+        config = (ROOT / "deploy" / "socket-proxy" / "haproxy.cfg").read_text()
+        assert "    bind :2375\n" in config
+        config = config.replace("    bind :2375\n", f"    bind unix@{self.socket} mode 666\n")
+        (directory / "haproxy.cfg").write_text(config)
+        env = {**os.environ, "DOCKER_SOCKET": engine_socket(), "ALLOW_DRILLS": "1" if allow_drills else "0"}
+        checked = subprocess.run(["haproxy", "-c", "-f", str(directory / "haproxy.cfg")], env=env,
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(directory / "haproxy.cfg")], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.socket.exists, 10, "the proxy socket")
+
+    def request(self, method: str, path: str, body: dict[str, object] | None = None) -> int:
+        """Sends one API request through the proxy; returns the HTTP status."""
+        conn = http.client.HTTPConnection("docker")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.socket))
+        conn.sock = sock
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def proxy_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "proxy"
+    directory.mkdir()
+    return directory
+
+
+def run_watcher_container(name: str, repo_dir: Path, secrets_dir: Path, docker_sock: str, pattern: str,
+                          extra_env: dict[str, str] | None = None) -> None:
+    gid = os.stat(docker_sock).st_gid
+    env = {"RESTIC_REPOSITORY": "/repo", "RESTIC_PASSWORD_FILE": "/run/secrets/restic_password",
+           "WATCHER_INIT_REPOSITORY": "true", "WATCHER_CONTAINER_PATTERNS": pattern,
+           "WATCHER_HOST": "image-test", "DOCKER_HOST": "unix:///var/run/docker.sock", **(extra_env or {})}
+    argv = ["run", "-d", "--name", name, "--network", "none", "--label", TEST_LABEL, "--group-add", str(gid),
+            "-v", f"{docker_sock}:/var/run/docker.sock", "-v", f"{repo_dir}:/repo",
+            "-v", f"{secrets_dir}:/run/secrets:ro"]
+    for key, value in env.items():
+        argv += ["-e", f"{key}={value}"]
+    docker(*argv, IMAGE)
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path, repo: Repo) -> Path:
+    directory = tmp_path / "secrets"
+    directory.mkdir()
+    (directory / "restic_password").write_text(repo.password + "\n")
+    # The watcher runs as uid 10001: it must read the secret and write the repository.
+    os.chmod(directory / "restic_password", 0o444)
+    return directory
+
+
+@pytest.fixture
+def repo_dir(repo: Repo) -> Iterator[Path]:
+    repo.path.mkdir(parents=True)
+    shutil.chown(repo.path, 10001, 10001)
+    yield repo.path
+    subprocess.run(["chown", "-R", "root:root", str(repo.path)], check=False)
+
+
+def _wait_for_copy(db: PgContainer) -> None:
+    wait_for(lambda: db.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.a_big %'",
+                             database="postgres", check=False) == "1", 120, "the dump to stream", interval=0.05)
+
+
+def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
+        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
+    db: PgContainer = start_pg("bwt-img-db", "17")
+    db.psql(BIG_TABLE)
+    name = "bwt-watcher-image"
+    try:
+        # docker stop in the middle of the first dump: exit 0 within seconds, no partial snapshot.
+        run_watcher_container(name, repo_dir, secrets_dir, engine_socket(), "bwt-img-*",
+                              {"WATCHER_SHUTDOWN_GRACE": "0"})
+        _wait_for_copy(db)
+        started = time.monotonic()
+        docker("stop", name)  # the default 10 s timeout: SIGKILL after it would mean tini failed
+        stopped_in = time.monotonic() - started
+        state = json.loads(docker("inspect", name).stdout)[0]["State"]
+        assert state["ExitCode"] == 0, docker("logs", name).stdout[-3000:]
+        assert stopped_in < 8, stopped_in
+        assert repo.snapshots_of(db.name) == []
+        assert "no errors were found" in repo.restic("check").stdout
+        docker("rm", name)
+
+        # The same image, left alone: discovers the database through the socket and backs it up.
+        run_watcher_container(name, repo_dir, secrets_dir, engine_socket(), "bwt-img-*")
+        wait_for(lambda: len(repo.snapshots_of(db.name)) == 1, 180, "the backup from the image", interval=1)
+        info = json.loads(docker("inspect", name).stdout)[0]
+        assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
+        assert info["Config"]["User"] == "watcher"
+        assert info["Config"]["Entrypoint"] == ["tini", "--", "backup-watcher"]
+        assert info["Config"]["Labels"]["org.opencontainers.image.title"] == "backup-watcher"
+        assert "restic 0.18" in docker("exec", name, "restic", "version").stdout
+        assert docker("exec", name, "python3", "-m", "watcher.healthcheck").returncode == 0
+        # The password came from a file: it is in no part of the container's configuration or argv.
+        assert repo.password not in json.dumps(info)
+        assert repo.password not in docker("exec", name, "sh", "-c", "cat /proc/[0-9]*/cmdline").stdout
+        history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+        assert repo.password not in history
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_image_through_the_socket_proxy_and_what_the_proxy_refuses(
+        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path, proxy_dir: Path) -> None:
+    db: PgContainer = start_pg("bwt-proxied-db", "15")
+    db.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) AS g;")
+    name = "bwt-watcher-proxied"
+    proxy = Proxy(proxy_dir, allow_drills=False)
+    try:
+        # Outside the allowed set: refused.
+        assert proxy.request("POST", "/v1.41/images/create?fromImage=alpine&tag=latest") == 403
+        assert proxy.request("POST", "/v1.41/volumes/create", {"Name": "bwt-should-not-exist"}) == 403
+        assert proxy.request("POST", "/v1.41/containers/create?name=bwt-nope", {"Image": "x"}) == 403
+        assert proxy.request("DELETE", f"/v1.41/containers/{db.name}?force=1") == 403
+        assert proxy.request("POST", f"/v1.41/containers/{db.name}/stop") == 403
+        assert proxy.request("GET", "/v1.41/containers/json") == 200
+        assert "bwt-should-not-exist" not in docker("volume", "ls", "--format", "{{.Name}}").stdout
+
+        run_watcher_container(name, repo_dir, secrets_dir, str(proxy.socket), "bwt-proxied-*")
+        wait_for(lambda: len(repo.snapshots_of(db.name)) == 1, 180, "the backup through the proxy", interval=1)
+        drill = docker("exec", name, "backup-watcher", "drill", db.name, check=False, timeout=300)
+        assert drill.returncode == 1
+        assert "403" in drill.stdout + drill.stderr
+        docker("rm", "-f", name)
+    finally:
+        proxy.stop()
+
+    # With drills allowed, the same drill passes through the proxy.
+    allowed = Proxy(proxy_dir, allow_drills=True)
+    try:
+        run_watcher_container(name, repo_dir, secrets_dir, str(allowed.socket), "bwt-proxied-*")
+        drill = docker("exec", name, "backup-watcher", "drill", db.name, check=False, timeout=300)
+        assert drill.returncode == 0, drill.stdout + drill.stderr
+        assert "public.t: dump 1000, restored 1000" in drill.stdout
+    finally:
+        docker("rm", "-f", name, check=False)
+        allowed.stop()
+
+
+def test_compose_example_is_valid(tmp_path: Path) -> None:
+    deploy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", deploy)
+    for example in (deploy / "secrets").glob("*.example"):
+        example.with_suffix("").write_text(example.read_text())
+    for shipped in ("prometheus", "grafana"):
+        shutil.copytree(ROOT / shipped, tmp_path / shipped)
+    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    done = subprocess.run(["docker-compose", "-f", str(deploy / "docker-compose.example.yml"), "config"],
+                          capture_output=True, text=True, env={**os.environ, "DOCKER_GID": "999"})
+    assert done.returncode == 0, done.stderr
+    for service in ("socket-proxy:", "watcher:", "prometheus:", "grafana:", "log-shipper:"):
+        assert service in done.stdout
+    assert "tcp://socket-proxy:2375" in done.stdout
+    # No secret value in the file itself, and the watcher never mounts the Docker socket.
+    watcher_section = done.stdout.split("  watcher:", 1)[1].split("\n  [a-z]", 1)[0]
+    assert "docker.sock" not in watcher_section.split("\n  log-shipper:")[0].split("\n  prometheus:")[0]
