@@ -25,12 +25,20 @@ RUN set -eux; \
 
 # --- the watcher and its Python dependencies, in a venv -------------------------------------------
 FROM ${BASE_IMAGE} AS build
+# EXTRA_CA_CERT: PEM text of a CA that a TLS-intercepting proxy between the build and PyPI uses.
+# It is used by this stage only and does not reach the image.
+ARG EXTRA_CA_CERT=""
 RUN python3 -m venv /opt/watcher
 COPY pyproject.toml README.md /src/
 COPY watcher /src/watcher
 COPY alerting /src/alerting
-RUN /opt/watcher/bin/pip install --no-cache-dir --disable-pip-version-check /src \
-    && /opt/watcher/bin/backup-watcher --version
+RUN set -eu; \
+    if [ -n "$EXTRA_CA_CERT" ]; then \
+        cat /etc/ssl/certs/ca-certificates.crt > /tmp/ca.pem; printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/ca.pem; \
+        export PIP_CERT=/tmp/ca.pem; \
+    fi; \
+    /opt/watcher/bin/pip install --no-cache-dir --disable-pip-version-check /src; \
+    /opt/watcher/bin/backup-watcher --version
 
 # --- the image ------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}

@@ -203,7 +203,7 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
         return EXIT_OK
     ctx = app.job_context()
     check_repository(ctx, init=False)
-    remove_leftovers(app.docker)
+    remove_leftovers(app.docker, ctx.host)
     driller = Driller(ctx, app.docker)
     results = [result for target in targets for result in driller.drill_target(target)]
     for result in results:

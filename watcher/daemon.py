@@ -149,7 +149,7 @@ class Daemon:
         # Subscribe first: events that arrive while the repository is read wait in the queue.
         self._events.start()
         try:
-            remove_leftovers(self.docker)
+            remove_leftovers(self.docker, self.ctx.host)
         except DockerUnavailable as exc:
             log.warning("drill_leftover_check_failed", error=str(exc))
         clear_stale_locks(self.ctx)

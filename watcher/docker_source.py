@@ -100,10 +100,10 @@ class DockerSource:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailable(self._describe(exc)) from exc
 
-    def containers_with_label(self, label: str) -> list[tuple[str, str]]:
-        """(id, name) of every container, running or not, that carries `label` (KEY or KEY=VALUE)."""
+    def containers_with_labels(self, *labels: str) -> list[tuple[str, str]]:
+        """(id, name) of every container, running or not, that carries all `labels` (KEY or KEY=VALUE)."""
         try:
-            listed = self.api.containers(all=True, filters={"label": label})
+            listed = self.api.containers(all=True, filters={"label": list(labels)})
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailable(self._describe(exc)) from exc
         return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/")) for item in listed]

@@ -31,6 +31,7 @@ from watcher.restic import ResticError, Snapshot
 
 log = structlog.get_logger("watcher.drill")
 SOURCE_LABEL = "backup-watcher.drill-source"
+HOST_LABEL = "backup-watcher.drill-host"
 READY_TIMEOUT_SECONDS = 180.0
 DRILL_TIMEOUT_SECONDS = 12 * 3600.0
 _COPY = re.compile(r"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
@@ -97,9 +98,11 @@ def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def remove_leftovers(docker: DockerSource) -> int:
-    """Removes drill containers left by an interrupted watcher; returns how many."""
-    leftovers = docker.containers_with_label(f"{ROLE_LABEL}=drill")
+def remove_leftovers(docker: DockerSource, host: str) -> int:
+    """Removes drill containers that a watcher of this host identity (WATCHER_HOST) left behind when it
+    was interrupted; returns how many. Another watcher's running drills on the same engine are left alone.
+    """
+    leftovers = docker.containers_with_labels(f"{ROLE_LABEL}=drill", f"{HOST_LABEL}={host}")
     for container_id, name in leftovers:
         docker.remove(container_id)
         log.warning("drill_leftover_removed", container=name)
@@ -163,7 +166,7 @@ class Driller:
             container_id = self.docker.run_throwaway(
                 target.image_id or target.image, name,
                 env={"POSTGRES_USER": creds.user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": database},
-                labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name},
+                labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name, HOST_LABEL: self.ctx.host},
             )
             self._wait_ready(container_id, creds)
             restore_started = time.monotonic()
