@@ -580,6 +580,7 @@ def bench_restore(world: World, report: Report, big: str, repo: Repo, reps: int)
     snapshot = max(repo.snapshots(), key=lambda s: s["time"])
     expected = row_count(world, big, BIG_DB)
     times: dict[str, list[float]] = {"watcher": [], "hand": []}
+    phases: list[tuple[float, float]] = []
     for rep in range(reps):
         for kind in (("hand", "watcher") if rep % 2 == 0 else ("watcher", "hand")):
             if kind == "hand":
@@ -591,6 +592,7 @@ def bench_restore(world: World, report: Report, big: str, repo: Repo, reps: int)
                 psql(world, big, "postgres", f'DROP DATABASE "{target}";')
             else:
                 env = world.watcher_env(repo, big)
+                spawned = time.time()
                 started = time.monotonic()
                 done = run([PY, "-m", "watcher", "restore", big, "latest", "--yes"], env=env, check=False,
                            timeout=12 * 3600)
@@ -599,6 +601,11 @@ def bench_restore(world: World, report: Report, big: str, repo: Repo, reps: int)
                     raise RuntimeError(f"watcher restore exited {done.returncode}: "
                                        f"{done.stdout.decode(errors='replace')} {done.stderr.decode(errors='replace')}")
                 count = row_count(world, big, BIG_DB)
+                logs = json_lines(done.stderr.decode(errors="replace"))
+                marks = {e.get("event"): parse_ts(e["timestamp"]) for e in logs if "timestamp" in e}
+                if "restore_started" in marks and "restore_succeeded" in marks:
+                    phases.append((marks["restore_started"] - spawned,
+                                   marks["restore_succeeded"] - marks["restore_started"]))
             if count != expected:
                 raise RuntimeError(f"{kind} restore gave {count} rows, expected {expected}")
             times[kind].append(seconds)
@@ -612,6 +619,11 @@ def bench_restore(world: World, report: Report, big: str, repo: Repo, reps: int)
     report.detail(f"6. Restore of snapshot {snapshot['id'][:8]} ({expected} rows; order alternated): "
                   f"watcher {[round(t, 2) for t in times['watcher']]} s (scratch database, then swap), "
                   f"by hand {[round(t, 2) for t in times['hand']]} s (createdb + restic dump | pg_restore).")
+    if phases:
+        report.detail(f"6. Watcher restore phases (median): start-up, snapshot listing, owner query and scratch "
+                      f"database {fmt_s(median(p[0] for p in phases))}; restic dump | pg_restore "
+                      f"--single-transaction into the scratch database, then drop and rename "
+                      f"{fmt_s(median(p[1] for p in phases))}.")
 
 
 # --- 4. fleet ---------------------------------------------------------------------------------
@@ -1012,7 +1024,8 @@ def render(report: Report) -> str:
     lines += ["", "| # | benchmark | watcher | compared with | ratio | goal | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in ROWS:
-        lines.append(f"| {r.key} | {r.title} | {r.watcher} | {r.reference} | {r.ratio} | {r.goal} | {r.verdict} |")
+        cells = [r.key, r.title, r.watcher, r.reference, r.ratio, r.goal, r.verdict]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Details:", ""]
     lines += [f"- {d}" for d in report.details]
     return "\n".join(lines) + "\n"

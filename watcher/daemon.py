@@ -14,7 +14,7 @@ import queue
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -27,7 +27,14 @@ from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, d
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.drill import Driller, DrillResult, remove_leftovers
 from watcher.events import ContainerEvent, EventStream, StreamConnected
-from watcher.jobs import LOCK_WAIT, BackupResult, JobContext, backup_target, restic_error_text
+from watcher.jobs import (
+    ALL_DATABASES_PLACEHOLDER,
+    LOCK_WAIT,
+    BackupResult,
+    JobContext,
+    backup_target,
+    restic_error_text,
+)
 from watcher.metrics import Metrics
 from watcher.registry import DatabaseState, Registry, TargetState, due
 from watcher.restic import ResticError, Snapshot
@@ -524,11 +531,18 @@ class Daemon:
             return
         results = finished.results
         if finished.error:
-            results = (BackupResult(entry.name, "*", False, "-", self.clock(), 0.0, error=finished.error),)
+            results = (BackupResult(entry.name, ALL_DATABASES_PLACEHOLDER, False, "-", self.clock(), 0.0,
+                                    error=finished.error),)
+        # A failure before the databases were known counts for every database known so far.
+        known = sorted(entry.databases) or [ALL_DATABASES_PLACEHOLDER]
+        results = tuple(
+            replace(result, database=database) for result in results
+            for database in (known if result.database == ALL_DATABASES_PLACEHOLDER else [result.database])
+        )
         for result in results:
             self.metrics.observe_backup(entry.name, result.database, result.ok, result.duration_s,
                                         result.bytes_processed, result.bytes_added)
-            if result.database == "*":
+            if result.database == ALL_DATABASES_PLACEHOLDER:
                 continue
             if result.ok:
                 self.registry.set_database(entry.container_id, result.database,

@@ -24,6 +24,7 @@ from watcher.restic import Repository
 
 log = structlog.get_logger("watcher.jobs")
 DUMP_TIMEOUT_SECONDS = 6 * 3600.0
+ALL_DATABASES_PLACEHOLDER = "*"
 READY_TIMEOUT_SECONDS = 120.0
 # Wait this long for a lock held by a live restic (a prune, another host's backup); stale locks of
 # dead processes are removed by `restic unlock` instead.
@@ -94,11 +95,15 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIM
                             env=commands.pg_env(target.credentials.user, target.credentials.database))
             if done.outcome.ok:
                 return
-            last = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace").strip()
+            # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
+            last = (done.stderr.decode(errors="replace").strip()
+                    or {1: "the server rejects connections (starting up?)", 2: "no response from the server",
+                        3: "no connection attempt was made"}.get(done.outcome.exit_code or 0,
+                                                                   f"pg_isready exit {done.outcome.exit_code}"))
         except DockerExecError as exc:
             last = str(exc)
-            if "is not running" in last:
-                raise JobError(ctx.masker(f"{target.name} is not running: {last}")) from exc
+            if "is not running" in last or "No such container" in last:
+                raise JobError(ctx.masker(f"{target.name} is gone or stopped: {last}")) from exc
         if time.monotonic() >= deadline or ctx.cancel.is_set():
             raise JobError(ctx.masker(f"PostgreSQL in {target.name} did not accept connections within "
                                       f"{timeout:.0f}s: {last}"))
@@ -208,13 +213,20 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     """
     run_id = new_run_id()
     databases = list(target.databases)
+    started_at, started = datetime.now(UTC), time.monotonic()
     try:
         wait_until_ready(ctx, target)
         if target.all_databases:
             databases = list_databases(ctx, target)
     except JobError as exc:
-        log.error("backup_failed", target=target.name, run_id=run_id, error=str(exc))
-        return [BackupResult(target.name, "*", False, run_id, datetime.now(UTC), 0.0, error=str(exc))]
+        duration = time.monotonic() - started
+        # Every database the target is meant to have failed; "*" stands for "all" before they are known.
+        failed_databases = databases or [ALL_DATABASES_PLACEHOLDER]
+        for database in failed_databases:
+            log.error("backup_failed", target=target.name, database=database, run_id=run_id, error=str(exc),
+                      duration_s=round(duration, 3))
+        return [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
+                for database in failed_databases]
     results = []
     for database in databases:
         if ctx.cancel.is_set():

@@ -121,6 +121,9 @@ class Metrics:
                                      registry=registry)
         self.build_info = Gauge(PREFIX + "build_info", "Versions of the watcher and of restic",
                                 ["version", "restic_version"], registry=registry)
+        for result in ("success", "failure"):
+            self.prunes.labels(result)
+            self.notifications.labels(result)
         self._version = version
         self._series: dict[str, set[str]] = {}
         registry.register(TargetCollector(targets, clock))
@@ -134,6 +137,9 @@ class Metrics:
                        bytes_processed: int, bytes_added: int) -> None:
         """Counts one backup result."""
         self._series.setdefault(target, set()).add(database)
+        # Both results exist from the first observation on, so increase() sees the first failure too.
+        for result in ("success", "failure"):
+            self.backups.labels(target, database, result)
         self.backups.labels(target, database, "success" if ok else "failure").inc()
         self.backup_duration.labels(target, database).observe(duration_s)
         if ok:
@@ -143,6 +149,8 @@ class Metrics:
     def observe_drill(self, target: str, database: str, ok: bool, duration_s: float, finished_at: float) -> None:
         """Counts one restore drill result."""
         self._series.setdefault(target, set()).add(database)
+        for result in ("success", "failure"):
+            self.drills.labels(target, database, result)
         self.drills.labels(target, database, "success" if ok else "failure").inc()
         self.drill_duration.labels(target, database).set(duration_s)
         if ok:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,12 @@ def engine() -> str:
     info = docker("info", "--format", "{{.Name}}", check=False, timeout=20)
     if info.returncode != 0:
         pytest.fail(f"the test engine at {host} does not answer: {info.stderr}")
-    # Leftovers of an interrupted earlier run.
-    stale = docker("ps", "-aq", "--filter", f"label={TEST_LABEL}").stdout.split()
+    # Leftovers of an interrupted earlier run; recent ones may belong to a session running beside this
+    # one on a shared engine (a name a test needs is freed by start_pg itself).
+    rows = docker("ps", "-a", "--filter", f"label={TEST_LABEL}", "--format", "{{.ID}} {{.CreatedAt}}").stdout
+    cutoff = datetime.now(UTC) - timedelta(hours=2)
+    stale = [row.split()[0] for row in rows.splitlines()
+             if datetime.strptime(" ".join(row.split()[1:3]), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC) < cutoff]
     if stale:
         docker("rm", "-f", *stale, check=False)
     return host
@@ -113,6 +118,7 @@ def start_pg(engine: str) -> Iterator[Callable[..., PgContainer]]:
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
         started.append(name)
+        docker("rm", "-f", "-v", name, check=False)  # a leftover of an interrupted run
         subprocess.run(["docker", *argv, PG_IMAGES[major]], check=True, capture_output=True,
                        env={**os.environ, **env})
         wait_ready(name)

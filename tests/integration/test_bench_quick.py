@@ -6,12 +6,14 @@ judge. The figures themselves are in bench/RESULTS.md.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+CELL = re.compile(r"(?<!\\)\|")  # a cell boundary: a pipe not escaped as \|
 ROWS = ["1a", "1b", "2a", "2b", "3a", "3b", "4", "5a", "5b", "5c", "5d", "6"]
 
 
@@ -25,8 +27,9 @@ def test_bench_quick_runs_and_prints_every_row() -> None:
     assert table, f"no table in the output:\n{done.stdout}"
     assert table[0].startswith("| # | benchmark | watcher | compared with | ratio | goal | verdict |")
     body = table[2:]
-    assert [line.split("|")[1].strip() for line in body] == ROWS, done.stdout
-    for line in body:
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+    rows = [[cell.strip() for cell in CELL.split(line.strip())[1:-1]] for line in body]
+    assert [cells[0] for cells in rows] == ROWS, done.stdout
+    for line, cells in zip(body, rows, strict=True):
+        assert len(cells) == 7, line
         assert "not run" not in cells, line
         assert cells[2], f"row without a figure: {line}"
