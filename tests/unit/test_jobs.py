@@ -18,9 +18,9 @@ def test_json_exit_error_and_plain_lines() -> None:
     ]
     assert restic_error_text(lines) == (
         "Fatal: unable to open config file: Stat: stat /srv/restic/config: no such file\n"
-        "subprocess pg_dump: error: connection to server failed\n"
+        "pg_dump: error: connection to server failed\n"
         "read /app.pgdump: input/output error"
-    )
+    ), "restic's 'subprocess <argv0>: ' prefix is noise to the reader"
 
 
 def test_status_lines_without_a_message_are_dropped() -> None:
