@@ -12,7 +12,7 @@ def test_json_exit_error_and_plain_lines() -> None:
         json.dumps({"message_type": "exit_error", "code": 1,
                     "message": "Fatal: unable to open config file: Stat: stat /srv/restic/config: "
                                "no such file"}),
-        "subprocess pg_dump: error: connection to server failed",
+        "subprocess /opt/watcher/bin/python3: pg_dump: error: connection to server failed",
         json.dumps({"message_type": "error", "error": {"message": "read /app.pgdump: input/output error"},
                     "during": "archival", "item": "/app.pgdump"}),
     ]
