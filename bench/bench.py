@@ -289,7 +289,8 @@ def fill_database(world: World, name: str, database: str, target_bytes: int, qui
     """Fills `database` with the orders table up to about `target_bytes` (pg_database_size); returns rows."""
     psql(world, name, database, SCHEMA)
     base = int(psql(world, name, database, "SELECT pg_database_size(current_database())"))
-    probe = 20_000
+    # A first batch to learn the bytes per row (about 190 with the primary key), then the rest.
+    probe = max(1_000, min(20_000, int((target_bytes - base) / 190)))
     psql(world, name, database, insert_sql(1, probe) + "ALTER TABLE orders ADD PRIMARY KEY (id);")
     grown = int(psql(world, name, database, "SELECT pg_database_size(current_database())")) - base
     per_row = max(grown / probe, 50.0)
@@ -997,7 +998,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of the throughput and fleet runs (default 3, quick 1)")
     parser.add_argument("--restore-reps", type=int, help="repetitions of the restores (default 2, quick 1)")
     parser.add_argument("--fleet", type=int, help="number of small databases (default 20, quick 6)")
-    parser.add_argument("--fleet-size-mb", type=float, help="size of each small database (default 10, quick 1)")
+    parser.add_argument("--fleet-size-mb", type=float, help="size of each small database (default 12, quick 8; an empty one is 7.5)")
     parser.add_argument("--starts", type=int, help="one-at-a-time starts (default 50, quick 10)")
     parser.add_argument("--burst", type=int, help="containers started at once (default 100, quick 30)")
     parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 5)")
@@ -1008,7 +1009,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     q = args.quick
     defaults = {"size_mb": (700, 30), "reps": (3, 1), "restore_reps": (2, 1), "fleet": (20, 6),
-                "fleet_size_mb": (10.0, 1.0), "starts": (50, 10), "burst": (100, 30), "idle_s": (30.0, 5.0)}
+                "fleet_size_mb": (12.0, 8.0), "starts": (50, 10), "burst": (100, 30), "idle_s": (30.0, 5.0)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if q else full)

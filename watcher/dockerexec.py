@@ -238,16 +238,20 @@ def stream_exec(
     except OSError as exc:
         problem = f"exec stream broke: {exc}"
     finally:
+        if pump is not None:
+            # Let the pump finish its last write and half-close before the socket goes away; once the
+            # process has exited the engine closes the connection, which ends a blocked write.
+            pump.join(timeout=30)
         sock.close()
-    if pump is not None:
-        pump.join(timeout=5)
     try:
         exit_code = _inspect_exit_code(docker_host, exec_id, wait_seconds=10.0)
     except DockerExecError as exc:
         return ExecOutcome(None, stream_complete, problem or f"could not learn the exit code: {exc}")
     if exit_code is None and problem is None:
         problem = "the exec stream ended but the process is still running (connection lost?)"
-    if stdin_errors and problem is None and exit_code == 0:
+    if stdin_errors and exit_code not in (None, 0) and problem is None:
+        # Only as a detail: the exit code is the verdict. A process that exited 0 did not need the rest
+        # of its input; one whose input was cut short fails by itself (pg_restore: unexpected EOF).
         problem = stdin_errors[0]
     return ExecOutcome(exit_code, stream_complete, problem)
 

@@ -33,7 +33,18 @@ CREATE TABLE billing.invoices AS SELECT g AS id FROM generate_series(1, 55) AS g
 
 
 def drill_containers() -> list[str]:
-    return docker("ps", "-a", "--filter", "label=backup-watcher.role=drill", "--format", "{{.Names}}").stdout.split()
+    """Drill containers of the tests' watcher identity (WATCHER_HOST=test-host in watcher_env)."""
+    return docker("ps", "-a", "--filter", "label=backup-watcher.role=drill",
+                  "--filter", "label=backup-watcher.drill-host=test-host", "--format", "{{.Names}}").stdout.split()
+
+
+@pytest.fixture(autouse=True)
+def no_drill_leftovers() -> None:
+    """Each test starts without drill containers of an interrupted earlier run."""
+    leftovers = drill_containers()
+    if leftovers:
+        docker("rm", "-f", "-v", *leftovers, check=False)
+    docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
 
 
 @pytest.fixture
