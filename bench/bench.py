@@ -998,7 +998,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of the throughput and fleet runs (default 3, quick 1)")
     parser.add_argument("--restore-reps", type=int, help="repetitions of the restores (default 2, quick 1)")
     parser.add_argument("--fleet", type=int, help="number of small databases (default 20, quick 6)")
-    parser.add_argument("--fleet-size-mb", type=float, help="size of each small database (default 12, quick 8; an empty one is 7.5)")
+    parser.add_argument("--fleet-size-mb", type=float,
+                        help="size of each small database (default 12, quick 8; an empty one is 7.5)")
     parser.add_argument("--starts", type=int, help="one-at-a-time starts (default 50, quick 10)")
     parser.add_argument("--burst", type=int, help="containers started at once (default 100, quick 30)")
     parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 5)")
@@ -1051,6 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         remove_stale(world)
         report.facts = machine_facts(world)
+        if args.quick:
+            report.facts.append("mode: --quick (tiny sizes and counts: proves the scripts run; its ratios and "
+                                "verdicts mean nothing, the fixed costs dominate)")
         say(report.facts[2])
         if args.only & {"1", "2", "6"}:
             big = world.name("big")

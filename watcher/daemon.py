@@ -155,10 +155,7 @@ class Daemon:
                  schedule=self.config.schedule, timezone=self.config.timezone)
         # Subscribe first: events that arrive while the repository is read wait in the queue.
         self._events.start()
-        try:
-            remove_leftovers(self.docker, self.ctx.host)
-        except DockerUnavailable as exc:
-            log.warning("drill_leftover_check_failed", error=str(exc))
+        remove_leftovers(self.docker, self.ctx.host)
         clear_stale_locks(self.ctx)
         self._load_repository_state()
         if self.config.drill_schedule:

@@ -128,8 +128,13 @@ def _create_exec(
     return str(created["Id"])
 
 
-def _start_hijacked(docker_host: str, exec_id: str) -> tuple[socket.socket, bytes]:
-    """Starts the exec on an upgraded connection; returns the socket and stream bytes already read."""
+def _start_hijacked(docker_host: str, exec_id: str, needs_stdin: bool = False) -> tuple[socket.socket, bytes]:
+    """Starts the exec on an upgraded connection; returns the socket and stream bytes already read.
+
+    Raises DockerExecError when the connection cannot carry what the exec needs: a proxy that answers
+    200 instead of 101 (HAProxy 2.4 to 3.0, haproxy/haproxy#2684) passes the output through but never
+    the input, so an exec that reads stdin would wait forever.
+    """
     sock = _connect(docker_host, timeout=30.0)
     body = json.dumps({"Detach": False, "Tty": False}).encode()
     request = (
@@ -155,6 +160,14 @@ def _start_hijacked(docker_host: str, exec_id: str) -> tuple[socket.socket, byte
     if len(parts) < 2 or parts[1] not in ("101", "200"):
         sock.close()
         raise DockerExecError(f"Docker engine refused to start the exec: {status_line} {rest[:200]!r}")
+    if needs_stdin and parts[1] != "101":
+        sock.close()
+        raise DockerExecError(
+            f"DOCKER_HOST={docker_host} did not upgrade the exec connection ({status_line!r} instead of 101): "
+            "a proxy in between cannot carry the input a restore or drill streams to pg_restore (HAProxy 2.4 "
+            "to 3.0 has this bug). Run restores and drills against the Docker socket itself, or through a "
+            "proxy that supports the upgrade."
+        )
     # No read timeout from here on: pg_dump may legitimately stay silent for a long time while it
     # waits for a lock; the caller's own timeout ends the whole pipeline instead.
     sock.settimeout(None)
@@ -203,7 +216,7 @@ def stream_exec(
     reached or refuses the exec (nothing ran, or its outcome is unknown).
     """
     exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
-    sock, buffered = _start_hijacked(docker_host, exec_id)
+    sock, buffered = _start_hijacked(docker_host, exec_id, needs_stdin=stdin is not None)
     stdin_errors: list[str] = []
     pump: threading.Thread | None = None
     if stdin is not None:

@@ -100,13 +100,24 @@ def _quote_literal(text: str) -> str:
 
 def remove_leftovers(docker: DockerSource, host: str) -> int:
     """Removes drill containers that a watcher of this host identity (WATCHER_HOST) left behind when it
-    was interrupted; returns how many. Another watcher's running drills on the same engine are left alone.
+    was interrupted; returns how many. Another watcher's running drills on the same engine are left
+    alone. Never raises: a leftover that cannot be removed (e.g. a proxy refusing it) is logged.
     """
-    leftovers = docker.containers_with_labels(f"{ROLE_LABEL}=drill", f"{HOST_LABEL}={host}")
+    try:
+        leftovers = docker.containers_with_labels(f"{ROLE_LABEL}=drill", f"{HOST_LABEL}={host}")
+    except DockerUnavailable as exc:
+        log.warning("drill_leftover_check_failed", error=str(exc))
+        return 0
+    removed = 0
     for container_id, name in leftovers:
-        docker.remove(container_id)
+        try:
+            docker.remove(container_id)
+        except DockerUnavailable as exc:
+            log.error("drill_leftover_not_removed", container=name, error=str(exc))
+            continue
+        removed += 1
         log.warning("drill_leftover_removed", container=name)
-    return len(leftovers)
+    return removed
 
 
 class Driller:
