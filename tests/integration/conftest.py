@@ -303,3 +303,32 @@ def _listening(daemon: DaemonProcess) -> bool:
         return daemon.get("/healthz")[0] == 200
     except OSError:
         return False
+
+
+# About 120 MB of table data: pg_dump needs a couple of seconds to stream it, so a test can interrupt
+# it in the middle.
+BIG_TABLE = """
+CREATE TABLE a_big (id int PRIMARY KEY, payload text);
+INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
+"""
+
+
+def wait_for_copy(db: PgContainer, table: str = "a_big", timeout: float = 120) -> None:
+    """Waits until pg_dump is streaming `table`'s rows (its COPY is running)."""
+    wait_for(lambda: db.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.{table} %'",
+                             database="postgres", check=False) == "1", timeout, f"pg_dump to stream {table}",
+             interval=0.02)
+
+
+def process_command_lines() -> list[str]:
+    """The command line of every process on the machine right now (those inside containers too)."""
+    lines = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                raw = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if raw:
+                lines.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+    return lines

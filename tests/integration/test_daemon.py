@@ -13,23 +13,20 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import (
+    BIG_TABLE,
     PG_IMAGES,
     TEST_LABEL,
     DaemonProcess,
     PgContainer,
     Repo,
     docker,
+    process_command_lines,
     wait_for,
+    wait_for_copy,
     wait_ready,
 )
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
-
-BIG_TABLE = """
-CREATE TABLE a_big (id int PRIMARY KEY, payload text);
-INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
-"""
-
 
 def _ts(line: dict[str, object]) -> datetime:
     return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
@@ -194,22 +191,8 @@ def test_catch_up_after_downtime_runs_the_missed_backup(start_pg, start_daemon, 
     assert restarted.stop() == 0
 
 
-def _wait_for_copy(db: PgContainer) -> None:
-    wait_for(lambda: db.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.a_big %'",
-                             database="postgres", check=False) == "1", 120, "pg_dump to stream a_big",
-             interval=0.02)
-
-
 def _no_leftover_helpers(container_id: str) -> bool:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cmdline = Path(entry.path, "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"watcher.dockerexec" in cmdline and container_id.encode() in cmdline:
-                return False
-    return True
+    return not [line for line in process_command_lines() if "watcher.dockerexec" in line and container_id in line]
 
 
 def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, start_daemon, repo: Repo,
@@ -218,7 +201,7 @@ def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, 
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SHUTDOWN_GRACE": "0"}
     daemon: DaemonProcess = start_daemon(env)
-    _wait_for_copy(db)
+    wait_for_copy(db)
     assert daemon.stop(signal.SIGTERM, timeout=30) == 0
     assert repo.snapshots_of(db.name) == []
     assert "no errors were found" in repo.restic("check").stdout
@@ -235,7 +218,7 @@ def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(start_pg, s
 
     # One signal, long grace: the running backup finishes and is kept.
     daemon: DaemonProcess = start_daemon(env)
-    _wait_for_copy(db)
+    wait_for_copy(db)
     assert daemon.stop(signal.SIGTERM, timeout=120) == 0
     assert len(repo.snapshots_of(db.name)) == 1
 
@@ -244,7 +227,7 @@ def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(start_pg, s
     env["WATCHER_SCHEDULE"] = "* * * * *"
     second: DaemonProcess = start_daemon(env)
     wait_for(lambda: second.events("backup_started", target=db.name), 75, "the next backup to start")
-    _wait_for_copy(db)
+    wait_for_copy(db)
     second.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     aborted_at = time.monotonic()

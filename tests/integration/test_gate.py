@@ -6,37 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, docker
+from tests.integration.conftest import BIG_TABLE, PgContainer, Repo, docker, wait_for_copy
 
 pytestmark = pytest.mark.engine
-
-# About 120 MB of table data: pg_dump needs a couple of seconds to stream it, so a test can
-# interrupt it in the middle.
-BIG_TABLE = """
-CREATE TABLE a_big (id int PRIMARY KEY, payload text);
-INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
-"""
-
 
 def _start_backup(env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "watcher", "backup"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-
-
-def _wait_for_copy(db: PgContainer, table: str, timeout: float = 60) -> None:
-    """Waits until pg_dump is streaming `table`'s rows (its COPY is running)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        active = db.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.{table} %'",
-                         database="postgres", check=False)
-        if active == "1":
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"pg_dump never started copying {table}")
 
 
 def _kill_from_host(container: str, program: str) -> None:
@@ -65,7 +44,7 @@ def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg, repo: Re
     """)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
     backup = _start_backup(env)
-    _wait_for_copy(db, "a_big")
+    wait_for_copy(db)
     out, err = backup.communicate(timeout=300)
     assert backup.returncode == 1, err
     assert "z_secret" in out and "no snapshot was written" in out, out
@@ -80,7 +59,7 @@ def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg, repo
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
     backup = _start_backup(env)
-    _wait_for_copy(db, "a_big")
+    wait_for_copy(db)
     _kill_from_host(name, "pg_dump")
     out, err = backup.communicate(timeout=300)
     assert backup.returncode == 1, err
@@ -103,7 +82,7 @@ def test_container_stopped_mid_stream_leaves_no_snapshot(major: str, start_pg, r
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
     backup = _start_backup(env)
-    _wait_for_copy(db, "a_big")
+    wait_for_copy(db)
     docker("stop", "-t", "1", name)
     out, err = backup.communicate(timeout=300)
     assert backup.returncode == 1, err

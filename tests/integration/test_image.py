@@ -15,19 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TEST_LABEL, PgContainer, Repo, docker, wait_for
+from tests.integration.conftest import BIG_TABLE, TEST_LABEL, PgContainer, Repo, docker, wait_for, wait_for_copy
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "backup-watcher:test"
 BASE_IMAGE = "backup-watcher-test/python-base:bookworm"
-BIG_TABLE = """
-CREATE TABLE a_big (id int PRIMARY KEY, payload text);
-INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300000) AS g;
-"""
-
-
 def engine_socket() -> str:
     return os.environ["DOCKER_HOST"].removeprefix("unix://")
 
@@ -125,11 +119,6 @@ def repo_dir(repo: Repo) -> Iterator[Path]:
     subprocess.run(["chown", "-R", "root:root", str(repo.path)], check=False)
 
 
-def _wait_for_copy(db: PgContainer) -> None:
-    wait_for(lambda: db.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.a_big %'",
-                             database="postgres", check=False) == "1", 120, "the dump to stream", interval=0.05)
-
-
 def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
         image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-img-db", "17")
@@ -139,7 +128,7 @@ def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
         # docker stop in the middle of the first dump: exit 0 within seconds, no partial snapshot.
         run_watcher_container(name, repo_dir, secrets_dir, engine_socket(), "bwt-img-*",
                               {"WATCHER_SHUTDOWN_GRACE": "0"})
-        _wait_for_copy(db)
+        wait_for_copy(db)
         started = time.monotonic()
         docker("stop", name)  # the default 10 s timeout: SIGKILL after it would mean tini failed
         stopped_in = time.monotonic() - started

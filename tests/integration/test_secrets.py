@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, docker
+from tests.integration.conftest import PgContainer, Repo, docker, process_command_lines
 
 pytestmark = pytest.mark.engine
 
 DB_PASSWORD = "db-s3cret 'q' \"dq\" $(id) ✓"
-
-
-def _all_argv() -> list[str]:
-    """The command lines of every process on the machine right now (also those inside containers)."""
-    lines = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                raw = Path(entry.path, "cmdline").read_bytes()
-            except OSError:
-                continue
-            if raw:
-                lines.append(raw.replace(b"\0", b" ").decode(errors="replace"))
-    return lines
 
 
 class ArgvSampler(threading.Thread):
@@ -43,7 +27,7 @@ class ArgvSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.seen.update(_all_argv())
+            self.seen.update(process_command_lines())
             time.sleep(0.005)
 
 
