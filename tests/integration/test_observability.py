@@ -53,11 +53,9 @@ EMPTY_DASHBOARD_QUERIES = {
     ("Restore drills", "A"),  # time since the last successful drill: no drill ran
     ("Restore drills", "B"),  # last drill duration: no drill ran
     ("Restore drills", "C"),  # failed drills: no drill ran
-    ("Alert notifications (24 h)", "A"),  # no Apprise URL configured, nothing sent
 }
 # Series selected by alert expressions that legitimately have no data in this run.
 EMPTY_ALERT_SELECTORS = {
-    'backup_watcher_prunes_total{result="failure"}',  # created at the first failed prune
     'backup_watcher_restore_drills_total{result="failure"}',  # no drill ran
     "backup_watcher_restore_drill_last_success_timestamp_seconds",  # no drill ran
 }
