@@ -113,9 +113,10 @@ start_engine() {
     log "starting dockerd (data root $TG/docker)"
     mkdir -p "$TG/docker" "$RUN/exec"
     # setsid: the engine outlives the shell that started it, and a test run can restart it.
+    # 9>&-: it must not inherit the set-up lock, or it would hold it for as long as it runs.
     setsid dockerd --data-root "$TG/docker" --exec-root "$RUN/exec" --host "unix://$RUN/docker.sock" \
         --pidfile "$RUN/dockerd.pid" --bridge=none --iptables=false --ip-masq=false \
-        >"$RUN/dockerd.log" 2>&1 </dev/null &
+        >"$RUN/dockerd.log" 2>&1 </dev/null 9>&- &
     for _ in $(seq 1 100); do
         engine_alive && return 0
         sleep 0.2
