@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from watcher.config import Retention
 
@@ -124,15 +125,27 @@ def ready_command() -> Command:
     return ("sh", "-c", 'read -r pid1 < /proc/1/comm && [ "$pid1" = postgres ] && pg_isready --quiet')
 
 
-def restic_backup(restic: str, *, host: str, container: str, database: str, source: Command) -> Command:
+RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def restic_backup(restic: str, *, host: str, container: str, database: str, source: Command,
+                  snapshot_time: datetime | None = None) -> Command:
     """restic backup that runs `source` and stores its stdout as one snapshot.
 
     restic writes no snapshot unless `source` exits 0 (--stdin-from-command, restic >= 0.17).
+    With `snapshot_time` (whole seconds are kept) the snapshot carries that time, written in UTC:
+    restic reads --time in its local zone, so it must run with TZ=UTC (RESTIC_TIME_ENV).
     """
     argv: list[str] = [restic, "backup", "--json", "--host", host, "--stdin-filename", dump_filename(database)]
     for tag in snapshot_tags(container, database):
         argv += ["--tag", tag]
+    if snapshot_time is not None:
+        argv += ["--time", snapshot_time.astimezone(UTC).strftime(RESTIC_TIME_FORMAT)]
     return (*argv, "--stdin-from-command", "--", *source)
+
+
+# The environment restic needs to read --time as UTC.
+RESTIC_TIME_ENV = {"TZ": "UTC"}
 
 
 def restic_snapshots(restic: str, *, host: str | None = None, container: str | None = None,

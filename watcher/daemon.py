@@ -424,12 +424,12 @@ class Daemon:
 
         def work() -> JobFinished:
             results = backup_target(self.ctx, target)
-            try:
-                snapshots: tuple[Snapshot, ...] | None = tuple(
-                    self.ctx.repository.snapshots(host=self.ctx.host, container=target.name))
-            except ResticError as exc:
-                log.warning("snapshot_listing_failed", target=target.name, error=str(exc))
-                snapshots = None
+            # What the repository now holds follows from the results (the watcher sets each snapshot's
+            # time): no listing, which would open the repository a second time per backup.
+            snapshots = tuple(
+                Snapshot(id=r.snapshot_id, short_id=r.snapshot_id[:8], time=r.snapshot_time, host=self.ctx.host,
+                         container=target.name, database=r.database, bytes=r.bytes_processed)
+                for r in results if r.ok and r.snapshot_id is not None and r.snapshot_time is not None)
             return JobFinished("backup", entry.container_id, tuple(results), snapshots)
 
         self._submit(work, "backup", entry.container_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from watcher.config import Retention
 from watcher.schedule import validate_cron
@@ -34,6 +35,7 @@ class ContainerInfo:
     env: Mapping[str, str]
     running: bool = True
     image_id: str = ""
+    started_at: float | None = None  # epoch seconds of the container's last start, by the engine's clock
 
     @classmethod
     def from_inspect(cls, attrs: Mapping[str, object]) -> ContainerInfo:
@@ -53,7 +55,19 @@ class ContainerInfo:
             env=env,
             running=bool(state.get("Running", False)),
             image_id=str(attrs.get("Image") or ""),
+            started_at=parse_engine_time(state.get("StartedAt")),
         )
+
+
+def parse_engine_time(raw: object) -> float | None:
+    """Epoch seconds of an engine timestamp (RFC 3339, nanoseconds allowed); returns None for a
+    missing, unparsable or zero value (the engine writes 0001-01-01T00:00:00Z for "never")."""
+    if not isinstance(raw, str) or not raw or raw.startswith("0001-"):
+        return None
+    try:
+        return datetime.fromisoformat(raw).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class Target:
     retention: Retention
     drill: bool = True
     image_id: str = ""
+    started_at: float | None = None  # the container's last start (epoch seconds), None if unknown
 
     @property
     def all_databases(self) -> bool:
@@ -228,4 +243,5 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         retention=retention,
         drill=drill,
         image_id=container.image_id,
+        started_at=container.started_at,
     )

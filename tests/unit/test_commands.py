@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -81,6 +83,15 @@ def test_restic_backup_exact() -> None:
         "--stdin-from-command", "--",
         "python", "-m", "watcher.dockerexec", "--container", "abc", "--", "pg_dump",
     )
+
+
+def test_restic_backup_with_its_snapshot_time_in_utc_whole_seconds() -> None:
+    berlin = datetime(2026, 11, 22, 4, 5, 6, 987654, tzinfo=ZoneInfo("Europe/Berlin"))
+    argv = commands.restic_backup("restic", host="h", container="c", database="d", source=("true",),
+                                  snapshot_time=berlin)
+    assert argv[argv.index("--time") + 1] == "2026-11-22 03:05:06"
+    assert argv.index("--time") < argv.index("--stdin-from-command"), "restic options stay before the command"
+    assert commands.RESTIC_TIME_ENV == {"TZ": "UTC"}
 
 
 def test_restic_backup_encodes_odd_database_names() -> None:

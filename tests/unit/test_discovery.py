@@ -7,7 +7,7 @@ import re
 import pytest
 
 from watcher.config import Retention
-from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
+from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover, parse_engine_time
 
 RULES = DiscoveryRules(patterns=("scalr-*-db", "scalr-auth-postgres"), schedule="0 3 * * *",
                        retention=Retention(30, 4, 6))
@@ -273,7 +273,8 @@ INSPECT = {
     "Created": "2026-01-02T03:04:05.123456789Z",
     "Name": "/scalr-app-db",
     "Image": "sha256:0a1b2c3d",
-    "State": {"Status": "running", "Running": True, "Paused": False, "Pid": 4242, "ExitCode": 0},
+    "State": {"Status": "running", "Running": True, "Paused": False, "Pid": 4242, "ExitCode": 0,
+              "StartedAt": "2026-01-02T03:04:06.987654321Z"},
     "Config": {
         "Hostname": "8f2c3b7d1e4a",
         "Env": [
@@ -302,6 +303,8 @@ def test_from_inspect() -> None:
     assert info.env["PGOPTIONS"] == "-c search_path=app,public"
     assert info.env["EMPTY"] == ""
     assert info.env["POSTGRES_DB"] == "scalr_app"
+    # Nanoseconds from the engine, cut to microseconds: 2026-01-02T03:04:06.987654Z.
+    assert info.started_at == 1767323046.987654
 
 
 def test_from_inspect_feeds_discover() -> None:
@@ -319,3 +322,22 @@ def test_from_inspect_stopped_container_with_null_fields() -> None:
     assert info.env == {}
     assert info.labels == {}
     assert info.image == "postgres:15"
+    assert info.started_at is None
+
+
+@pytest.mark.parametrize("raw", [None, "", "0001-01-01T00:00:00Z", "yesterday", 17])
+def test_engine_time_never_or_garbage_is_unknown(raw: object) -> None:
+    assert parse_engine_time(raw) is None
+
+
+def test_engine_time_with_offset() -> None:
+    assert parse_engine_time("2026-01-02T04:04:06+01:00") == parse_engine_time("2026-01-02T03:04:06Z") == 1767323046.0
+
+
+def test_a_restart_changes_the_target() -> None:
+    """The daemon re-registers a target whose container restarted (its start time is part of it)."""
+    before = target_of(ContainerInfo.from_inspect(INSPECT))
+    attrs = {**INSPECT, "State": {**INSPECT["State"], "StartedAt": "2026-01-03T00:00:00Z"}}
+    after = target_of(ContainerInfo.from_inspect(attrs))
+    assert before != after
+    assert after.started_at == parse_engine_time("2026-01-03T00:00:00Z")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from watcher.jobs import restic_error_text
+from watcher.jobs import (
+    READY_TIMEOUT_SECONDS,
+    RECOVERY_WAIT_SECONDS,
+    SETTLED_AFTER_SECONDS,
+    ReadinessPlan,
+    readiness_plan,
+    restic_error_text,
+)
 
 
 def test_json_exit_error_and_plain_lines() -> None:
@@ -43,3 +50,27 @@ def test_plain_line_that_looks_like_json_text_survives() -> None:
 
 def test_empty() -> None:
     assert restic_error_text([]) == ""
+
+
+# --- readiness_plan ------------------------------------------------------------------------------
+
+
+def test_unknown_start_time_waits_the_whole_timeout() -> None:
+    assert readiness_plan(None) == ReadinessPlan(probe_first=True, wait_s=READY_TIMEOUT_SECONDS)
+
+
+def test_a_container_that_just_started_waits_for_what_is_left_of_the_timeout() -> None:
+    assert readiness_plan(0.0) == ReadinessPlan(True, 120.0)
+    assert readiness_plan(45.0) == ReadinessPlan(True, 75.0)
+    # Never less than the recovery wait, even just before it counts as settled.
+    assert readiness_plan(110.0) == ReadinessPlan(True, RECOVERY_WAIT_SECONDS)
+
+
+def test_a_settled_container_dumps_at_once_and_waits_briefly_only_after_a_failure() -> None:
+    assert readiness_plan(SETTLED_AFTER_SECONDS) == ReadinessPlan(False, RECOVERY_WAIT_SECONDS)
+    assert readiness_plan(30 * 86400.0) == ReadinessPlan(False, 30.0)
+
+
+def test_a_start_time_in_the_future_counts_as_just_started() -> None:
+    """Clock skew between the engine and the watcher must not skip the wait of a starting container."""
+    assert readiness_plan(-5.0) == ReadinessPlan(True, 120.0)

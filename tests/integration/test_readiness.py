@@ -1,0 +1,115 @@
+"""Readiness before a dump (watcher.jobs.backup_target): a settled container is dumped without a
+pg_isready exec first; when its PostgreSQL is down after all, the job waits for it once, briefly,
+and dumps again, and a PostgreSQL that stays down fails the job within that brief wait.
+
+PostgreSQL is taken "down" for real by moving its socket away inside the container (what a
+restarting server looks like to a client: pg_isready says "no response"); the container's start
+time is the one input set by hand, so that a container started a second ago counts as settled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tests.integration.conftest import PgContainer, Repo, docker
+from watcher.cli import build_app, select_targets
+from watcher.config import load_config
+from watcher.discovery import Target
+from watcher.jobs import RECOVERY_WAIT_SECONDS, BackupResult, JobContext, backup_target, check_repository
+
+SOCKET = "/var/run/postgresql/.s.PGSQL.5432"
+
+
+def _hide_socket(db: PgContainer) -> None:
+    docker("exec", db.name, "sh", "-c", f"mkdir -p /tmp/hidden && mv {SOCKET} /tmp/hidden/")
+
+
+def _restore_socket(db: PgContainer) -> None:
+    docker("exec", db.name, "sh", "-c", f"mv /tmp/hidden/.s.PGSQL.5432 {SOCKET}")
+
+
+@contextmanager
+def _context(env: dict[str, str], db: PgContainer, started_ago: float) -> Iterator[tuple[JobContext, Target]]:
+    app = build_app(load_config({**env, "WATCHER_CONTAINER_PATTERNS": db.name}))
+    try:
+        ctx = app.job_context()
+        check_repository(ctx, init=True)
+        (target,), _ = select_targets(app, [db.name])
+        assert target.started_at is not None and abs(target.started_at - time.time()) < 120, \
+            "the start time comes from the engine's StartedAt"
+        yield ctx, dataclasses.replace(target, started_at=time.time() - started_ago)
+    finally:
+        app.docker.close()
+
+
+def _pg_isready_execs(db: PgContainer, since: float, until: float) -> int:
+    done = subprocess.run(
+        ["docker", "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}", "--filter",
+         f"container={db.name}", "--filter", "event=exec_start", "--format", "{{.Action}}"],
+        capture_output=True, text=True, check=True, timeout=60, env=os.environ)
+    return sum("pg_isready" in line for line in done.stdout.splitlines())
+
+
+def _backup(ctx: JobContext, target: Target) -> tuple[BackupResult, float]:
+    started = time.monotonic()
+    (result,) = backup_target(ctx, target)
+    return result, time.monotonic() - started
+
+
+def test_settled_container_is_dumped_without_a_probe_a_new_one_after_one(
+        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db = start_pg(major="15")
+    with _context(watcher_env, db, started_ago=3600) as (ctx, settled):
+        since = time.time()
+        result, _ = _backup(ctx, settled)
+        time.sleep(1.1)  # docker events --until has a resolution of a second
+        assert result.ok, result.error
+        assert _pg_isready_execs(db, since, time.time()) == 0
+        since = time.time()
+        result, _ = _backup(ctx, dataclasses.replace(settled, started_at=time.time() - 5))
+        time.sleep(1.1)
+        assert result.ok, result.error
+        assert _pg_isready_execs(db, since, time.time()) == 1
+    assert len(repo.snapshots_of(db.name)) == 2
+
+
+def test_settled_container_whose_postgres_comes_back_is_waited_for_and_dumped_again(
+        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db = start_pg(major="17")
+    db.psql("CREATE TABLE kept AS SELECT g FROM generate_series(1, 500) g")
+    with _context(watcher_env, db, started_ago=3600) as (ctx, target):
+        _hide_socket(db)
+        back = threading.Timer(4.0, _restore_socket, args=(db,))
+        back.start()
+        try:
+            result, seconds = _backup(ctx, target)
+        finally:
+            back.join()
+    assert result.ok, result.error
+    assert 4.0 <= seconds < RECOVERY_WAIT_SECONDS, "waited for PostgreSQL, not for the whole recovery wait"
+    (snapshot,) = repo.snapshots_of(db.name)
+    assert snapshot["id"] == result.snapshot_id
+    dump = subprocess.run(["restic", "dump", str(snapshot["id"]), "/appdb.pgdump"], capture_output=True, check=True,
+                          env={**os.environ, "RESTIC_REPOSITORY": str(repo.path), "RESTIC_PASSWORD": repo.password})
+    assert dump.stdout.startswith(b"PGDMP") and b"kept" in dump.stdout
+
+
+def test_settled_container_whose_postgres_stays_down_fails_within_the_recovery_wait(
+        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db = start_pg(major="15")
+    with _context(watcher_env, db, started_ago=3600) as (ctx, target):
+        _hide_socket(db)
+        result, seconds = _backup(ctx, target)
+    assert not result.ok
+    assert RECOVERY_WAIT_SECONDS <= seconds < RECOVERY_WAIT_SECONDS + 20, "a dead container holds its slot briefly"
+    assert result.error is not None
+    assert "no snapshot was written" in result.error, "the dump's own failure is kept"
+    assert f"did not accept connections within {RECOVERY_WAIT_SECONDS:.0f}s" in result.error
+    assert "no response" in result.error, "pg_isready's verdict names the cause"
+    assert repo.snapshots_of(db.name) == []
