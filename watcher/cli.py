@@ -187,13 +187,17 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
             return None if check.exception() is not None else backup_target(ctx, target)
 
         batches = list(pool.map(back_up, range(len(targets)), targets))
-        if check.result():  # raises ResticError naming the problem (wrong password, no repository, ...)
-            log.info("repository_initialised", repository=ctx.repository.label)
-        # Backups that started before the repository was there: their turn now.
-        again = [i for i, batch in enumerate(batches) if batch and any(r.repository_unverified for r in batch)]
-        for index, batch in zip(again, pool.map(lambda i: backup_target(ctx, targets[i]), again), strict=True):
-            batches[index] = batch
-    results: list[BackupResult] = [result for batch in batches if batch for result in batch]
+        check_error = check.exception()
+        if check_error is None:
+            if check.result():
+                log.info("repository_initialised", repository=ctx.repository.label)
+            # Backups that started before the repository was there: their turn now.
+            again = [i for i, batch in enumerate(batches) if batch and any(r.repository_unverified for r in batch)]
+            for index, batch in zip(again, pool.map(lambda i: backup_target(ctx, targets[i]), again), strict=True):
+                batches[index] = batch
+    # Backups that never got to run are not reported as failures of their own: the check's error says why.
+    results: list[BackupResult] = [result for batch in batches if batch for result in batch
+                                   if not result.repository_unverified]
     for result in results:
         if result.ok:
             assert result.snapshot_id is not None
@@ -203,6 +207,9 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
             print(f"FAILED  {result.target}/{result.database}: {result.error}")
     for bad in rejected:
         print(f"FAILED  {bad.name}: bad labels: {bad.reason}")
+    if check_error is not None:
+        # Wrong password, no repository, ...: exit 2 with the check's message, after whatever did run.
+        raise check_error
     return EXIT_OK if all(r.ok for r in results) and not rejected else EXIT_FAILED
 
 
