@@ -32,7 +32,7 @@ from watcher.config import (
 from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
-from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
+from watcher.jobs import BackupResult, JobContext, backup_database, backup_target, check_repository, new_run_id
 from watcher.restic import Repository, ResticError, Snapshot
 
 # The daemon, the metrics server, Apprise, drills and restores are imported by the commands that use
@@ -191,13 +191,19 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
         if check_error is None:
             if check.result():
                 log.info("repository_initialised", repository=ctx.repository.label)
-            # Backups that started before the repository was there: their turn now.
-            again = [i for i, batch in enumerate(batches) if batch and any(r.repository_unverified for r in batch)]
-            for index, batch in zip(again, pool.map(lambda i: backup_target(ctx, targets[i]), again), strict=True):
-                batches[index] = batch
+            # The databases whose backup started before the repository was there: their turn now
+            # (only those: another database of the same target may already have its snapshot).
+            again = [(batch, j, target, result.database) for batch, target in zip(batches, targets, strict=True)
+                     if batch for j, result in enumerate(batch) if result.repository_unverified]
+            redone = pool.map(lambda item: backup_database(ctx, item[2], item[3], new_run_id()), again)
+            for (rerun_batch, j, _, _), result in zip(again, redone, strict=True):
+                rerun_batch[j] = result
     # Backups that never got to run are not reported as failures of their own: the check's error says why.
     results: list[BackupResult] = [result for batch in batches if batch for result in batch
                                    if not result.repository_unverified]
+    for target, outcome in zip(targets, batches, strict=True):
+        if outcome is None:
+            print(f"SKIPPED {target.name}: not attempted, the repository check failed")
     for result in results:
         if result.ok:
             assert result.snapshot_id is not None

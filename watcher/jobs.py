@@ -29,9 +29,8 @@ READY_TIMEOUT_SECONDS = 120.0
 # A container up this long has finished its start-up (initdb, init scripts): its dump goes ahead
 # without a pg_isready exec first, which costs the engine about 50 ms of CPU per target and pass.
 SETTLED_AFTER_SECONDS = 120.0
-# How long a settled container whose dump just failed may take to accept connections again (a
-# PostgreSQL restarting or recovering) before the failure stands; also the least any wait gets.
-RECOVERY_WAIT_SECONDS = 30.0
+# The least a container that started recently is waited for, however long ago it started.
+MIN_READY_WAIT_SECONDS = 30.0
 # Wait this long for a lock held by a live restic (a prune, another host's backup); stale locks of
 # dead processes are removed by `restic unlock` instead.
 LOCK_WAIT = "5m"
@@ -117,7 +116,9 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIM
             last = str(exc)
             if "is not running" in last or "No such container" in last:
                 raise JobError(ctx.masker(f"{target.name} is gone or stopped: {last}")) from exc
-        if time.monotonic() >= deadline or ctx.cancel.is_set():
+        if ctx.cancel.is_set():
+            raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
+        if time.monotonic() >= deadline:
             raise JobError(ctx.masker(f"PostgreSQL in {target.name} did not accept connections within "
                                       f"{timeout:.0f}s: {last}"))
         ctx.cancel.wait(1.0)
@@ -135,14 +136,14 @@ def readiness_plan(uptime_s: float | None) -> ReadinessPlan:
     """Returns the plan for a container that has been running `uptime_s` seconds (None: unknown).
 
     A container that started recently may still run initdb: wait for it first, up to what is left
-    of READY_TIMEOUT_SECONDS since its start. A settled one goes straight to the dump; only if that
-    fails is PostgreSQL probed, and then waited for RECOVERY_WAIT_SECONDS at most, so that a dead
-    container holds a concurrency slot for seconds, not minutes.
+    of READY_TIMEOUT_SECONDS since its start (MIN_READY_WAIT_SECONDS at least). A settled one goes
+    straight to the dump; only if that fails is PostgreSQL probed, and then waited for as long as
+    after a start (crash recovery of a big cluster takes a while), and the dump run again.
     """
     if uptime_s is None or uptime_s < SETTLED_AFTER_SECONDS:
         left = READY_TIMEOUT_SECONDS - max(0.0, uptime_s or 0.0)
-        return ReadinessPlan(True, max(RECOVERY_WAIT_SECONDS, left))
-    return ReadinessPlan(False, RECOVERY_WAIT_SECONDS)
+        return ReadinessPlan(True, max(MIN_READY_WAIT_SECONDS, left))
+    return ReadinessPlan(False, READY_TIMEOUT_SECONDS)
 
 
 def is_ready(ctx: JobContext, target: Target) -> bool:
@@ -186,11 +187,14 @@ def _summary(lines: list[str]) -> dict[str, object]:
     return {}
 
 
-def backup_database(ctx: JobContext, target: Target, database: str, run_id: str) -> BackupResult:
+def backup_database(ctx: JobContext, target: Target, database: str, run_id: str,
+                    log_failure: bool = True) -> BackupResult:
     """Streams one database's dump into one snapshot; returns the result, never raises.
 
     The snapshot is written only when pg_dump exited 0 and its stream arrived whole: restic runs
     the exec helper with --stdin-from-command and discards everything if the helper fails.
+    With log_failure=False a failure is returned without its `backup_failed` line: the caller may
+    still try again, and logs the failure that stands (log_failed_backup).
     """
     bound = log.bind(target=target.name, database=database, run_id=run_id)
     started_at = datetime.now(UTC)
@@ -224,8 +228,10 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str)
     except OSError as exc:
         duration = time.monotonic() - started
         error = masker(f"cannot start restic ({ctx.repository.binary!r}): {exc}")
-        bound.error("backup_failed", error=error, duration_s=round(duration, 3))
-        return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+        failed = BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+        if log_failure:
+            log_failed_backup(failed)
+        return failed
     duration = time.monotonic() - started
     summary = _summary(stdout_lines)
     snapshot_id = summary.get("snapshot_id")
@@ -249,8 +255,16 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str)
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
     error = masker(f"{head}\n{detail}" if detail else head)
-    bound.error("backup_failed", error=error, duration_s=round(duration, 3))
-    return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+    failed = BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+    if log_failure:
+        log_failed_backup(failed)
+    return failed
+
+
+def log_failed_backup(result: BackupResult) -> None:
+    """Writes the `backup_failed` line of a failure that stands."""
+    log.error("backup_failed", target=result.target, database=result.database, run_id=result.run_id,
+              error=result.error, duration_s=round(result.duration_s, 3))
 
 
 def _keep_summary_lines(sink: list[str]) -> Callable[[str], None]:
@@ -299,22 +313,27 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     for database in databases:
         if ctx.cancel.is_set():
             break
-        result = backup_database(ctx, target, database, run_id)
-        if (not result.ok and not result.repository_unverified and may_wait and not ctx.cancel.is_set()
-                and not is_ready(ctx, target)):
-            # The dump went ahead without a probe and PostgreSQL is not up (restarting, recovering):
-            # no snapshot was written, so wait for it once and run this dump again.
-            may_wait = False
-            log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
-                        wait_s=plan.wait_s)
-            try:
-                wait_until_ready(ctx, target, plan.wait_s)
-            except JobError as exc:
-                log.error("backup_failed", target=target.name, database=database, run_id=run_id, error=str(exc))
-                results.append(replace(result, error=f"{result.error}\n{exc}"))
-                continue
-            result = backup_database(ctx, target, database, run_id)
-        results.append(result)
+        result = backup_database(ctx, target, database, run_id, log_failure=not may_wait)
+        if result.ok or result.repository_unverified or not may_wait:
+            results.append(result)
+            continue
+        if ctx.cancel.is_set() or is_ready(ctx, target):
+            log_failed_backup(result)
+            results.append(result)
+            continue
+        # The dump went ahead without a probe and PostgreSQL is not up (restarting, recovering): no
+        # snapshot was written, so wait for it once and run this dump again.
+        may_wait = False
+        log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
+                    error=result.error, wait_s=plan.wait_s)
+        try:
+            wait_until_ready(ctx, target, plan.wait_s)
+        except JobError as exc:
+            result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
+            log_failed_backup(result)
+            results.append(result)
+            continue
+        results.append(backup_database(ctx, target, database, run_id))
     return results
 
 

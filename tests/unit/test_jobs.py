@@ -1,12 +1,12 @@
-"""restic_error_text (watcher.jobs): restic's stderr, JSON or plain, as readable lines."""
+"""watcher.jobs pure parts: restic_error_text (restic's stderr as readable lines) and readiness_plan."""
 
 from __future__ import annotations
 
 import json
 
 from watcher.jobs import (
+    MIN_READY_WAIT_SECONDS,
     READY_TIMEOUT_SECONDS,
-    RECOVERY_WAIT_SECONDS,
     SETTLED_AFTER_SECONDS,
     ReadinessPlan,
     readiness_plan,
@@ -62,13 +62,14 @@ def test_unknown_start_time_waits_the_whole_timeout() -> None:
 def test_a_container_that_just_started_waits_for_what_is_left_of_the_timeout() -> None:
     assert readiness_plan(0.0) == ReadinessPlan(True, 120.0)
     assert readiness_plan(45.0) == ReadinessPlan(True, 75.0)
-    # Never less than the recovery wait, even just before it counts as settled.
-    assert readiness_plan(110.0) == ReadinessPlan(True, RECOVERY_WAIT_SECONDS)
+    # Never less than the minimum wait, even just before it counts as settled.
+    assert readiness_plan(110.0) == ReadinessPlan(True, MIN_READY_WAIT_SECONDS)
 
 
-def test_a_settled_container_dumps_at_once_and_waits_briefly_only_after_a_failure() -> None:
-    assert readiness_plan(SETTLED_AFTER_SECONDS) == ReadinessPlan(False, RECOVERY_WAIT_SECONDS)
-    assert readiness_plan(30 * 86400.0) == ReadinessPlan(False, 30.0)
+def test_a_settled_container_dumps_at_once_and_waits_only_after_a_failure() -> None:
+    assert readiness_plan(SETTLED_AFTER_SECONDS) == ReadinessPlan(False, READY_TIMEOUT_SECONDS)
+    # After a failed dump, as long as after a start: crash recovery of a big cluster takes a while.
+    assert readiness_plan(30 * 86400.0) == ReadinessPlan(False, 120.0)
 
 
 def test_a_start_time_in_the_future_counts_as_just_started() -> None:
