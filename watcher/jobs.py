@@ -96,26 +96,31 @@ def list_databases(ctx: JobContext, target: Target) -> list[str]:
     return [name for name in done.stdout.decode().split("\0") if name.strip()]
 
 
+def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
+    """One pg_isready in the container; returns None when PostgreSQL accepts connections, else why
+    not. Raises JobError naming the container when it is gone or stopped."""
+    try:
+        done = run_exec(ctx.docker_host, target.container_id, commands.pg_isready_command(),
+                        env=commands.pg_env(target.credentials.user, target.credentials.database))
+    except DockerExecError as exc:
+        reason = str(exc)
+        if "is not running" in reason or "No such container" in reason:
+            raise JobError(ctx.masker(f"{target.name} is gone or stopped: {reason}")) from exc
+        return reason
+    if done.outcome.ok:
+        return None
+    # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
+    return (done.stderr.decode(errors="replace").strip()
+            or {1: "the server rejects connections (starting up?)", 2: "no response from the server",
+                3: "no connection attempt was made"}.get(done.outcome.exit_code or 0,
+                                                           f"pg_isready exit {done.outcome.exit_code}"))
+
+
 def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIMEOUT_SECONDS) -> None:
     """Waits until PostgreSQL in the container accepts connections (a container that just started
     may still be running initdb); raises JobError naming the container when it does not in time."""
     deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        try:
-            done = run_exec(ctx.docker_host, target.container_id, commands.pg_isready_command(),
-                            env=commands.pg_env(target.credentials.user, target.credentials.database))
-            if done.outcome.ok:
-                return
-            # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
-            last = (done.stderr.decode(errors="replace").strip()
-                    or {1: "the server rejects connections (starting up?)", 2: "no response from the server",
-                        3: "no connection attempt was made"}.get(done.outcome.exit_code or 0,
-                                                                   f"pg_isready exit {done.outcome.exit_code}"))
-        except DockerExecError as exc:
-            last = str(exc)
-            if "is not running" in last or "No such container" in last:
-                raise JobError(ctx.masker(f"{target.name} is gone or stopped: {last}")) from exc
+    while (last := _not_ready_reason(ctx, target)) is not None:
         if ctx.cancel.is_set():
             raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
         if time.monotonic() >= deadline:
@@ -148,13 +153,11 @@ def readiness_plan(uptime_s: float | None) -> ReadinessPlan:
 
 def is_ready(ctx: JobContext, target: Target) -> bool:
     """One pg_isready in the container; returns whether PostgreSQL accepts connections (False also
-    when the exec itself fails)."""
+    when the container is gone or the exec itself fails)."""
     try:
-        done = run_exec(ctx.docker_host, target.container_id, commands.pg_isready_command(),
-                        env=commands.pg_env(target.credentials.user, target.credentials.database))
-    except DockerExecError:
+        return _not_ready_reason(ctx, target) is None
+    except JobError:
         return False
-    return done.outcome.ok
 
 
 def restic_error_text(lines: list[str]) -> str:
@@ -303,12 +306,11 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     except JobError as exc:
         duration = time.monotonic() - started
         # Every database the target is meant to have failed; "*" stands for "all" before they are known.
-        failed_databases = databases or [ALL_DATABASES_PLACEHOLDER]
-        for database in failed_databases:
-            log.error("backup_failed", target=target.name, database=database, run_id=run_id, error=str(exc),
-                      duration_s=round(duration, 3))
-        return [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
-                for database in failed_databases]
+        failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
+                  for database in databases or [ALL_DATABASES_PLACEHOLDER]]
+        for result in failed:
+            log_failed_backup(result)
+        return failed
     results = []
     for database in databases:
         if ctx.cancel.is_set():
