@@ -258,7 +258,13 @@ class Daemon:
         elif not info.running:
             self._mark_stopped(container_id)
         else:
-            self._register(info, old_name)
+            try:
+                self._register(info, old_name)
+            except Exception as exc:
+                # Whatever one container's attributes trip, it must cost that container, not the
+                # loop that backs up all the others (and, under a restart policy, a crash loop).
+                log.exception("target_registration_failed", target=info.name, container_id=info.id[:12],
+                              error=self.ctx.masker(f"{type(exc).__name__}: {exc}"))
 
     def _register(self, info: ContainerInfo, old_name: str | None = None) -> None:
         found = discover(info, self.rules)

@@ -21,6 +21,15 @@ def validate_cron(expression: str) -> str | None:
         croniter(expression)
     except (ValueError, KeyError) as exc:
         return f"not a valid cron expression ({exc})"
+    # croniter accepts dates that never come (30 February) and only fails when asked for a slot; the
+    # daemon asks at registration, so such a schedule must be refused here, not found out there.
+    # The probe starts in a leap year's January so that a schedule on 29 February passes.
+    probe_start = datetime(2000, 1, 1)
+    try:
+        croniter(expression, probe_start).get_next(datetime)
+        croniter(expression, probe_start).get_prev(datetime)
+    except ValueError:
+        return "this schedule never comes round (a day that no month has, e.g. 30 February)"
     return None
 
 

@@ -109,6 +109,7 @@ def test_other_labels_do_not_matter() -> None:
     ("backup-watcher.schedule", "0 3 * *"),
     ("backup-watcher.schedule", "0 3 * * * *"),
     ("backup-watcher.schedule", "0 24 * * *"),
+    ("backup-watcher.schedule", "0 3 30 2 *"),
     ("backup-watcher.databases", ",,"),
     ("backup-watcher.databases", ""),
     ("backup-watcher.databases", "app,,billing"),

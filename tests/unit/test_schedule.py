@@ -28,7 +28,7 @@ def runs_on_local_day(expression: str, day: date, zone: str) -> list[datetime]:
 
 
 @pytest.mark.parametrize("expression", ["0 3 * * *", "*/5 * * * *", "30 2 * * 0", "0 5 1 * *", "0 0 1 1 *",
-                                        "15,45 8-18 * * 1-5", "  0 3 * * *  "])
+                                        "15,45 8-18 * * 1-5", "  0 3 * * *  ", "0 0 29 2 *", "0 3 31 * *"])
 def test_validate_cron_accepts(expression: str) -> None:
     assert validate_cron(expression) is None
 
@@ -39,6 +39,14 @@ def test_validate_cron_rejects(expression: str) -> None:
     why = validate_cron(expression)
     assert isinstance(why, str)
     assert why
+
+
+@pytest.mark.parametrize("expression", ["0 3 30 2 *", "0 3 31 4 *", "0 3 31 2,4,6,9,11 *"])
+def test_validate_cron_rejects_a_day_that_never_comes(expression: str) -> None:
+    # croniter builds these and fails only when asked for a slot: the daemon would crash at
+    # registration instead of disabling the one container.
+    why = validate_cron(expression)
+    assert why is not None and "never comes round" in why
 
 
 def test_validate_cron_says_how_many_fields() -> None:
