@@ -77,11 +77,16 @@ def pg_isready_command() -> Command:
 
 
 def list_databases_command() -> Command:
-    """psql that prints every database that is not a template and accepts connections, NUL-separated."""
+    """psql that prints every database that is not a template and accepts connections, NUL-separated.
+
+    A restore's scratch copy (`*_bw_restore`, half restored while it runs) and the old database it
+    moves aside (`*_bw_previous`) are not the container's databases: they are left out.
+    """
     return (
         "psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "--record-separator-zero",
         "-v", "ON_ERROR_STOP=1", "--command",
-        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname",
+        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn"
+        " AND datname NOT LIKE '%\\_bw\\_restore' AND datname NOT LIKE '%\\_bw\\_previous' ORDER BY datname",
     )
 
 

@@ -1,8 +1,9 @@
 """Restore: a snapshot back into a container's database, without losing the old one on failure.
 
 The dump is restored into a fresh scratch database first (pg_restore --single-transaction); only
-when that succeeded is the old database dropped and the scratch one renamed into its place. A
-failed restore leaves the live database exactly as it was.
+when that succeeded does the swap start: the old database is renamed aside, the scratch one renamed
+into its place, and the old one dropped last. A failed restore leaves the live database exactly as it
+was; a failed swap puts the old database back under its name.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from watcher.restic import Repository, Snapshot
 log = structlog.get_logger("watcher.restore")
 RESTORE_TIMEOUT_SECONDS = 12 * 3600.0
 SCRATCH_SUFFIX = "_bw_restore"
+PREVIOUS_SUFFIX = "_bw_previous"
 PG_IDENTIFIER_BYTES = 63
 
 
@@ -57,11 +59,20 @@ def choose_snapshot(snapshots: Sequence[Snapshot], selector: str, database: str 
     return matches[0]
 
 
+def _suffixed(database: str, suffix: str) -> str:
+    room = PG_IDENTIFIER_BYTES - len(suffix)
+    head = database.encode()[:room].decode(errors="ignore")
+    return head + suffix
+
+
 def scratch_name(database: str) -> str:
     """The scratch database a restore goes into before it replaces `database` (<= 63 bytes)."""
-    room = PG_IDENTIFIER_BYTES - len(SCRATCH_SUFFIX)
-    head = database.encode()[:room].decode(errors="ignore")
-    return head + SCRATCH_SUFFIX
+    return _suffixed(database, SCRATCH_SUFFIX)
+
+
+def previous_name(database: str) -> str:
+    """The name `database` is moved to during the swap, until the restored copy has its name."""
+    return _suffixed(database, PREVIOUS_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -101,12 +112,14 @@ class Restorer:
                 database: str) -> RestoreResult:
         """Replaces `database` in the container with the snapshot's dump; raises RestoreError.
 
-        The old database is dropped only after the dump restored completely into a scratch database.
+        The old database is dropped only after the dump restored completely into a scratch database
+        and the restored copy has taken its name.
         """
         started = time.monotonic()
         masker = self.masker.with_secrets([creds.password])
         scratch = scratch_name(database)
         bound = log.bind(target=container_name, database=database, snapshot_id=snapshot.short_id)
+        self._heal_interrupted_swap(container_id, creds, database, bound)
         facts = self._psql(container_id, creds, (
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :'db';\n"
         ), {"db": database}).strip()
@@ -139,16 +152,92 @@ class Restorer:
             bound.error("restore_failed", error=error)
             raise RestoreError(f"restore failed; {database!r} was left untouched. {error}")
 
-        self._psql(container_id, creds, (
-            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db') AS db_exists \\gset\n"
-            "\\if :db_exists\n"
-            'ALTER DATABASE :"db" ALLOW_CONNECTIONS false;\n'
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity\n"
-            "  WHERE datname = :'db' AND pid <> pg_backend_pid();\n"
-            'DROP DATABASE :"db";\n'
-            "\\endif\n"
-            'ALTER DATABASE :"scratch" RENAME TO :"db";\n'
-        ), {"db": database, "scratch": scratch})
+        try:
+            self._swap(container_id, creds, database, scratch, bound)
+        except RestoreError as exc:
+            bound.error("restore_failed", error=str(exc))
+            raise
         duration = time.monotonic() - started
         bound.info("restore_succeeded", duration_s=round(duration, 3))
         return RestoreResult(container_name, database, snapshot.id, duration)
+
+    def _heal_interrupted_swap(self, container_id: str, creds: Credentials, database: str,
+                               bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Puts a database that an interrupted swap left renamed aside back under its name.
+
+        Between the swap's first and second rename the old database is the only copy under neither
+        name; a restore killed there must not have its next run drop it as a leftover.
+        """
+        names = {"db": database, "previous": previous_name(database)}
+        present = set(self._psql(container_id, creds, (
+            "SELECT datname FROM pg_database WHERE datname IN (:'db', :'previous');\n"
+        ), names).split("\n")) - {""}
+        if names["previous"] in present and database not in present:
+            self._psql(container_id, creds, (
+                'ALTER DATABASE :"previous" RENAME TO :"db";\n'
+                'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
+            ), names)
+            bound.warning("restore_interrupted_swap_healed", previous_database=names["previous"])
+
+    def _swap(self, container_id: str, creds: Credentials, database: str, scratch: str,
+              bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Puts the restored `scratch` database in the place of `database`; raises RestoreError.
+
+        Each step is one statement that either happens or not, so that no failure leaves the name
+        `database` without a database behind it: the old one is renamed aside (refused, not forced,
+        while sessions stay in it), the restored one takes the name, and only then is the old one
+        dropped. A failed middle step renames the old database back.
+        """
+        previous = previous_name(database)
+        names = {"db": database, "scratch": scratch, "previous": previous}
+        # Nobody may connect to the restored copy while it changes name (a backup of every
+        # database, a monitoring agent): a session in it would make the rename fail.
+        self._psql(container_id, creds, (
+            'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS false;\n'
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity\n"
+            "  WHERE datname = :'scratch' AND pid <> pg_backend_pid();\n"
+            'DROP DATABASE IF EXISTS :"previous";\n'
+        ), names)
+        exists = self._psql(container_id, creds, (
+            "SELECT count(*) FROM pg_database WHERE datname = :'db';\n"
+        ), names).strip() == "1"
+        if exists:
+            try:
+                self._psql(container_id, creds, (
+                    'ALTER DATABASE :"db" ALLOW_CONNECTIONS false;\n'
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity\n"
+                    "  WHERE datname = :'db' AND pid <> pg_backend_pid();\n"
+                    'ALTER DATABASE :"db" RENAME TO :"previous";\n'
+                ), names)
+            except RestoreError as exc:
+                self._undo(container_id, creds, (
+                    'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
+                    'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS true;\n'
+                ), names, bound)
+                raise RestoreError(f"could not move {database!r} aside to swap in the restored copy; {database!r} "
+                                   f"was left as it was and the restored copy is in {scratch!r}. {exc}") from exc
+        try:
+            self._psql(container_id, creds, 'ALTER DATABASE :"scratch" RENAME TO :"db";\n', names)
+        except RestoreError as exc:
+            if exists:
+                self._undo(container_id, creds, (
+                    'ALTER DATABASE :"previous" RENAME TO :"db";\n'
+                    'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
+                ), names, bound)
+            self._undo(container_id, creds, 'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS true;\n', names, bound)
+            raise RestoreError(f"could not give the restored copy the name {database!r}; the old database was "
+                               f"put back and the restored copy is in {scratch!r}. {exc}") from exc
+        self._psql(container_id, creds, 'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n', names)
+        if exists:
+            try:
+                self._psql(container_id, creds, 'DROP DATABASE :"previous";\n', names)
+            except RestoreError as exc:
+                # The restore itself is done; only the old copy's space is not given back yet.
+                bound.warning("restore_previous_not_dropped", previous_database=previous, error=str(exc))
+
+    def _undo(self, container_id: str, creds: Credentials, script: str, names: dict[str, str],
+              bound: structlog.typing.FilteringBoundLogger) -> None:
+        try:
+            self._psql(container_id, creds, script, names)
+        except RestoreError as exc:
+            bound.error("restore_undo_failed", error=str(exc))

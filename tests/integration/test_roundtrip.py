@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, run_watcher
+from tests.integration.conftest import PgContainer, Repo, docker, run_watcher, wait_ready
+from watcher import commands
 
 pytestmark = pytest.mark.engine
 
@@ -113,3 +114,49 @@ def test_restore_of_a_missing_snapshot_names_it_and_changes_nothing(
     assert missing.returncode == 2
     assert "deadbeef" in missing.stderr
     assert db.psql("SELECT count(*) FROM t") == "1"
+
+
+def test_restore_swap_never_leaves_the_name_without_its_database(
+    start_pg, repo: Repo, watcher_env: dict[str, str]
+) -> None:
+    """A swap that cannot move the live database aside changes nothing; an interrupted one is healed."""
+    db: PgContainer = start_pg("scalr-swap-db", "15")
+    db.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "scalr-swap-db"}
+    assert run_watcher(["backup"], env).returncode == 0
+    db.psql("INSERT INTO t VALUES (2);")
+
+    # A prepared transaction holds the database like a session that cannot be terminated: the
+    # rename aside is refused.
+    db.psql("ALTER SYSTEM SET max_prepared_transactions = 2;", database="postgres")
+    docker("restart", "-t", "10", db.name)
+    wait_ready(db.name)
+    db.psql("BEGIN; SELECT txid_current(); PREPARE TRANSACTION 'hold';")
+    refused = run_watcher(["restore", db.name, "latest", "--yes"], env)
+    assert refused.returncode == 1, refused.stderr
+    assert "could not move 'appdb' aside" in refused.stderr, refused.stderr
+    assert "prepared transaction" in refused.stderr, refused.stderr
+    # The live database is as it was and takes connections; the restored copy is kept for the operator.
+    assert db.psql("SELECT count(*) FROM t") == "2"
+    assert db.psql("SELECT count(*) FROM t", database="appdb_bw_restore") == "1"
+    assert db.psql("SELECT count(*) FROM pg_database WHERE datname = 'appdb_bw_previous'", database="postgres") == "0"
+    # A backup of every database does not take the scratch copy for one of the container's databases.
+    listed = docker("exec", "-e", "PGUSER=app", "-e", "PGDATABASE=postgres", db.name,
+                    *commands.list_databases_command()).stdout.split("\0")
+    assert "appdb" in listed and "appdb_bw_restore" not in listed, listed
+
+    db.psql("ROLLBACK PREPARED 'hold';")
+    done = run_watcher(["restore", db.name, "latest", "--yes"], env)
+    assert done.returncode == 0, done.stderr
+    assert db.psql("SELECT count(*) FROM t") == "1"
+
+    # A restore killed between its two renames leaves the old database only under the aside name:
+    # the next restore first puts it back, then swaps as usual.
+    db.psql("INSERT INTO t VALUES (5);")
+    db.psql("ALTER DATABASE appdb RENAME TO appdb_bw_previous;", database="postgres")
+    healed = run_watcher(["restore", db.name, "latest", "--yes"], env)
+    assert healed.returncode == 0, healed.stderr
+    assert "restore_interrupted_swap_healed" in healed.stderr, healed.stderr
+    assert db.psql("SELECT count(*) FROM t") == "1"
+    leftovers = "SELECT count(*) FROM pg_database WHERE datname LIKE '%bw_restore' OR datname LIKE '%bw_previous'"
+    assert db.psql(leftovers, database="postgres") == "0"

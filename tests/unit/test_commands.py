@@ -229,3 +229,7 @@ def test_list_databases_command_excludes_templates() -> None:
     sql = argv[-1]
     assert "NOT datistemplate" in sql
     assert "datallowconn" in sql
+    # A restore's half-restored scratch copy and the old database it moved aside are no databases
+    # of the container's own (LIKE's default escape is the backslash).
+    assert "datname NOT LIKE '%\\_bw\\_restore'" in sql
+    assert "datname NOT LIKE '%\\_bw\\_previous'" in sql
