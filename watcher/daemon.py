@@ -109,6 +109,7 @@ class Daemon:
         self.driller = Driller(ctx, docker)
         self._backed_up_since_prune: set[str] = set()
         self._pending_retags: dict[str, list[tuple[str, str]]] = {}
+        self._running_retags: dict[str, list[tuple[str, str]]] = {}
         self._ignored: dict[str, str] = {}
         self._newest: dict[tuple[str, str], Snapshot] = {}
         self._last_reconcile = 0.0
@@ -391,16 +392,21 @@ class Daemon:
             if entry is None or entry.running_job or self._running_other:
                 continue
             del self._pending_retags[container_id]
+            self._running_retags[container_id] = renames
             self._submit_retag(entry, renames)
         if (self._next_drill is not None and self._next_drill <= now and not self._drill_running
                 and self._slots_in_use() < self.config.concurrency):
             self._submit_drills()
         waiting = due(entries, now)
+        # The retag moves every snapshot tagged with the old name: a new container that took that
+        # name must not back up before it, or its first snapshots would move into the other history.
+        awaiting_retag = {old for renames in (*self._pending_retags.values(), *self._running_retags.values())
+                          for old, _ in renames}
         for entry in waiting:
             if self._slots_in_use() >= self.config.concurrency:
                 break
             current = self.registry.get(entry.container_id)
-            if current is None or current.running_job:
+            if current is None or current.running_job or current.name in awaiting_retag:
                 continue
             self._submit_backup(current)
         if (self._backed_up_since_prune and not self._running_backups and not self._running_other
@@ -523,6 +529,7 @@ class Daemon:
         else:
             self._running_other -= 1
             if finished.container_id is not None:
+                self._running_retags.pop(finished.container_id, None)
                 self.registry.update(finished.container_id, running_job=False)
             if finished.error:
                 log.error("history_rename_failed", error=finished.error)

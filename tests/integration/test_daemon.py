@@ -77,9 +77,28 @@ def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Rep
         docker("start", name)
         wait_for(lambda: (daemon.row(name) or {}).get("state") not in (None, "stopped"), 5, "the restart")
         docker("rename", name, renamed)
-        wait_for(lambda: daemon.row(renamed) and not daemon.row(name), 5, "the rename")
-        wait_for(lambda: _snapshot_count(repo, renamed) >= stopped_count and _snapshot_count(repo, name) == 0,
-                 60, "the history to follow the new name")
+        wait_for(lambda: daemon.row(renamed) and daemon.row(name) is None, 5, "the rename")
+        # A new container takes the old name at once (a swap). It is backed up only after the retag of
+        # the old name, so that its own first snapshot is not moved into the renamed history.
+        renamed_at = _ts(daemon.events("target_renamed", target=renamed)[0])
+        docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+               "-e", "POSTGRES_PASSWORD=test-only", PG_IMAGES["15"])
+        wait_for(lambda: daemon.events("history_renamed", target=renamed), 120, "the history to follow the new name")
+        retagged_at = _ts(daemon.events("history_renamed", target=renamed)[0])
+
+        def newcomer_backups() -> list[dict[str, object]]:
+            return [line for line in daemon.events("backup_succeeded", target=name) if _ts(line) > renamed_at]
+
+        wait_for(newcomer_backups, 150, "the new container's first backup")
+        starts = [_ts(line) for line in daemon.events("backup_started", target=name) if _ts(line) > renamed_at]
+        assert min(starts) >= retagged_at, "the newcomer waited for the retag of its name"
+        # Under the old name now: the newcomer's snapshots and nothing of the renamed container's.
+        logged_before = {str(line["snapshot_id"]) for line in newcomer_backups()}
+        own = {str(snap["short_id"]) for snap in repo.snapshots_of(name)}
+        logged_after = {str(line["snapshot_id"]) for line in newcomer_backups()}
+        assert logged_before <= own <= logged_after, (logged_before, own, logged_after)
+        assert _snapshot_count(repo, renamed) >= stopped_count
+        docker("rm", "-f", name)
 
         # Destroyed: gone, and its series with it.
         wait_for(lambda: f'target="{renamed}"' in daemon.metrics(), 60, "series of the renamed target")
