@@ -165,7 +165,13 @@ def load_config(environ: Mapping[str, str]) -> Config:
     problems: list[str] = []
 
     docker_host = environ.get("DOCKER_HOST") or None
-    if docker_host and urllib.parse.urlsplit(docker_host).scheme not in ("unix", "tcp", "http", "ssh"):
+    scheme = urllib.parse.urlsplit(docker_host).scheme if docker_host else ""
+    if scheme == "ssh":
+        # docker-py could list containers over SSH, but dumps stream through the watcher's own exec
+        # client, which speaks to a socket or TCP only: refuse here rather than fail every backup.
+        problems.append(f"DOCKER_HOST={docker_host!r}: ssh:// is not supported; run the watcher on the Docker host "
+                        "(unix:///var/run/docker.sock) or reach the engine by tcp://host:port")
+    elif docker_host and scheme not in ("unix", "tcp", "http"):
         problems.append(f"DOCKER_HOST={docker_host!r}: use unix:///path/docker.sock or tcp://host:port")
 
     restic_env = {k: v for k, v in environ.items() if not k.startswith("WATCHER_")}
@@ -209,7 +215,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
     timezone = environ.get("WATCHER_TIMEZONE", "").strip() or "UTC"
     try:
         zoneinfo.ZoneInfo(timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a name that is a directory of the zone database (Europe) or too long for a path.
         problems.append(f"WATCHER_TIMEZONE={timezone!r}: unknown time zone (use an IANA name such as Europe/Berlin)")
 
     raw_patterns = environ.get("WATCHER_CONTAINER_PATTERNS")
@@ -243,6 +250,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
     apprise_config = environ.get("WATCHER_APPRISE_CONFIG") or None
     if apprise_config and not Path(apprise_config).is_file():
         problems.append(f"WATCHER_APPRISE_CONFIG={apprise_config!r}: no such file")
+        problems.extend(validate_apprise(apprise_urls, None))
     else:
         problems.extend(validate_apprise(apprise_urls, apprise_config))
 

@@ -53,8 +53,9 @@ def configure(log_format: str = "json", level: str = "info", stream: TextIO | No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # Library chatter below WARNING (urllib3 connection pools, docker-py) is noise for operators.
-    for noisy in ("urllib3", "docker"):
+    # Library chatter below WARNING (urllib3 connection pools, docker-py) is noise for operators;
+    # Apprise's debug and info lines also print notification URLs whole, tokens and all.
+    for noisy in ("urllib3", "docker", "apprise"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -150,6 +150,19 @@ def test_missing_apprise_config_file(tmp_path: Path) -> None:
     assert_named(problems, "WATCHER_APPRISE_CONFIG")
 
 
+def test_missing_apprise_config_file_does_not_hide_bad_urls(tmp_path: Path) -> None:
+    problems = problems_of(env(WATCHER_APPRISE_CONFIG=str(tmp_path / "apprise.yml"),
+                               WATCHER_APPRISE_URLS="nosuchscheme://x"))
+    assert_named(problems, "WATCHER_APPRISE_CONFIG")
+    assert_named(problems, "WATCHER_APPRISE_URLS")
+
+
+def test_ssh_docker_host_is_refused_with_the_reason() -> None:
+    problems = problems_of(env(DOCKER_HOST="ssh://admin@db-host"))
+    assert_named(problems, "DOCKER_HOST")
+    assert any("ssh:// is not supported" in p for p in problems)
+
+
 # --- the repository password --------------------------------------------------------------------
 
 
@@ -270,7 +283,8 @@ def test_pattern_list_separators() -> None:
     assert config.container_patterns == ("app-db", "other-*-db")
 
 
-@pytest.mark.parametrize("zone", ["Mars/Olympus", "Europe/Berlinn", "../../etc/passwd", "UTC+2"])
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "Europe/Berlinn", "../../etc/passwd", "UTC+2",
+                                  "Europe", "America/" + "x" * 300])
 def test_bad_timezone(zone: str) -> None:
     problems = problems_of(env(WATCHER_TIMEZONE=zone))
     assert_named(problems, "WATCHER_TIMEZONE")
