@@ -36,7 +36,7 @@ from watcher.jobs import (
     restic_error_text,
 )
 from watcher.metrics import Metrics
-from watcher.registry import DatabaseState, Registry, TargetState, due
+from watcher.registry import DatabaseState, Registry, TargetState, due, judged_snapshot_time
 from watcher.restic import ResticError, Snapshot
 from watcher.retention import PruneResult, apply_retention, clear_stale_locks, repository_figures
 from watcher.schedule import first_run, interval_seconds, next_run
@@ -221,7 +221,7 @@ class Daemon:
         """(stale?, why) of one target; stale is None when it cannot be judged (no schedule yet)."""
         if entry.target is None or entry.interval_s is None:
             return None, ""
-        newest = entry.oldest_newest_snapshot
+        newest = entry.judged_snapshot
         reference = newest or entry.registered_at
         if reference is None:
             return None, ""
@@ -294,8 +294,7 @@ class Daemon:
             return
         now = self.clock()
         databases = self._known_databases(found)
-        newest = None if not databases or any(d.last_snapshot is None for d in databases.values()) else min(
-            d.last_snapshot for d in databases.values() if d.last_snapshot is not None)
+        newest = judged_snapshot_time(found.all_databases, databases)
         when = first_run(found.schedule, self.config.timezone, newest, now)
         entry = TargetState(
             container_id=info.id, name=info.name, target=found, next_run=when,
@@ -320,6 +319,12 @@ class Daemon:
 
     def _known_databases(self, target: Target) -> dict[str, DatabaseState]:
         cached = {db: snap for (container, db), snap in self._newest.items() if container == target.name}
+        if target.all_databases and cached:
+            # Only the databases of the latest pass (one job backs them all up within minutes): an
+            # older history is of a database dropped since, which the next listing would drop again.
+            newest = max(snap.time for snap in cached.values())
+            window = 0.5 * interval_seconds(target.schedule, self.config.timezone, self.clock())
+            cached = {db: snap for db, snap in cached.items() if (newest - snap.time).total_seconds() <= window}
         names = sorted(cached) if target.all_databases else list(target.databases)
         return {db: DatabaseState(last_snapshot=cached[db].time if db in cached else None,
                                   last_snapshot_id=cached[db].id if db in cached else None) for db in names}
@@ -543,6 +548,16 @@ class Daemon:
         if finished.error:
             results = (BackupResult(entry.name, ALL_DATABASES_PLACEHOLDER, False, "-", self.clock(), 0.0,
                                     error=finished.error),)
+        elif entry.target.all_databases and results and all(
+                r.database != ALL_DATABASES_PLACEHOLDER for r in results):
+            # The job listed the container's databases: one dropped since is no longer this target's
+            # (its snapshots stay in the repository), and its series would read stale for ever.
+            gone = sorted(set(entry.databases) - {r.database for r in results})
+            if gone:
+                self.registry.drop_databases(entry.container_id, gone)
+                for database in gone:
+                    self.metrics.forget_database(entry.name, database)
+                log.info("databases_gone", target=entry.name, databases=",".join(gone))
         # A failure before the databases were known counts for every database known so far.
         known = sorted(entry.databases) or [ALL_DATABASES_PLACEHOLDER]
         results = tuple(

@@ -159,14 +159,22 @@ class Metrics:
     def forget_target(self, target: str) -> None:
         """Removes every series of a destroyed target, so labels stay bounded."""
         for database in self._series.pop(target, set()):
-            for result in ("success", "failure"):
-                for counter in (self.backups, self.drills):
-                    with contextlib.suppress(KeyError):
-                        counter.remove(target, database, result)
-            for metric in (self.backup_duration, self.bytes_processed, self.bytes_added,
-                           self.drill_last_success, self.drill_duration):
+            self._remove_series(target, database)
+
+    def forget_database(self, target: str, database: str) -> None:
+        """Removes the series of one database that is gone from its container."""
+        self._series.get(target, set()).discard(database)
+        self._remove_series(target, database)
+
+    def _remove_series(self, target: str, database: str) -> None:
+        for result in ("success", "failure"):
+            for counter in (self.backups, self.drills):
                 with contextlib.suppress(KeyError):
-                    metric.remove(target, database)
+                    counter.remove(target, database, result)
+        for metric in (self.backup_duration, self.bytes_processed, self.bytes_added,
+                       self.drill_last_success, self.drill_duration):
+            with contextlib.suppress(KeyError):
+                metric.remove(target, database)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -8,7 +8,7 @@ on Docker or restic.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -62,14 +62,26 @@ class TargetState:
         return PENDING
 
     @property
-    def oldest_newest_snapshot(self) -> datetime | None:
-        """The newest snapshot of the database that was backed up least recently (None if any has none)."""
-        if not self.databases:
-            return None
-        times = [db.last_snapshot for db in self.databases.values()]
-        if any(t is None for t in times):
-            return None
-        return min(t for t in times if t is not None)
+    def judged_snapshot(self) -> datetime | None:
+        """The snapshot time this target's freshness is judged by; see `judged_snapshot_time`."""
+        return judged_snapshot_time(self.target is not None and self.target.all_databases, self.databases)
+
+
+def judged_snapshot_time(all_databases: bool, databases: Mapping[str, DatabaseState]) -> datetime | None:
+    """The snapshot time a target's freshness (staleness, catch-up, status age) is judged by.
+
+    For named databases, the least recent of their newest snapshots, None if any has none: each of
+    them must be fresh. For `databases=all`, the newest of them: the set follows the databases that
+    exist, and one dropped since keeps its old history in the repository (and in this cache) for
+    good, which must not make the target stale for ever; a database that fails is paged as a
+    failed backup instead.
+    """
+    times = [db.last_snapshot for db in databases.values()]
+    if all_databases:
+        return max((t for t in times if t is not None), default=None)
+    if not times or any(t is None for t in times):
+        return None
+    return min(t for t in times if t is not None)
 
 
 class Registry:
@@ -128,6 +140,15 @@ class Registry:
                 return
             databases = dict(entry.databases)
             databases[database] = replace(databases.get(database, DatabaseState()), **changes)  # type: ignore[arg-type]
+            self._entries[container_id] = replace(entry, databases=databases)
+
+    def drop_databases(self, container_id: str, names: Iterable[str]) -> None:
+        """Removes databases from an entry (gone from the container)."""
+        with self._lock:
+            entry = self._entries.get(container_id)
+            if entry is None:
+                return
+            databases = {name: db for name, db in entry.databases.items() if name not in set(names)}
             self._entries[container_id] = replace(entry, databases=databases)
 
     def count_by_state(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ def status_rows(entries: Iterable[TargetState], now: datetime) -> list[dict[str,
     """One row per watched container: state, newest snapshot and its age, next run, last error."""
     rows: list[dict[str, object]] = []
     for entry in entries:
-        newest = entry.oldest_newest_snapshot
+        newest = entry.judged_snapshot
         error = entry.rejected.reason if entry.rejected is not None else entry.last_error
         rows.append({
             "target": entry.name,

@@ -275,3 +275,34 @@ def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(star
     assert daemon.events("backup_succeeded", target=db.name)
     assert daemon.stop() == 0
     assert repo.restic("list", "locks", "--no-lock").stdout.strip() == ""
+
+
+def test_a_database_dropped_from_an_all_databases_target_leaves_it(start_pg, start_daemon, repo: Repo,
+                                                                   watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-alldb-db", "17", labels={"backup-watcher.databases": "all"})
+    db.psql("CREATE DATABASE extra;", database="postgres")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "* * * * *"}
+    daemon: DaemonProcess = start_daemon(env)
+
+    def databases_in_repo() -> set[str]:
+        return {str(tag).split("=", 1)[1] for snap in repo.snapshots_of(db.name)
+                for tag in snap["tags"] if str(tag).startswith("database=")}
+
+    wait_for(lambda: {"appdb", "extra"} <= databases_in_repo(), 150, "the first pass over both databases")
+    wait_for(lambda: 'database="extra"' in daemon.metrics(), 10, "the dropped-to-be database's series")
+    db.psql("DROP DATABASE extra;", database="postgres")
+    wait_for(lambda: daemon.events("databases_gone", target=db.name), 150, "the next pass")
+    # Gone from the target: no series of it to read stale for ever, the target is fresh and ok.
+    metrics = daemon.metrics()
+    assert 'database="extra"' not in metrics and 'database="appdb"' in metrics
+    row = daemon.row(db.name)
+    assert row is not None and row["state"] == "ok", row
+    assert "extra" in databases_in_repo(), "its snapshots are kept"
+    assert daemon.stop() == 0
+
+    # After a restart the old history of the dropped database is not taken for one of the target's.
+    again: DaemonProcess = start_daemon(env)
+    wait_for(lambda: again.row(db.name), 30, "the registration after the restart")
+    wait_for(lambda: 'database="appdb"' in again.metrics(), 10, "the series of the existing database")
+    assert 'database="extra"' not in again.metrics()
+    assert again.stop() == 0
