@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ class App:
     masker: Masker
     docker: DockerSource
     repository: Repository
+    # Set when a one-shot command is interrupted: every job's pipelines end their processes.
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
     def docker_host(self) -> str:
@@ -108,7 +111,7 @@ class App:
 
     def job_context(self) -> JobContext:
         """A JobContext for backups; raises DockerUnavailable."""
-        return JobContext(self.docker_host, self.repository, self.host(), self.masker)
+        return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel)
 
 
 def build_app(config: Config) -> App:
@@ -475,6 +478,21 @@ def _page_configuration_errors(problems: list[str]) -> None:
                                f"backup-watcher did not start:\n{body}\n\nWhat to do: {ADVICE[Concern.CONFIG]}"))
 
 
+def _interrupt_on_signals(app: App) -> None:
+    """Ctrl-C or SIGTERM ends a one-shot command's jobs, not only its main thread.
+
+    Jobs run on worker threads and their processes in sessions of their own: without the cancel
+    event they would run on (and a backup still write its snapshot) after the command said
+    "interrupted".
+    """
+    def interrupt(signum: int, _frame: object) -> None:
+        app.cancel.set()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
     args = build_parser().parse_args(argv)
@@ -493,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app: App | None = None
     try:
         app = build_app(config)
+        if args.command != "run":  # the daemon handles its signals itself
+            _interrupt_on_signals(app)
         return COMMANDS[args.command](app, args)
     except (UsageError, DockerUnavailable, ResticError) as exc:
         masker = app.masker if app is not None else Masker(config.secrets)

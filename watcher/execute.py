@@ -196,27 +196,41 @@ def run_pipeline(
     timed_out = cancelled = False
     deadline = started + timeout if timeout else None
     terminated_at: float | None = None
-    while True:
-        codes = [proc.poll() for proc in procs]
-        if all(code is not None for code in codes):
-            break
-        now = time.monotonic()
-        failed_member = any(code not in (None, 0) for code in codes)
-        if terminated_at is None:
-            if deadline is not None and now >= deadline:
-                timed_out = True
-            elif cancel is not None and cancel.is_set():
-                cancelled = True
-            if timed_out or cancelled or failed_member:
+    try:
+        while True:
+            codes = [proc.poll() for proc in procs]
+            if all(code is not None for code in codes):
+                break
+            now = time.monotonic()
+            failed_member = any(code not in (None, 0) for code in codes)
+            if terminated_at is None:
+                if deadline is not None and now >= deadline:
+                    timed_out = True
+                elif cancel is not None and cancel.is_set():
+                    cancelled = True
+                if timed_out or cancelled or failed_member:
+                    for proc in procs:
+                        if proc.poll() is None:
+                            _kill_group(proc, signal.SIGTERM)
+                    terminated_at = now
+            elif now - terminated_at >= terminate_grace:
                 for proc in procs:
                     if proc.poll() is None:
-                        _kill_group(proc, signal.SIGTERM)
-                terminated_at = now
-        elif now - terminated_at >= terminate_grace:
-            for proc in procs:
-                if proc.poll() is None:
-                    _kill_group(proc, signal.SIGKILL)
-        time.sleep(0.05)
+                        _kill_group(proc, signal.SIGKILL)
+            time.sleep(0.05)
+    except BaseException:
+        # Ctrl-C (or any error) in the waiting thread: the children run in their own sessions and
+        # would go on without us (a restic backup could still write its snapshot). End them all.
+        for proc in procs:
+            if proc.poll() is None:
+                _kill_group(proc, signal.SIGTERM)
+        grace_end = time.monotonic() + terminate_grace
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, grace_end - time.monotonic()))
+            if proc.poll() is None:
+                _kill_group(proc, signal.SIGKILL)
+        raise
 
     for reader in readers:
         reader.join(timeout=5)

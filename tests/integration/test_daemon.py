@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -227,6 +228,30 @@ def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, 
     assert _no_leftover_helpers(db.id)
     failed = daemon.events("backup_failed", target=db.name)
     assert failed and "aborted by shutdown" in str(failed[0]["error"])
+
+
+def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start_pg, repo: Repo,
+                                                                          watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-ctrlc-db", "15")
+    db.psql(BIG_TABLE)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    backup = subprocess.Popen([sys.executable, "-m", "watcher", "backup"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_copy(db)
+        backup.send_signal(signal.SIGINT)
+        _, stderr = backup.communicate(timeout=30)
+    finally:
+        if backup.poll() is None:
+            backup.kill()
+    assert backup.returncode == 1, stderr
+    assert "interrupted" in stderr
+    # restic and the exec helper (restic's argv names the container too) ended with the command, so
+    # no snapshot can appear afterwards; the repository is sound.
+    assert _no_leftover_helpers(db.id), [line for line in process_command_lines() if db.id in line]
+    time.sleep(1)
+    assert repo.snapshots_of(db.name) == []
+    assert "no errors were found" in repo.restic("check").stdout
 
 
 def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(start_pg, start_daemon, repo: Repo,
