@@ -41,15 +41,18 @@ def dump_filename(database: str) -> str:
 
 
 def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[str] = (),
-                env_values: Mapping[str, str] | None = None, stdin: bool = False) -> Command:
+                env_values: Mapping[str, str] | None = None, stdin: bool = False, seal: bool = False) -> Command:
     """The `python -m watcher.dockerexec` command that runs `cmd` in a container.
 
     `env_names` are passed by name only (their values come from the helper's environment), so
-    secrets never reach argv; `env_values` are for values that are not secret.
+    secrets never reach argv; `env_values` are for values that are not secret. `seal` makes the
+    helper fail an output that lacks the end mark of a successful run (dumps; needs `sh`).
     """
     argv: list[str] = [sys.executable, "-m", "watcher.dockerexec", "--container", container_id]
     if stdin:
         argv.append("--stdin")
+    if seal:
+        argv.append("--seal")
     for name, value in (env_values or {}).items():
         argv += ["--env", f"{name}={value}"]
     for name in env_names:

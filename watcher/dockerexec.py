@@ -16,6 +16,12 @@ It runs in two ways:
 
 The program takes secret environment values (PGPASSWORD) by name only, from its own
 environment, so they never appear in any process's argv nor in Docker events.
+
+With `--seal` (dumps) the command runs as `sh -c '"$@" && printf %s "$SEAL"'`, SEAL a random
+value of this run: only a process that exited 0 puts it after its output, and the program passes
+on everything but that end mark. A stream the engine ends early but cleanly (a proxy or a
+connection dropped between two frames, while the dump runs on and still exits 0) lacks the mark
+and fails, instead of becoming a snapshot of half a dump.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import socket
 import struct
 import sys
@@ -39,6 +46,41 @@ HEADER = struct.Struct(">BxxxI")
 READ_CHUNK = 1 << 20
 EXIT_ENGINE_ERROR = 125
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+SEAL_VARIABLE = "BW_END_SEAL"
+
+
+def sealed_command(cmd: Sequence[str]) -> tuple[str, ...]:
+    """`cmd` run by sh, its stdout followed by $BW_END_SEAL only if it exits 0 (its status otherwise)."""
+    return ("sh", "-c", f'"$@" && printf %s "${SEAL_VARIABLE}"', "sh", *cmd)
+
+
+class SealedOutput:
+    """Passes a stream on but for its last len(seal) bytes, which must be the seal at the end."""
+
+    def __init__(self, seal: bytes, write: Callable[[memoryview | bytes], object]) -> None:
+        self._seal = seal
+        self._write = write
+        self._held = b""
+
+    def feed(self, data: bytes) -> None:
+        """Takes the next piece of the stream; writes what cannot be part of the seal."""
+        keep = len(self._seal)
+        if len(data) >= keep:
+            if self._held:
+                self._write(self._held)
+            self._write(memoryview(data)[: len(data) - keep])
+            self._held = data[len(data) - keep :]
+            return
+        joined = self._held + data
+        if len(joined) > keep:
+            self._write(joined[: len(joined) - keep])
+        self._held = joined[-keep:]
+
+    def sealed(self) -> bool:
+        """True when the stream so far ends with the seal (which was not passed on)."""
+        return self._held == self._seal
 
 
 class DockerExecError(Exception):
@@ -322,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="set NAME in the exec; without =VALUE the value comes from our own environment",
     )
     parser.add_argument("--user")
+    parser.add_argument("--seal", action="store_true",
+                        help="require the end mark after the command's output (see the module's docstring)")
     parser.add_argument("cmd", nargs="+")
     args = parser.parse_args(argv)
     env: dict[str, str] = {}
@@ -339,11 +383,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.write(data)
         stderr.flush()
 
+    cmd: Sequence[str] = args.cmd
+    on_stdout: Callable[[bytes], object] = stdout.write
+    sealer: SealedOutput | None = None
+    if args.seal:
+        seal = secrets.token_hex(16)
+        env[SEAL_VARIABLE] = seal
+        cmd = sealed_command(args.cmd)
+        sealer = SealedOutput(seal.encode(), stdout.write)
+        on_stdout = sealer.feed
     try:
         outcome = stream_exec(
-            docker_host, args.container, args.cmd, env=env,
+            docker_host, args.container, cmd, env=env,
             stdin=_stdin_reader() if args.stdin else None,
-            on_stdout=stdout.write, on_stderr=write_err, user=args.user,
+            on_stdout=on_stdout, on_stderr=write_err, user=args.user,
         )
         stdout.flush()
     except DockerExecError as exc:
@@ -352,9 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
         return EXIT_ENGINE_ERROR
+    program = args.cmd[0]
+    if outcome.ok and sealer is not None and not sealer.sealed():
+        print(f"backup-watcher: {program} in {args.container}: its output ended without the end mark of a "
+              "successful run: the stream was cut short", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
     if outcome.ok:
         return 0
-    program = args.cmd[0]
     if outcome.problem:
         print(f"backup-watcher: {program} in {args.container}: {outcome.problem}", file=sys.stderr)
     if outcome.exit_code:

@@ -206,7 +206,7 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str,
     env_names = ["PGPASSWORD"] if creds.password else []
     source = commands.exec_helper(
         target.container_id, commands.pg_dump_command(),
-        env_values=commands.pg_env(creds.user, database), env_names=env_names,
+        env_values=commands.pg_env(creds.user, database), env_names=env_names, seal=True,
     )
     # The watcher sets the snapshot's time itself, so that it knows it without listing the repository
     # afterwards (one more repository open per backup, as costly as the backup's own on a small database).
