@@ -39,7 +39,7 @@ from watcher.metrics import Metrics
 from watcher.registry import DatabaseState, Registry, TargetState, due, judged_snapshot_time
 from watcher.restic import ResticError, Snapshot
 from watcher.retention import PruneResult, apply_retention, clear_stale_locks, repository_figures
-from watcher.schedule import first_run, interval_seconds, next_run
+from watcher.schedule import first_run, interval_seconds, next_run, previous_run
 from watcher.status import status_rows
 
 log = structlog.get_logger("watcher.daemon")
@@ -320,11 +320,12 @@ class Daemon:
     def _known_databases(self, target: Target) -> dict[str, DatabaseState]:
         cached = {db: snap for (container, db), snap in self._newest.items() if container == target.name}
         if target.all_databases and cached:
-            # Only the databases of the latest pass (one job backs them all up within minutes): an
-            # older history is of a database dropped since, which the next listing would drop again.
+            # Only the databases of the latest pass, which began at or after the slot before its newest
+            # snapshot: an older history is of a database dropped since (or missing for two passes),
+            # which the next listing would drop again.
             newest = max(snap.time for snap in cached.values())
-            window = 0.5 * interval_seconds(target.schedule, self.config.timezone, self.clock())
-            cached = {db: snap for db, snap in cached.items() if (newest - snap.time).total_seconds() <= window}
+            cutoff = previous_run(target.schedule, newest, self.config.timezone)
+            cached = {db: snap for db, snap in cached.items() if snap.time >= cutoff}
         names = sorted(cached) if target.all_databases else list(target.databases)
         return {db: DatabaseState(last_snapshot=cached[db].time if db in cached else None,
                                   last_snapshot_id=cached[db].id if db in cached else None) for db in names}
