@@ -77,28 +77,46 @@ def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Rep
         # Renamed: the history moves with the container.
         docker("start", name)
         wait_for(lambda: (daemon.row(name) or {}).get("state") not in (None, "stopped"), 5, "the restart")
-        docker("rename", name, renamed)
-        wait_for(lambda: daemon.row(renamed) and daemon.row(name) is None, 5, "the rename")
-        # A new container takes the old name at once (a swap). It is backed up only after the retag of
-        # the old name, so that its own first snapshot is not moved into the renamed history.
-        renamed_at = _ts(daemon.events("target_renamed", target=renamed)[0])
-        docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
-               "-e", "POSTGRES_PASSWORD=test-only", PG_IMAGES["15"])
+        wait_for(lambda: _snapshot_count(repo, name) > stopped_count, 150, "the catch-up backup after the restart")
+
+        def databases_of(container: str) -> set[str]:
+            return {str(tag) for snap in repo.snapshots_of(container) for tag in snap["tags"]
+                    if str(tag).startswith("database=")}
+
+        # Renamed while the backup of a slot waits for a lock, so that the retag of the old name must
+        # wait; meanwhile a new container takes the old name (a swap), with a database of another name
+        # to tell its snapshots apart. It must not be backed up before the retag, which would move its
+        # snapshots into the renamed container's history.
+        holder = subprocess.Popen(["docker", "exec", "-i", name, "psql", "-X", "-q", "-U", "postgres"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert holder.stdin is not None
+            holder.stdin.write(b"CREATE TABLE lockme (x int);\nBEGIN;\nLOCK TABLE lockme IN ACCESS EXCLUSIVE MODE;\n")
+            holder.stdin.flush()
+            _wait_past_next_minute()
+            waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backup-watcher' "
+                       "AND wait_event_type = 'Lock'")
+            wait_for(lambda: docker("exec", name, "psql", "-X", "-At", "-U", "postgres", "-c", waiting,
+                                    check=False).stdout.strip() == "1", 60, "the slot's dump to wait for the lock")
+            docker("rename", name, renamed)
+            wait_for(lambda: daemon.row(renamed) and daemon.row(name) is None, 5, "the rename")
+            docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+                   "-e", "POSTGRES_PASSWORD=test-only", "-e", "POSTGRES_DB=newcomer", PG_IMAGES["15"])
+            wait_for(lambda: daemon.row(name), 5, "the newcomer's registration")
+            wait_ready(name)
+            time.sleep(5)  # time enough for a backup of the newcomer, were it not held back
+            # (The old name's snapshots are still the renamed container's: the retag has not run.)
+            assert databases_of(name) == {"database=postgres"}, "no backup of the newcomer before the retag"
+        finally:
+            if holder.stdin is not None:
+                holder.stdin.close()
+            holder.wait(timeout=30)
         wait_for(lambda: daemon.events("history_renamed", target=renamed), 120, "the history to follow the new name")
-        retagged_at = _ts(daemon.events("history_renamed", target=renamed)[0])
+        wait_for(lambda: "database=newcomer" in databases_of(name), 150, "the newcomer's first backup")
 
-        def newcomer_backups() -> list[dict[str, object]]:
-            return [line for line in daemon.events("backup_succeeded", target=name) if _ts(line) > renamed_at]
-
-        wait_for(newcomer_backups, 150, "the new container's first backup")
-        starts = [_ts(line) for line in daemon.events("backup_started", target=name) if _ts(line) > renamed_at]
-        assert min(starts) >= retagged_at, "the newcomer waited for the retag of its name"
-        # Under the old name now: the newcomer's snapshots and nothing of the renamed container's.
-        logged_before = {str(line["snapshot_id"]) for line in newcomer_backups()}
-        own = {str(snap["short_id"]) for snap in repo.snapshots_of(name)}
-        logged_after = {str(line["snapshot_id"]) for line in newcomer_backups()}
-        assert logged_before <= own <= logged_after, (logged_before, own, logged_after)
-        assert _snapshot_count(repo, renamed) >= stopped_count
+        assert databases_of(name) == {"database=newcomer"}
+        # (How many: retention keeps one a day of each history, so counts here would only test it.)
+        assert databases_of(renamed) == {"database=postgres"}
         docker("rm", "-f", name)
 
         # Destroyed: gone, and its series with it.
@@ -106,7 +124,7 @@ def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Rep
         docker("rm", "-f", renamed)
         wait_for(lambda: daemon.row(renamed) is None, 5, "the destroyed target to go")
         wait_for(lambda: f'target="{renamed}"' not in daemon.metrics(), 5, "its series to go")
-        assert _snapshot_count(repo, renamed) >= stopped_count, "destroying a container keeps its snapshots"
+        assert _snapshot_count(repo, renamed) >= 1, "destroying a container keeps its snapshots"
     finally:
         docker("rm", "-f", name, renamed, check=False)
     assert daemon.stop() == 0
