@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,13 +22,16 @@ import structlog
 
 from watcher import __version__, logs
 from watcher.config import (
+    FLAG_VARIABLES,
     Config,
     ConfigError,
     effective_config,
+    flag_name,
     load_config,
     mask_url,
     read_secret,
     split_list,
+    with_flags,
 )
 from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
@@ -48,13 +51,30 @@ class UsageError(Exception):
     """The command line or the environment is wrong; exit 2 with this message."""
 
 
+SETTING_PREFIX = "setting_"
+
+
+def settings_given(args: argparse.Namespace) -> dict[str, str | None]:
+    """The settings flags of a parsed command line, by variable name (None where not given)."""
+    return {name.removeprefix(SETTING_PREFIX): value for name, value in vars(args).items()
+            if name.startswith(SETTING_PREFIX)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="backup-watcher",
+        # No prefixes: --restic-password would otherwise pass for --restic-password-file.
+        allow_abbrev=False,
         description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
     )
     parser.add_argument("--version", action="version", version=f"backup-watcher {__version__}")
+    settings = parser.add_argument_group(
+        "settings", "each also an environment variable (see README); a flag wins over the variable. Secrets "
+        "are never flags (argv is visible to every user of the host): use RESTIC_PASSWORD_FILE and the like")
+    for variable in FLAG_VARIABLES:
+        settings.add_argument(flag_name(variable), dest=f"{SETTING_PREFIX}{variable}", metavar="VALUE",
+                              help=f"as {variable}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backup = sub.add_parser("backup", help="back up now (every discovered target if none is named)")
@@ -456,16 +476,16 @@ COMMANDS = {
 }
 
 
-def _page_configuration_errors(problems: list[str]) -> None:
+def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) -> None:
     """A daemon that cannot start tells its Apprise targets why, if those at least are valid."""
     from alerting.notify import Notifier, url_secret_parts
     from alerting.notify import validate as validate_apprise
     from alerting.policy import ADVICE, Alert, Concern, Kind
 
     unused: list[str] = []
-    raw = read_secret(os.environ, "WATCHER_APPRISE_URLS", unused) or ""
+    raw = read_secret(environ, "WATCHER_APPRISE_URLS", unused) or ""
     urls = [url for url in split_list(raw) if not validate_apprise([url], None)]
-    config_path = os.environ.get("WATCHER_APPRISE_CONFIG") or None
+    config_path = environ.get("WATCHER_APPRISE_CONFIG") or None
     if config_path and validate_apprise([], config_path):
         config_path = None
     if not urls and not config_path:
@@ -496,14 +516,15 @@ def _interrupt_on_signals(app: App) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
     args = build_parser().parse_args(argv)
+    environ = with_flags(os.environ, settings_given(args))
     try:
-        config = load_config(os.environ)
+        config = load_config(environ)
     except ConfigError as exc:
         print("backup-watcher: configuration errors:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         if args.command == "run":
-            _page_configuration_errors(exc.problems)
+            _page_configuration_errors(exc.problems, environ)
         return EXIT_USAGE
     # The daemon logs to stdout (SPEC §9); one-shot commands keep stdout for their result.
     logs.configure(config.log_format, config.log_level, stream=sys.stdout if args.command == "run" else sys.stderr,

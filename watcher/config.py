@@ -160,6 +160,28 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^/@:]*:)[^/]*@", r"\1***@", url)
 
 
+# Settings that also work as command-line flags (SPEC §4). Not the secrets themselves: argv is
+# readable by every user of the host and lands in shell histories; their _FILE forms are paths.
+FLAG_VARIABLES = (
+    "DOCKER_HOST", "RESTIC_REPOSITORY", "RESTIC_REPOSITORY_FILE", "RESTIC_PASSWORD_FILE", "WATCHER_HOST",
+    "WATCHER_SCHEDULE", "WATCHER_TIMEZONE", "WATCHER_CONTAINER_PATTERNS", "WATCHER_KEEP_DAILY",
+    "WATCHER_KEEP_WEEKLY", "WATCHER_KEEP_MONTHLY", "WATCHER_CONCURRENCY", "WATCHER_DRILL_SCHEDULE",
+    "WATCHER_METRICS_ADDRESS", "WATCHER_APPRISE_URLS_FILE", "WATCHER_APPRISE_CONFIG", "WATCHER_LOG_FORMAT",
+    "WATCHER_LOG_LEVEL", "WATCHER_INIT_REPOSITORY", "WATCHER_SHUTDOWN_GRACE", "WATCHER_RECONCILE_INTERVAL",
+    "WATCHER_RESTIC_BINARY",
+)
+
+
+def flag_name(variable: str) -> str:
+    """The flag of a setting: --schedule for WATCHER_SCHEDULE, --docker-host for DOCKER_HOST."""
+    return "--" + variable.removeprefix("WATCHER_").lower().replace("_", "-")
+
+
+def with_flags(environ: Mapping[str, str], flags: Mapping[str, str | None]) -> dict[str, str]:
+    """The environment with the flags given (by variable name) put over it: a flag wins."""
+    return {**environ, **{name: value for name, value in flags.items() if value is not None}}
+
+
 def load_config(environ: Mapping[str, str]) -> Config:
     """Reads and validates the whole configuration; raises ConfigError listing every problem."""
     problems: list[str] = []

@@ -1,0 +1,44 @@
+"""Settings as command-line flags (SPEC §4): the environment's names, a flag winning, no secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from watcher.cli import build_parser, main, settings_given
+from watcher.config import FLAG_VARIABLES, flag_name, load_config, with_flags
+
+
+def test_flag_names_follow_the_variables() -> None:
+    assert flag_name("WATCHER_SCHEDULE") == "--schedule"
+    assert flag_name("WATCHER_KEEP_DAILY") == "--keep-daily"
+    assert flag_name("DOCKER_HOST") == "--docker-host"
+    assert flag_name("RESTIC_PASSWORD_FILE") == "--restic-password-file"
+
+
+def test_a_flag_wins_over_the_environment_and_the_command_keeps_its_own_options() -> None:
+    args = build_parser().parse_args(["--schedule", "0 4 * * *", "--host", "db-host-2", "--keep-daily", "7",
+                                      "restore", "scalr-app-db", "--host", "old-host"])
+    given = settings_given(args)
+    assert args.host == "old-host", "restore's --host (whose snapshots) is not the watcher's identity"
+    environ = with_flags({"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw",
+                          "WATCHER_SCHEDULE": "0 3 * * *", "WATCHER_KEEP_DAILY": "30"}, given)
+    config = load_config(environ)
+    assert (config.schedule, config.host, config.retention.daily) == ("0 4 * * *", "db-host-2", 7)
+
+
+@pytest.mark.parametrize("secret", ["--restic-password", "--apprise-urls", "--password"])
+def test_secrets_are_never_flags(secret: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert not any(variable in ("RESTIC_PASSWORD", "WATCHER_APPRISE_URLS") for variable in FLAG_VARIABLES)
+    # Not even as an abbreviation of its _FILE form (--restic-password-file, --apprise-urls-file).
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([secret, "value", "run"])
+    assert "invalid choice: 'value'" in capsys.readouterr().err
+
+
+def test_a_bad_flag_is_reported_by_its_variable_with_the_others(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RESTIC_REPOSITORY", "/srv/restic")
+    monkeypatch.setenv("RESTIC_PASSWORD", "pw")
+    assert main(["--schedule", "0 3 30 2 *", "--concurrency", "0", "check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "WATCHER_SCHEDULE='0 3 30 2 *'" in err and "WATCHER_CONCURRENCY" in err
