@@ -33,7 +33,7 @@ from watcher.config import (
     split_list,
     with_flags,
 )
-from watcher.discovery import DiscoveryRules, Rejected, Target, credentials_of, discover
+from watcher.discovery import LABEL_PREFIX, DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_database, backup_target, check_repository, new_run_id
@@ -322,7 +322,9 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     if destination is None or not destination.running:
         raise UsageError(f"{destination_name}: no running container of that name to restore into")
     found = discover(destination, app.rules())
-    user_label = found.credentials.user if isinstance(found, Target) else None
+    # A destination that is no target (not selected, or its labels rejected) may still name its role.
+    user_label = (found.credentials.user if isinstance(found, Target)
+                  else (destination.labels.get(f"{LABEL_PREFIX}user") or "").strip() or None)
     creds = credentials_of(destination.env, user_label)
     database = snapshot.database
     print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
