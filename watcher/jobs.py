@@ -93,7 +93,12 @@ def list_databases(ctx: JobContext, target: Target) -> list[str]:
     if not done.outcome.ok:
         stderr = ctx.masker(done.stderr.decode(errors="replace").strip())
         raise JobError(f"listing databases in {target.name} failed (exit {done.outcome.exit_code}): {stderr}")
-    return [name for name in done.stdout.decode().split("\0") if name.strip()]
+    names = [name for name in done.stdout.decode().split("\0") if name.strip()]
+    if not names:
+        # Nothing to back up is not a success: a target that says "all" expects at least one.
+        raise JobError(f"no database to back up in {target.name}: every database is a template or refuses "
+                       "connections")
+    return names
 
 
 def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
