@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PG_IMAGES, TEST_LABEL, PgContainer, Repo, docker, run_watcher, wait_for
+from tests.integration.conftest import (
+    PG_IMAGES,
+    TEST_LABEL,
+    PgContainer,
+    Repo,
+    docker,
+    free_port,
+    run_watcher,
+    wait_for,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -37,7 +46,7 @@ def _initialised(repo: Repo) -> None:
 def test_run_with_a_wrong_password_exits_2_at_once_with_restic_words_intact(
         repo: Repo, watcher_env: dict[str, str], password: str) -> None:
     _initialised(repo)
-    env = {**watcher_env, "RESTIC_PASSWORD": password, "WATCHER_METRICS_ADDRESS": "127.0.0.1:0"}
+    env = {**watcher_env, "RESTIC_PASSWORD": password, "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
     code, stderr, seconds = _run_daemon_until_exit(env)
     assert code == 2
     assert seconds < 10
@@ -49,7 +58,7 @@ def test_run_with_a_wrong_password_exits_2_at_once_with_restic_words_intact(
 
 def test_run_without_a_repository_and_without_init_exits_2_saying_what_to_do(
         repo: Repo, watcher_env: dict[str, str]) -> None:
-    env = {**watcher_env, "WATCHER_INIT_REPOSITORY": "false", "WATCHER_METRICS_ADDRESS": "127.0.0.1:0"}
+    env = {**watcher_env, "WATCHER_INIT_REPOSITORY": "false", "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
     code, stderr, seconds = _run_daemon_until_exit(env)
     assert code == 2
     assert seconds < 10
@@ -59,7 +68,7 @@ def test_run_without_a_repository_and_without_init_exits_2_saying_what_to_do(
 
 def test_run_with_an_unreachable_docker_host_exits_2_at_once(watcher_env: dict[str, str], tmp_path: Path) -> None:
     socket_path = tmp_path / "no-engine.sock"
-    env = {**watcher_env, "DOCKER_HOST": f"unix://{socket_path}", "WATCHER_METRICS_ADDRESS": "127.0.0.1:0"}
+    env = {**watcher_env, "DOCKER_HOST": f"unix://{socket_path}", "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
     code, stderr, seconds = _run_daemon_until_exit(env)
     assert code == 2
     assert seconds < 10
