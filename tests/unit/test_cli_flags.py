@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from watcher.cli import build_parser, main, settings_given
-from watcher.config import FLAG_VARIABLES, flag_name, load_config, with_flags
+from watcher.config import FLAG_VARIABLES, load_config
+from watcher.settings import flag_name, with_flags
 
 
 def test_flag_names_follow_the_variables() -> None:

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from watcher.config import (
-    ConfigError,
-    Retention,
-    effective_config,
-    load_config,
-    mask_url,
-    parse_address,
-    split_list,
-    validate_pattern,
-)
+from watcher.config import ConfigError, Retention, effective_config, load_config
 from watcher.execute import Masker
+from watcher.settings import mask_url, parse_address, split_list, validate_pattern
 
 PASSWORD = "correct-horse-battery"
 BASE = {"RESTIC_PASSWORD": PASSWORD, "RESTIC_REPOSITORY": "/srv/restic"}
@@ -387,7 +379,7 @@ def test_effective_config_masks_every_secret(tmp_path: Path) -> None:
     for secret in (PASSWORD, "s3cret", "bot-token-xyz", "mail-pw", "aws-secret-value", "tgram://"):
         assert secret not in text
     assert shown["RESTIC_REPOSITORY"] == "rest:https://user:***@host/repo"
-    assert shown["WATCHER_APPRISE_URLS"] == "*** (2 URL(s))"
+    assert shown["WATCHER_APPRISE_URLS"] == "*** (2 values from WATCHER_APPRISE_URLS)"
     assert shown["RESTIC_PASSWORD"] == "*** (from RESTIC_PASSWORD)"
 
 
