@@ -102,11 +102,11 @@ class Config:
     restic_repository: str | None = setting(
         "RESTIC_REPOSITORY", None, TEXT, shown=Shown.URL_MASKED, help="the restic repository")
     restic_repository_file: str | None = setting(
-        "RESTIC_REPOSITORY_FILE", None, TEXT, help="file naming the restic repository (restic reads it)")
+        "RESTIC_REPOSITORY_FILE", None, TEXT, help="file naming the restic repository; restic reads it")
     restic_password: str | None = setting(
         "RESTIC_PASSWORD", None, SECRET_TEXT, secret=True, shown=Shown.MASKED,
         unset="*** (from RESTIC_PASSWORD_COMMAND)",
-        help="the repository password (restic reads RESTIC_PASSWORD_FILE itself)")
+        help="the repository password; restic reads RESTIC_PASSWORD_FILE itself")
     init_repository: bool = setting(
         "WATCHER_INIT_REPOSITORY", "false", BOOL, help="true: restic init the repository when it does not exist")
     schedule: str = setting("WATCHER_SCHEDULE", "0 3 * * *", CRON, help="default backup schedule (cron, 5 fields)")
@@ -172,7 +172,8 @@ def flags() -> list[tuple[str, str, str]]:
         variable = row.flag_variable
         if variable is not None:
             default = f"; default {row.default!r}" if row.default else ""
-            table.append((flag_name(variable), variable, f"{row.help} ({variable}{default})"))
+            meaning = f"path of a file holding {row.help}" if row.secret else row.help
+            table.append((flag_name(variable), variable, f"{meaning} ({variable}{default})"))
     return table
 
 

@@ -41,13 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if exc.code == 0 else 1
     if host in ("0.0.0.0", "::"):  # noqa: S104 - our own wildcard listener, reached on loopback
         host = "127.0.0.1"
-    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{Address(host, port)}/healthz"
     try:
-        with urllib.request.urlopen(f"http://{url_host}:{port}/healthz", timeout=8) as response:
+        with urllib.request.urlopen(url, timeout=8) as response:
             print(response.read().decode(errors="replace").strip())
             return 0 if response.status == 200 else 1
     except (OSError, urllib.error.URLError) as exc:
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -118,7 +118,7 @@ class Setting(Generic[T]):
         if value is None or value == ():
             return self.unset
         if self.shown is Shown.MASKED:
-            count = f"{len(value)} values " if isinstance(value, tuple) else ""
+            count = f"{len(value)} value{'' if len(value) == 1 else 's'} " if isinstance(value, tuple) else ""
             return f"*** ({count}from {source})"
         shown = self.kind.format(value)
         return mask_url(shown) if self.shown is Shown.URL_MASKED else shown
