@@ -223,6 +223,16 @@ def _restic_environment(environ: Mapping[str, str], problems: list[str]) -> tupl
     return restic_env, secrets
 
 
+def _secret_parts(value: str) -> list[str]:
+    """A secret, and when it is a URL (Apprise's) the parts of it that are secrets on their own."""
+    if "://" not in value:
+        return [value]
+    try:
+        return url_secret_parts(value)
+    except ValueError:  # urlsplit refuses it (an unclosed '['): the whole still masks it
+        return [value]
+
+
 def _secret_strings(values: Mapping[str, Any]) -> list[str]:
     """Every string of the settings' values that must be masked wherever it shows up."""
     found: list[str] = []
@@ -230,7 +240,7 @@ def _secret_strings(values: Mapping[str, Any]) -> list[str]:
         value = values[_FIELDS[name]]
         if row.secret and value:
             items = value if isinstance(value, tuple) else (value,)
-            found += [part for item in items for part in url_secret_parts(item)]
+            found += [part for item in items for part in _secret_parts(item)]
         elif row.shown is Shown.URL_MASKED and value and (password := url_password(value)):
             found.append(password)
     return found

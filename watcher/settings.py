@@ -128,8 +128,9 @@ def setting(name: str, default: str | None, kind: Kind[T], *, help: str, secret:
             flag: bool = True, shown: Shown = Shown.PLAIN, unset: str = "(none)", blank_is_off: bool = False) -> T:
     """A dataclass field that is one row of the table of settings; its type is its kind's value type."""
     row = Setting(name, default, kind, help, secret, flag, shown, unset, blank_is_off)
-    # A field without a default: the loader always passes every value.
-    field: Any = dataclasses.field(metadata={SETTING_KEY: row})
+    # A field without a default: the loader always passes every value. Only plain values in repr:
+    # a Config that lands in a log line or a traceback shows no secret.
+    field: Any = dataclasses.field(metadata={SETTING_KEY: row}, repr=shown is Shown.PLAIN)
     return field  # type: ignore[no-any-return]
 
 
@@ -179,7 +180,10 @@ def mask_url(url: str) -> str:
 
 def url_password(url: str) -> str | None:
     """The password inside a restic repository URL (rest:https://user:pw@host/), if any."""
-    return urllib.parse.urlsplit(url.split(":", 1)[-1]).password or None
+    try:
+        return urllib.parse.urlsplit(url.split(":", 1)[-1]).password or None
+    except ValueError:  # not a URL after all (an unclosed '[' in the host)
+        return None
 
 
 def split_list(raw: str) -> list[str]:

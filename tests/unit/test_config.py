@@ -376,7 +376,7 @@ def test_effective_config_masks_every_secret(tmp_path: Path) -> None:
         "WATCHER_APPRISE_URLS": "tgram://123456:bot-token-xyz/987 mailto://me:mail-pw@example.com",
     })
     shown = effective_config(config)
-    text = repr(shown)
+    text = repr(shown) + repr(config)
     for secret in (PASSWORD, "s3cret", "bot-token-xyz", "mail-pw", "aws-secret-value", "tgram://"):
         assert secret not in text
     assert shown["RESTIC_REPOSITORY"] == "rest:https://user:***@host/repo"
@@ -506,3 +506,14 @@ def test_password_with_blanks_is_kept_whole() -> None:
     config = load_config(env(RESTIC_PASSWORD=" pw with blanks "))
     assert config.restic_password == " pw with blanks "
     assert config.restic_env["RESTIC_PASSWORD"] == " pw with blanks "
+
+
+@pytest.mark.parametrize("name", ["RESTIC_PASSWORD", "WATCHER_APPRISE_URLS", "RESTIC_REPOSITORY"])
+def test_a_secret_that_is_no_url_still_loads_and_is_masked(name: str) -> None:
+    odd = "rest:http://[user:p4ss-w0rd@host/" if name == "RESTIC_REPOSITORY" else "json://[p4ss-w0rd"
+    try:
+        config = load_config({**BASE, name: odd})
+    except ConfigError as exc:  # refused (not a valid Apprise URL) is fine, crashing is not
+        assert "p4ss-w0rd" not in str(exc)
+        return
+    assert "p4ss-w0rd" not in repr(config) + repr(effective_config(config))
