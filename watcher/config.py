@@ -1,20 +1,25 @@
 """Configuration from the environment (SPEC §4): one table of settings, validated up front, every problem at once.
 
 The table is `Config`: each field made with `setting(...)` is one setting, and that one row drives
-loading (`load_config`), the command's flags (`FLAG_VARIABLES`, `--schedule` for WATCHER_SCHEDULE),
-`check-config`'s print-out (`effective_config`) and the healthcheck (which reads WATCHER_METRICS_ADDRESS
-by its row).
+loading (`load_config`: every problem reported together, each naming its variable and the fix), the
+command's flags (`flags()`, `--schedule` for WATCHER_SCHEDULE), `check-config`'s print-out
+(`effective_config`) and the healthcheck (which reads WATCHER_METRICS_ADDRESS by its row).
 
-Adding a setting is adding one field to `Config`:
+Adding a setting is adding one field to `Config`, where it is to appear in `--help` and check-config:
 
     lock_wait_timeout_s: float = setting("WATCHER_LOCK_WAIT_TIMEOUT", "5m", duration(),
                                          help="bound on waiting for a table lock during a dump")
 
-The field's type is its kind's value type (mypy checks it); a default of None means unset (type
-`X | None`). Kinds are in `watcher.settings`: BOOL, TEXT, whole(min), duration(min), choice(...),
-CRON, ZONE, ADDRESS, FILE, ... A secret (`secret=True`) is never a flag and also accepts NAME_FILE; it is
-shown masked. Checks across settings (retention all 0, the password or the repository missing) are the
-`_check_*` functions listed in `CHECKS`. The README's table of settings is kept by hand.
+- The field's type is its kind's value type (mypy checks it); a default of None means unset, and the
+  type is then `X | None`. Durations are floats in seconds, their fields named `..._s`.
+- Kinds (parser and formatter) are in `watcher.settings`: BOOL, TEXT, whole(minimum), duration(minimum),
+  choice(...), CRON, CRON_OR_OFF, ZONE, PATTERNS, ADDRESS, FILE, LIST; a new kind is a `Kind(parse,
+  format)` whose parse raises `Invalid("what is wrong and what to write")`.
+- A secret: `secret=True, shown=Shown.MASKED`. It is never a flag (its NAME_FILE path is), accepts
+  NAME_FILE, and is kept out of repr and added to `secrets` for masking.
+- A check across settings (retention all 0, the password or the repository missing) is a `_check_*`
+  function listed in `CHECKS`.
+- The README's table of settings is kept by hand: add the row there too.
 """
 
 from __future__ import annotations

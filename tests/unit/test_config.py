@@ -426,6 +426,14 @@ def test_every_config_field_but_the_derived_ones_is_a_row_of_the_table() -> None
     assert set(effective_config(load_config(BASE))) == set(SETTINGS)
 
 
+def test_every_secret_of_the_table_is_shown_masked_and_kept_out_of_repr() -> None:
+    secrets = {name for name, row in SETTINGS.items() if row.secret}
+    assert secrets == {"RESTIC_PASSWORD", "WATCHER_APPRISE_URLS"}
+    assert all(SETTINGS[name].shown is Shown.MASKED for name in secrets)
+    config = load_config(env(WATCHER_APPRISE_URLS="json://hooks.example/some-long-hook-token"))
+    assert PASSWORD not in repr(config) and "some-long-hook-token" not in repr(config)
+
+
 @pytest.mark.parametrize("name", [name for name, row in SETTINGS.items() if row.default])
 def test_every_default_reads_back_from_what_is_shown(name: str) -> None:
     """check-config's print-out of a default is itself a valid value that means the same."""
