@@ -5,8 +5,10 @@ restic repository, `python -m watcher` run to completion or as a daemon, polling
 No fixtures here (they stay in tests/integration/conftest.py, which re-exports these names) and no
 import outside the standard library: bench/run's .venv need not have pytest.
 
-Both sides import it as `tests.kit` with the clone's root on sys.path: pytest puts it there (the
-rootdir of the `tests` package), `bench/run` runs `python -m bench` from it.
+Both sides import it as `tests.kit`, with the clone's root on sys.path and no path set by hand:
+pytest (default "prepend" import mode) puts the root there to import tests/integration/conftest.py
+as `tests.integration.conftest` (tests/ and tests/integration/ are packages), and bench/run runs
+`python -m bench` from the root, which puts it first on sys.path.
 """
 
 from __future__ import annotations
