@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import signal
@@ -62,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
     )
     parser.add_argument("--version", action="version", version=f"backup-watcher {__version__}")
-    settings = parser.add_argument_group(
-        "settings", "each also an environment variable (see README); a flag wins over the variable. Secrets "
-        "are never flags (argv is visible to every user of the host): use RESTIC_PASSWORD_FILE and the like")
-    for flag, variable, help_line in flags():
-        settings.add_argument(flag, dest=f"{SETTING_PREFIX}{variable}", metavar="VALUE",
-                              help=help_line.replace("%", "%%"))
+    _add_settings(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_backup_commands(sub)
     _add_restore_commands(sub)
@@ -76,7 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
     status = sub.add_parser("status", help="targets: state, last snapshot, age, next run, last error")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for command in sub.choices.values():
+        command.allow_abbrev = False
+        # After the command too (`status --log-level debug`); SUPPRESS keeps a flag given before it.
+        _add_settings(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_settings(parser: argparse.ArgumentParser, default: object) -> None:
+    """The settings' flags, one per setting that is not a secret, on `parser`."""
+    settings = parser.add_argument_group(
+        "settings", "each also an environment variable (see README); a flag wins over the variable; before or "
+        "after the command. Secrets are never flags (argv is visible to every user of the host): use "
+        "RESTIC_PASSWORD_FILE and the like")
+    for flag, variable, help_line in flags():
+        if flag in parser._option_string_actions:
+            continue  # the command's own option of that name (restore --host) comes first
+        settings.add_argument(flag, dest=f"{SETTING_PREFIX}{variable}", metavar="VALUE", default=default,
+                              help=help_line.replace("%", "%%"))
 
 
 def _add_backup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,9 +104,15 @@ def _add_backup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 def _add_restore_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """restore and drill."""
-    restore = sub.add_parser("restore", help="restore a snapshot (drops and recreates the database)")
-    restore.add_argument("target", metavar="TARGET", help="container whose snapshots to restore")
-    restore.add_argument("snapshot", nargs="?", default="latest", metavar="SNAPSHOT|latest")
+    restore = sub.add_parser(
+        "restore", help="restore a snapshot (drops and recreates the database)",
+        description="Restores one database from a snapshot into the container of the same name (or --into "
+                    "another). `backup-watcher snapshots TARGET` lists the snapshots to choose from.")
+    restore.add_argument("target", metavar="TARGET", help="container whose snapshots to restore (its name when "
+                                                          "it was backed up)")
+    restore.add_argument("snapshot", nargs="?", default="latest", metavar="SNAPSHOT|latest",
+                         help="a snapshot ID as `backup-watcher snapshots` lists it (the short 8-character form "
+                              "will do), or latest (the default): the newest snapshot of the database")
     restore.add_argument("--database", help="which database (needed when the target has several)")
     restore.add_argument("--into", metavar="CONTAINER", help="restore into this container instead of TARGET")
     restore.add_argument("--host", help="snapshots of this host (default: WATCHER_HOST or the engine's name)")
@@ -164,9 +183,10 @@ def discover_all(app: App) -> tuple[list[Target], list[Rejected], dict[str, str]
 def select_targets(app: App, names: Sequence[str]) -> tuple[list[Target], list[Rejected]]:
     """The discovered targets, or those named; raises UsageError naming a name that is not a target."""
     targets, rejected, known = discover_all(app)
-    for bad in rejected:
-        log.error("label_invalid", target=bad.name, error=bad.reason)
     if not names:
+        # Only a command that covers every container speaks of the ones its labels disable.
+        for bad in rejected:
+            log.error("label_invalid", target=bad.name, error=bad.reason)
         return targets, rejected
     by_name = {t.name: t for t in targets}
     rejected_by_name = {r.name: r for r in rejected}
@@ -375,15 +395,27 @@ def _restore_snapshot(app: App, args: argparse.Namespace) -> Snapshot:
 
     app.repository.version()
     host = args.host or app.host()
-    snapshots = app.repository.snapshots(host=host, container=args.target)
+    everything = app.repository.snapshots()
+    of_target = [s for s in everything if s.container == args.target]
+    snapshots = [s for s in of_target if s.host == host]
     if not snapshots:
-        elsewhere = sorted({s.host for s in app.repository.snapshots(container=args.target)})
-        hint = f"; snapshots of it exist from host(s) {', '.join(elsewhere)}: use --host" if elsewhere else ""
-        raise UsageError(f"{args.target}: no snapshots from host {host}{hint}")
+        raise UsageError(no_snapshots_message(args.target, host, of_target, {s.container for s in everything}))
     try:
         return choose_snapshot(snapshots, args.snapshot, args.database)
     except RestoreError as exc:
         raise UsageError(f"{args.target}: {exc}") from exc
+
+
+def no_snapshots_message(target: str, host: str, of_target: Sequence[Snapshot], containers: set[str]) -> str:
+    """Why `target` has no snapshot to restore from `host`, and what to try instead."""
+    elsewhere = sorted({s.host for s in of_target})
+    if elsewhere:
+        return f"{target}: no snapshots from host {host}; snapshots of it exist from host(s) " \
+               f"{', '.join(elsewhere)}: use --host"
+    close = difflib.get_close_matches(target, sorted(containers), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (f"{target}: no snapshots of a target of that name in the repository, from any host.{hint} "
+            "`backup-watcher snapshots` lists every target and snapshot it holds.")
 
 
 def _confirmed(database: str) -> bool:
@@ -396,10 +428,11 @@ def _confirmed(database: str) -> bool:
 
 def cmd_check_config(app: App, args: argparse.Namespace) -> int:
     """Prints the effective configuration, secrets masked; returns 2 when the engine or the repository
-    cannot be reached, 0 otherwise."""
+    cannot be reached or a selected container's labels are invalid, 0 otherwise."""
     problems: list[str] = []
     try:
         app.docker.engine_name()
+        problems.extend(f"container {bad.name}: not backed up: {bad.reason}" for bad in discover_all(app)[1])
     except DockerUnavailable as exc:
         problems.append(str(exc))
     try:

@@ -107,6 +107,11 @@ class Target:
         return replace(self, name=name)
 
 
+# Docker fixes a container's labels when it is created: editing them takes effect only with a new one.
+RELABEL_HINT = ("(labels are fixed when a container is created: correct them in its compose file or run command "
+                "and recreate it, e.g. docker compose up -d)")
+
+
 @dataclass(frozen=True)
 class Rejected:
     """A container that asked to be backed up but whose labels are wrong; it is not backed up."""
@@ -117,8 +122,8 @@ class Rejected:
 
     @property
     def reason(self) -> str:
-        """All problems in one line."""
-        return "; ".join(self.problems)
+        """All problems in one line, then how a fix takes effect."""
+        return f"{'; '.join(self.problems)} {RELABEL_HINT}"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def validate_cron(expression: str) -> str | None:
     try:
         croniter(expression)
     except (ValueError, KeyError) as exc:
-        return f"not a valid cron expression ({exc})"
+        return _bad_field(fields) or f"not a valid cron expression ({exc})"
     # croniter accepts dates that never come (30 February) and only fails when asked for a slot; the
     # daemon asks at registration, so such a schedule must be refused here, not found out there.
     # The probe starts in a leap year's January so that a schedule on 29 February passes.
@@ -30,6 +30,23 @@ def validate_cron(expression: str) -> str | None:
         croniter(expression, probe_start).get_prev(datetime)
     except ValueError:
         return "this schedule never comes round (a day that no month has, e.g. 30 February)"
+    return None
+
+
+CRON_FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day of month", "1-31"), ("month", "1-12 or jan-dec"),
+               ("weekday", "0-7 or sun-sat"))
+
+
+def _bad_field(fields: list[str]) -> str | None:
+    """Names the first of five cron fields that croniter refuses on its own, with its range; None if
+    each is fine alone (then only their combination is wrong)."""
+    for index, ((name, allowed), value) in enumerate(zip(CRON_FIELDS, fields, strict=True)):
+        alone = ["*"] * 5
+        alone[index] = value
+        try:
+            croniter(" ".join(alone))
+        except (ValueError, KeyError):
+            return f"the {name} field {value!r} is not valid (allowed: {allowed}, lists, ranges and steps)"
     return None
 
 

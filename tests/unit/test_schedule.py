@@ -137,3 +137,15 @@ def test_interval_seconds_is_the_largest_gap() -> None:
     # 08:00 and 20:00 on weekdays: the largest gap is over the weekend (Fri 20:00 -> Mon 08:00).
     # (2026-01-08 is a Thursday, so the weekend lies within the next few slots.)
     assert interval_seconds("0 8,20 * * 1-5", "UTC", datetime(2026, 1, 8, tzinfo=UTC)) == 60 * 3600
+
+
+@pytest.mark.parametrize(("expression", "named"), [
+    ("0 25 * * *", "the hour field '25' is not valid (allowed: 0-23"),
+    ("61 * * * *", "the minute field '61' is not valid (allowed: 0-59"),
+    ("0 0 32 * *", "the day of month field '32' is not valid (allowed: 1-31"),
+    ("0 0 * 13 *", "the month field '13' is not valid (allowed: 1-12 or jan-dec"),
+    ("0 0 * * 8", "the weekday field '8' is not valid (allowed: 0-7 or sun-sat"),
+    ("*/0 * * * *", "the minute field '*/0' is not valid"),
+])
+def test_validate_cron_names_the_field_that_is_out_of_range(expression: str, named: str) -> None:
+    assert named in (validate_cron(expression) or "")
