@@ -1,0 +1,56 @@
+"""What the command line says to an operator who got something wrong."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from watcher.cli import build_parser, no_snapshots_message, settings_given
+from watcher.restic import Snapshot
+
+
+def _snap(container: str, host: str) -> Snapshot:
+    return Snapshot(id="a" * 64, short_id="aaaaaaaa", time=datetime(2026, 1, 1, tzinfo=UTC), host=host,
+                    container=container, database="appdb", bytes=1)
+
+
+def test_an_unknown_target_gets_close_names_and_the_snapshots_command() -> None:
+    message = no_snapshots_message("scalr-naer-db", "vm", [], {"scalr-near-db", "scalr-auth-postgres"})
+    assert "no snapshots of a target of that name" in message
+    assert "Did you mean scalr-near-db?" in message
+    assert "`backup-watcher snapshots`" in message
+
+
+def test_an_unknown_target_with_nothing_close_still_points_to_snapshots() -> None:
+    message = no_snapshots_message("zzz", "vm", [], {"scalr-near-db"})
+    assert "Did you mean" not in message
+    assert "`backup-watcher snapshots`" in message
+
+
+def test_a_target_of_another_host_points_to_host() -> None:
+    message = no_snapshots_message("scalr-app-db", "new-vm", [_snap("scalr-app-db", "old-vm")], {"scalr-app-db"})
+    assert "snapshots of it exist from host(s) old-vm: use --host" in message
+
+
+@pytest.mark.parametrize("argv", [["--log-level", "debug", "status"], ["status", "--log-level", "debug"],
+                                  ["--log-level", "info", "status", "--log-level", "debug"]])
+def test_settings_flags_work_before_and_after_the_command_the_later_winning(argv: list[str]) -> None:
+    assert settings_given(build_parser().parse_args(argv))["WATCHER_LOG_LEVEL"] == "debug"
+
+
+def test_a_setting_given_before_the_command_is_not_undone_after_it() -> None:
+    assert settings_given(build_parser().parse_args(["--schedule", "0 4 * * *", "backup"]))[
+        "WATCHER_SCHEDULE"] == "0 4 * * *"
+
+
+def test_restore_keeps_its_own_host_option_beside_the_watcher_host_setting() -> None:
+    args = build_parser().parse_args(["--host", "this-vm", "restore", "scalr-app-db", "--host", "old-vm"])
+    assert args.host == "old-vm"
+    assert settings_given(args)["WATCHER_HOST"] == "this-vm"
+
+
+def test_no_abbreviations_after_the_command_either(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["restore", "x", "--restic-password", "secret"])
+    assert "unrecognized arguments" in capsys.readouterr().err
