@@ -265,6 +265,11 @@ class DaemonProcess:
         return code
 
 
+def event_time(line: dict[str, object]) -> datetime:
+    """When the daemon wrote a log line (its `timestamp`)."""
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
     """Polls `predicate` until it returns something truthy; fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
