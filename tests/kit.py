@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
@@ -192,6 +193,11 @@ class DaemonProcess:
         finally:
             self._log.close()
         return code
+
+
+def event_time(line: dict[str, object]) -> datetime:
+    """When the daemon wrote a log line (its `timestamp`)."""
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -460,16 +460,18 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
     from alerting.notify import Notifier
     from alerting.policy import AlertPolicy
+    from watcher.clock import SystemClock
     from watcher.daemon import Daemon
     from watcher.metrics import Metrics, MetricsServer
     from watcher.registry import Registry
 
     ctx = app.job_context()
+    clock = SystemClock()
     registry = Registry()
-    metrics = Metrics(CollectorRegistry(), registry, version=__version__)
+    metrics = Metrics(CollectorRegistry(), registry, version=__version__, clock=lambda: clock.now().timestamp())
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
-    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics,
+    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
                     policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
     try:
         server = MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
@@ -522,12 +524,9 @@ def _daemon_status(app: App) -> list[dict[str, object]] | None:
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
-    from watcher.daemon import Daemon
-    from watcher.metrics import Metrics
-    from watcher.registry import Registry
-    from watcher.status import render_table
+    from watcher.clock import SystemClock
+    from watcher.daemon import survey
+    from watcher.status import render_table, status_rows
 
     rows = _daemon_status(app)
     source = "daemon"
@@ -536,10 +535,8 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
         source = "survey (no daemon answered on WATCHER_METRICS_ADDRESS)"
         ctx = app.job_context()
         app.repository.version()
-        daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=Registry(),
-                        metrics=Metrics(CollectorRegistry(), Registry(), version=__version__))
-        daemon.survey()
-        rows = cast(list[dict[str, object]], daemon.status())
+        clock = SystemClock()
+        rows = status_rows(survey(app.docker, ctx, app.rules(), clock, app.config.timezone), clock.now())
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -56,14 +56,23 @@ class StreamConnected:
     """The stream is (re)connected: reconcile now."""
 
 
-class EventStream:
-    """A background thread that feeds ContainerEvent and StreamConnected messages to `sink`."""
+@dataclass(frozen=True)
+class StreamDisconnected:
+    """The stream ended or failed; it is being reconnected."""
 
-    def __init__(self, docker_host: str, sink: Callable[[object], None],
-                 on_connected: Callable[[bool], None]) -> None:
+
+StreamMessage = ContainerEvent | StreamConnected | StreamDisconnected
+
+
+class EventStream:
+    """A background thread that feeds ContainerEvent, StreamConnected and StreamDisconnected to `sink`.
+
+    The thread only puts messages: everything the daemon knows is changed by the daemon's loop.
+    """
+
+    def __init__(self, docker_host: str, sink: Callable[[StreamMessage], None]) -> None:
         self._docker_host = docker_host
         self._sink = sink
-        self._on_connected = on_connected
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream: object | None = None
@@ -90,14 +99,15 @@ class EventStream:
         backoff = 0.5
         while not self._stop.is_set():
             client: docker.APIClient | None = None
+            connected = False
             try:
                 client = docker.APIClient(base_url=self._docker_host, timeout=30, version="auto")
                 stream = client.events(decode=True, filters={"type": "container", "event": list(ACTIONS)})
                 with self._lock:
                     self._stream = stream
-                self._on_connected(True)
                 log.info("event_stream_connected", docker_host=self._docker_host)
                 self._sink(StreamConnected())
+                connected = True
                 backoff = 0.5
                 for raw in stream:
                     if self._stop.is_set():
@@ -112,9 +122,10 @@ class EventStream:
                     log.warning("event_stream_error", docker_host=self._docker_host,
                                 error=str(exc).split("(Caused by", 1)[0].strip(), retry_in_s=backoff)
             finally:
-                self._on_connected(False)
                 with self._lock:
                     self._stream = None
+                if connected:
+                    self._sink(StreamDisconnected())
                 if client is not None:
                     client.close()
             self._stop.wait(backoff)

@@ -1,18 +1,22 @@
 """The target registry: what the daemon knows about every container it watches.
 
-Only the daemon's loop thread changes it. Readers on other threads (the metrics scrape, the
-status endpoint) take `view()`, an immutable copy made under the lock, so a scrape never waits
-on Docker or restic.
+Only the daemon's loop thread changes it, and only through the named transitions below (no
+free-form update). Readers on other threads (the metrics scrape, the status endpoint) take
+`view()`, an immutable copy made under the lock, so a scrape never waits on Docker or restic.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from watcher.discovery import Rejected, Target
+
+if TYPE_CHECKING:
+    from watcher.jobs import BackupResult
 
 PENDING, RUNNING, OK, FAILING, INVALID, STOPPED = "pending", "running", "ok", "failing", "invalid", "stopped"
 STATES = (PENDING, RUNNING, OK, FAILING, INVALID, STOPPED)
@@ -85,7 +89,7 @@ def judged_snapshot_time(all_databases: bool, databases: Mapping[str, DatabaseSt
 
 
 class Registry:
-    """Every watched container by id; thread-safe reads through view()."""
+    """Every watched container by id; thread-safe reads through view(), changes by named transitions."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,66 +105,80 @@ class Registry:
         with self._lock:
             return self._entries.get(container_id)
 
-    def by_name(self, name: str) -> TargetState | None:
-        """The entry whose container has this name, if any."""
-        with self._lock:
-            return next((e for e in self._entries.values() if e.name == name), None)
-
     def ids(self) -> set[str]:
         """Every known container id."""
         with self._lock:
             return set(self._entries)
 
-    def put(self, entry: TargetState) -> TargetState:
-        """Stores an entry (replacing the one with the same container id); returns it."""
-        with self._lock:
-            self._entries[entry.container_id] = entry
-        return entry
-
-    def update(self, container_id: str, **changes: object) -> TargetState | None:
-        """Replaces fields of an entry; returns the new entry, or None if the id is unknown."""
+    def _change(self, container_id: str, change: Callable[[TargetState], TargetState]) -> TargetState | None:
         with self._lock:
             entry = self._entries.get(container_id)
             if entry is None:
                 return None
-            entry = replace(entry, **changes)  # type: ignore[arg-type]
-            self._entries[container_id] = entry
+            entry = self._entries[container_id] = change(entry)
             return entry
+
+    def register(self, entry: TargetState) -> TargetState:
+        """A running container found to be a target (new, changed, restarted): stores it whole."""
+        with self._lock:
+            self._entries[entry.container_id] = entry
+        return entry
+
+    def reject(self, container_id: str, name: str, rejected: Rejected) -> None:
+        """A container whose labels are wrong: known, shown, never backed up."""
+        with self._lock:
+            self._entries[container_id] = TargetState(container_id, name, rejected=rejected)
 
     def remove(self, container_id: str) -> TargetState | None:
         """Forgets a container; returns what was known about it."""
         with self._lock:
             return self._entries.pop(container_id, None)
 
-    def set_database(self, container_id: str, database: str, **changes: object) -> None:
-        """Replaces fields of one database's state of an entry (creating it if needed)."""
-        with self._lock:
-            entry = self._entries.get(container_id)
-            if entry is None:
-                return
+    def rename(self, container_id: str, name: str) -> None:
+        """The container took a new name; its target follows."""
+        self._change(container_id, lambda e: replace(
+            e, name=name, target=e.target.renamed(name) if e.target is not None else None))
+
+    def mark_stopped(self, container_id: str) -> TargetState | None:
+        """The container stopped: no backups until it runs again. Returns the entry if this changed it."""
+        before = self.get(container_id)
+        if before is None or before.stopped:
+            return None
+        return self._change(container_id, lambda e: replace(e, stopped=True))
+
+    def mark_running(self, container_id: str) -> None:
+        """A job of this container started (a backup or the move of its history)."""
+        self._change(container_id, lambda e: replace(e, running_job=True))
+
+    def mark_idle(self, container_id: str) -> None:
+        """A job of this container that records nothing else ended."""
+        self._change(container_id, lambda e: replace(e, running_job=False))
+
+    def record_results(self, container_id: str, results: Iterable[BackupResult], *, last_error: str | None,
+                       consecutive_failures: int, next_run: datetime) -> None:
+        """A backup job ended: each database's result, the target's run of failures and its next run."""
+        def change(entry: TargetState) -> TargetState:
             databases = dict(entry.databases)
-            databases[database] = replace(databases.get(database, DatabaseState()), **changes)  # type: ignore[arg-type]
-            self._entries[container_id] = replace(entry, databases=databases)
+            for result in results:
+                known = databases.get(result.database, DatabaseState())
+                databases[result.database] = (
+                    replace(known, last_success=result.started_at, last_error=None) if result.ok
+                    else replace(known, last_failure=result.started_at, last_error=result.error))
+            return replace(entry, databases=databases, running_job=False, last_error=last_error,
+                           consecutive_failures=consecutive_failures, next_run=next_run)
+        self._change(container_id, change)
+
+    def record_snapshot(self, container_id: str, database: str, at: datetime, snapshot_id: str) -> None:
+        """The repository holds a newer snapshot of one database of this target."""
+        def change(entry: TargetState) -> TargetState:
+            known = entry.databases.get(database, DatabaseState())
+            databases = {**entry.databases, database: replace(known, last_snapshot=at, last_snapshot_id=snapshot_id)}
+            return replace(entry, databases=databases)
+        self._change(container_id, change)
 
     def drop_databases(self, container_id: str, names: Iterable[str]) -> None:
         """Removes databases from an entry (gone from the container)."""
-        with self._lock:
-            entry = self._entries.get(container_id)
-            if entry is None:
-                return
-            databases = {name: db for name, db in entry.databases.items() if name not in set(names)}
-            self._entries[container_id] = replace(entry, databases=databases)
+        gone = set(names)
+        self._change(container_id, lambda e: replace(
+            e, databases={name: db for name, db in e.databases.items() if name not in gone}))
 
-    def count_by_state(self) -> dict[str, int]:
-        """How many entries are in each state (every state present, zero included)."""
-        counts = dict.fromkeys(STATES, 0)
-        for entry in self.view():
-            counts[entry.state] += 1
-        return counts
-
-
-def due(entries: Iterable[TargetState], now: datetime) -> list[TargetState]:
-    """The entries whose backup is due now and not already running, most overdue first."""
-    ready = [e for e in entries if e.target is not None and not e.stopped and not e.running_job
-             and e.next_run is not None and e.next_run <= now]
-    return sorted(ready, key=lambda e: e.next_run or now)

@@ -1,4 +1,10 @@
-"""Alerts through real Apprise to a JSON webhook and an SMTP server on 127.0.0.1."""
+"""Alerts through real Apprise to a JSON webhook and an SMTP server on 127.0.0.1.
+
+End to end, once each: a failing backup, a stale snapshot, bad labels, an unreachable endpoint. The
+alert policy itself (one page per failure, one per recovery, reminders, stale absorbed into a failing
+backup, the summary at start, the event stream) is tested on a fake clock in tests/unit
+(test_alert_policy, test_outcomes).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,27 @@ import json
 import subprocess
 import sys
 import threading
-import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.integration.conftest import DaemonProcess, PgContainer, Repo, docker, free_port, wait_for
+from tests.integration.conftest import (
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    docker,
+    event_time,
+    free_port,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
+# Names of this run's containers: sessions beside this one on a shared engine use their own.
+RUN = uuid.uuid4().hex[:6]
 
 HOOK_PASSWORD = "hook-s3cret-pw-42"
 HOOK_TOKEN = "Tok3nInThePathOfTheWebhook0123"
@@ -91,21 +108,46 @@ def mailbox() -> Iterator[Mailbox]:
     box.controller.stop()
 
 
+def _fail_three_times_then_recover(daemon: DaemonProcess, db: PgContainer) -> None:
+    """Every backup fails until the dump role exists. Each start of the container backs it up at once
+    (it has no snapshot yet): the first at the daemon's start, two more by restarting it."""
+    for failures in (1, 2, 3):
+        wait_for(lambda n=failures: len(daemon.events("backup_failed", target=db.name)) >= n, 60,
+                 f"failed run {failures}", interval=0.5)
+        if failures < 3:
+            docker("restart", "-t", "1", db.name)
+    db.psql("CREATE ROLE dumper LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;")
+    docker("restart", "-t", "1", db.name)
+    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 60, "the first success", interval=0.5)
+
+
+def _more_checks(daemon: DaemonProcess, count: int = 3) -> None:
+    """Waits until the daemon has judged staleness and reconciled `count` more times."""
+    checks, reconciles = len(daemon.events("health_checked")), len(daemon.events("reconciled", reason="periodic"))
+    wait_for(lambda: len(daemon.events("health_checked")) >= checks + count and len(
+        daemon.events("reconciled", reason="periodic")) >= reconciles + count, 60, f"{count} more checks", interval=0.5)
+
+
 def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_daemon, repo: Repo,
                                                                watcher_env: dict[str, str], webhook: Webhook,
                                                                mailbox: Mailbox) -> None:
-    # The dump role does not exist yet: every backup fails until it is created.
-    db: PgContainer = start_pg("bwt-alert-db", "17", password=DB_PASSWORD, labels={"backup-watcher.user": "dumper"})
+    # The dump role does not exist yet: every backup fails until it is created. The slot is half a day
+    # away: only the test starts backups (a failed one is retried after 5 minutes at the soonest).
+    db: PgContainer = start_pg(f"bwt-alert{RUN}-db", "17", password=DB_PASSWORD,
+                               labels={"backup-watcher.user": "dumper"})
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100) AS g;")
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "* * * * *",
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name,
+           "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
+           "WATCHER_RECONCILE_INTERVAL": "5", "WATCHER_LOG_LEVEL": "debug",
            "WATCHER_APPRISE_URLS": f"{webhook.url} {mailbox.url}"}
     daemon: DaemonProcess = start_daemon(env)
-    wait_for(lambda: len(daemon.events("backup_failed", target=db.name)) >= 3, 200, "three failed runs",
-             interval=1)
-    db.psql("CREATE ROLE dumper LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;")
-    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 90, "the first success", interval=1)
+    _fail_three_times_then_recover(daemon, db)
     wait_for(lambda: len(webhook.received) >= 2 and len(mailbox.messages) >= 2, 30, "both notices", interval=0.5)
-    time.sleep(20)  # nothing more may follow (stale checks, prunes, the next slot)
+    # Nothing more may follow: the prune of the pass that recovered, stale checks, reconciles.
+    recovered = event_time(daemon.events("backup_succeeded", target=db.name)[-1])
+    wait_for(lambda: [p for p in daemon.events("prune_succeeded") if event_time(p) > recovered], 30, "the prune",
+             interval=0.5)
+    _more_checks(daemon)
     assert daemon.stop() == 0
 
     for titles in (webhook.titles(), mailbox.subjects()):
@@ -126,11 +168,11 @@ def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_
 
 def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_changes_nothing(
         start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
-    good: PgContainer = start_pg("bwt-stale-db", "15")
-    bad: PgContainer = start_pg("bwt-badlabel-db", "15", labels={"backup-watcher.keep-daily": "lots"})
+    good: PgContainer = start_pg(f"bwt-stale{RUN}-db", "15")
+    bad: PgContainer = start_pg(f"bwt-badlabel{RUN}-db", "15", labels={"backup-watcher.keep-daily": "lots"})
     unreachable = f"json://127.0.0.1:{free_port()}/nobody-listens"
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-stale-db,bwt-badlabel-db",
-           "WATCHER_SCHEDULE": "* * * * *", "WATCHER_RECONCILE_INTERVAL": "5",
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": f"{good.name},{bad.name}",
+           "WATCHER_SCHEDULE": "* * * * *", "WATCHER_RECONCILE_INTERVAL": "5", "WATCHER_LOG_LEVEL": "debug",
            "WATCHER_APPRISE_URLS": f"{webhook.url},{unreachable}"}
     daemon: DaemonProcess = start_daemon(env)
     # The healthy target is backed up although one endpoint is unreachable.
@@ -140,9 +182,8 @@ def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_change
 
     # Stopped after its backup: its newest snapshot grows stale (limit 1.5 x 60 s).
     docker("stop", "-t", "2", good.name)
-    wait_for(lambda: any("snapshot stale of bwt-stale-db" in t for t in webhook.titles()), 150, "the stale alert",
-             interval=1)
-    time.sleep(40)  # several more stale checks and reconciliations
+    wait_for(lambda: any("snapshot stale of" in t for t in webhook.titles()), 150, "the stale alert", interval=1)
+    _more_checks(daemon)  # several more stale checks and reconciliations
     assert daemon.stop() == 0
 
     titles = webhook.titles()

@@ -1,10 +1,12 @@
-"""Target freshness (watcher.registry): which snapshot time staleness and catch-up are judged by."""
+"""The registry: which snapshot time freshness is judged by, and the named transitions of an entry."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from watcher.registry import DatabaseState, judged_snapshot_time
+from tests.unit.daemon_kit import backup_result, make_entry
+from watcher.discovery import Rejected
+from watcher.registry import DatabaseState, Registry, judged_snapshot_time
 
 OLD = datetime(2026, 1, 1, 3, tzinfo=UTC)
 NEW = datetime(2026, 11, 21, 3, tzinfo=UTC)
@@ -29,3 +31,44 @@ def test_all_databases_is_judged_by_the_newest() -> None:
     assert judged_snapshot_time(True, databases) == NEW
     assert judged_snapshot_time(True, {"created": DatabaseState()}) is None
     assert judged_snapshot_time(True, {}) is None
+
+
+def _registry_with_target() -> tuple[Registry, str]:
+    registry = Registry()
+    entry = make_entry("a-db", databases=("app", "billing"), snapshots={"app": OLD})
+    registry.register(entry)
+    return registry, entry.container_id
+
+
+def test_named_transitions_of_a_target() -> None:
+    registry, cid = _registry_with_target()
+    assert registry.get(cid).state == "ok"  # type: ignore[union-attr]
+    registry.mark_running(cid)
+    assert registry.get(cid).state == "running"  # type: ignore[union-attr]
+    registry.record_results(cid, [backup_result("app", at=NEW), backup_result("billing", ok=False, at=NEW, error="x")],
+                            last_error="x", consecutive_failures=2, next_run=NEW)
+    entry = registry.get(cid)
+    assert entry is not None and entry.state == "failing" and entry.next_run == NEW and entry.last_error == "x"
+    assert entry.databases["app"].last_success == NEW and entry.databases["app"].last_snapshot == OLD
+    assert entry.databases["billing"].last_failure == NEW and entry.databases["billing"].last_error == "x"
+    registry.record_snapshot(cid, "billing", NEW, "snap-b")
+    assert registry.get(cid).databases["billing"].last_snapshot_id == "snap-b"  # type: ignore[union-attr]
+    registry.rename(cid, "b-db")
+    entry = registry.get(cid)
+    assert entry is not None and entry.name == "b-db" and entry.target is not None and entry.target.name == "b-db"
+    registry.drop_databases(cid, ["billing"])
+    assert sorted(registry.get(cid).databases) == ["app"]  # type: ignore[union-attr]
+
+
+def test_stop_idle_reject_and_remove() -> None:
+    registry, cid = _registry_with_target()
+    assert registry.mark_stopped(cid) is not None and registry.mark_stopped(cid) is None
+    assert registry.get(cid).state == "stopped"  # type: ignore[union-attr]
+    registry.mark_running(cid)
+    registry.mark_idle(cid)
+    assert not registry.get(cid).running_job  # type: ignore[union-attr]
+    registry.reject(cid, "a-db", Rejected(cid, "a-db", ("label x: bad",)))
+    assert registry.get(cid).state == "invalid"  # type: ignore[union-attr]
+    assert registry.remove(cid) is not None and registry.ids() == set()
+    registry.mark_running(cid)  # unknown ids change nothing
+    assert registry.view() == ()

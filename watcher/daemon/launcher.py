@@ -1,0 +1,116 @@
+"""The launcher: runs the daemon's jobs on a bounded pool and hands each one's end back as a message.
+
+A job never raises into the loop: whatever it returns or raises becomes its own finished-message
+(a crash fails the job with the exception's text), put on the loop's queue through `deliver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import assert_never
+
+import structlog
+
+from watcher import commands
+from watcher.daemon.messages import (
+    BackupFinished,
+    DrillsFinished,
+    JobFinished,
+    PruneFinished,
+    RefreshFinished,
+    RetagFinished,
+)
+from watcher.daemon.running import BackupJob, DrillJob, Job, PruneJob, RefreshJob, RetagJob
+from watcher.docker_source import DockerSource
+from watcher.drill import Driller, DrillResult
+from watcher.jobs import LOCK_WAIT, JobContext, backup_target, restic_error_text
+from watcher.restic import ResticError, Snapshot
+from watcher.retention import apply_retention
+
+log = structlog.get_logger("watcher.daemon")
+RETAG_TIMEOUT_SECONDS = 3600
+
+
+class Launcher:
+    """Starts jobs; `deliver` receives each job's finished-message, on the job's thread."""
+
+    def __init__(self, ctx: JobContext, docker: DockerSource, concurrency: int,
+                 deliver: Callable[[JobFinished], None]) -> None:
+        self.ctx = ctx
+        self.driller = Driller(ctx, docker)
+        self._deliver = deliver
+        self._pool = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="job")
+
+    def launch(self, job: Job) -> None:
+        """Starts one job on the pool (a drill slot with no target to drill starts nothing)."""
+        match job:
+            case BackupJob(container_id=container_id):
+                self._submit("backup", lambda: self._backup(job), lambda error: BackupFinished(container_id,
+                                                                                                 error=error))
+            case RetagJob(container_id=container_id, renames=renames):
+                self._submit("retag", lambda: self._retag(job), lambda error: RetagFinished(container_id, renames,
+                                                                                              error=error))
+            case DrillJob(targets=targets):
+                if targets:
+                    self._submit("drill", lambda: self._drill(job), lambda error: DrillsFinished(error=error))
+            case PruneJob(targets=targets):
+                self._submit("prune", lambda: PruneFinished(apply_retention(self.ctx, targets)),
+                             lambda error: PruneFinished(error=error))
+            case RefreshJob():
+                self._submit("refresh", self._refresh, lambda error: RefreshFinished(error=error))
+            case _:
+                assert_never(job)
+
+    def shutdown(self) -> None:
+        """Waits for every running job to end."""
+        self._pool.shutdown(wait=True)
+
+    def _submit(self, kind: str, work: Callable[[], JobFinished], crashed: Callable[[str], JobFinished]) -> None:
+        def guarded() -> JobFinished:
+            try:
+                return work()
+            except Exception as exc:
+                log.exception("job_crashed", kind=kind)
+                return crashed(self.ctx.masker(f"{type(exc).__name__}: {exc}"))
+
+        future: Future[JobFinished] = self._pool.submit(guarded)
+        future.add_done_callback(lambda done: self._deliver(done.result()))
+
+    def _backup(self, job: BackupJob) -> BackupFinished:
+        results = backup_target(self.ctx, job.target)
+        # What the repository now holds follows from the results (the watcher sets each snapshot's
+        # time): no listing, which would open the repository a second time per backup.
+        snapshots = tuple(
+            Snapshot(id=r.snapshot_id, short_id=r.snapshot_id[:8], time=r.snapshot_time, host=self.ctx.host,
+                     container=job.target.name, database=r.database, bytes=r.bytes_processed)
+            for r in results if r.ok and r.snapshot_id is not None and r.snapshot_time is not None)
+        return BackupFinished(job.container_id, tuple(results), snapshots)
+
+    def _retag(self, job: RetagJob) -> RetagFinished:
+        repository = self.ctx.repository
+        for old_name, new_name in job.renames:
+            argv = commands.with_lock_wait(commands.restic_retag(
+                repository.binary, host=self.ctx.host, old_name=old_name, new_name=new_name), LOCK_WAIT)
+            done = repository.run(argv, timeout=RETAG_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
+            if not done.ok:
+                error = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
+                return RetagFinished(job.container_id, job.renames,
+                                     error=f"moving history of {old_name} to {new_name} failed: {error}")
+            log.info("history_renamed", target=new_name, old_name=old_name)
+        return RetagFinished(job.container_id, job.renames)
+
+    def _drill(self, job: DrillJob) -> DrillsFinished:
+        """One job drills every eligible target in turn: drills never run two at a time."""
+        results: list[DrillResult] = []
+        for target in job.targets:
+            if self.ctx.cancel.is_set():
+                break
+            results.extend(self.driller.drill_target(target))
+        return DrillsFinished(tuple(results))
+
+    def _refresh(self) -> RefreshFinished:
+        try:
+            return RefreshFinished(snapshots=tuple(self.ctx.repository.snapshots(host=self.ctx.host)))
+        except ResticError as exc:
+            return RefreshFinished(error=str(exc))

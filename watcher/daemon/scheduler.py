@@ -1,0 +1,100 @@
+"""The scheduler: a pure function from what is known, what runs and the time to the jobs to start now.
+
+No clock, no I/O, no state of its own: `plan(view, running, now)` decides; the loop starts what it
+returns. The rules, in the order they are applied:
+- nothing starts while a prune runs (backups wait out a prune);
+- the move of a renamed container's history starts when nothing but backups runs and the container
+  itself has no job running (a backup under the old name ends first, so that it is moved too);
+- the restore drill starts at its slot when a concurrency slot is free (drills share
+  WATCHER_CONCURRENCY with backups, and never run two at a time);
+- due backups start, most overdue first, while slots are free, never two of one target at once, and
+  never for a container that took a renamed container's old name before that history has moved
+  (it would move the newcomer's first snapshots into the other history);
+- the prune starts after a pass: something was backed up since the last prune, nothing runs and
+  nothing is due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from watcher.daemon.running import BackupJob, Book, DrillJob, Job, PruneJob, RetagJob
+from watcher.registry import TargetState
+from watcher.schedule import next_run
+
+
+@dataclass(frozen=True)
+class View:
+    """What the scheduler reads: every watched container and the settings that shape a plan."""
+
+    entries: tuple[TargetState, ...]
+    concurrency: int
+    timezone: str
+    drill_schedule: str | None = None
+
+
+def due(entries: Iterable[TargetState], now: datetime) -> list[TargetState]:
+    """The targets whose backup is due now (running or not), most overdue first."""
+    ready = [e for e in entries if e.target is not None and not e.stopped
+             and e.next_run is not None and e.next_run <= now]
+    return sorted(ready, key=lambda e: e.next_run or now)
+
+
+def held(view: View, running: Book, now: datetime) -> list[TargetState]:
+    """Due targets that wait for the history of their name to move to a renamed container."""
+    names = running.held_names()
+    if not names:
+        return []
+    return [e for e in due(view.entries, now) if e.name in names and not running.busy(e.container_id)]
+
+
+def _retag(view: View, book: Book, now: datetime) -> Job | None:
+    if book.others:
+        return None
+    for container_id, renames in book.pending_retags.items():
+        entry = next((e for e in view.entries if e.container_id == container_id), None)
+        if entry is not None and not book.busy(container_id):
+            return RetagJob(container_id, renames)
+    return None
+
+
+def _drill(view: View, book: Book, now: datetime) -> Job | None:
+    if (view.drill_schedule is None or book.next_drill is None or book.next_drill > now or book.drill
+            or book.slots_in_use >= view.concurrency):
+        return None
+    targets = tuple(e.target for e in view.entries if e.target is not None and e.target.drill and not e.stopped)
+    return DrillJob(targets, next_run(view.drill_schedule, now, view.timezone))
+
+
+def _backup(view: View, book: Book, now: datetime) -> Job | None:
+    names = book.held_names()
+    for entry in due(view.entries, now):
+        if book.slots_in_use >= view.concurrency:
+            return None
+        if entry.target is not None and not book.busy(entry.container_id) and entry.name not in names:
+            return BackupJob(entry.container_id, entry.target)
+    return None
+
+
+def _prune(view: View, book: Book, now: datetime) -> Job | None:
+    if not book.backed_up_since_prune or not book.idle or due(view.entries, now):
+        return None
+    return PruneJob(tuple(e.target for e in view.entries if e.target is not None))
+
+
+_STEPS: tuple[Callable[[View, Book, datetime], Job | None], ...] = (_retag, _drill, _backup, _prune)
+
+
+def plan(view: View, running: Book, now: datetime) -> list[Job]:
+    """The jobs to start now, in order; `running` is the book before any of them starts."""
+    if running.prune:
+        return []
+    jobs: list[Job] = []
+    book = running
+    for step in _STEPS:
+        while (job := step(view, book, now)) is not None:
+            jobs.append(job)
+            book = book.started(job)
+    return jobs
