@@ -31,7 +31,10 @@ from watcher.restic import Repository, ResticError, Snapshot
 from watcher.settings import mask_url, with_flags
 
 if TYPE_CHECKING:
+    from alerting.policy import Alert
+    from watcher.daemon import Daemon
     from watcher.drill import DrillResult
+    from watcher.metrics import Metrics, MetricsServer
 
 # The daemon, the metrics server, Apprise, drills and restores are imported by the commands that use
 # them: a one-shot `backup` run from cron over a fleet pays for its imports on every run (about a
@@ -223,6 +226,8 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
     results: list[BackupResult] = [result for batch in batches if batch for result in batch
                                    if not result.repository_unverified]
     _print_backup_results(targets, batches, results, rejected)
+    if any(result.ok for result in results):
+        _ask_daemon_to_refresh(app)
     if check_error is not None:
         # Wrong password, no repository, ...: exit 2 with the check's message, after whatever did run.
         raise check_error
@@ -456,32 +461,33 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:
+    """The daemon; returns 0 when stopped by a signal. Raises DockerUnavailable, ResticError or UsageError
+    (exit 2, at once, paged through Apprise) when it cannot start."""
     from prometheus_client import CollectorRegistry
 
     from alerting.notify import Notifier
     from alerting.policy import AlertPolicy
     from watcher.clock import SystemClock
     from watcher.daemon import Daemon
-    from watcher.metrics import Metrics, MetricsServer
+    from watcher.metrics import Metrics
     from watcher.registry import Registry
 
-    ctx = app.job_context()
     clock = SystemClock()
     registry = Registry()
     metrics = Metrics(CollectorRegistry(), registry, version=__version__, clock=lambda: clock.now().timestamp())
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
-    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
-                    policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
     try:
-        server = MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
-                               daemon.health, daemon.status)
-    except OSError as exc:
-        raise UsageError(f"WATCHER_METRICS_ADDRESS={app.config.metrics_host}:{app.config.metrics_port}: "
-                         f"cannot listen: {exc.strerror}") from exc
-    try:
+        ctx = app.job_context()
         check_repository(ctx, app.config.init_repository)
         metrics.set_restic_version(".".join(map(str, app.repository.version())))
+    except (DockerUnavailable, ResticError) as exc:
+        notifier.deliver_now(startup_alert([app.masker(str(exc))]))
+        raise
+    daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
+                    policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
+    server = _metrics_server(app, metrics, daemon)
+    try:
         server.start()
         log.info("metrics_listening", address=f"{app.config.metrics_host}:{server.server_address[1]}")
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -493,6 +499,18 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
         notifier.close(timeout=10)
 
 
+def _metrics_server(app: App, metrics: Metrics, daemon: Daemon) -> MetricsServer:
+    """The metrics and health listener, bound but not serving yet; raises UsageError when the address is taken."""
+    from watcher.metrics import MetricsServer
+
+    try:
+        return MetricsServer(app.config.metrics_host, app.config.metrics_port, metrics.registry,
+                             daemon.health, daemon.status, daemon.request_refresh)
+    except OSError as exc:
+        raise UsageError(f"WATCHER_METRICS_ADDRESS={app.config.metrics_host}:{app.config.metrics_port}: "
+                         f"cannot listen: {exc.strerror}") from exc
+
+
 def cmd_prune(app: App, args: argparse.Namespace) -> int:
     """Applies retention now; returns 0 when forget and prune succeeded."""
     from watcher.retention import apply_retention
@@ -501,6 +519,7 @@ def cmd_prune(app: App, args: argparse.Namespace) -> int:
     ctx = app.job_context()
     check_repository(ctx, init=False)
     result = apply_retention(ctx, targets)
+    _ask_daemon_to_refresh(app)
     if not result.ok:
         print(f"prune FAILED: {result.error}")
         return EXIT_FAILED
@@ -508,19 +527,37 @@ def cmd_prune(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _daemon_status(app: App) -> list[dict[str, object]] | None:
-    import urllib.request
-
+def _daemon_url(app: App, path: str) -> str:
+    """The URL of `path` on this host's daemon (WATCHER_METRICS_ADDRESS, a wildcard read as loopback)."""
     host = app.config.metrics_host
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - reaching our own wildcard listener
         host = "127.0.0.1"
-    url = f"http://{host}:{app.config.metrics_port}/status"
+    return f"http://{host}:{app.config.metrics_port}{path}"
+
+
+def _daemon_status(app: App) -> list[dict[str, object]] | None:
+    """The running daemon's status rows, or None when no daemon answers."""
+    import urllib.request
+
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(_daemon_url(app, "/status"), timeout=5) as response:  # noqa: S310 - http://
             rows = json.loads(response.read())
     except (OSError, ValueError):
         return None
     return rows if isinstance(rows, list) else None
+
+
+def _ask_daemon_to_refresh(app: App) -> None:
+    """Tells a daemon on this host that the repository changed, so that its status and metrics follow at once
+    instead of at its next reconcile; no daemon, no harm."""
+    import urllib.request
+
+    request = urllib.request.Request(_daemon_url(app, "/refresh"), method="POST", data=b"")  # noqa: S310 - http://
+    try:
+        with urllib.request.urlopen(request, timeout=2):  # noqa: S310 - http:// on our own address
+            pass
+    except OSError as exc:
+        log.debug("daemon_not_told", reason=str(exc))
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
@@ -561,7 +598,6 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
     """A daemon that cannot start tells its Apprise targets why, if those at least are valid."""
     from alerting.notify import Notifier, url_secret_parts
     from alerting.notify import validate as validate_apprise
-    from alerting.policy import ADVICE, Alert, Concern, Kind
 
     unused: list[str] = []
     given = SETTINGS["WATCHER_APPRISE_URLS"].read(environ, unused) or ()
@@ -573,10 +609,16 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
         return
     secrets = [part for url in urls for part in url_secret_parts(url)]
     notifier = Notifier(urls, config_path, mask=Masker(secrets), timeout_s=20)
+    notifier.deliver_now(startup_alert(problems, "configuration of backup-watcher"))
+
+
+def startup_alert(problems: Sequence[str], what: str = "backup-watcher did not start") -> Alert:
+    """The alert of a daemon that did not start, listing why."""
+    from alerting.policy import ADVICE, Alert, Concern, Kind
+
     body = "\n".join(f"- {problem}" for problem in problems)
-    notifier.deliver_now(Alert(Kind.FAILED, "backup-watcher", Concern.CONFIG,
-                               "[backup-watcher] FAILED: configuration of backup-watcher",
-                               f"backup-watcher did not start:\n{body}\n\nWhat to do: {ADVICE[Concern.CONFIG]}"))
+    return Alert(Kind.FAILED, "backup-watcher", Concern.CONFIG, f"[backup-watcher] FAILED: {what}",
+                 f"backup-watcher did not start:\n{body}\n\nWhat to do: {ADVICE[Concern.CONFIG]}")
 
 
 def _interrupt_on_signals(app: App) -> None:

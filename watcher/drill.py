@@ -26,8 +26,8 @@ from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.dockerexec import DockerExecError, run_exec
 from watcher.execute import Masker, run_pipeline
-from watcher.jobs import JobContext, JobError, new_run_id, restic_error_text
-from watcher.restic import ResticError, Snapshot
+from watcher.jobs import JobContext, JobError, new_run_id
+from watcher.restic import ResticError, Snapshot, restic_error_text
 
 log = structlog.get_logger("watcher.drill")
 SOURCE_LABEL = "backup-watcher.drill-source"

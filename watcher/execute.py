@@ -20,15 +20,26 @@ from dataclasses import dataclass, field
 
 Command = tuple[str, ...]
 STDERR_TAIL_LINES = 40
+MASK_MIN_LENGTH, MASK_ALWAYS_LENGTH = 6, 12
 TERMINATE_GRACE_SECONDS = 10.0
 
 
+def maskable(secret: str) -> bool:
+    """Whether `secret` can be told apart from the words of a message: 12 characters or more, or 6 or more
+    with one that is not a lowercase letter. Masking `password` or `wrong` would rewrite restic's own "wrong
+    password"; such secrets are kept out of messages at the source, as every secret is (README, Secrets)."""
+    if len(secret) >= MASK_ALWAYS_LENGTH:
+        return True
+    return len(secret) >= MASK_MIN_LENGTH and not (secret.isalpha() and secret.islower())
+
+
 class Masker:
-    """Replaces every known secret in a text with '***'."""
+    """Replaces every exact occurrence of a known secret in a text with '***' (secrets that look like words
+    are left alone, see `maskable`)."""
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         # Longest first, so a secret that contains another is masked whole.
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+        self._secrets = sorted({s for s in secrets if s and maskable(s)}, key=len, reverse=True)
 
     def with_secrets(self, secrets: Iterable[str | None]) -> Masker:
         """Returns a new Masker that also masks `secrets`."""

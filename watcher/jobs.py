@@ -6,7 +6,6 @@ A job never raises into its caller: every outcome, good or bad, comes back as a 
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -20,7 +19,7 @@ from watcher import commands
 from watcher.discovery import Target
 from watcher.dockerexec import DockerExecError, run_exec
 from watcher.execute import Masker, run_pipeline
-from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository
+from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, restic_error_text
 
 log = structlog.get_logger("watcher.jobs")
 DUMP_TIMEOUT_SECONDS = 6 * 3600.0
@@ -163,24 +162,6 @@ def is_ready(ctx: JobContext, target: Target) -> bool:
         return _not_ready_reason(ctx, target) is None
     except JobError:
         return False
-
-
-def restic_error_text(lines: list[str]) -> str:
-    """Turns restic's stderr (JSON messages and plain lines) into readable text, one line each."""
-    readable: list[str] = []
-    for line in lines:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            # restic prefixes the source command's stderr with "subprocess <argv0>: ".
-            readable.append(re.sub(r"^subprocess \S+: ", "", line))
-            continue
-        if isinstance(message, dict):
-            error = message.get("error")
-            text = error.get("message") if isinstance(error, dict) else message.get("message")
-            if text:
-                readable.append(str(text))
-    return "\n".join(dict.fromkeys(readable))
 
 
 def _summary(lines: list[str]) -> dict[str, object]:

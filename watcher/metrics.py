@@ -193,6 +193,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /status\n")
 
+    def do_POST(self) -> None:
+        if self.path.split("?", 1)[0] == "/refresh":
+            # A one-shot command changed the repository; the loop lists it (once, however often asked).
+            self.server.refresh()
+            self._send(202, "text/plain; charset=utf-8", b"the repository will be listed again\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: POST /refresh is the only POST\n")
+
     def _send(self, code: int, content_type: str, body: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
@@ -206,16 +214,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """Serves /metrics, /healthz and /status on a background thread."""
+    """Serves /metrics, /healthz, /status (and POST /refresh) on a background thread."""
 
     daemon_threads = True
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 health: Callable[[], tuple[bool, str]], status: Callable[[], object]) -> None:
+                 health: Callable[[], tuple[bool, str]], status: Callable[[], object],
+                 refresh: Callable[[], None] = lambda: None) -> None:
         super().__init__((host, port), _Handler)
         self.registry = registry
         self.health = health
         self.status = status
+        self.refresh = refresh
         self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
 
     def start(self) -> None:
@@ -223,6 +233,8 @@ class MetricsServer(ThreadingHTTPServer):
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops serving and closes the socket."""
-        self.shutdown()
+        """Stops serving (if it started: shutdown() of a server that never served waits for ever) and closes
+        the socket."""
+        if self._thread.is_alive():
+            self.shutdown()
         self.server_close()

@@ -23,6 +23,24 @@ class ResticError(Exception):
     """restic is missing, too old, or failed; the message is masked and names what to fix."""
 
 
+def restic_error_text(lines: list[str]) -> str:
+    """Turns restic's stderr (JSON messages and plain lines) into readable text, one line each."""
+    readable: list[str] = []
+    for line in lines:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            # restic prefixes the source command's stderr with "subprocess <argv0>: ".
+            readable.append(re.sub(r"^subprocess \S+: ", "", line))
+            continue
+        if isinstance(message, dict):
+            error = message.get("error")
+            text = error.get("message") if isinstance(error, dict) else message.get("message")
+            if text:
+                readable.append(str(text))
+    return "\n".join(dict.fromkeys(readable))
+
+
 def parse_time(raw: str) -> datetime:
     """Parses restic's RFC 3339 timestamps (nanoseconds, any offset) into an aware UTC datetime."""
     match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", raw)
@@ -123,7 +141,7 @@ class Repository:
         if done.ok:
             return False
         if done.returncode == EXIT_WRONG_PASSWORD:
-            raise ResticError(f"repository {self.label}: wrong password (RESTIC_PASSWORD / RESTIC_PASSWORD_FILE)")
+            raise ResticError(self.failure("opening the repository", done))
         if done.returncode == EXIT_NO_REPOSITORY:
             if not init:
                 raise ResticError(
@@ -134,12 +152,24 @@ class Repository:
             if not created.ok:
                 raise ResticError(f"repository {self.label}: init failed: {created.describe_failure()}")
             return True
-        raise ResticError(f"repository {self.label} cannot be opened: {done.describe_failure()}")
+        raise ResticError(self.failure("opening the repository", done))
+
+    def failure(self, doing: str, done: Completed) -> str:
+        """What went wrong while `doing` something with restic, in words: restic's own message (never its
+        JSON) and, for the exit codes that have one, what to check."""
+        said = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
+        advice = {
+            EXIT_WRONG_PASSWORD: "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE: it is not this repository's password",
+            EXIT_NO_REPOSITORY: "check RESTIC_REPOSITORY, or create the repository with `restic init`",
+            EXIT_LOCKED: "another restic holds the repository's lock; `restic unlock` removes locks of dead ones",
+        }.get(done.returncode)
+        head = f"{doing} {self.label} failed: {said}"
+        return f"{head} ({advice})" if advice else head
 
     def snapshots(self, *, host: str | None = None, container: str | None = None,
                   database: str | None = None) -> list[Snapshot]:
         """Lists the watcher's snapshots, oldest first; raises ResticError when restic fails."""
         done = self.run(commands.restic_snapshots(self.binary, host=host, container=container, database=database))
         if not done.ok:
-            raise ResticError(f"listing snapshots of {self.label} failed: {done.describe_failure()}")
+            raise ResticError(self.failure("listing the snapshots of", done))
         return parse_snapshots(done.stdout)

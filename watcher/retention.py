@@ -17,7 +17,8 @@ import structlog
 from watcher import commands
 from watcher.config import Retention
 from watcher.discovery import Target
-from watcher.jobs import LOCK_WAIT, JobContext, restic_error_text
+from watcher.jobs import LOCK_WAIT, JobContext
+from watcher.restic import restic_error_text
 
 log = structlog.get_logger("watcher.retention")
 PRUNE_TIMEOUT_SECONDS = 6 * 3600.0

@@ -57,7 +57,7 @@ def human_age(seconds: object) -> str:
 
 
 def render_table(rows: Sequence[Mapping[str, object]]) -> str:
-    """The rows as an aligned text table (errors cut to their first line)."""
+    """The rows as an aligned text table (errors by their first line, whole)."""
     header = ("TARGET", "STATE", "LAST SNAPSHOT (UTC)", "AGE", "NEXT RUN (UTC)", "LAST ERROR")
     table = [header]
     for row in rows:
@@ -67,7 +67,8 @@ def render_table(rows: Sequence[Mapping[str, object]]) -> str:
             str(row.get("last_snapshot") or "-")[:19].replace("T", " "),
             human_age(row.get("age_s")),
             str(row.get("next_run") or "-")[:19].replace("T", " "),
-            (error[0][:80] if error else ""),
+            # Whole: the useful part of a label's error (which field, what to do) comes at its end.
+            (error[0] + (" (...)" if len(error) > 1 else "") if error else ""),
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]

@@ -50,16 +50,28 @@ def test_masker_masks_every_occurrence() -> None:
 
 
 def test_masker_longest_secret_first() -> None:
-    masker = Masker(["abc", "abcdef"])
-    assert masker("x abcdef y abc") == "x *** y ***"
+    masker = Masker(["abc-12", "abc-12-xyz"])
+    assert masker("x abc-12-xyz y abc-12") == "x *** y ***"
     # the order given does not matter
-    assert Masker(["abcdef", "abc"])("abcdef") == "***"
+    assert Masker(["abc-12-xyz", "abc-12"])("abc-12-xyz") == "***"
 
 
 def test_masker_ignores_short_and_empty_secrets() -> None:
-    masker = Masker(["ab", "", None, "x"])
-    assert masker("ab x cab") == "ab x cab"
-    assert Masker(["abc"])("abc") == "***"
+    masker = Masker(["ab", "", None, "x", "a1-b2"])
+    assert masker("ab x cab a1-b2") == "ab x cab a1-b2"
+    assert Masker(["a1-b2c"])("a1-b2c") == "***"
+
+
+@pytest.mark.parametrize("secret", ["wrong", "password", "nokeyfound"])
+def test_masker_never_rewrites_words_with_a_secret_that_looks_like_one(secret: str) -> None:
+    message = "Fatal: wrong password or no key found"
+    assert Masker([secret])(message) == message
+
+
+@pytest.mark.parametrize(("secret", "masked"), [("longpassphrase", True), ("Password", True), ("passw0rd", True),
+                                                ("hunter", False), ("hunt3r", True), ("h3r", False)])
+def test_which_secrets_are_masked(secret: str, masked: bool) -> None:
+    assert (Masker([secret])(f"x {secret} y") == "x *** y") is masked
 
 
 def test_masker_with_secrets_adds_without_changing_the_original() -> None:

@@ -1,4 +1,4 @@
-"""watcher.jobs pure parts: restic_error_text (restic's stderr as readable lines) and readiness_plan."""
+"""Pure parts of jobs: restic_error_text (restic's stderr as readable lines) and readiness_plan."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from watcher.jobs import (
     SETTLED_AFTER_SECONDS,
     ReadinessPlan,
     readiness_plan,
-    restic_error_text,
 )
+from watcher.restic import restic_error_text
 
 
 def test_json_exit_error_and_plain_lines() -> None:

@@ -24,8 +24,8 @@ from watcher.daemon.messages import (
 from watcher.daemon.running import BackupJob, DrillJob, Job, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
-from watcher.jobs import LOCK_WAIT, JobContext, backup_target, restic_error_text
-from watcher.restic import ResticError, Snapshot
+from watcher.jobs import LOCK_WAIT, JobContext, backup_target
+from watcher.restic import ResticError, Snapshot, restic_error_text
 from watcher.retention import apply_retention
 
 log = structlog.get_logger("watcher.daemon")
@@ -110,7 +110,10 @@ class Launcher:
         return DrillsFinished(tuple(results))
 
     def _refresh(self) -> RefreshFinished:
+        """One listing of every host's snapshots: this host's for the registry, the count for the metric."""
         try:
-            return RefreshFinished(snapshots=tuple(self.ctx.repository.snapshots(host=self.ctx.host)))
+            everything = self.ctx.repository.snapshots()
         except ResticError as exc:
             return RefreshFinished(error=str(exc))
+        mine = tuple(snap for snap in everything if snap.host == self.ctx.host)
+        return RefreshFinished(snapshots=mine, repository_snapshots=len(everything))

@@ -27,6 +27,7 @@ from watcher.daemon.messages import (
     Message,
     PruneFinished,
     RefreshFinished,
+    RefreshRequested,
     RetagFinished,
 )
 from watcher.daemon.outcomes import Outcomes, Pager
@@ -72,11 +73,16 @@ class Daemon:
         self._last_reconcile: float | None = None
         self._last_health_check: float | None = None
         self._held: frozenset[str] = frozenset()
+        self._refresh_wanted = False
         self.heartbeat = clock.monotonic()
 
     def request_stop(self) -> None:
         """Asks the loop to stop (called from a signal handler: it only counts)."""
         self._stop_signals += 1
+
+    def request_refresh(self) -> None:
+        """Asks the loop to list the repository again soon (from the HTTP thread: it only queues)."""
+        self._queue.put(RefreshRequested())
 
     def health(self) -> tuple[bool, str]:
         """(healthy, detail) for /healthz (another thread): the loop is alive; the stream is up or reconnecting."""
@@ -126,8 +132,11 @@ class Daemon:
         now = self.clock.monotonic()
         if self._last_reconcile is None or now - self._last_reconcile >= self.config.reconcile_interval_s:
             self._reconcile("periodic")
-            if not self.book.refresh:
-                self._start(RefreshJob())
+            self._refresh_wanted = True
+        if self._refresh_wanted and not self.book.refresh:
+            # One listing at a time; a request during one is served by the next, which sees its change.
+            self._refresh_wanted = False
+            self._start(RefreshJob())
         self._start_planned_jobs()
         if self._last_health_check is None or now - self._last_health_check >= min(
                 HEALTH_CHECK_SECONDS, self.config.reconcile_interval_s):
@@ -158,6 +167,8 @@ class Daemon:
                 self._reconcile("event stream connected")
             case StreamDisconnected():
                 self.outcomes.stream_changed(False)
+            case RefreshRequested():
+                self._refresh_wanted = True
             case BackupFinished() | PruneFinished() | DrillsFinished() | RefreshFinished() | RetagFinished():
                 self.book = self.book.finished(message)
                 self.inventory.take_snapshots(self.outcomes.job_finished(message))

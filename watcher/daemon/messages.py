@@ -49,10 +49,17 @@ class DrillsFinished:
 
 @dataclass(frozen=True)
 class RefreshFinished:
-    """The repository was listed again (snapshots), or listing it failed (error)."""
+    """The repository was listed again (this host's snapshots, and how many it holds from every host), or
+    listing it failed (error)."""
 
     snapshots: tuple[Snapshot, ...] | None = None
     error: str | None = None
+    repository_snapshots: int | None = None
+
+
+@dataclass(frozen=True)
+class RefreshRequested:
+    """Someone else changed the repository (a one-shot `backup` or `prune` that just ended): list it again."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class RetagFinished:
 
 
 JobFinished = BackupFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
-Message = ContainerEvent | StreamConnected | StreamDisconnected | JobFinished
+Message = ContainerEvent | StreamConnected | StreamDisconnected | RefreshRequested | JobFinished
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,8 @@ class Outcomes:
                 return snapshots
             case RefreshFinished(snapshots=None, error=error):
                 log.warning("snapshot_listing_failed", error=error)
-            case RefreshFinished(snapshots=snapshots):
+            case RefreshFinished(snapshots=snapshots, repository_snapshots=count):
+                self.repository_figures(None, count)
                 return snapshots or ()
             case RetagFinished():
                 self.retag_finished(finished)
