@@ -106,7 +106,7 @@ def parse_ts(raw: str) -> float:
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    parsed = []
+    parsed: list[dict[str, Any]] = []
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("{"):
@@ -122,7 +122,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def restic_summary(stdout: bytes) -> dict[str, Any]:
     for item in reversed(json_lines(stdout.decode(errors="replace"))):
         if item.get("message_type") == "summary":
-            return item
+            return dict(item)
     return {}
 
 
@@ -505,7 +505,9 @@ def bench_throughput(world: World, report: Report, big: str, reps: int) -> Repo:
     assert kept is not None
     w, b, d = (median(r.seconds for r in runs[k]) for k in ("watcher", "bare", "dump"))
     size = runs["watcher"][0].bytes_processed or runs["bare"][0].bytes_processed
-    rate = (lambda s: f"{size / s / MB:.0f} MB/s") if size else (lambda s: "")
+    def rate(seconds: float) -> str:
+        return f"{size / seconds / MB:.0f} MB/s" if size else ""
+
     n = f"median of {reps}" if reps > 1 else "1 run"
     r1a = row("1a")
     r1a.watcher = f"{fmt_s(w)} ({rate(w)})"
