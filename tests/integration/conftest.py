@@ -18,12 +18,63 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
 TEST_LABEL = "backup-watcher-test.owner=pytest"
 REPO_PASSWORD = "repo-pw 'quoted' $(not-run) ✓"
+# The watchers' host identity (WATCHER_HOST): one per pytest-xdist worker, because a watcher removes every
+# drill container of its own identity that it finds when it starts, and would take those of a drill
+# running on another worker for its own leftovers.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_HOST = f"test-host-{WORKER}" if WORKER else "test-host"
+
+
+# --- running beside each other (pytest-xdist) ------------------------------------------------------------
+# scripts/test runs the engine tests in two phases: BW_TEST_PHASE=parallel, on several xdist workers with
+# `--dist loadgroup`, runs every test not marked `alone`; BW_TEST_PHASE=alone then runs those one at a
+# time. Without BW_TEST_PHASE every selected test runs (a plain `pytest tests/integration`, serially).
+PHASES = ("parallel", "alone")
+# Modules whose tests would disturb each other's when run at the same time: all of a group runs on one
+# worker, one test after the other.
+XDIST_GROUPS = {
+    # A one-shot `backup` with the pattern scalr-*-db (test_bad_input, test_discovery_live) backs up every
+    # running container of such a name, and these modules all start such containers.
+    "test_bad_input.py": "scalr-names",
+    "test_discovery_live.py": "scalr-names",
+    "test_roundtrip.py": "scalr-names",
+    "test_secrets.py": "scalr-names",
+    # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
+    "test_image.py": "image",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups the tests that must share a worker, and keeps to the tests of this run's phase."""
+    phase = os.environ.get("BW_TEST_PHASE", "")
+    if phase and phase not in PHASES:
+        raise pytest.UsageError(f"BW_TEST_PHASE={phase!r}: expected one of {', '.join(PHASES)} or nothing")
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if not phase:
+        return
+    kept = [item for item in items if (item.get_closest_marker("alone") is not None) == (phase == "alone")]
+    deselected = [item for item in items if item not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fails an `alone` test that an xdist worker was given: other tests run beside it there."""
+    if WORKER and item.get_closest_marker("alone") is not None:
+        pytest.fail("this test must run alone (marker `alone`): run it through scripts/test, or without -n",
+                    pytrace=False)
 
 
 def docker(*args: str, check: bool = True, input: bytes | None = None, timeout: float = 120,
@@ -100,8 +151,12 @@ def wait_ready(name: str, timeout: float = 60) -> None:
     raise AssertionError(f"{name} did not become ready: {logs.stdout[-2000:]} {logs.stderr[-2000:]}")
 
 
+# The factory's type, for the tests' signatures.
+StartPg = Callable[..., PgContainer]
+
+
 @pytest.fixture
-def start_pg(engine: str) -> Iterator[Callable[..., PgContainer]]:
+def start_pg(engine: str) -> Iterator[StartPg]:
     """Factory: starts a PostgreSQL container (--network none), waits until it is ready, removes it after."""
     started: list[str] = []
 
@@ -145,8 +200,8 @@ class Repo:
             raise AssertionError(f"restic {' '.join(args)} failed: {done.stderr}")
         return done
 
-    def snapshots(self) -> list[dict[str, object]]:
-        """Every snapshot in the repository, as restic lists it (not through the watcher)."""
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot in the repository, as restic lists it (not through the watcher): JSON, hence Any."""
         if not (self.path / "config").exists():
             return []
         # --no-lock: a daemon's prune may hold the exclusive lock; a listing during it may see a
@@ -158,8 +213,8 @@ class Repo:
             time.sleep(1)
         return list(json.loads(done.stdout or "[]"))
 
-    def snapshots_of(self, container: str) -> list[dict[str, object]]:
-        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]  # type: ignore[operator]
+    def snapshots_of(self, container: str) -> list[dict[str, Any]]:
+        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]
 
 
 @pytest.fixture
@@ -181,7 +236,7 @@ def watcher_env(repo: Repo, engine: str) -> dict[str, str]:
         "RESTIC_PASSWORD": repo.password,
         "WATCHER_INIT_REPOSITORY": "true",
         "WATCHER_CONTAINER_PATTERNS": "bwt-nothing-matches-this",
-        "WATCHER_HOST": "test-host",
+        "WATCHER_HOST": TEST_HOST,
     })
     return env
 
@@ -276,8 +331,12 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# The factory's type, for the tests' signatures.
+StartDaemon = Callable[[dict[str, str]], DaemonProcess]
+
+
 @pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     """Factory: starts `backup-watcher run`; any daemon still running at the end is killed."""
     daemons: list[DaemonProcess] = []
 

@@ -15,7 +15,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.integration.conftest import DaemonProcess, PgContainer, Repo, docker, free_port, wait_for
+from tests.integration.conftest import (
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    StartDaemon,
+    StartPg,
+    docker,
+    free_port,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -91,9 +100,9 @@ def mailbox() -> Iterator[Mailbox]:
     box.controller.stop()
 
 
-def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_daemon, repo: Repo,
-                                                               watcher_env: dict[str, str], webhook: Webhook,
-                                                               mailbox: Mailbox) -> None:
+def test_three_failures_then_success_page_once_and_recover_once(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook,
+        mailbox: Mailbox) -> None:
     # The dump role does not exist yet: every backup fails until it is created.
     db: PgContainer = start_pg("bwt-alert-db", "17", password=DB_PASSWORD, labels={"backup-watcher.user": "dumper"})
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100) AS g;")
@@ -125,7 +134,8 @@ def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_
 
 
 def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_changes_nothing(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str],
+        webhook: Webhook) -> None:
     good: PgContainer = start_pg("bwt-stale-db", "15")
     bad: PgContainer = start_pg("bwt-badlabel-db", "15", labels={"backup-watcher.keep-daily": "lots"})
     unreachable = f"json://127.0.0.1:{free_port()}/nobody-listens"

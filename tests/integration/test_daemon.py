@@ -20,6 +20,8 @@ from tests.integration.conftest import (
     DaemonProcess,
     PgContainer,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     process_command_lines,
     wait_for,
@@ -45,7 +47,7 @@ def _wait_past_next_minute(extra: float = 0.0) -> datetime:
     return boundary
 
 
-def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Repo,
+def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon: StartDaemon, repo: Repo,
                                                          watcher_env: dict[str, str]) -> None:
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-life-*", "WATCHER_SCHEDULE": "* * * * *"}
     daemon: DaemonProcess = start_daemon(env)
@@ -72,7 +74,7 @@ def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Rep
         stopped_count = _snapshot_count(repo, name)
         _wait_past_next_minute(extra=8)
         assert _snapshot_count(repo, name) == stopped_count
-        assert daemon.row(name)["next_run"] is None
+        assert daemon.row(name)["next_run"] is None  # type: ignore[index]
 
         # Renamed: the history moves with the container.
         docker("start", name)
@@ -131,7 +133,8 @@ def test_lifecycle_register_schedule_stop_rename_destroy(start_daemon, repo: Rep
     assert daemon.events("target_registered", target=name)
 
 
-def test_engine_restart_reconnects_and_registers_new_containers(start_daemon, repo: Repo,
+@pytest.mark.alone  # restarts the shared engine
+def test_engine_restart_reconnects_and_registers_new_containers(start_daemon: StartDaemon, repo: Repo,
                                                                 watcher_env: dict[str, str]) -> None:
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-restart-*"}
     daemon: DaemonProcess = start_daemon(env)
@@ -159,8 +162,8 @@ def test_engine_restart_reconnects_and_registers_new_containers(start_daemon, re
     assert daemon.events("event_stream_ended") or daemon.events("event_stream_error")
 
 
-def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(start_pg, start_daemon, repo: Repo,
-                                                                     watcher_env: dict[str, str]) -> None:
+def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     names = [f"bwt-pass-{i}-db" for i in range(1, 5)]
     for index, name in enumerate(names):
         db: PgContainer = start_pg(name, "15" if index % 2 else "17")
@@ -207,7 +210,7 @@ def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(start_pg, st
         assert _snapshot_count(repo, name) == len(days) == 1
 
 
-def test_catch_up_after_downtime_runs_the_missed_backup(start_pg, start_daemon, repo: Repo,
+def test_catch_up_after_downtime_runs_the_missed_backup(start_pg: StartPg, start_daemon: StartDaemon, repo: Repo,
                                                         watcher_env: dict[str, str]) -> None:
     if datetime.now(UTC).second > 35:
         _wait_past_next_minute()
@@ -233,8 +236,8 @@ def _no_leftover_helpers(container_id: str) -> bool:
     return not [line for line in process_command_lines() if "watcher.dockerexec" in line and container_id in line]
 
 
-def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, start_daemon, repo: Repo,
-                                                                       watcher_env: dict[str, str]) -> None:
+def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-sigterm-db", "17")
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SHUTDOWN_GRACE": "0"}
@@ -248,7 +251,7 @@ def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, 
     assert failed and "aborted by shutdown" in str(failed[0]["error"])
 
 
-def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start_pg, repo: Repo,
+def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start_pg: StartPg, repo: Repo,
                                                                           watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-ctrlc-db", "15")
     db.psql(BIG_TABLE)
@@ -272,8 +275,8 @@ def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start
     assert "no errors were found" in repo.restic("check").stdout
 
 
-def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(start_pg, start_daemon, repo: Repo,
-                                                                      watcher_env: dict[str, str]) -> None:
+def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-grace-db", "15")
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SHUTDOWN_GRACE": "120"}
@@ -299,8 +302,8 @@ def test_second_signal_aborts_at_once_and_grace_lets_a_backup_finish(start_pg, s
     assert "no errors were found" in repo.restic("check").stdout
 
 
-def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(start_pg, start_daemon, repo: Repo,
-                                                                            watcher_env: dict[str, str]) -> None:
+def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     repo.restic("init")
     env = {**os.environ, "RESTIC_REPOSITORY": str(repo.path), "RESTIC_PASSWORD": repo.password}
     # A backup that waits for input holds a lock; SIGKILL leaves that lock behind.
@@ -320,8 +323,8 @@ def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(star
     assert repo.restic("list", "locks", "--no-lock").stdout.strip() == ""
 
 
-def test_a_database_dropped_from_an_all_databases_target_leaves_it(start_pg, start_daemon, repo: Repo,
-                                                                   watcher_env: dict[str, str]) -> None:
+def test_a_database_dropped_from_an_all_databases_target_leaves_it(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-alldb-db", "17", labels={"backup-watcher.databases": "all"})
     db.psql("CREATE DATABASE extra;", database="postgres")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "* * * * *"}

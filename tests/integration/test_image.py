@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIG_TABLE, TEST_LABEL, PgContainer, Repo, docker, wait_for, wait_for_copy
+from tests.integration.conftest import (
+    BIG_TABLE,
+    TEST_LABEL,
+    PgContainer,
+    Repo,
+    StartPg,
+    docker,
+    wait_for,
+    wait_for_copy,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -120,7 +129,7 @@ def repo_dir(repo: Repo) -> Iterator[Path]:
 
 
 def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
-        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
+        image: str, start_pg: StartPg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-img-db", "17")
     db.psql(BIG_TABLE)
     name = "bwt-watcher-image"
@@ -159,7 +168,7 @@ def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
 
 
 def test_image_through_the_socket_proxy_and_what_the_proxy_refuses(
-        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path, proxy_dir: Path) -> None:
+        image: str, start_pg: StartPg, repo: Repo, repo_dir: Path, secrets_dir: Path, proxy_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-proxied-db", "15")
     db.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) AS g;")
     name = "bwt-watcher-proxied"

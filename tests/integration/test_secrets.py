@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, docker, process_command_lines
+from tests.integration.conftest import PgContainer, Repo, StartPg, docker, process_command_lines
 
 pytestmark = pytest.mark.engine
 
@@ -31,7 +31,7 @@ class ArgvSampler(threading.Thread):
             time.sleep(0.005)
 
 
-def test_no_secret_in_output_argv_or_docker_events(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_no_secret_in_output_argv_or_docker_events(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("scalr-secret-db", "17", password=DB_PASSWORD)
     db.psql("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) AS g;")
     db.require_password_locally()
