@@ -168,6 +168,12 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def scraped_after(prom: Prometheus, moment: float) -> None:
+    """Waits until Prometheus has a successful scrape of its target that started after `moment` (Unix time)."""
+    wait_for(lambda: prom.vector(f'timestamp(up{{instance="{prom.instance}"}} == 1) > {moment:.3f}'), 30,
+             f"a scrape of {prom.instance} after {moment:.3f}", interval=0.1)
+
+
 def parse_time(raw: str) -> float:
     """RFC 3339 with any number of fractional digits (restic writes nanoseconds) → Unix seconds."""
     match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", raw)
@@ -278,7 +284,8 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg: StartPg, start_d
     prunes = len(daemon.events("prune_succeeded"))
     wait_for(lambda: len(daemon.events("prune_succeeded")) > prunes, 100, "the next pass and its prune",
              interval=0.5)
-    time.sleep(3)
+    pruned = f'backup_watcher_prunes_total{{instance="{prom.instance}",result="success"}} >= {prunes + 1}'
+    wait_for(lambda: prom.vector(pruned), 30, "Prometheus to scrape the counters of that pass", interval=0.2)
 
     # c. Every dashboard query and every alert expression, against this Prometheus.
     check_dashboard_structure()
@@ -292,7 +299,7 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg: StartPg, start_d
                 and len(daemon.events("prune_started")) == len(daemon.events("prune_succeeded")))
 
     wait_for(quiet, 70, "a moment without a running job, well before the next slot", interval=0.2)
-    time.sleep(1.5)  # one more scrape
+    scraped_after(prom, time.time())
     before = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
     assert {target for target, _ in before} == set(TARGETS)
     assert daemon.stop() == 0
@@ -309,10 +316,9 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg: StartPg, start_d
     after_direct = wait_for(snapshot_series, 30, "the restarted daemon's snapshot series")
     assert isinstance(after_direct, dict)
     assert sorted(after_direct.values()) == sorted(before.values())
+    reloaded_at = time.time()
     prom.reload(restarted.port)
-    wait_for(lambda: prom.vector(f'up{{instance="{prom.instance}"}} == 1'), 30,
-             "Prometheus to scrape the restarted daemon", interval=0.2)
-    time.sleep(1.5)
+    scraped_after(prom, reloaded_at)
     after = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
     assert after == before
     assert restarted.stop() == 0

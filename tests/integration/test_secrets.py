@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,13 @@ from tests.integration.conftest import PgContainer, Repo, StartPg, docker, proce
 pytestmark = pytest.mark.engine
 
 DB_PASSWORD = "db-s3cret 'q' \"dq\" $(id) ✓"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    """A repository password of this test alone: the sampler below reads the argv of every process on the
+    machine, among them other tests' (other xdist workers, other runs), which share conftest's password."""
+    return Repo(tmp_path / "repo", password=f"repo-s3cret-{uuid.uuid4().hex[:12]} 'q' $(id) ✓")
 
 
 class ArgvSampler(threading.Thread):
