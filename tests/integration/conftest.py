@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadGroupScheduling
 
 PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
 TEST_LABEL = "backup-watcher-test.owner=pytest"
@@ -51,23 +53,40 @@ XDIST_GROUPS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
+class ModuleGroupScheduling(LoadGroupScheduling):
+    """xdist's loadgroup, with the groups of XDIST_GROUPS: a work unit is a group's tests or a single test.
+
+    (xdist 3.8 marks a test's group by appending it to the test's node id, which pytest 9.2's node ids
+    no longer allow: its own xdist_group marker has no effect there.)
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        group = XDIST_GROUPS.get(Path(nodeid.split("::", 1)[0]).name)
+        return f"group:{group}" if group else super()._split_scope(nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> LoadGroupScheduling | None:
+    """The scheduler of `--dist loadgroup` (scripts/test): ModuleGroupScheduling."""
+    return ModuleGroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups the tests that must share a worker, and keeps to the tests of this run's phase."""
+    """Keeps to the tests of this run's phase, the `slow` ones first.
+
+    Slow first: xdist hands out work in this order, and a long test started last would hold the whole run
+    while the other workers idle.
+    """
     phase = os.environ.get("BW_TEST_PHASE", "")
     if phase and phase not in PHASES:
         raise pytest.UsageError(f"BW_TEST_PHASE={phase!r}: expected one of {', '.join(PHASES)} or nothing")
-    for item in items:
-        group = XDIST_GROUPS.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-    if not phase:
-        return
-    kept = [item for item in items if (item.get_closest_marker("alone") is not None) == (phase == "alone")]
-    deselected = [item for item in items if item not in kept]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = kept
+    kept = [item for item in items
+            if not phase or (item.get_closest_marker("alone") is not None) == (phase == "alone")]
+    if len(kept) < len(items):
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    kept.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    items[:] = kept
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
