@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Repo, StartPg, run_watcher
+from tests.integration.conftest import PgContainer, Repo, run_watcher
 
 pytestmark = pytest.mark.engine
+StartPg = Callable[..., PgContainer]
 
 
 def test_bad_label_disables_only_that_container(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
