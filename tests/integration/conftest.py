@@ -38,10 +38,13 @@ __all__ = [
     "BIG_TABLE",
     "PG_IMAGES",
     "REPO_PASSWORD",
+    "TEST_HOST",
     "TEST_LABEL",
     "DaemonProcess",
     "PgContainer",
     "Repo",
+    "StartDaemon",
+    "StartPg",
     "docker",
     "free_port",
     "process_command_lines",
@@ -119,8 +122,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if WORKER and item.get_closest_marker("alone") is not None:
         pytest.fail("this test must run alone (marker `alone`): run it through scripts/test, or without -n",
                     pytrace=False)
-
-
 
 
 @pytest.fixture(scope="session", autouse=True)
