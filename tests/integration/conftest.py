@@ -7,11 +7,13 @@ the test asks for, and is removed when its test ends.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -122,6 +124,39 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if WORKER and item.get_closest_marker("alone") is not None:
         pytest.fail("this test must run alone (marker `alone`): run it through scripts/test, or without -n",
                     pytrace=False)
+
+
+@contextmanager
+def engine_lock(*, exclusive: bool) -> Iterator[None]:
+    """Holds the test ground's lock (in $BW_TESTGROUND_RUN, shared by every test run on this machine): an
+    `alone` test holds it exclusively, any other engine test shared, so that `alone` also means alone
+    beside the other clones' runs on the same engine. A waiting exclusive holder goes first: it holds the
+    turnstile that every newcomer passes. Without BW_TESTGROUND_RUN (no scripts/test), no lock.
+    """
+    run = os.environ.get("BW_TESTGROUND_RUN")
+    if not run:
+        yield
+        return
+    with open(Path(run, "tests.turnstile"), "a") as turnstile, open(Path(run, "tests.lock"), "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def engine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every engine test holds the test ground's lock for its whole run, exclusively if marked `alone`."""
+    with engine_lock(exclusive=request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
