@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
 REPO_PASSWORD = "repo-pw 'quoted' $(not-run) ✓"
@@ -99,8 +100,8 @@ class Repo:
             raise AssertionError(f"restic {' '.join(args)} failed: {done.stderr}")
         return done
 
-    def snapshots(self) -> list[dict[str, object]]:
-        """Every snapshot in the repository, as restic lists it (not through the watcher)."""
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot in the repository, as restic lists it (not through the watcher): JSON, hence Any."""
         if not (self.path / "config").exists():
             return []
         # --no-lock: a daemon's prune may hold the exclusive lock; a listing during it may see a
@@ -112,8 +113,8 @@ class Repo:
             time.sleep(1)
         return list(json.loads(done.stdout or "[]"))
 
-    def snapshots_of(self, container: str) -> list[dict[str, object]]:
-        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]  # type: ignore[operator]
+    def snapshots_of(self, container: str) -> list[dict[str, Any]]:
+        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]
 
 
 def run_watcher(args: Sequence[str], env: dict[str, str], *, timeout: float = 600,

@@ -7,15 +7,19 @@ the test asks for, and is removed when its test ends.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadGroupScheduling
 
 # The plain helpers live in tests/kit.py (the benchmark uses them too); re-exported here for the test
 # modules that import them from this file (__all__: an explicit re-export, as mypy --strict wants).
@@ -37,10 +41,13 @@ __all__ = [
     "BIG_TABLE",
     "PG_IMAGES",
     "REPO_PASSWORD",
+    "TEST_HOST",
     "TEST_LABEL",
     "DaemonProcess",
     "PgContainer",
     "Repo",
+    "StartDaemon",
+    "StartPg",
     "docker",
     "event_time",
     "free_port",
@@ -52,6 +59,106 @@ __all__ = [
 ]
 
 TEST_LABEL = "backup-watcher-test.owner=pytest"
+# The watchers' host identity (WATCHER_HOST): one per pytest-xdist worker, because a watcher removes every
+# drill container of its own identity that it finds when it starts, and would take those of a drill
+# running on another worker for its own leftovers.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_HOST = f"test-host-{WORKER}" if WORKER else "test-host"
+
+
+# --- running beside each other (pytest-xdist) ------------------------------------------------------------
+# scripts/test runs the engine tests in two phases: BW_TEST_PHASE=parallel, on several xdist workers with
+# `--dist loadgroup`, runs every test not marked `alone`; BW_TEST_PHASE=alone then runs those one at a
+# time. Without BW_TEST_PHASE every selected test runs (a plain `pytest tests/integration`, serially).
+PHASES = ("parallel", "alone")
+# Modules whose tests would disturb each other's when run at the same time: all of a group runs on one
+# worker, one test after the other.
+XDIST_GROUPS = {
+    # A one-shot `backup` with the pattern scalr-*-db (test_bad_input, test_discovery_live) backs up every
+    # running container of such a name, and these modules all start such containers.
+    "test_bad_input.py": "scalr-names",
+    "test_discovery_live.py": "scalr-names",
+    "test_roundtrip.py": "scalr-names",
+    "test_secrets.py": "scalr-names",
+    # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
+    "test_image.py": "image",
+}
+
+
+class ModuleGroupScheduling(LoadGroupScheduling):
+    """xdist's loadgroup, with the groups of XDIST_GROUPS: a work unit is a group's tests or a single test.
+
+    (xdist 3.8 marks a test's group by appending it to the test's node id, which pytest 9.2's node ids
+    no longer allow: its own xdist_group marker has no effect there.)
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        group = XDIST_GROUPS.get(Path(nodeid.split("::", 1)[0]).name)
+        return f"group:{group}" if group else super()._split_scope(nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> LoadGroupScheduling | None:
+    """The scheduler of `--dist loadgroup` (scripts/test): ModuleGroupScheduling."""
+    return ModuleGroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keeps to the tests of this run's phase, the `slow` ones first.
+
+    Slow first: xdist hands out work in this order, and a long test started last would hold the whole run
+    while the other workers idle.
+    """
+    phase = os.environ.get("BW_TEST_PHASE", "")
+    if phase and phase not in PHASES:
+        raise pytest.UsageError(f"BW_TEST_PHASE={phase!r}: expected one of {', '.join(PHASES)} or nothing")
+    kept = [item for item in items
+            if not phase or (item.get_closest_marker("alone") is not None) == (phase == "alone")]
+    if len(kept) < len(items):
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    kept.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    items[:] = kept
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fails an `alone` test that an xdist worker was given: other tests run beside it there."""
+    if WORKER and item.get_closest_marker("alone") is not None:
+        pytest.fail("this test must run alone (marker `alone`): run it through scripts/test, or without -n",
+                    pytrace=False)
+
+
+@contextmanager
+def engine_lock(*, exclusive: bool) -> Iterator[None]:
+    """Holds the test ground's lock (in $BW_TESTGROUND_RUN, shared by every test run on this machine): an
+    `alone` test holds it exclusively, any other engine test shared, so that `alone` also means alone
+    beside the other clones' runs on the same engine. A waiting exclusive holder goes first: it holds the
+    turnstile that every newcomer passes. Without BW_TESTGROUND_RUN (no scripts/test), no lock.
+    """
+    run = os.environ.get("BW_TESTGROUND_RUN")
+    if not run:
+        yield
+        return
+    with open(Path(run, "tests.turnstile"), "a") as turnstile, open(Path(run, "tests.lock"), "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def engine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every engine test holds the test ground's lock for its whole run, exclusively if marked `alone`."""
+    with engine_lock(exclusive=request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,8 +181,12 @@ def engine() -> str:
     return host
 
 
+# The factory's type, for the tests' signatures.
+StartPg = Callable[..., PgContainer]
+
+
 @pytest.fixture
-def start_pg(engine: str) -> Iterator[Callable[..., PgContainer]]:
+def start_pg(engine: str) -> Iterator[StartPg]:
     """Factory: starts a PostgreSQL container (--network none), waits until it is ready, removes it after."""
     started: list[str] = []
 
@@ -122,13 +233,17 @@ def watcher_env(repo: Repo, engine: str) -> dict[str, str]:
         "RESTIC_PASSWORD": repo.password,
         "WATCHER_INIT_REPOSITORY": "true",
         "WATCHER_CONTAINER_PATTERNS": "bwt-nothing-matches-this",
-        "WATCHER_HOST": "test-host",
+        "WATCHER_HOST": TEST_HOST,
     })
     return env
 
 
+# The factory's type, for the tests' signatures.
+StartDaemon = Callable[[dict[str, str]], DaemonProcess]
+
+
 @pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     """Factory: starts `backup-watcher run`; any daemon still running at the end is killed."""
     daemons: list[DaemonProcess] = []
 

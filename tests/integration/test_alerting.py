@@ -26,6 +26,8 @@ from tests.integration.conftest import (
     DaemonProcess,
     PgContainer,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     event_time,
     free_port,
@@ -112,8 +114,10 @@ def _fail_three_times_then_recover(daemon: DaemonProcess, db: PgContainer) -> No
     """Every backup fails until the dump role exists. Each start of the container backs it up at once
     (it has no snapshot yet): the first at the daemon's start, two more by restarting it."""
     for failures in (1, 2, 3):
-        wait_for(lambda n=failures: len(daemon.events("backup_failed", target=db.name)) >= n, 60,
-                 f"failed run {failures}", interval=0.5)
+        def failed_often_enough(n: int = failures) -> bool:
+            return len(daemon.events("backup_failed", target=db.name)) >= n
+
+        wait_for(failed_often_enough, 60, f"failed run {failures}", interval=0.5)
         if failures < 3:
             docker("restart", "-t", "1", db.name)
     db.psql("CREATE ROLE dumper LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;")
@@ -128,9 +132,9 @@ def _more_checks(daemon: DaemonProcess, count: int = 3) -> None:
         daemon.events("reconciled", reason="periodic")) >= reconciles + count, 60, f"{count} more checks", interval=0.5)
 
 
-def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_daemon, repo: Repo,
-                                                               watcher_env: dict[str, str], webhook: Webhook,
-                                                               mailbox: Mailbox) -> None:
+def test_three_failures_then_success_page_once_and_recover_once(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook,
+        mailbox: Mailbox) -> None:
     # The dump role does not exist yet: every backup fails until it is created. The slot is half a day
     # away: only the test starts backups (a failed one is retried after 5 minutes at the soonest).
     db: PgContainer = start_pg(f"bwt-alert{RUN}-db", "17", password=DB_PASSWORD,
@@ -167,7 +171,8 @@ def test_three_failures_then_success_page_once_and_recover_once(start_pg, start_
 
 
 def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_changes_nothing(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str],
+        webhook: Webhook) -> None:
     good: PgContainer = start_pg(f"bwt-stale{RUN}-db", "15")
     bad: PgContainer = start_pg(f"bwt-badlabel{RUN}-db", "15", labels={"backup-watcher.keep-daily": "lots"})
     unreachable = f"json://127.0.0.1:{free_port()}/nobody-listens"

@@ -19,6 +19,7 @@ ROWS = ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "4a", "4b", "5a", "5b", "5c", 
 
 @pytest.mark.engine
 @pytest.mark.slow
+@pytest.mark.timeout(1900)  # above bench/run's own bound below, which fails with its output
 def test_bench_quick_runs_and_prints_every_row() -> None:
     done = subprocess.run([str(ROOT / "bench" / "run"), "--quick"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, stdin=subprocess.DEVNULL)

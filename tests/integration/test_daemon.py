@@ -27,6 +27,8 @@ from tests.integration.conftest import (
     DaemonProcess,
     PgContainer,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     event_time,
     process_command_lines,
@@ -52,7 +54,7 @@ def _wait_past_next_minute(extra: float = 0.0) -> datetime:
 
 
 def _databases_in_repo(repo: Repo, container: str) -> set[str]:
-    return {str(tag).split("=", 1)[1] for snap in repo.snapshots_of(container) for tag in snap["tags"]  # type: ignore[union-attr]
+    return {str(tag).split("=", 1)[1] for snap in repo.snapshots_of(container) for tag in snap["tags"]
             if str(tag).startswith("database=")}
 
 
@@ -136,7 +138,7 @@ def _destroyed(daemon: DaemonProcess, repo: Repo, name: str, renamed: str) -> No
 
 
 def test_lifecycle_register_stop_restart_rename_destroy_and_dropped_database(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     prefix = f"bwt-life{RUN}"
     name, renamed = f"{prefix}-db", f"{prefix}-renamed"
     alldb: PgContainer = start_pg(f"{prefix}-all", "17", labels={"backup-watcher.databases": "all"})
@@ -178,7 +180,8 @@ def test_lifecycle_register_stop_restart_rename_destroy_and_dropped_database(
     assert again.stop() == 0
 
 
-def test_engine_restart_reconnects_and_registers_new_containers(start_daemon, repo: Repo,
+@pytest.mark.alone  # restarts the shared engine
+def test_engine_restart_reconnects_and_registers_new_containers(start_daemon: StartDaemon, repo: Repo,
                                                                 watcher_env: dict[str, str]) -> None:
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": f"bwt-restart{RUN}-*"}
     daemon: DaemonProcess = start_daemon(env)
@@ -206,8 +209,8 @@ def test_engine_restart_reconnects_and_registers_new_containers(start_daemon, re
     assert daemon.events("event_stream_ended") or daemon.events("event_stream_error")
 
 
-def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(start_pg, start_daemon, repo: Repo,
-                                                                     watcher_env: dict[str, str]) -> None:
+def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     names = [f"bwt-pass{RUN}-{i}-db" for i in range(1, 5)]
     for index, name in enumerate(names):
         db: PgContainer = start_pg(name, "15" if index % 2 else "17")
@@ -261,8 +264,8 @@ def _no_leftover_helpers(container_id: str) -> bool:
     return not [line for line in process_command_lines() if "watcher.dockerexec" in line and container_id in line]
 
 
-def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, start_daemon, repo: Repo,
-                                                                       watcher_env: dict[str, str]) -> None:
+def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg(f"bwt-sigterm{RUN}-db", "17")
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SHUTDOWN_GRACE": "0"}
@@ -276,7 +279,7 @@ def test_sigterm_during_a_large_dump_exits_0_without_partial_snapshot(start_pg, 
     assert failed and "aborted by shutdown" in str(failed[0]["error"])
 
 
-def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start_pg, repo: Repo,
+def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start_pg: StartPg, repo: Repo,
                                                                           watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg(f"bwt-ctrlc{RUN}-db", "15")
     db.psql(BIG_TABLE)
@@ -301,7 +304,7 @@ def test_ctrl_c_of_a_one_shot_backup_ends_its_processes_without_a_snapshot(start
 
 
 def test_grace_lets_a_backup_finish_catch_up_after_downtime_and_second_signal_aborts(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg(f"bwt-grace{RUN}-db", "15")
     db.psql(BIG_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SHUTDOWN_GRACE": "120"}
@@ -336,8 +339,8 @@ def test_grace_lets_a_backup_finish_catch_up_after_downtime_and_second_signal_ab
     assert "no errors were found" in repo.restic("check").stdout
 
 
-def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(start_pg, start_daemon, repo: Repo,
-                                                                            watcher_env: dict[str, str]) -> None:
+def test_stale_lock_of_a_killed_restic_is_cleared_and_the_next_run_succeeds(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     repo.restic("init")
     env = {**os.environ, "RESTIC_REPOSITORY": str(repo.path), "RESTIC_PASSWORD": repo.password}
     # A backup that waits for input holds a lock; SIGKILL leaves that lock behind.

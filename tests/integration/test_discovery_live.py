@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, run_watcher
+from tests.integration.conftest import PgContainer, Repo, StartPg, run_watcher
 
 pytestmark = pytest.mark.engine
 
 
-def test_pattern_label_opt_out_and_non_matching(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+@pytest.mark.alone  # an opt-in container: every other watcher on the engine would select it
+def test_pattern_label_opt_out_and_non_matching(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     by_pattern = start_pg("scalr-orders-db", "15")
     by_label = start_pg("bwt-labelled-pg", "17", labels={"backup-watcher.enable": "true"})
     opted_out = start_pg("scalr-legacy-db", "15", labels={"backup-watcher.enable": "false"})
@@ -23,7 +24,7 @@ def test_pattern_label_opt_out_and_non_matching(start_pg, repo: Repo, watcher_en
     assert opted_out.name not in done.stdout and ignored.name not in done.stdout
 
 
-def test_password_with_quotes_spaces_and_command_substitution(start_pg, repo: Repo,
+def test_password_with_quotes_spaces_and_command_substitution(start_pg: StartPg, repo: Repo,
                                                               watcher_env: dict[str, str]) -> None:
     password = """it's a "pass word" $(touch /tmp/pwned) `id` \\ ; & | ✓"""
     db: PgContainer = start_pg("scalr-quotes-db", "17", password=password)
@@ -40,7 +41,8 @@ def test_password_with_quotes_spaces_and_command_substitution(start_pg, repo: Re
     assert db.psql("SELECT 1", check=False) == "1"
 
 
-def test_databases_all_gives_one_snapshot_per_database(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_databases_all_gives_one_snapshot_per_database(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("scalr-multi-db", "15", labels={"backup-watcher.databases": "all"})
     db.psql('CREATE DATABASE billing; CREATE DATABASE "odd, name/ü";', database="postgres")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
@@ -55,7 +57,7 @@ def test_databases_all_gives_one_snapshot_per_database(start_pg, repo: Repo, wat
     assert '"database": "odd, name/\\u00fc"' in listed.stdout
 
 
-def test_explicit_database_list(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_explicit_database_list(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("scalr-two-db", "17", labels={"backup-watcher.databases": "appdb,reports"})
     db.psql("CREATE DATABASE reports; CREATE DATABASE other;", database="postgres")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
@@ -65,7 +67,7 @@ def test_explicit_database_list(start_pg, repo: Repo, watcher_env: dict[str, str
     assert databases == ["database=appdb", "database=reports"]
 
 
-def test_backup_of_named_targets_only(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_backup_of_named_targets_only(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     first = start_pg("scalr-first-db", "15")
     second = start_pg("scalr-second-db", "15")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "scalr-*-db"}

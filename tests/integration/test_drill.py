@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 
 import pytest
 
 from tests.integration.conftest import (
     PG_IMAGES,
+    TEST_HOST,
     TEST_LABEL,
     DaemonProcess,
     PgContainer,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     run_watcher,
     wait_for,
@@ -33,9 +37,9 @@ CREATE TABLE billing.invoices AS SELECT g AS id FROM generate_series(1, 55) AS g
 
 
 def drill_containers() -> list[str]:
-    """Drill containers of the tests' watcher identity (WATCHER_HOST=test-host in watcher_env)."""
+    """Drill containers of the tests' watcher identity (WATCHER_HOST=TEST_HOST in watcher_env)."""
     return docker("ps", "-a", "--filter", "label=backup-watcher.role=drill",
-                  "--filter", "label=backup-watcher.drill-host=test-host", "--format", "{{.Names}}").stdout.split()
+                  "--filter", f"label=backup-watcher.drill-host={TEST_HOST}", "--format", "{{.Names}}").stdout.split()
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +52,14 @@ def no_drill_leftovers() -> None:
 
 
 @pytest.fixture
-def webhook():
+def webhook() -> Iterator[Webhook]:
     hook = Webhook()
     yield hook
     hook.server.shutdown()
 
 
 @pytest.mark.parametrize("major", ["15", "17"])
-def test_drill_of_a_healthy_target_reports_counts_matching_the_source(major: str, start_pg, repo: Repo,
+def test_drill_of_a_healthy_target_reports_counts_matching_the_source(major: str, start_pg: StartPg, repo: Repo,
                                                                       watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg(f"bwt-drill{major}-db", major)
     db.psql(SEED)
@@ -75,7 +79,8 @@ def test_drill_of_a_healthy_target_reports_counts_matching_the_source(major: str
 
 
 def test_drill_of_an_unreadable_snapshot_fails_once_with_reason_alert_and_metric(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str], webhook: Webhook) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str],
+        webhook: Webhook) -> None:
     db: PgContainer = start_pg("bwt-baddrill-db", "15")
     db.psql(SEED)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
@@ -106,7 +111,7 @@ def test_drill_of_an_unreadable_snapshot_fails_once_with_reason_alert_and_metric
 
 
 def test_no_drill_container_remains_after_sigterm_or_after_sigkill_and_restart(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-killdrill-db", "17")
     db.psql(SEED)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "0 3 * * *",
@@ -128,7 +133,8 @@ def test_no_drill_container_remains_after_sigterm_or_after_sigkill_and_restart(
     assert again.stop() == 0
 
 
-def test_drill_containers_are_never_targets(start_pg, start_daemon, repo: Repo,
+@pytest.mark.alone  # its pattern bwt-* selects the containers of every other test
+def test_drill_containers_are_never_targets(start_pg: StartPg, start_daemon: StartDaemon, repo: Repo,
                                             watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-pattern-db", "15")
     db.psql(SEED)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import BIG_TABLE, PgContainer, Repo, docker, wait_for_copy
+from tests.integration.conftest import BIG_TABLE, PgContainer, Repo, StartPg, docker, wait_for_copy
 
 pytestmark = pytest.mark.engine
 
@@ -28,7 +28,7 @@ def _kill_from_host(container: str, program: str) -> None:
 
 
 @pytest.mark.parametrize("major", ["15", "17"])
-def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg: StartPg, repo: Repo,
                                                   watcher_env: dict[str, str]) -> None:
     # The dump role may read a_big but not the rows of z_secret: pg_dump streams a_big first,
     # then fails on z_secret, part-way through the dump.
@@ -52,7 +52,7 @@ def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg, repo: Re
 
 
 @pytest.mark.parametrize("major", ["15", "17"])
-def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg: StartPg, repo: Repo,
                                                       watcher_env: dict[str, str]) -> None:
     name = f"bwt-killed{major}-db"
     db: PgContainer = start_pg(name, major)
@@ -75,7 +75,7 @@ def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg, repo
 
 
 @pytest.mark.parametrize("major", ["15", "17"])
-def test_container_stopped_mid_stream_leaves_no_snapshot(major: str, start_pg, repo: Repo,
+def test_container_stopped_mid_stream_leaves_no_snapshot(major: str, start_pg: StartPg, repo: Repo,
                                                          watcher_env: dict[str, str]) -> None:
     name = f"bwt-stopped{major}-db"
     db: PgContainer = start_pg(name, major)

@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIG_TABLE, TEST_LABEL, PgContainer, Repo, docker, wait_for, wait_for_copy
+from tests.integration.conftest import (
+    BIG_TABLE,
+    TEST_LABEL,
+    PgContainer,
+    Repo,
+    StartPg,
+    docker,
+    wait_for,
+    wait_for_copy,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "backup-watcher:test"
 BASE_IMAGE = "backup-watcher-test/python-base:bookworm"
+
+
 def engine_socket() -> str:
     return os.environ["DOCKER_HOST"].removeprefix("unix://")
 
@@ -119,8 +130,9 @@ def repo_dir(repo: Repo) -> Iterator[Path]:
     subprocess.run(["chown", "-R", "root:root", str(repo.path)], check=False)
 
 
+@pytest.mark.timeout(2400)  # the module's image build (its own bound: 1800 s) counts towards the first test
 def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
-        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
+        image: str, start_pg: StartPg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-img-db", "17")
     db.psql(BIG_TABLE)
     name = "bwt-watcher-image"
@@ -158,8 +170,9 @@ def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
         docker("rm", "-f", name, check=False)
 
 
+@pytest.mark.timeout(2400)  # the module's image build (its own bound: 1800 s) when this test runs first
 def test_image_through_the_socket_proxy_and_what_the_proxy_refuses(
-        image: str, start_pg, repo: Repo, repo_dir: Path, secrets_dir: Path, proxy_dir: Path) -> None:
+        image: str, start_pg: StartPg, repo: Repo, repo_dir: Path, secrets_dir: Path, proxy_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-proxied-db", "15")
     db.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) AS g;")
     name = "bwt-watcher-proxied"

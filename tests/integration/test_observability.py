@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -31,6 +32,8 @@ from tests.integration.conftest import (
     TEST_LABEL,
     DaemonProcess,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     free_port,
     wait_for,
@@ -110,8 +113,8 @@ class Prometheus:
         except OSError:
             return False
 
-    def api(self, path: str, params: dict[str, str] | None = None) -> dict[str, object]:
-        """POSTs to the HTTP API; returns the decoded answer, errors included."""
+    def api(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """POSTs to the HTTP API; returns the decoded JSON answer, errors included."""
         data = urllib.parse.urlencode(params or {}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data if params else None)
         try:
@@ -120,7 +123,7 @@ class Prometheus:
         except urllib.error.HTTPError as exc:
             return dict(json.loads(exc.read()))
 
-    def query(self, expr: str) -> dict[str, object]:
+    def query(self, expr: str) -> dict[str, Any]:
         return self.api("/api/v1/query", {"query": expr})
 
     def vector(self, expr: str) -> list[tuple[dict[str, str], float]]:
@@ -165,6 +168,12 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def scraped_after(prom: Prometheus, moment: float) -> None:
+    """Waits until Prometheus has a successful scrape of its target that started after `moment` (Unix time)."""
+    wait_for(lambda: prom.vector(f'timestamp(up{{instance="{prom.instance}"}} == 1) > {moment:.3f}'), 30,
+             f"a scrape of {prom.instance} after {moment:.3f}", interval=0.1)
+
+
 def parse_time(raw: str) -> float:
     """RFC 3339 with any number of fractional digits (restic writes nanoseconds) → Unix seconds."""
     match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", raw)
@@ -198,21 +207,21 @@ def newest_in_repository(repo: Repo) -> dict[tuple[str, str], float]:
     return newest
 
 
-def dashboard() -> dict[str, object]:
+def dashboard() -> dict[str, Any]:
     return dict(json.loads(DASHBOARD.read_text()))
 
 
-def all_panels(panels: list[dict[str, object]]) -> Iterator[dict[str, object]]:
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for panel in panels:
         yield panel
-        yield from all_panels(panel.get("panels") or [])  # type: ignore[arg-type]
+        yield from all_panels(panel.get("panels") or [])
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
     """(panel title, refId, expr) of every query of every panel."""
     queries = []
-    for panel in all_panels(dashboard()["panels"]):  # type: ignore[arg-type]
-        for target in panel.get("targets") or []:  # type: ignore[union-attr]
+    for panel in all_panels(dashboard()["panels"]):
+        for target in panel.get("targets") or []:
             queries.append((str(panel["title"]), str(target["refId"]), str(target["expr"])))
     return queries
 
@@ -240,8 +249,9 @@ def alert_rules() -> list[dict[str, str]]:
 
 
 # --- a to d: Prometheus, dashboard, alert rules, logs, restart -----------------------------------------
-def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, repo: Repo,
-                                                      watcher_env: dict[str, str], prometheus) -> None:
+def test_prometheus_dashboard_alerts_logs_and_restart(start_pg: StartPg, start_daemon: StartDaemon, repo: Repo,
+                                                      watcher_env: dict[str, str],
+                                                      prometheus: Callable[[int], Prometheus]) -> None:
     # a. Two real targets, backed up at once (no snapshot yet), then every minute.
     start_pg(TARGETS[0], "15")
     start_pg(TARGETS[1], "17")
@@ -274,7 +284,8 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, re
     prunes = len(daemon.events("prune_succeeded"))
     wait_for(lambda: len(daemon.events("prune_succeeded")) > prunes, 100, "the next pass and its prune",
              interval=0.5)
-    time.sleep(3)
+    pruned = f'backup_watcher_prunes_total{{instance="{prom.instance}",result="success"}} >= {prunes + 1}'
+    wait_for(lambda: prom.vector(pruned), 30, "Prometheus to scrape the counters of that pass", interval=0.2)
 
     # c. Every dashboard query and every alert expression, against this Prometheus.
     check_dashboard_structure()
@@ -288,7 +299,7 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, re
                 and len(daemon.events("prune_started")) == len(daemon.events("prune_succeeded")))
 
     wait_for(quiet, 70, "a moment without a running job, well before the next slot", interval=0.2)
-    time.sleep(1.5)  # one more scrape
+    scraped_after(prom, time.time())
     before = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
     assert {target for target, _ in before} == set(TARGETS)
     assert daemon.stop() == 0
@@ -305,10 +316,9 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, re
     after_direct = wait_for(snapshot_series, 30, "the restarted daemon's snapshot series")
     assert isinstance(after_direct, dict)
     assert sorted(after_direct.values()) == sorted(before.values())
+    reloaded_at = time.time()
     prom.reload(restarted.port)
-    wait_for(lambda: prom.vector(f'up{{instance="{prom.instance}"}} == 1'), 30,
-             "Prometheus to scrape the restarted daemon", interval=0.2)
-    time.sleep(1.5)
+    scraped_after(prom, reloaded_at)
     after = by_target_db(prom.vector(f'backup_watcher_last_snapshot_timestamp_seconds{{instance="{prom.instance}"}}'))
     assert after == before
     assert restarted.stop() == 0
@@ -320,30 +330,30 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg, start_daemon, re
 def check_dashboard_structure() -> None:
     board = dashboard()
     assert "__inputs" not in board
-    assert 36 <= int(board["schemaVersion"]) <= 39  # type: ignore[call-overload]
-    variables = {v["name"]: v for v in board["templating"]["list"]}  # type: ignore[index]
+    assert 36 <= int(board["schemaVersion"]) <= 39
+    variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["target"]["type"] == "query"
     uids = set()
-    for panel in all_panels(board["panels"]):  # type: ignore[arg-type]
+    for panel in all_panels(board["panels"]):
         if panel["type"] == "row":
             continue
-        uids.add(panel["datasource"]["uid"])  # type: ignore[index]
-        for target in panel["targets"]:  # type: ignore[union-attr]
+        uids.add(panel["datasource"]["uid"])
+        for target in panel["targets"]:
             uids.add(target["datasource"]["uid"])
     for variable in variables.values():
         if variable["type"] == "query":
             uids.add(variable["datasource"]["uid"])
     assert uids == {"${datasource}"}
-    ids = [p["id"] for p in all_panels(board["panels"])]  # type: ignore[arg-type]
+    ids = [p["id"] for p in all_panels(board["panels"])]
     assert len(ids) == len(set(ids))
 
 
 def check_dashboard_queries(prom: Prometheus) -> None:
     assert len(EMPTY_DASHBOARD_QUERIES) + len(EMPTY_ALERT_SELECTORS) <= 10, "the allow-list has grown"
     # Template variables: label_values(SELECTOR, LABEL) must list something.
-    for variable in dashboard()["templating"]["list"]:  # type: ignore[index]
+    for variable in dashboard()["templating"]["list"]:
         if variable["type"] != "query":
             continue
         match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["definition"])
@@ -360,7 +370,7 @@ def check_dashboard_queries(prom: Prometheus) -> None:
         if answer.get("status") != "success":
             problems.append(f"{title} [{ref}]: {answer.get('error')}\n{expr}")
             continue
-        result = answer["data"]["result"]  # type: ignore[index]
+        result = answer["data"]["result"]
         if (title, ref) in EMPTY_DASHBOARD_QUERIES:
             seen_allowed.add((title, ref))
             if result:
@@ -370,9 +380,9 @@ def check_dashboard_queries(prom: Prometheus) -> None:
         else:
             # With one target chosen, a query that returns targets returns only that one.
             chosen = prom.query(substitute(expr, target=TARGETS[0]))
-            rows = chosen.get("data", {}).get("result") or []  # type: ignore[union-attr]
-            others = {row["metric"].get("target") for row in rows} - {None, TARGETS[0]}
-            if chosen.get("status") != "success" or not rows or others:
+            chosen_rows = chosen.get("data", {}).get("result") or []
+            others = {row["metric"].get("target") for row in chosen_rows} - {None, TARGETS[0]}
+            if chosen.get("status") != "success" or not chosen_rows or others:
                 problems.append(f"{title} [{ref}] with target={TARGETS[0]}: {chosen}")
     assert seen_allowed == EMPTY_DASHBOARD_QUERIES, "stale allow-list entries"
     assert not problems, "\n\n".join(problems)
@@ -390,8 +400,8 @@ def check_alert_rules(prom: Prometheus) -> None:
             problems.append(f"{rule['alert']}: {answer.get('error')}")
             continue
         # A healthy run: nothing may fire.
-        if answer["data"]["result"]:  # type: ignore[index]
-            problems.append(f"{rule['alert']} would fire: {answer['data']}")  # type: ignore[index]
+        if answer["data"]["result"]:
+            problems.append(f"{rule['alert']} would fire: {answer['data']}")
         if rule["alert"] in ALERT_PROBES:
             (old, new), expected = ALERT_PROBES[rule["alert"]]
             assert old in expr, (rule["alert"], old)
@@ -412,12 +422,12 @@ def check_alert_rules(prom: Prometheus) -> None:
 
     # Prometheus itself loaded and evaluated every rule without an error, and nothing is pending.
     answer = prom.api("/api/v1/rules")
-    loaded = [rule for group in answer["data"]["groups"] for rule in group["rules"]]  # type: ignore[index]
+    loaded = [rule for group in answer["data"]["groups"] for rule in group["rules"]]
     assert {r["name"] for r in loaded} == {r["alert"] for r in rules}
     for rule in loaded:
         if rule["health"] != "ok" or rule["lastEvaluation"].startswith("0001"):
             problems.append(f"rule {rule['name']}: health {rule['health']} {rule.get('lastError')}")
-    alerts = prom.api("/api/v1/alerts")["data"]["alerts"]  # type: ignore[index]
+    alerts = prom.api("/api/v1/alerts")["data"]["alerts"]
     if alerts:
         problems.append(f"alerts active in a healthy run: {alerts}")
     assert not problems, "\n".join(problems)
@@ -523,7 +533,8 @@ def _start_sleeper(name: str) -> None:
            "--label", "backup-watcher.enable=true", "--entrypoint", "sleep", PG_IMAGES["15"], "infinity")
 
 
-def test_scrapes_with_100_targets_never_run_restic(start_daemon, watcher_env: dict[str, str]) -> None:
+@pytest.mark.alone  # 100 opt-in containers: every other watcher on the engine would select them
+def test_scrapes_with_100_targets_never_run_restic(start_daemon: StartDaemon, watcher_env: dict[str, str]) -> None:
     names = [f"bwt-fleet-{i:03d}" for i in range(1, 101)]
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:

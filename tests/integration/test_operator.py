@@ -14,6 +14,8 @@ from tests.integration.conftest import (
     TEST_LABEL,
     PgContainer,
     Repo,
+    StartDaemon,
+    StartPg,
     docker,
     free_port,
     run_watcher,
@@ -87,20 +89,20 @@ def test_snapshots_and_restore_say_a_wrong_password_in_words(repo: Repo, watcher
 
 
 def test_restore_of_an_unknown_target_names_close_ones_and_points_to_snapshots(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
-    db: PgContainer = start_pg("scalr-near-db", "15")
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-op-near-db", "15")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
     assert run_watcher(["backup"], env).returncode == 0
-    done = run_watcher(["restore", "scalr-naer-db", "latest", "--yes"], env, timeout=60)
+    done = run_watcher(["restore", "bwt-op-naer-db", "latest", "--yes"], env, timeout=60)
     assert done.returncode == 2
-    assert "scalr-naer-db" in done.stderr and "no snapshots" in done.stderr
-    assert "scalr-near-db" in done.stderr  # the close name
+    assert "bwt-op-naer-db" in done.stderr and "no snapshots" in done.stderr
+    assert "bwt-op-near-db" in done.stderr  # the close name
     assert "backup-watcher snapshots" in done.stderr
 
 
 def test_restore_into_a_container_that_just_started_waits_for_it_and_says_created(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
-    db: PgContainer = start_pg("scalr-src-db", "15")
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-op-src-db", "15")
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
     assert run_watcher(["backup"], env).returncode == 0
@@ -122,14 +124,14 @@ def test_restore_into_a_container_that_just_started_waits_for_it_and_says_create
 
 
 def test_bad_label_messages_name_the_field_and_the_recreate_step_and_fail_check_config(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
-    bad = start_pg("scalr-cron-db", "15", labels={"backup-watcher.schedule": "0 25 * * *"})
-    good = start_pg("scalr-fine-db", "15")
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "scalr-cron-db,scalr-fine-db"}
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    bad = start_pg("bwt-op-cron-db", "15", labels={"backup-watcher.schedule": "0 25 * * *"})
+    good = start_pg("bwt-op-fine-db", "15")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-op-cron-db,bwt-op-fine-db"}
     checked = run_watcher(["check-config"], env, timeout=60)
     assert checked.returncode == 2
     assert "configuration OK" not in checked.stderr
-    assert "scalr-cron-db" in checked.stderr
+    assert "bwt-op-cron-db" in checked.stderr
     assert "hour" in checked.stderr and "25" in checked.stderr
     assert "recreate" in checked.stderr
     status = run_watcher(["status"], env, timeout=60)
@@ -150,9 +152,9 @@ def test_settings_flags_work_after_the_command_too_and_restore_help_explains_lat
     assert "latest" in helped.stdout and "snapshots" in helped.stdout
 
 
-def test_daemon_sees_snapshots_of_a_one_shot_backup_when_it_ends(start_pg, start_daemon, repo: Repo,
-                                                                 watcher_env: dict[str, str]) -> None:
-    db: PgContainer = start_pg("scalr-lag-db", "15")
+def test_daemon_sees_snapshots_of_a_one_shot_backup_when_it_ends(
+        start_pg: StartPg, start_daemon: StartDaemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg("bwt-op-lag-db", "15")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_SCHEDULE": "0 3 1 1 *"}
     daemon = start_daemon(env)
     wait_for(lambda: len(repo.snapshots_of(db.name)) == 1, 120, "the catch-up backup")

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import PgContainer, Repo, docker
+from tests.integration.conftest import PgContainer, Repo, StartPg, docker
 from watcher.cli import build_app, select_targets
 from watcher.config import load_config
 from watcher.discovery import Target
@@ -65,7 +65,7 @@ def _backup(ctx: JobContext, target: Target) -> tuple[BackupResult, float]:
 
 
 def test_settled_container_is_dumped_without_a_probe_a_new_one_after_one(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg(major="15")
     with _context(watcher_env, db, started_ago=3600) as (ctx, settled):
         since = time.time()
@@ -82,7 +82,7 @@ def test_settled_container_is_dumped_without_a_probe_a_new_one_after_one(
 
 
 def test_settled_container_whose_postgres_comes_back_is_waited_for_and_dumped_again(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg(major="17")
     db.psql("CREATE TABLE kept AS SELECT g FROM generate_series(1, 500) g")
     with _context(watcher_env, db, started_ago=3600) as (ctx, target):
@@ -107,7 +107,7 @@ def test_settled_container_whose_postgres_comes_back_is_waited_for_and_dumped_ag
 
 
 def test_settled_container_whose_postgres_stays_down_fails_after_the_wait(
-        start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg(major="15")
     with _context(watcher_env, db, started_ago=3600) as (ctx, target):
         _hide_socket(db)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, docker, run_watcher, wait_ready
+from tests.integration.conftest import TEST_HOST, PgContainer, Repo, StartPg, docker, run_watcher, wait_ready
 from watcher import commands
 
 pytestmark = pytest.mark.engine
@@ -63,7 +63,7 @@ ORDER BY 1;
 
 @pytest.mark.parametrize("major", ["15", "17"])
 def test_backup_change_restore_returns_every_table_exactly(
-    major: str, start_pg, repo: Repo, watcher_env: dict[str, str]
+    major: str, start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]
 ) -> None:
     db: PgContainer = start_pg(f"scalr-rt{major}-db", major)
     db.psql(SEED)
@@ -77,7 +77,7 @@ def test_backup_change_restore_returns_every_table_exactly(
     assert len(snapshots) == 1
     assert snapshots[0]["paths"] == ["/appdb.pgdump"]
     assert "database=appdb" in snapshots[0]["tags"]
-    assert snapshots[0]["hostname"] == "test-host"
+    assert snapshots[0]["hostname"] == TEST_HOST
 
     db.psql(CHANGE)
     assert db.psql(FINGERPRINT) != before
@@ -89,7 +89,8 @@ def test_backup_change_restore_returns_every_table_exactly(
     assert db.psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%bw_restore%'", database="postgres") == "0"
 
 
-def test_restore_refuses_without_tty_and_without_yes(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_restore_refuses_without_tty_and_without_yes(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("scalr-notty-db")
     db.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "scalr-notty-db"}
@@ -103,7 +104,7 @@ def test_restore_refuses_without_tty_and_without_yes(start_pg, repo: Repo, watch
 
 
 def test_restore_of_a_missing_snapshot_names_it_and_changes_nothing(
-    start_pg, repo: Repo, watcher_env: dict[str, str]
+    start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]
 ) -> None:
     db: PgContainer = start_pg("scalr-nosnap-db")
     db.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
@@ -117,7 +118,7 @@ def test_restore_of_a_missing_snapshot_names_it_and_changes_nothing(
 
 
 def test_restore_swap_never_leaves_the_name_without_its_database(
-    start_pg, repo: Repo, watcher_env: dict[str, str]
+    start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]
 ) -> None:
     """A swap that cannot move the live database aside changes nothing; an interrupted one is healed."""
     db: PgContainer = start_pg("scalr-swap-db", "15")

@@ -7,14 +7,23 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, docker, process_command_lines
+from tests.integration.conftest import PgContainer, Repo, StartPg, docker, process_command_lines
 
 pytestmark = pytest.mark.engine
 
 DB_PASSWORD = "db-s3cret 'q' \"dq\" $(id) ✓"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    """A repository password of this test alone: the sampler below reads the argv of every process on the
+    machine, among them other tests' (other xdist workers, other runs), which share conftest's password."""
+    return Repo(tmp_path / "repo", password=f"repo-s3cret-{uuid.uuid4().hex[:12]} 'q' $(id) ✓")
 
 
 class ArgvSampler(threading.Thread):
@@ -31,7 +40,7 @@ class ArgvSampler(threading.Thread):
             time.sleep(0.005)
 
 
-def test_no_secret_in_output_argv_or_docker_events(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_no_secret_in_output_argv_or_docker_events(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("scalr-secret-db", "17", password=DB_PASSWORD)
     db.psql("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) AS g;")
     db.require_password_locally()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -269,7 +270,7 @@ def test_renamed_keeps_everything_else() -> None:
 # --- from_inspect -------------------------------------------------------------------------------
 
 
-INSPECT = {
+INSPECT: dict[str, Any] = {  # as the engine answers: JSON
     "Id": "8f2c3b7d1e4a5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcd",
     "Created": "2026-01-02T03:04:05.123456789Z",
     "Name": "/scalr-app-db",
