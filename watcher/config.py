@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alerting.notify import url_secret_parts
 from alerting.notify import validate as validate_apprise
+from watcher.durations import DurationError, format_duration, parse_duration
 from watcher.schedule import validate_cron
 
 DEFAULT_PATTERNS = ("scalr-*-db", "scalr-auth-postgres")
@@ -50,6 +51,59 @@ class Retention:
     monthly: int = 6
 
 
+# --- Bounds of jobs (issue 13, the runner): to be ported into the table of settings ------------------
+# name, default, parser (parse_duration, at least MIN_BOUND_SECONDS), Bounds field; none is secret, each
+# is also a flag (--lock-wait-timeout for WATCHER_LOCK_WAIT_TIMEOUT), shown by check-config as written.
+BOUND_SETTINGS = (
+    # pg_dump --lock-wait-timeout and lock_timeout of every query on a live database; per container
+    # the label backup-watcher.lock-wait-timeout wins.
+    ("WATCHER_LOCK_WAIT_TIMEOUT", "5m", "lock_wait_s"),
+    # statement_timeout of every query on a live database (listing databases, the drill's live
+    # checks, restore's psql steps); the command inside the container gets this plus a margin.
+    ("WATCHER_QUERY_TIMEOUT", "10m", "query_s"),
+    # how long a backup waits for PostgreSQL in a container to accept connections.
+    ("WATCHER_READY_TIMEOUT", "2m", "ready_s"),
+    # how long one database's dump into restic may run in all.
+    ("WATCHER_DUMP_TIMEOUT", "6h", "dump_s"),
+)
+MIN_BOUND_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long jobs may wait on live databases and run at all, in seconds (SPEC §4, §11)."""
+
+    lock_wait_s: float = 300.0
+    query_s: float = 600.0
+    ready_s: float = 120.0
+    dump_s: float = 21600.0
+
+
+def read_bounds(environ: Mapping[str, str], problems: list[str]) -> Bounds:
+    """The bounds the environment sets (defaults for those it does not); appends a problem per bad value."""
+    values: dict[str, float] = {}
+    for name, _default, attribute in BOUND_SETTINGS:
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            seconds = parse_duration(raw)
+        except DurationError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if seconds < MIN_BOUND_SECONDS:
+            problems.append(f"{name}={raw!r}: must be at least {MIN_BOUND_SECONDS:g}s")
+            continue
+        values[attribute] = seconds
+    return Bounds(**values)
+
+
+def bounds_shown(bounds: Bounds) -> dict[str, str]:
+    """The bounds as check-config prints them (5m, 6h)."""
+    return {name: format_duration(getattr(bounds, attribute)) for name, _default, attribute in BOUND_SETTINGS}
+# --- end of the bounds of jobs -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Config:
     """The validated configuration; secrets stay inside `restic_env` and `apprise_urls`."""
@@ -74,6 +128,7 @@ class Config:
     host: str | None
     shutdown_grace_s: int = 5
     reconcile_interval_s: int = 300
+    bounds: Bounds = field(default_factory=Bounds)
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
@@ -168,7 +223,7 @@ FLAG_VARIABLES = (
     "WATCHER_KEEP_WEEKLY", "WATCHER_KEEP_MONTHLY", "WATCHER_CONCURRENCY", "WATCHER_DRILL_SCHEDULE",
     "WATCHER_METRICS_ADDRESS", "WATCHER_APPRISE_URLS_FILE", "WATCHER_APPRISE_CONFIG", "WATCHER_LOG_FORMAT",
     "WATCHER_LOG_LEVEL", "WATCHER_INIT_REPOSITORY", "WATCHER_SHUTDOWN_GRACE", "WATCHER_RECONCILE_INTERVAL",
-    "WATCHER_RESTIC_BINARY",
+    "WATCHER_RESTIC_BINARY", *(name for name, _default, _attribute in BOUND_SETTINGS),
 )
 
 
@@ -286,6 +341,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
     init_repository = _bool(environ, "WATCHER_INIT_REPOSITORY", False, problems)
     shutdown_grace = _int(environ, "WATCHER_SHUTDOWN_GRACE", 5, 0, problems)
     reconcile_interval = _int(environ, "WATCHER_RECONCILE_INTERVAL", 300, 5, problems)
+    bounds = read_bounds(environ, problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -309,6 +365,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         host=environ.get("WATCHER_HOST", "").strip() or None,
         shutdown_grace_s=shutdown_grace,
         reconcile_interval_s=reconcile_interval,
+        bounds=bounds,
         secrets=tuple(secrets),
     )
 
@@ -342,4 +399,5 @@ def effective_config(config: Config) -> dict[str, object]:
         "WATCHER_RESTIC_BINARY": config.restic_binary,
         "WATCHER_SHUTDOWN_GRACE": config.shutdown_grace_s,
         "WATCHER_RECONCILE_INTERVAL": config.reconcile_interval_s,
+        **bounds_shown(config.bounds),
     }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from watcher.config import Retention
+from watcher.durations import DurationError, parse_duration
 from watcher.schedule import validate_cron
 
 LABEL_PREFIX = "backup-watcher."
@@ -19,6 +20,7 @@ ROLE_LABEL = "backup-watcher.role"
 KNOWN_LABELS = frozenset(
     {
         "enable", "schedule", "databases", "user", "keep-daily", "keep-weekly", "keep-monthly", "drill", "role",
+        "lock-wait-timeout",
     }
 )
 ALL_DATABASES = "all"
@@ -93,6 +95,7 @@ class Target:
     drill: bool = True
     image_id: str = ""
     started_at: float | None = None  # the container's last start (epoch seconds), None if unknown
+    lock_wait_timeout_s: float | None = None  # its own bound on lock waits; None: WATCHER_LOCK_WAIT_TIMEOUT
 
     @property
     def all_databases(self) -> bool:
@@ -171,6 +174,44 @@ def _parse_databases(label: str, raw: str, problems: list[str]) -> tuple[str, ..
     return tuple(dict.fromkeys(names))
 
 
+def _parse_bound(label: str, raw: str, problems: list[str]) -> float | None:
+    try:
+        value = parse_duration(raw)
+    except DurationError as exc:
+        problems.append(f"label {label}: {exc}")
+        return None
+    if value < 1:
+        problems.append(f"label {label}={raw!r}: must be at least 1s")
+        return None
+    return value
+
+
+def _schedule_of(labels: Mapping[str, str], rules: DiscoveryRules, problems: list[str]) -> str:
+    """The container's schedule label, or the default one."""
+    if "schedule" not in labels:
+        return rules.schedule
+    error = validate_cron(labels["schedule"].strip())
+    if error:
+        problems.append(f"label {LABEL_PREFIX}schedule={labels['schedule']!r}: {error}")
+        return rules.schedule
+    return labels["schedule"].strip()
+
+
+def _retention_of(labels: Mapping[str, str], rules: DiscoveryRules, problems: list[str]) -> Retention:
+    """The default retention with the container's keep-* labels over it."""
+    keeps: dict[str, int] = {}
+    for kind in ("daily", "weekly", "monthly"):
+        raw = labels.get(f"keep-{kind}")
+        if raw is not None:
+            value = _parse_keep(f"{LABEL_PREFIX}keep-{kind}", raw, problems)
+            if value is not None:
+                keeps[kind] = value
+    retention = replace(rules.retention, **keeps)
+    if keeps and retention == Retention(0, 0, 0):
+        problems.append(f"labels {LABEL_PREFIX}keep-*: all 0 would forget every snapshot")
+    return retention
+
+
 def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
     """Decides what a container is to the watcher.
 
@@ -196,24 +237,8 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
     for key in sorted(labels.keys() - KNOWN_LABELS):
         problems.append(f"label {LABEL_PREFIX}{key}: unknown label (known: {', '.join(sorted(KNOWN_LABELS))})")
 
-    schedule = rules.schedule
-    if "schedule" in labels:
-        error = validate_cron(labels["schedule"].strip())
-        if error:
-            problems.append(f"label {LABEL_PREFIX}schedule={labels['schedule']!r}: {error}")
-        else:
-            schedule = labels["schedule"].strip()
-
-    keeps: dict[str, int] = {}
-    for kind in ("daily", "weekly", "monthly"):
-        raw = labels.get(f"keep-{kind}")
-        if raw is not None:
-            value = _parse_keep(f"{LABEL_PREFIX}keep-{kind}", raw, problems)
-            if value is not None:
-                keeps[kind] = value
-    retention = replace(rules.retention, **keeps)
-    if keeps and retention == Retention(0, 0, 0):
-        problems.append(f"labels {LABEL_PREFIX}keep-*: all 0 would forget every snapshot")
+    schedule = _schedule_of(labels, rules, problems)
+    retention = _retention_of(labels, rules, problems)
 
     drill = True
     if "drill" in labels:
@@ -231,6 +256,9 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         if parsed is not None:
             databases = parsed
 
+    raw_lock_wait = labels.get("lock-wait-timeout")
+    lock_wait = None if raw_lock_wait is None else _parse_bound(
+        LABEL_PREFIX + "lock-wait-timeout", raw_lock_wait, problems)
     if problems:
         return Rejected(container.id, container.name, tuple(problems))
     return Target(
@@ -244,4 +272,5 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         drill=drill,
         image_id=container.image_id,
         started_at=container.started_at,
+        lock_wait_timeout_s=lock_wait,
     )
