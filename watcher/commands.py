@@ -119,6 +119,12 @@ def psql_script_command(variables: Mapping[str, str]) -> Command:
     return tuple(argv)
 
 
+def psql_pairs_command() -> Command:
+    """psql that runs the `SELECT label, value;` statements on its stdin, printing `label|value` lines,
+    and stops at the first error."""
+    return ("psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1")
+
+
 def conninfo_quote(value: str) -> str:
     """Quotes a value for a libpq connection string."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

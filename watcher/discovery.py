@@ -212,6 +212,15 @@ def _retention_of(labels: Mapping[str, str], rules: DiscoveryRules, problems: li
     return retention
 
 
+def _user_of(labels: Mapping[str, str], problems: list[str]) -> str | None:
+    """The role the user label names, None without one (an empty label is a problem)."""
+    user_label = labels.get("user")
+    if user_label is not None and not user_label.strip():
+        problems.append(f"label {LABEL_PREFIX}user: must not be empty")
+        return None
+    return user_label.strip() if user_label else None
+
+
 def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
     """Decides what a container is to the watcher.
 
@@ -244,11 +253,7 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
     if "drill" in labels:
         drill = _parse_bool(LABEL_PREFIX + "drill", labels["drill"], problems) is not False
 
-    user_label = labels.get("user")
-    if user_label is not None and not user_label.strip():
-        problems.append(f"label {LABEL_PREFIX}user: must not be empty")
-        user_label = None
-    credentials = credentials_of(container.env, user_label.strip() if user_label else None)
+    credentials = credentials_of(container.env, _user_of(labels, problems))
 
     databases: tuple[str, ...] = (credentials.database,)
     if "databases" in labels:
