@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -58,7 +58,8 @@ def _lock_held(db: PgContainer, table: str) -> bool:
 
 
 @pytest.mark.engine
-def test_the_wait_for_a_command_in_a_container_ends_on_timeout_and_on_cancel(start_pg) -> None:
+def test_the_wait_for_a_command_in_a_container_ends_on_timeout_and_on_cancel(
+        start_pg: Callable[..., PgContainer]) -> None:
     db: PgContainer = start_pg(major="15")
     host = os.environ["DOCKER_HOST"]
     masker = Masker(["the-Secret-value"])
@@ -85,7 +86,8 @@ def test_the_wait_for_a_command_in_a_container_ends_on_timeout_and_on_cancel(sta
 @pytest.mark.engine
 @pytest.mark.slow
 def test_a_locked_table_fails_backup_and_drill_in_their_bound_while_the_daemon_goes_on(
-        start_pg, start_daemon, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: Callable[..., PgContainer], start_daemon: Callable[[dict[str, str]], DaemonProcess], repo: Repo,
+        watcher_env: dict[str, str]) -> None:
     locked: PgContainer = start_pg("bwt-hang-db", "15")
     locked.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) AS g;")
     other: PgContainer = start_pg("bwt-hang-other-db", "15")
@@ -111,12 +113,12 @@ def test_a_locked_table_fails_backup_and_drill_in_their_bound_while_the_daemon_g
                                      "the backup of the locked table to fail", interval=0.5))
             assert "no snapshot was written" in str(backup["error"])
             assert f"pg_dump gave up waiting for a lock on table public.t after {LOCK_WAIT}" in str(backup["error"])
-            assert float(backup["duration_s"]) < 30, "the dump ended at the lock wait, not at the dump timeout"
+            assert float(str(backup["duration_s"])) < 30, "the dump ended at the lock wait, not at the dump timeout"
 
             drill = _first(wait_for(lambda: daemon.events("drill_failed", target=locked.name), 150,
                                     "the drill of the locked table to fail", interval=0.5))
             assert f"waiting for a lock on table public.t after {LOCK_WAIT}" in str(drill["error"])
-            assert float(drill["duration_s"]) < 120, "the drill's live check ended at the lock wait"
+            assert float(str(drill["duration_s"])) < 120, "the drill's live check ended at the lock wait"
 
             wait_for(lambda: daemon.events("history_renamed", target=renamed), 120, "the retag", interval=0.5)
             assert repo.snapshots_of(other.name) == []
