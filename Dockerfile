@@ -29,20 +29,26 @@ FROM ${BASE_IMAGE} AS build
 # It is used by this stage only and does not reach the image.
 ARG EXTRA_CA_CERT=""
 RUN python3 -m venv /opt/watcher
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md requirements.lock /src/
 COPY watcher /src/watcher
 COPY alerting /src/alerting
+# The dependencies at the exact versions of requirements.lock (scripts/lock makes it), and nothing else:
+# --no-deps, so a dependency missing from the lock fails `pip check` here instead of being resolved anew.
 RUN set -eu; \
     if [ -n "$EXTRA_CA_CERT" ]; then \
         cat /etc/ssl/certs/ca-certificates.crt > /tmp/ca.pem; printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/ca.pem; \
         export PIP_CERT=/tmp/ca.pem; \
     fi; \
-    /opt/watcher/bin/pip install --no-cache-dir --disable-pip-version-check /src; \
+    /opt/watcher/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
+        -r /src/requirements.lock /src; \
+    /opt/watcher/bin/pip check; \
     /opt/watcher/bin/backup-watcher --version
 
 # --- the image ------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
-ARG VERSION=0.1.0
+# The version is written once, in pyproject.toml (`backup-watcher --version` reads it); pass it for the label:
+#   --build-arg VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ARG VERSION=unspecified
 ARG REVISION=unknown
 ARG BASE_IMAGE
 ARG WATCHER_UID=10001

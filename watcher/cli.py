@@ -16,28 +16,21 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from watcher import __version__, logs
-from watcher.config import (
-    FLAG_VARIABLES,
-    Config,
-    ConfigError,
-    effective_config,
-    flag_name,
-    load_config,
-    mask_url,
-    read_secret,
-    split_list,
-    with_flags,
-)
+from watcher.config import SETTINGS, Config, ConfigError, effective_config, flags, load_config
 from watcher.discovery import LABEL_PREFIX, DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_database, backup_target, check_repository, new_run_id
 from watcher.restic import Repository, ResticError, Snapshot
+from watcher.settings import mask_url, with_flags
+
+if TYPE_CHECKING:
+    from watcher.drill import DrillResult
 
 # The daemon, the metrics server, Apprise, drills and restores are imported by the commands that use
 # them: a one-shot `backup` run from cron over a fleet pays for its imports on every run (about a
@@ -61,7 +54,7 @@ def settings_given(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand, with the settings' flags before the command."""
     parser = argparse.ArgumentParser(
         prog="backup-watcher",
         # No prefixes: --restic-password would otherwise pass for --restic-password-file.
@@ -72,19 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     settings = parser.add_argument_group(
         "settings", "each also an environment variable (see README); a flag wins over the variable. Secrets "
         "are never flags (argv is visible to every user of the host): use RESTIC_PASSWORD_FILE and the like")
-    for variable in FLAG_VARIABLES:
-        settings.add_argument(flag_name(variable), dest=f"{SETTING_PREFIX}{variable}", metavar="VALUE",
-                              help=f"as {variable}")
+    for flag, variable, help_line in flags():
+        settings.add_argument(flag, dest=f"{SETTING_PREFIX}{variable}", metavar="VALUE",
+                              help=help_line.replace("%", "%%"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_backup_commands(sub)
+    _add_restore_commands(sub)
+    sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
+    sub.add_parser("run", help="the daemon: discovery, schedules, retention, metrics (stops on SIGTERM/SIGINT)")
+    sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
+    status = sub.add_parser("status", help="targets: state, last snapshot, age, next run, last error")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
 
+
+def _add_backup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """backup and snapshots."""
     backup = sub.add_parser("backup", help="back up now (every discovered target if none is named)")
     backup.add_argument("targets", nargs="*", metavar="TARGET", help="container name")
-
     snapshots = sub.add_parser("snapshots", help="list snapshots")
     snapshots.add_argument("target", nargs="?", metavar="TARGET")
     snapshots.add_argument("--json", action="store_true", help="print JSON instead of a table")
     snapshots.add_argument("--host", help="only snapshots from this host (default: every host)")
 
+
+def _add_restore_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """restore and drill."""
     restore = sub.add_parser("restore", help="restore a snapshot (drops and recreates the database)")
     restore.add_argument("target", metavar="TARGET", help="container whose snapshots to restore")
     restore.add_argument("snapshot", nargs="?", default="latest", metavar="SNAPSHOT|latest")
@@ -92,17 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--into", metavar="CONTAINER", help="restore into this container instead of TARGET")
     restore.add_argument("--host", help="snapshots of this host (default: WATCHER_HOST or the engine's name)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-
     drill = sub.add_parser("drill", help="restore drill now: restore the latest snapshot into a throwaway "
                                          "container and check it")
     drill.add_argument("targets", nargs="*", metavar="TARGET", help="container name (default: every target "
                                                                     "without backup-watcher.drill=false)")
-    sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
-    sub.add_parser("run", help="the daemon: discovery, schedules, retention, metrics (stops on SIGTERM/SIGINT)")
-    sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
-    status = sub.add_parser("status", help="targets: state, last snapshot, age, next run, last error")
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
 
 
 @dataclass
@@ -189,6 +188,10 @@ def select_targets(app: App, names: Sequence[str]) -> tuple[list[Target], list[R
 
 
 def cmd_backup(app: App, args: argparse.Namespace) -> int:
+    """Backs up the targets named, or every target; returns 0 when every database's backup succeeded.
+
+    Raises the repository check's error (wrong password, no repository) after whatever did run.
+    """
     targets, rejected = select_targets(app, args.targets)
     if not targets and not rejected:
         log.warning("no_targets", patterns=",".join(app.config.container_patterns))
@@ -196,6 +199,23 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
         return EXIT_OK
     ctx = app.job_context()
     ctx.repository.version()
+    batches, check_error = _back_up_all(app, ctx, targets)
+    # Backups that never got to run are not reported as failures of their own: the check's error says why.
+    results: list[BackupResult] = [result for batch in batches if batch for result in batch
+                                   if not result.repository_unverified]
+    _print_backup_results(targets, batches, results, rejected)
+    if check_error is not None:
+        # Wrong password, no repository, ...: exit 2 with the check's message, after whatever did run.
+        raise check_error
+    return EXIT_OK if all(r.ok for r in results) and not rejected else EXIT_FAILED
+
+
+Batches = list[list[BackupResult] | None]
+
+
+def _back_up_all(app: App, ctx: JobContext, targets: list[Target]) -> tuple[Batches, BaseException | None]:
+    """Backs up `targets` beside the repository check; returns each target's results (None: not
+    attempted, the check failed) and the check's error."""
     first_wave = app.config.concurrency
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="repository-check") as checker,
           ThreadPoolExecutor(max_workers=app.config.concurrency, thread_name_prefix="backup") as pool):
@@ -215,16 +235,26 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
         if check_error is None:
             if check.result():
                 log.info("repository_initialised", repository=ctx.repository.label)
-            # The databases whose backup started before the repository was there: their turn now
-            # (only those: another database of the same target may already have its snapshot).
-            again = [(batch, j, target, result.database) for batch, target in zip(batches, targets, strict=True)
-                     if batch for j, result in enumerate(batch) if result.repository_unverified]
-            redone = pool.map(lambda item: backup_database(ctx, item[2], item[3], new_run_id()), again)
-            for (rerun_batch, j, _, _), result in zip(again, redone, strict=True):
-                rerun_batch[j] = result
-    # Backups that never got to run are not reported as failures of their own: the check's error says why.
-    results: list[BackupResult] = [result for batch in batches if batch for result in batch
-                                   if not result.repository_unverified]
+            _back_up_unverified_again(ctx, pool, targets, batches)
+    return batches, check_error
+
+
+def _back_up_unverified_again(ctx: JobContext, pool: ThreadPoolExecutor, targets: list[Target],
+                              batches: Batches) -> None:
+    """Reruns, in place in `batches`, the databases whose backup started before the repository was there.
+
+    Only those: another database of the same target may already have its snapshot.
+    """
+    again = [(batch, j, target, result.database) for batch, target in zip(batches, targets, strict=True)
+             if batch for j, result in enumerate(batch) if result.repository_unverified]
+    redone = pool.map(lambda item: backup_database(ctx, item[2], item[3], new_run_id()), again)
+    for (rerun_batch, j, _, _), result in zip(again, redone, strict=True):
+        rerun_batch[j] = result
+
+
+def _print_backup_results(targets: list[Target], batches: Batches, results: list[BackupResult],
+                          rejected: list[Rejected]) -> None:
+    """One line per database backed up, per target not attempted and per target rejected."""
     for target, outcome in zip(targets, batches, strict=True):
         if outcome is None:
             print(f"SKIPPED {target.name}: not attempted, the repository check failed")
@@ -237,13 +267,10 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
             print(f"FAILED  {result.target}/{result.database}: {result.error}")
     for bad in rejected:
         print(f"FAILED  {bad.name}: bad labels: {bad.reason}")
-    if check_error is not None:
-        # Wrong password, no repository, ...: exit 2 with the check's message, after whatever did run.
-        raise check_error
-    return EXIT_OK if all(r.ok for r in results) and not rejected else EXIT_FAILED
 
 
 def cmd_drill(app: App, args: argparse.Namespace) -> int:
+    """Drills the targets named, or every target that allows it; returns 0 when every drill passed."""
     targets, _ = select_targets(app, args.targets)
     if not args.targets:
         targets = [t for t in targets if t.drill]
@@ -258,17 +285,22 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
     driller = Driller(ctx, app.docker)
     results = [result for target in targets for result in driller.drill_target(target)]
     for result in results:
-        snapshot = result.snapshot_id[:8] if result.snapshot_id else "-"
-        if result.ok:
-            rows = sum(t.restored or 0 for t in result.tables)
-            print(f"ok      {result.target}/{result.database}  snapshot {snapshot}  {len(result.tables)} tables, "
-                  f"{rows} rows, restored in {result.restore_duration_s or 0:.1f}s")
-        else:
-            print(f"FAILED  {result.target}/{result.database}  snapshot {snapshot}: {result.error}")
-        for table in result.tables:
-            print(f"          {table.table}: dump {table.in_dump}, restored {table.restored}"
-                  f"{'' if table.problem is None else '  <-- ' + table.problem}")
+        _print_drill_result(result)
     return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
+
+
+def _print_drill_result(result: DrillResult) -> None:
+    """The drill's verdict on one database, and one line per table compared."""
+    snapshot = result.snapshot_id[:8] if result.snapshot_id else "-"
+    if result.ok:
+        rows = sum(t.restored or 0 for t in result.tables)
+        print(f"ok      {result.target}/{result.database}  snapshot {snapshot}  {len(result.tables)} tables, "
+              f"{rows} rows, restored in {result.restore_duration_s or 0:.1f}s")
+    else:
+        print(f"FAILED  {result.target}/{result.database}  snapshot {snapshot}: {result.error}")
+    for table in result.tables:
+        print(f"          {table.table}: dump {table.in_dump}, restored {table.restored}"
+              f"{'' if table.problem is None else '  <-- ' + table.problem}")
 
 
 def _snapshot_row(snap: Snapshot) -> dict[str, object]:
@@ -277,6 +309,7 @@ def _snapshot_row(snap: Snapshot) -> dict[str, object]:
 
 
 def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
+    """Lists snapshots as a table or JSON; returns 0."""
     app.repository.version()
     snapshots = app.repository.snapshots(host=args.host, container=args.target)
     if args.json:
@@ -305,19 +338,11 @@ def _human_bytes(size: int | None) -> str:
 
 
 def cmd_restore(app: App, args: argparse.Namespace) -> int:
-    from watcher.restore import RestoreError, Restorer, choose_snapshot
+    """Restores a snapshot after confirmation; returns 0 when restored, 1 when the restore failed,
+    2 when not confirmed. Raises UsageError for a snapshot or destination that is not there."""
+    from watcher.restore import RestoreError, Restorer
 
-    app.repository.version()
-    host = args.host or app.host()
-    snapshots = app.repository.snapshots(host=host, container=args.target)
-    if not snapshots:
-        elsewhere = sorted({s.host for s in app.repository.snapshots(container=args.target)})
-        hint = f"; snapshots of it exist from host(s) {', '.join(elsewhere)}: use --host" if elsewhere else ""
-        raise UsageError(f"{args.target}: no snapshots from host {host}{hint}")
-    try:
-        snapshot = choose_snapshot(snapshots, args.snapshot, args.database)
-    except RestoreError as exc:
-        raise UsageError(f"{args.target}: {exc}") from exc
+    snapshot = _restore_snapshot(app, args)
     destination_name = args.into or args.target
     destination = app.docker.inspect(destination_name)
     if destination is None or not destination.running:
@@ -331,13 +356,9 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
           f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
           f"  The database {database!r} there will be DROPPED and replaced.", file=sys.stderr)
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
-        answer = input(f"Type the database name ({database}) to confirm: ")
-        if answer.strip() != database:
-            print("not confirmed; nothing was changed", file=sys.stderr)
-            return EXIT_USAGE
+    if not args.yes and not _confirmed(database):
+        print("not confirmed; nothing was changed", file=sys.stderr)
+        return EXIT_USAGE
     bounds = app.config.bounds
     if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
         bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
@@ -352,7 +373,34 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _restore_snapshot(app: App, args: argparse.Namespace) -> Snapshot:
+    """The snapshot the restore command names; raises UsageError saying why there is none."""
+    from watcher.restore import RestoreError, choose_snapshot
+
+    app.repository.version()
+    host = args.host or app.host()
+    snapshots = app.repository.snapshots(host=host, container=args.target)
+    if not snapshots:
+        elsewhere = sorted({s.host for s in app.repository.snapshots(container=args.target)})
+        hint = f"; snapshots of it exist from host(s) {', '.join(elsewhere)}: use --host" if elsewhere else ""
+        raise UsageError(f"{args.target}: no snapshots from host {host}{hint}")
+    try:
+        return choose_snapshot(snapshots, args.snapshot, args.database)
+    except RestoreError as exc:
+        raise UsageError(f"{args.target}: {exc}") from exc
+
+
+def _confirmed(database: str) -> bool:
+    """Whether the operator typed the database's name; raises UsageError when there is no terminal to ask."""
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+    answer = input(f"Type the database name ({database}) to confirm: ")
+    return answer.strip() == database
+
+
 def cmd_check_config(app: App, args: argparse.Namespace) -> int:
+    """Prints the effective configuration, secrets masked; returns 2 when the engine or the repository
+    cannot be reached, 0 otherwise."""
     problems: list[str] = []
     try:
         app.docker.engine_name()
@@ -415,6 +463,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(app: App, args: argparse.Namespace) -> int:
+    """Applies retention now; returns 0 when forget and prune succeeded."""
     from watcher.retention import apply_retention
 
     targets, _ = select_targets(app, ())
@@ -489,9 +538,9 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
     from alerting.policy import ADVICE, Alert, Concern, Kind
 
     unused: list[str] = []
-    raw = read_secret(environ, "WATCHER_APPRISE_URLS", unused) or ""
-    urls = [url for url in split_list(raw) if not validate_apprise([url], None)]
-    config_path = environ.get("WATCHER_APPRISE_CONFIG") or None
+    given = SETTINGS["WATCHER_APPRISE_URLS"].read(environ, unused) or ()
+    urls = [url for url in given if not validate_apprise([url], None)]
+    config_path = SETTINGS["WATCHER_APPRISE_CONFIG"].read(environ, unused)
     if config_path and validate_apprise([], config_path):
         config_path = None
     if not urls and not config_path:
@@ -535,6 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The daemon logs to stdout (SPEC §9); one-shot commands keep stdout for their result.
     logs.configure(config.log_format, config.log_level, stream=sys.stdout if args.command == "run" else sys.stderr,
                    mask=Masker(config.secrets))
+    return _run_command(config, args)
+
+
+def _run_command(config: Config, args: argparse.Namespace) -> int:
+    """Wires the objects and runs the command; returns its exit code, 2 for a usage, Docker or restic error."""
     app: App | None = None
     try:
         app = build_app(config)

@@ -1,25 +1,65 @@
-"""Configuration from the environment (SPEC §4), validated up front with every problem reported at once."""
+"""Configuration from the environment (SPEC §4): one table of settings, validated up front, every problem at once.
+
+The table is `Config`: each field made with `setting(...)` is one setting, and that one row drives
+loading (`load_config`: every problem reported together, each naming its variable and the fix), the
+command's flags (`flags()`, `--schedule` for WATCHER_SCHEDULE), `check-config`'s print-out
+(`effective_config`) and the healthcheck (which reads WATCHER_METRICS_ADDRESS by its row).
+
+Adding a setting is adding one field to `Config`, where it is to appear in `--help` and check-config:
+
+    lock_wait_timeout_s: float = setting("WATCHER_LOCK_WAIT_TIMEOUT", "5m", duration(),
+                                         help="bound on waiting for a table lock during a dump")
+
+- The field's type is its kind's value type (mypy checks it); a default of None means unset, and the
+  type is then `X | None`. Durations are floats in seconds, their fields named `..._s`.
+- Kinds (parser and formatter) are in `watcher.settings`: BOOL, TEXT, whole(minimum), duration(minimum),
+  choice(...), CRON, CRON_OR_OFF, ZONE, PATTERNS, ADDRESS, FILE, LIST; a new kind is a `Kind(parse,
+  format)` whose parse raises `Invalid("what is wrong and what to write")`.
+- A secret: `secret=True, shown=Shown.MASKED`. It is never a flag (its NAME_FILE path is), accepts
+  NAME_FILE, and is kept out of repr and added to `secrets` for masking.
+- A check across settings (retention all 0, the password or the repository missing) is a `_check_*`
+  function listed in `CHECKS`.
+- The README's table of settings is kept by hand: add the row there too.
+"""
 
 from __future__ import annotations
 
-import re
-import urllib.parse
-import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from alerting.notify import url_secret_parts
 from alerting.notify import validate as validate_apprise
-from watcher.durations import DurationError, format_duration, parse_duration
-from watcher.schedule import validate_cron
+from watcher.settings import (
+    ADDRESS,
+    BOOL,
+    CRON,
+    CRON_OR_OFF,
+    DOCKER_HOST,
+    FILE,
+    LIST,
+    PATTERNS,
+    SECRET_TEXT,
+    TEXT,
+    ZONE,
+    Address,
+    Setting,
+    Shown,
+    choice,
+    duration,
+    flag_name,
+    read_secret,
+    rows,
+    setting,
+    url_password,
+    whole,
+)
 
-DEFAULT_PATTERNS = ("scalr-*-db", "scalr-auth-postgres")
 MIN_RESTIC = (0, 17, 0)
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Secrets that restic and its backends read from the environment; each also accepts NAME_FILE.
+# Secrets of restic's backends, read from the environment by restic itself: passed through, each also
+# accepted as NAME_FILE (read here, as restic does not). They are not settings of the watcher.
 RESTIC_SECRET_VARIABLES = (
-    "RESTIC_PASSWORD",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -30,8 +70,6 @@ RESTIC_SECRET_VARIABLES = (
     "RESTIC_REST_PASSWORD",
     "GOOGLE_ACCESS_TOKEN",
 )
-# Container names are [a-zA-Z0-9][a-zA-Z0-9_.-]*; a pattern may add the glob characters.
-_PATTERN_CHARS = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
 
 
 class ConfigError(Exception):
@@ -51,27 +89,10 @@ class Retention:
     monthly: int = 6
 
 
-# --- Bounds of jobs (issue 13, the runner): to be ported into the table of settings ------------------
-# name, default, parser (parse_duration, at least MIN_BOUND_SECONDS), Bounds field; none is secret, each
-# is also a flag (--lock-wait-timeout for WATCHER_LOCK_WAIT_TIMEOUT), shown by check-config as written.
-BOUND_SETTINGS = (
-    # pg_dump --lock-wait-timeout and lock_timeout of every query on a live database; per container
-    # the label backup-watcher.lock-wait-timeout wins.
-    ("WATCHER_LOCK_WAIT_TIMEOUT", "5m", "lock_wait_s"),
-    # statement_timeout of every query on a live database (listing databases, the drill's live
-    # checks, restore's psql steps); the command inside the container gets this plus a margin.
-    ("WATCHER_QUERY_TIMEOUT", "10m", "query_s"),
-    # how long a backup waits for PostgreSQL in a container to accept connections.
-    ("WATCHER_READY_TIMEOUT", "2m", "ready_s"),
-    # how long one database's dump into restic may run in all.
-    ("WATCHER_DUMP_TIMEOUT", "6h", "dump_s"),
-)
-MIN_BOUND_SECONDS = 1.0
-
-
 @dataclass(frozen=True)
 class Bounds:
-    """How long jobs may wait on live databases and run at all, in seconds (SPEC §4, §11)."""
+    """How long jobs may wait on live databases and run at all, in seconds (SPEC §4, §11); the defaults
+    are those of the settings WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT and _DUMP_TIMEOUT."""
 
     lock_wait_s: float = 300.0
     query_s: float = 600.0
@@ -79,325 +100,202 @@ class Bounds:
     dump_s: float = 21600.0
 
 
-def read_bounds(environ: Mapping[str, str], problems: list[str]) -> Bounds:
-    """The bounds the environment sets (defaults for those it does not); appends a problem per bad value."""
-    values: dict[str, float] = {}
-    for name, _default, attribute in BOUND_SETTINGS:
-        raw = environ.get(name, "").strip()
-        if not raw:
-            continue
-        try:
-            seconds = parse_duration(raw)
-        except DurationError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        if seconds < MIN_BOUND_SECONDS:
-            problems.append(f"{name}={raw!r}: must be at least {MIN_BOUND_SECONDS:g}s")
-            continue
-        values[attribute] = seconds
-    return Bounds(**values)
-
-
-def bounds_shown(bounds: Bounds) -> dict[str, str]:
-    """The bounds as check-config prints them (5m, 6h)."""
-    return {name: format_duration(getattr(bounds, attribute)) for name, _default, attribute in BOUND_SETTINGS}
-# --- end of the bounds of jobs -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """The validated configuration; secrets stay inside `restic_env` and `apprise_urls`."""
+    """The validated configuration: the table of settings, one field per setting.
 
-    docker_host: str | None
-    restic_repository: str | None
-    restic_env: Mapping[str, str]
-    restic_binary: str
-    init_repository: bool
-    schedule: str
-    timezone: str
-    container_patterns: tuple[str, ...]
-    retention: Retention
-    concurrency: int
-    drill_schedule: str | None
-    metrics_host: str
-    metrics_port: int
-    apprise_urls: tuple[str, ...]
-    apprise_config: str | None
-    log_format: str
-    log_level: str
-    host: str | None
-    shutdown_grace_s: int = 5
-    reconcile_interval_s: int = 300
-    bounds: Bounds = field(default_factory=Bounds)
-    secrets: tuple[str, ...] = field(default=(), repr=False)
-
-
-def read_secret(environ: Mapping[str, str], name: str, problems: list[str]) -> str | None:
-    """Returns NAME, or the content of the file NAME_FILE names (trailing newline stripped).
-
-    Appends a problem (naming the variable, never the value) when both are set or the file
-    cannot be read.
+    Secrets stay in `restic_env`, `restic_password` and `apprise_urls` (none of them in repr);
+    `secrets` holds every secret string, for masking.
     """
-    value = environ.get(name)
-    path = environ.get(f"{name}_FILE")
-    if value and path:
-        problems.append(f"{name} and {name}_FILE are both set: set only one")
-        return value
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            problems.append(f"{name}_FILE: cannot read {path}: {exc.strerror}")
-            return None
-    return value or None
+
+    restic_env: Mapping[str, str] = field(repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    secret_sources: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    docker_host: str | None = setting(
+        "DOCKER_HOST", None, DOCKER_HOST, unset="unix:///var/run/docker.sock",
+        help="Docker endpoint: unix:///path/docker.sock or tcp://host:port (also a socket proxy)")
+    restic_repository: str | None = setting(
+        "RESTIC_REPOSITORY", None, TEXT, shown=Shown.URL_MASKED, help="the restic repository")
+    restic_repository_file: str | None = setting(
+        "RESTIC_REPOSITORY_FILE", None, TEXT, help="file naming the restic repository; restic reads it")
+    restic_password: str | None = setting(
+        "RESTIC_PASSWORD", None, SECRET_TEXT, secret=True, shown=Shown.MASKED,
+        unset="*** (from RESTIC_PASSWORD_COMMAND)",
+        help="the repository password; restic reads RESTIC_PASSWORD_FILE itself")
+    init_repository: bool = setting(
+        "WATCHER_INIT_REPOSITORY", "false", BOOL, help="true: restic init the repository when it does not exist")
+    schedule: str = setting("WATCHER_SCHEDULE", "0 3 * * *", CRON, help="default backup schedule (cron, 5 fields)")
+    timezone: str = setting("WATCHER_TIMEZONE", "UTC", ZONE, help="IANA zone the schedules are read in")
+    container_patterns: tuple[str, ...] = setting(
+        "WATCHER_CONTAINER_PATTERNS", "scalr-*-db,scalr-auth-postgres", PATTERNS, blank_is_off=True,
+        unset="(none: the enable label only)",
+        help="comma-separated name globs that select containers, besides the opt-in label; empty: label only")
+    keep_daily: int = setting("WATCHER_KEEP_DAILY", "30", whole(0), help="daily snapshots kept")
+    keep_weekly: int = setting("WATCHER_KEEP_WEEKLY", "4", whole(0), help="weekly snapshots kept")
+    keep_monthly: int = setting("WATCHER_KEEP_MONTHLY", "6", whole(0), help="monthly snapshots kept")
+    concurrency: int = setting("WATCHER_CONCURRENCY", "2", whole(1), help="backups running at once")
+    drill_schedule: str | None = setting(
+        "WATCHER_DRILL_SCHEDULE", "0 5 1 * *", CRON_OR_OFF, blank_is_off=True, unset="(disabled)",
+        help="restore drill schedule (cron; empty disables)")
+    metrics_address: Address = setting(
+        "WATCHER_METRICS_ADDRESS", "0.0.0.0:9810", ADDRESS, help="HOST:PORT of /metrics, /healthz and /status")
+    apprise_urls: tuple[str, ...] = setting(
+        "WATCHER_APPRISE_URLS", "", LIST, secret=True, shown=Shown.MASKED,
+        help="Apprise URLs, comma or space separated")
+    apprise_config: str | None = setting(
+        "WATCHER_APPRISE_CONFIG", None, FILE, help="path of an Apprise config file (text or YAML)")
+    log_format: str = setting("WATCHER_LOG_FORMAT", "json", choice("json", "console"), help="json or console")
+    log_level: str = setting("WATCHER_LOG_LEVEL", "info", choice(*LOG_LEVELS), help="least level logged")
+    host: str | None = setting(
+        "WATCHER_HOST", None, TEXT, unset="(the Docker engine's host name)", help="restic --host of every snapshot")
+    restic_binary: str = setting(
+        "WATCHER_RESTIC_BINARY", "restic", TEXT, help="the restic program (0.17 or later)")
+    shutdown_grace_s: float = setting(
+        "WATCHER_SHUTDOWN_GRACE", "5s", duration(),
+        help="how long running backups may finish after SIGTERM/SIGINT before they are aborted")
+    reconcile_interval_s: float = setting(
+        "WATCHER_RECONCILE_INTERVAL", "5m", duration(5), help="time between full container-list reconciliations")
+    lock_wait_timeout_s: float = setting(
+        "WATCHER_LOCK_WAIT_TIMEOUT", "5m", duration(1),
+        help="bound on waiting for a table lock another session holds: pg_dump --lock-wait-timeout and "
+             "lock_timeout of every query on a live database (label backup-watcher.lock-wait-timeout per container)")
+    query_timeout_s: float = setting(
+        "WATCHER_QUERY_TIMEOUT", "10m", duration(1),
+        help="statement_timeout of every query on a live database (listing databases, the drill's live checks, "
+             "restore's psql steps)")
+    ready_timeout_s: float = setting(
+        "WATCHER_READY_TIMEOUT", "2m", duration(1),
+        help="how long a backup waits for PostgreSQL in a container to accept connections")
+    dump_timeout_s: float = setting(
+        "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
+
+    @property
+    def retention(self) -> Retention:
+        """The host-wide retention."""
+        return Retention(self.keep_daily, self.keep_weekly, self.keep_monthly)
+
+    @property
+    def bounds(self) -> Bounds:
+        """The bounds of jobs, as the job context carries them."""
+        return Bounds(self.lock_wait_timeout_s, self.query_timeout_s, self.ready_timeout_s, self.dump_timeout_s)
+
+    @property
+    def metrics_host(self) -> str:
+        """The host part of WATCHER_METRICS_ADDRESS."""
+        return self.metrics_address.host
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of WATCHER_METRICS_ADDRESS."""
+        return self.metrics_address.port
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, minimum: int, problems: list[str]) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        problems.append(f"{name}={raw!r}: not a whole number")
-        return default
-    if value < minimum:
-        problems.append(f"{name}={raw!r}: must be at least {minimum}")
-        return default
-    return value
+SETTINGS: dict[str, Setting[Any]] = {row.name: row for _, row in rows(Config)}
+_FIELDS = {row.name: field_name for field_name, row in rows(Config)}
+# Settings that also work as command-line flags (SPEC §4), by the variable each flag sets. Not the
+# secrets themselves: argv is readable by every user of the host and lands in shell histories; their
+# _FILE forms are paths.
+FLAG_VARIABLES = tuple(variable for row in SETTINGS.values() if (variable := row.flag_variable))
 
 
-def _bool(environ: Mapping[str, str], name: str, default: bool, problems: list[str]) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    problems.append(f"{name}={raw!r}: must be true or false")
-    return default
+def flags() -> list[tuple[str, str, str]]:
+    """(flag, variable, help) of every setting that is a flag, in the table's order."""
+    table = []
+    for row in SETTINGS.values():
+        variable = row.flag_variable
+        if variable is not None:
+            default = f"; default {row.default!r}" if row.default else ""
+            meaning = f"path of a file holding {row.help}" if row.secret else row.help
+            table.append((flag_name(variable), variable, f"{meaning} ({variable}{default})"))
+    return table
 
 
-def split_list(raw: str) -> list[str]:
-    """Splits a comma- or whitespace-separated list, dropping empty items."""
-    return [item for item in re.split(r"[\s,]+", raw.strip()) if item]
+def _check_retention(values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    keeps = (values["keep_daily"], values["keep_weekly"], values["keep_monthly"])
+    if keeps == (0, 0, 0):
+        return ["WATCHER_KEEP_DAILY/_WEEKLY/_MONTHLY are all 0: that would forget every snapshot"]
+    return []
 
 
-def validate_pattern(pattern: str) -> str | None:
-    """Returns why a container-name glob is invalid, or None if it is fine."""
-    if not _PATTERN_CHARS.match(pattern):
-        return "may hold only letters, digits, '_', '.', '-' and the glob characters * ? [ ] !"
-    depth = 0
-    for char in pattern:
-        if char == "[":
-            if depth:
-                return "has a '[' inside a bracket expression"
-            depth = 1
-        elif char == "]" and depth:
-            depth = 0
-    if depth:
-        return "has an unclosed '['"
-    return None
+def _check_repository(values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    if values["restic_repository"] or values["restic_repository_file"]:
+        return []
+    return ["RESTIC_REPOSITORY: no repository given (e.g. /srv/restic, s3:https://host/bucket)"]
 
 
-def parse_address(raw: str) -> tuple[str, int] | None:
-    """Parses HOST:PORT (HOST may be empty or [v6]); returns None when it is not one."""
-    host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - documented default: all interfaces
+def _check_password(values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    if environ.get("RESTIC_PASSWORD_FILE") and values["restic_password"] == "":
+        return ["RESTIC_PASSWORD_FILE: the file is empty"]
+    if not any(environ.get(k) for k in ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")):
+        return ["RESTIC_PASSWORD (or RESTIC_PASSWORD_FILE): the repository password is missing"]
+    return []
 
 
-def mask_url(url: str) -> str:
-    """Masks the password of a URL-like string (rest:https://user:pw@host/, s3:..., sftp:user@host)."""
-    # Greedy up to the last '@' before the path, as restic's URL parser splits a raw '@' in a password.
-    return re.sub(r"(://[^/@:]*:)[^/]*@", r"\1***@", url)
+def _check_apprise(values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    # The URLs are checked also when the config file is missing (its own problem is reported by its row).
+    return validate_apprise(values["apprise_urls"] or (), values["apprise_config"])
 
 
-# Settings that also work as command-line flags (SPEC §4). Not the secrets themselves: argv is
-# readable by every user of the host and lands in shell histories; their _FILE forms are paths.
-FLAG_VARIABLES = (
-    "DOCKER_HOST", "RESTIC_REPOSITORY", "RESTIC_REPOSITORY_FILE", "RESTIC_PASSWORD_FILE", "WATCHER_HOST",
-    "WATCHER_SCHEDULE", "WATCHER_TIMEZONE", "WATCHER_CONTAINER_PATTERNS", "WATCHER_KEEP_DAILY",
-    "WATCHER_KEEP_WEEKLY", "WATCHER_KEEP_MONTHLY", "WATCHER_CONCURRENCY", "WATCHER_DRILL_SCHEDULE",
-    "WATCHER_METRICS_ADDRESS", "WATCHER_APPRISE_URLS_FILE", "WATCHER_APPRISE_CONFIG", "WATCHER_LOG_FORMAT",
-    "WATCHER_LOG_LEVEL", "WATCHER_INIT_REPOSITORY", "WATCHER_SHUTDOWN_GRACE", "WATCHER_RECONCILE_INTERVAL",
-    "WATCHER_RESTIC_BINARY", *(name for name, _default, _attribute in BOUND_SETTINGS),
+# Checks across settings; each sees the values read (None for one that is invalid) and the environment.
+CHECKS: tuple[Callable[[Mapping[str, Any], Mapping[str, str]], list[str]], ...] = (
+    _check_retention, _check_repository, _check_password, _check_apprise,
 )
 
 
-def flag_name(variable: str) -> str:
-    """The flag of a setting: --schedule for WATCHER_SCHEDULE, --docker-host for DOCKER_HOST."""
-    return "--" + variable.removeprefix("WATCHER_").lower().replace("_", "-")
-
-
-def with_flags(environ: Mapping[str, str], flags: Mapping[str, str | None]) -> dict[str, str]:
-    """The environment with the flags given (by variable name) put over it: a flag wins."""
-    return {**environ, **{name: value for name, value in flags.items() if value is not None}}
-
-
-def load_config(environ: Mapping[str, str]) -> Config:
-    """Reads and validates the whole configuration; raises ConfigError listing every problem."""
-    problems: list[str] = []
-
-    docker_host = environ.get("DOCKER_HOST") or None
-    scheme = urllib.parse.urlsplit(docker_host).scheme if docker_host else ""
-    if scheme == "ssh":
-        # docker-py could list containers over SSH, but dumps stream through the watcher's own exec
-        # client, which speaks to a socket or TCP only: refuse here rather than fail every backup.
-        problems.append(f"DOCKER_HOST={docker_host!r}: ssh:// is not supported; run the watcher on the Docker host "
-                        "(unix:///var/run/docker.sock) or reach the engine by tcp://host:port")
-    elif docker_host and scheme not in ("unix", "tcp", "http"):
-        problems.append(f"DOCKER_HOST={docker_host!r}: use unix:///path/docker.sock or tcp://host:port")
-
+def _restic_environment(environ: Mapping[str, str], problems: list[str]) -> tuple[dict[str, str], list[str]]:
+    """restic's environment (every variable but the watcher's own, backend secrets read from NAME_FILE)
+    and the backend secrets' values."""
     restic_env = {k: v for k, v in environ.items() if not k.startswith("WATCHER_")}
-    secrets: list[str] = []
+    secrets = []
     for name in RESTIC_SECRET_VARIABLES:
-        if name == "RESTIC_PASSWORD" and environ.get("RESTIC_PASSWORD_FILE"):
-            # restic reads RESTIC_PASSWORD_FILE itself; we only check that it can.
-            if environ.get("RESTIC_PASSWORD"):
-                problems.append("RESTIC_PASSWORD and RESTIC_PASSWORD_FILE are both set: set only one")
-            password = read_secret({"RESTIC_PASSWORD_FILE": environ["RESTIC_PASSWORD_FILE"]}, name, problems)
-            if password is not None:
-                secrets.append(password)
-                if not password:
-                    problems.append("RESTIC_PASSWORD_FILE: the file is empty")
-            continue
         value = read_secret(environ, name, problems)
         if value is not None:
             restic_env[name] = value
             restic_env.pop(f"{name}_FILE", None)
             secrets.append(value)
-    if not any(environ.get(k) for k in ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")):
-        problems.append("RESTIC_PASSWORD (or RESTIC_PASSWORD_FILE): the repository password is missing")
-    repository = environ.get("RESTIC_REPOSITORY") or None
-    if not repository and not environ.get("RESTIC_REPOSITORY_FILE"):
-        problems.append("RESTIC_REPOSITORY: no repository given (e.g. /srv/restic, s3:https://host/bucket)")
-    if repository:
-        parsed_password = urllib.parse.urlsplit(repository.split(":", 1)[-1]).password
-        if parsed_password:
-            secrets.append(parsed_password)
+    return restic_env, secrets
 
-    schedule = environ.get("WATCHER_SCHEDULE", "").strip() or "0 3 * * *"
-    error = validate_cron(schedule)
-    if error:
-        problems.append(f"WATCHER_SCHEDULE={schedule!r}: {error}")
-    drill_schedule: str | None = environ.get("WATCHER_DRILL_SCHEDULE", "0 5 1 * *").strip() or None
-    if drill_schedule:
-        error = validate_cron(drill_schedule)
-        if error:
-            problems.append(f"WATCHER_DRILL_SCHEDULE={drill_schedule!r}: {error}")
 
-    timezone = environ.get("WATCHER_TIMEZONE", "").strip() or "UTC"
+def _secret_parts(value: str) -> list[str]:
+    """A secret, and when it is a URL (Apprise's) the parts of it that are secrets on their own."""
+    if "://" not in value:
+        return [value]
     try:
-        zoneinfo.ZoneInfo(timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        # OSError: a name that is a directory of the zone database (Europe) or too long for a path.
-        problems.append(f"WATCHER_TIMEZONE={timezone!r}: unknown time zone (use an IANA name such as Europe/Berlin)")
+        return url_secret_parts(value)
+    except ValueError:  # urlsplit refuses it (an unclosed '['): the whole still masks it
+        return [value]
 
-    raw_patterns = environ.get("WATCHER_CONTAINER_PATTERNS")
-    # Commas only: a blank inside a pattern is a mistake to report, not a separator.
-    patterns = (tuple(p.strip() for p in raw_patterns.split(",") if p.strip()) if raw_patterns is not None
-                else DEFAULT_PATTERNS)
-    for pattern in patterns:
-        why = validate_pattern(pattern)
-        if why:
-            problems.append(f"WATCHER_CONTAINER_PATTERNS: pattern {pattern!r} {why}")
 
-    retention = Retention(
-        daily=_int(environ, "WATCHER_KEEP_DAILY", 30, 0, problems),
-        weekly=_int(environ, "WATCHER_KEEP_WEEKLY", 4, 0, problems),
-        monthly=_int(environ, "WATCHER_KEEP_MONTHLY", 6, 0, problems),
-    )
-    if retention == Retention(0, 0, 0):
-        problems.append("WATCHER_KEEP_DAILY/_WEEKLY/_MONTHLY are all 0: that would forget every snapshot")
-    concurrency = _int(environ, "WATCHER_CONCURRENCY", 2, 1, problems)
+def _secret_strings(values: Mapping[str, Any]) -> list[str]:
+    """Every string of the settings' values that must be masked wherever it shows up."""
+    found: list[str] = []
+    for name, row in SETTINGS.items():
+        value = values[_FIELDS[name]]
+        if row.secret and value:
+            items = value if isinstance(value, tuple) else (value,)
+            found += [part for item in items for part in _secret_parts(item)]
+        elif row.shown is Shown.URL_MASKED and value and (password := url_password(value)):
+            found.append(password)
+    return found
 
-    raw_address = environ.get("WATCHER_METRICS_ADDRESS", "").strip() or "0.0.0.0:9810"
-    address = parse_address(raw_address)
-    if address is None:
-        problems.append(f"WATCHER_METRICS_ADDRESS={raw_address!r}: expected HOST:PORT, e.g. 0.0.0.0:9810")
-        address = ("0.0.0.0", 9810)  # noqa: S104
 
-    apprise_raw = read_secret(environ, "WATCHER_APPRISE_URLS", problems) or ""
-    apprise_urls = tuple(split_list(apprise_raw))
-    for url in apprise_urls:
-        secrets.extend(url_secret_parts(url))
-    apprise_config = environ.get("WATCHER_APPRISE_CONFIG") or None
-    if apprise_config and not Path(apprise_config).is_file():
-        problems.append(f"WATCHER_APPRISE_CONFIG={apprise_config!r}: no such file")
-        problems.extend(validate_apprise(apprise_urls, None))
-    else:
-        problems.extend(validate_apprise(apprise_urls, apprise_config))
 
-    log_format = environ.get("WATCHER_LOG_FORMAT", "").strip().lower() or "json"
-    if log_format not in ("json", "console"):
-        problems.append(f"WATCHER_LOG_FORMAT={log_format!r}: must be json or console")
-    log_level = environ.get("WATCHER_LOG_LEVEL", "").strip().lower() or "info"
-    if log_level not in LOG_LEVELS:
-        problems.append(f"WATCHER_LOG_LEVEL={log_level!r}: must be one of {', '.join(LOG_LEVELS)}")
-
-    init_repository = _bool(environ, "WATCHER_INIT_REPOSITORY", False, problems)
-    shutdown_grace = _int(environ, "WATCHER_SHUTDOWN_GRACE", 5, 0, problems)
-    reconcile_interval = _int(environ, "WATCHER_RECONCILE_INTERVAL", 300, 5, problems)
-    bounds = read_bounds(environ, problems)
+def load_config(environ: Mapping[str, str]) -> Config:
+    """Reads and validates the whole configuration; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    values: dict[str, Any] = {field_name: row.read(environ, problems) for field_name, row in rows(Config)}
+    restic_env, backend_secrets = _restic_environment(environ, problems)
+    for check in CHECKS:
+        problems += check(values, environ)
     if problems:
         raise ConfigError(problems)
-    return Config(
-        docker_host=docker_host,
-        restic_repository=repository,
-        restic_env=restic_env,
-        restic_binary=environ.get("WATCHER_RESTIC_BINARY", "").strip() or "restic",
-        init_repository=init_repository,
-        schedule=schedule,
-        timezone=timezone,
-        container_patterns=patterns,
-        retention=retention,
-        concurrency=concurrency,
-        drill_schedule=drill_schedule,
-        metrics_host=address[0],
-        metrics_port=address[1],
-        apprise_urls=apprise_urls,
-        apprise_config=apprise_config,
-        log_format=log_format,
-        log_level=log_level,
-        host=environ.get("WATCHER_HOST", "").strip() or None,
-        shutdown_grace_s=shutdown_grace,
-        reconcile_interval_s=reconcile_interval,
-        bounds=bounds,
-        secrets=tuple(secrets),
-    )
+    sources = {name: row.source(environ) for name, row in SETTINGS.items() if row.secret}
+    return Config(**values, restic_env=restic_env, secrets=(*_secret_strings(values), *backend_secrets),
+                  secret_sources=sources)
 
 
-def effective_config(config: Config) -> dict[str, object]:
-    """The configuration as an operator reads it, every secret masked."""
-    password_source = (
-        "RESTIC_PASSWORD_FILE" if config.restic_env.get("RESTIC_PASSWORD_FILE")
-        else "RESTIC_PASSWORD_COMMAND" if config.restic_env.get("RESTIC_PASSWORD_COMMAND")
-        else "RESTIC_PASSWORD"
-    )
-    return {
-        "DOCKER_HOST": config.docker_host or "unix:///var/run/docker.sock",
-        "RESTIC_REPOSITORY": mask_url(config.restic_repository or ""),
-        "RESTIC_PASSWORD": f"*** (from {password_source})",
-        "WATCHER_INIT_REPOSITORY": str(config.init_repository).lower(),
-        "WATCHER_SCHEDULE": config.schedule,
-        "WATCHER_TIMEZONE": config.timezone,
-        "WATCHER_CONTAINER_PATTERNS": ",".join(config.container_patterns),
-        "WATCHER_KEEP_DAILY": config.retention.daily,
-        "WATCHER_KEEP_WEEKLY": config.retention.weekly,
-        "WATCHER_KEEP_MONTHLY": config.retention.monthly,
-        "WATCHER_CONCURRENCY": config.concurrency,
-        "WATCHER_DRILL_SCHEDULE": config.drill_schedule or "(disabled)",
-        "WATCHER_METRICS_ADDRESS": f"{config.metrics_host}:{config.metrics_port}",
-        "WATCHER_APPRISE_URLS": f"*** ({len(config.apprise_urls)} URL(s))" if config.apprise_urls else "(none)",
-        "WATCHER_APPRISE_CONFIG": config.apprise_config or "(none)",
-        "WATCHER_LOG_FORMAT": config.log_format,
-        "WATCHER_LOG_LEVEL": config.log_level,
-        "WATCHER_HOST": config.host or "(the Docker engine's host name)",
-        "WATCHER_RESTIC_BINARY": config.restic_binary,
-        "WATCHER_SHUTDOWN_GRACE": config.shutdown_grace_s,
-        "WATCHER_RECONCILE_INTERVAL": config.reconcile_interval_s,
-        **bounds_shown(config.bounds),
-    }
+def effective_config(config: Config) -> dict[str, str]:
+    """The configuration as an operator reads it, by variable, every secret masked."""
+    return {name: row.show(getattr(config, _FIELDS[name]), config.secret_sources.get(name, name))
+            for name, row in SETTINGS.items()}

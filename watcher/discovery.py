@@ -10,10 +10,12 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TypeVar
 
 from watcher.config import Retention
-from watcher.durations import DurationError, parse_duration
-from watcher.schedule import validate_cron
+from watcher.settings import BOOL, CRON, Invalid, Kind, duration, whole
+
+T = TypeVar("T")
 
 LABEL_PREFIX = "backup-watcher."
 ROLE_LABEL = "backup-watcher.role"
@@ -142,83 +144,31 @@ def credentials_of(env: Mapping[str, str], user_label: str | None = None) -> Cre
     return Credentials(user=user, database=database, password=password if user == env_user else None)
 
 
-def _parse_bool(label: str, raw: str, problems: list[str]) -> bool | None:
-    value = raw.strip().lower()
-    if value in ("true", "yes", "1", "on"):
-        return True
-    if value in ("false", "no", "0", "off"):
-        return False
-    problems.append(f"label {label}={raw!r}: must be true or false")
-    return None
-
-
-def _parse_keep(label: str, raw: str, problems: list[str]) -> int | None:
+def _label(labels: Mapping[str, str], key: str, kind: Kind[T], problems: list[str]) -> T | None:
+    """The value of label `backup-watcher.<key>` read as `kind` (the settings' own parsers), or None when
+    the label is absent or invalid (a problem naming it is appended)."""
+    raw = labels.get(key)
+    if raw is None:
+        return None
     try:
-        value = int(raw.strip())
-    except ValueError:
-        problems.append(f"label {label}={raw!r}: must be a whole number")
+        return kind.parse(raw)
+    except Invalid as exc:
+        problems.extend(f"label {LABEL_PREFIX}{key}={raw!r}: {problem}" for problem in exc.problems)
         return None
-    if value < 0:
-        problems.append(f"label {label}={raw!r}: must not be negative")
-        return None
-    return value
 
 
-def _parse_databases(label: str, raw: str, problems: list[str]) -> tuple[str, ...] | None:
+def _parse_databases(raw: str) -> tuple[str, ...]:
     if raw.strip().lower() == ALL_DATABASES:
         return ()
     names = [name.strip() for name in raw.split(",")]
     if not raw.strip() or any(not name for name in names):
-        problems.append(f"label {label}={raw!r}: a comma list of database names, or 'all'")
-        return None
+        raise Invalid("a comma list of database names, or 'all'")
     return tuple(dict.fromkeys(names))
 
 
-def _parse_bound(label: str, raw: str, problems: list[str]) -> float | None:
-    try:
-        value = parse_duration(raw)
-    except DurationError as exc:
-        problems.append(f"label {label}: {exc}")
-        return None
-    if value < 1:
-        problems.append(f"label {label}={raw!r}: must be at least 1s")
-        return None
-    return value
-
-
-def _schedule_of(labels: Mapping[str, str], rules: DiscoveryRules, problems: list[str]) -> str:
-    """The container's schedule label, or the default one."""
-    if "schedule" not in labels:
-        return rules.schedule
-    error = validate_cron(labels["schedule"].strip())
-    if error:
-        problems.append(f"label {LABEL_PREFIX}schedule={labels['schedule']!r}: {error}")
-        return rules.schedule
-    return labels["schedule"].strip()
-
-
-def _retention_of(labels: Mapping[str, str], rules: DiscoveryRules, problems: list[str]) -> Retention:
-    """The default retention with the container's keep-* labels over it."""
-    keeps: dict[str, int] = {}
-    for kind in ("daily", "weekly", "monthly"):
-        raw = labels.get(f"keep-{kind}")
-        if raw is not None:
-            value = _parse_keep(f"{LABEL_PREFIX}keep-{kind}", raw, problems)
-            if value is not None:
-                keeps[kind] = value
-    retention = replace(rules.retention, **keeps)
-    if keeps and retention == Retention(0, 0, 0):
-        problems.append(f"labels {LABEL_PREFIX}keep-*: all 0 would forget every snapshot")
-    return retention
-
-
-def _user_of(labels: Mapping[str, str], problems: list[str]) -> str | None:
-    """The role the user label names, None without one (an empty label is a problem)."""
-    user_label = labels.get("user")
-    if user_label is not None and not user_label.strip():
-        problems.append(f"label {LABEL_PREFIX}user: must not be empty")
-        return None
-    return user_label.strip() if user_label else None
+DATABASES = Kind(_parse_databases)
+KEEP = whole(0)
+LOCK_WAIT = duration(1)
 
 
 def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
@@ -235,35 +185,26 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         # The watcher's own throwaway containers are never targets, whatever their name.
         return None
     problems: list[str] = []
-    enable_raw = labels.get("enable")
-    enabled = _parse_bool(LABEL_PREFIX + "enable", enable_raw, problems) if enable_raw is not None else None
+    enabled = _label(labels, "enable", BOOL, problems)
     if enabled is False:
         return None
     selected = enabled is True or any(fnmatch.fnmatchcase(container.name, p) for p in rules.patterns)
     if not selected and not problems:
         return None
+    return _target(container, rules, labels, problems)
 
+
+def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str, str],
+            problems: list[str]) -> Target | Rejected:
+    """The target a selected container's labels make, or its rejection naming every bad label."""
     for key in sorted(labels.keys() - KNOWN_LABELS):
         problems.append(f"label {LABEL_PREFIX}{key}: unknown label (known: {', '.join(sorted(KNOWN_LABELS))})")
-
-    schedule = _schedule_of(labels, rules, problems)
-    retention = _retention_of(labels, rules, problems)
-
-    drill = True
-    if "drill" in labels:
-        drill = _parse_bool(LABEL_PREFIX + "drill", labels["drill"], problems) is not False
-
-    credentials = credentials_of(container.env, _user_of(labels, problems))
-
-    databases: tuple[str, ...] = (credentials.database,)
-    if "databases" in labels:
-        parsed = _parse_databases(LABEL_PREFIX + "databases", labels["databases"], problems)
-        if parsed is not None:
-            databases = parsed
-
-    raw_lock_wait = labels.get("lock-wait-timeout")
-    lock_wait = None if raw_lock_wait is None else _parse_bound(
-        LABEL_PREFIX + "lock-wait-timeout", raw_lock_wait, problems)
+    schedule = _label(labels, "schedule", CRON, problems) or rules.schedule
+    retention = _retention(labels, rules.retention, problems)
+    drill = _label(labels, "drill", BOOL, problems) is not False
+    credentials = credentials_of(container.env, _user_label(labels, problems))
+    databases = _label(labels, "databases", DATABASES, problems)
+    lock_wait = _label(labels, "lock-wait-timeout", LOCK_WAIT, problems)
     if problems:
         return Rejected(container.id, container.name, tuple(problems))
     return Target(
@@ -271,7 +212,7 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         name=container.name,
         image=container.image,
         credentials=credentials,
-        databases=databases,
+        databases=(credentials.database,) if databases is None else databases,
         schedule=schedule,
         retention=retention,
         drill=drill,
@@ -279,3 +220,22 @@ def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Reject
         started_at=container.started_at,
         lock_wait_timeout_s=lock_wait,
     )
+
+
+def _retention(labels: Mapping[str, str], default: Retention, problems: list[str]) -> Retention:
+    """The host's retention with the container's keep-* labels over it."""
+    keeps = {kind: value for kind in ("daily", "weekly", "monthly")
+             if (value := _label(labels, f"keep-{kind}", KEEP, problems)) is not None}
+    retention = replace(default, **keeps)
+    if keeps and retention == Retention(0, 0, 0):
+        problems.append(f"labels {LABEL_PREFIX}keep-*: all 0 would forget every snapshot")
+    return retention
+
+
+def _user_label(labels: Mapping[str, str], problems: list[str]) -> str | None:
+    """The role the user label names, None when there is none (a blank one is a problem)."""
+    user_label = labels.get("user")
+    if user_label is not None and not user_label.strip():
+        problems.append(f"label {LABEL_PREFIX}user: must not be empty")
+        return None
+    return user_label.strip() if user_label else None

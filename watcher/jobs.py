@@ -348,36 +348,31 @@ def _keep_summary_lines(sink: list[str]) -> Callable[[str], None]:
     return keep
 
 
+@dataclass
+class _OneWait:
+    """Only one wait for PostgreSQL per job: a second failure after it came back is the dump's own."""
+
+    wait_s: float
+    may_wait: bool = True
+
+
 def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     """Backs up every database of a target, one snapshot each; returns one result per database.
 
     Never raises: a failure to even find the databases is returned as a failed result.
     """
     run_id = new_run_id()
-    databases = list(target.databases)
     started_at, started = datetime.now(UTC), time.monotonic()
     uptime = None if target.started_at is None else max(0.0, time.time() - target.started_at)
     plan = readiness_plan(uptime, ctx.bounds.ready_s)
-    # Only one wait per job: a second failure after PostgreSQL came back is the dump's own.
-    may_wait = True
+    wait = _OneWait(plan.wait_s)
     try:
-        if plan.probe_first:
-            wait_until_ready(ctx, target, plan.wait_s)
-            may_wait = False
-        if target.all_databases:
-            try:
-                databases = list_databases(ctx, target)
-            except JobError:
-                if not may_wait or is_ready(ctx, target):
-                    raise
-                may_wait = False
-                wait_until_ready(ctx, target, plan.wait_s)
-                databases = list_databases(ctx, target)
+        databases = _databases_of(ctx, target, wait, plan.probe_first)
     except JobError as exc:
         duration = time.monotonic() - started
         # Every database the target is meant to have failed; "*" stands for "all" before they are known.
         failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
-                  for database in databases or [ALL_DATABASES_PLACEHOLDER]]
+                  for database in target.databases or [ALL_DATABASES_PLACEHOLDER]]
         for result in failed:
             log_failed_backup(result)
         return failed
@@ -385,28 +380,48 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     for database in databases:
         if ctx.cancel.is_set():
             break
-        result = backup_database(ctx, target, database, run_id, log_failure=not may_wait)
-        if result.ok or result.repository_unverified or not may_wait:
-            results.append(result)
-            continue
-        if ctx.cancel.is_set() or is_ready(ctx, target):
-            log_failed_backup(result)
-            results.append(result)
-            continue
-        # The dump went ahead without a probe and PostgreSQL is not up (restarting, recovering): no
-        # snapshot was written, so wait for it once and run this dump again.
-        may_wait = False
-        log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
-                    error=result.error, wait_s=plan.wait_s)
-        try:
-            wait_until_ready(ctx, target, plan.wait_s)
-        except JobError as exc:
-            result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
-            log_failed_backup(result)
-            results.append(result)
-            continue
-        results.append(backup_database(ctx, target, database, run_id))
+        results.append(_backup_with_one_wait(ctx, target, database, run_id, wait, started))
     return results
+
+
+def _databases_of(ctx: JobContext, target: Target, wait: _OneWait, probe_first: bool) -> list[str]:
+    """The databases to back up (listed for `all`), PostgreSQL waited for first when the plan says so,
+    or once when listing fails because it is not up; raises JobError."""
+    if probe_first:
+        wait_until_ready(ctx, target, wait.wait_s)
+        wait.may_wait = False
+    if not target.all_databases:
+        return list(target.databases)
+    try:
+        return list_databases(ctx, target)
+    except JobError:
+        if not wait.may_wait or is_ready(ctx, target):
+            raise
+        wait.may_wait = False
+        wait_until_ready(ctx, target, wait.wait_s)
+        return list_databases(ctx, target)
+
+
+def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id: str, wait: _OneWait,
+                          started: float) -> BackupResult:
+    """One database's backup; when it failed because PostgreSQL is not up (restarting, recovering) and
+    the job may still wait, waits for it once and runs the dump again (no snapshot was written)."""
+    result = backup_database(ctx, target, database, run_id, log_failure=not wait.may_wait)
+    if result.ok or result.repository_unverified or not wait.may_wait:
+        return result
+    if ctx.cancel.is_set() or is_ready(ctx, target):
+        log_failed_backup(result)
+        return result
+    wait.may_wait = False
+    log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
+                error=result.error, wait_s=wait.wait_s)
+    try:
+        wait_until_ready(ctx, target, wait.wait_s)
+    except JobError as exc:
+        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
+        log_failed_backup(result)
+        return result
+    return backup_database(ctx, target, database, run_id)
 
 
 def check_repository(ctx: JobContext, init: bool) -> None:

@@ -7,33 +7,49 @@ the test asks for, and is removed when its test ends.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-PG_IMAGES = {"15": "backup-watcher-test/postgres:15", "17": "backup-watcher-test/postgres:17"}
+# The plain helpers live in tests/kit.py (the benchmark uses them too); re-exported here for the test
+# modules that import them from this file (__all__: an explicit re-export, as mypy --strict wants).
+from tests.kit import (
+    PG_IMAGES,
+    REPO_PASSWORD,
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    docker,
+    free_port,
+    run_watcher,
+    wait_for,
+    wait_ready,
+)
+
+__all__ = [
+    "BIG_TABLE",
+    "PG_IMAGES",
+    "REPO_PASSWORD",
+    "TEST_LABEL",
+    "DaemonProcess",
+    "PgContainer",
+    "Repo",
+    "docker",
+    "free_port",
+    "process_command_lines",
+    "run_watcher",
+    "wait_for",
+    "wait_for_copy",
+    "wait_ready",
+]
+
 TEST_LABEL = "backup-watcher-test.owner=pytest"
-REPO_PASSWORD = "repo-pw 'quoted' $(not-run) ✓"
-
-
-def docker(*args: str, check: bool = True, input: bytes | None = None, timeout: float = 120,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs the docker CLI against the test engine (extra `env` for `-e NAME` passed by name)."""
-    done = subprocess.run(["docker", *args], input=input.decode() if input else None, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    if check and done.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
-    return done
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,50 +70,6 @@ def engine() -> str:
     if stale:
         docker("rm", "-f", *stale, check=False)
     return host
-
-
-@dataclass
-class PgContainer:
-    """A running PostgreSQL container of the test engine."""
-
-    name: str
-    major: str
-    user: str
-    database: str
-    password: str
-
-    @property
-    def id(self) -> str:
-        return docker("inspect", "--format", "{{.Id}}", self.name).stdout.strip()
-
-    def psql(self, sql: str, database: str | None = None, user: str | None = None, check: bool = True) -> str:
-        """Runs SQL (psql -At, ON_ERROR_STOP) inside the container over its local socket."""
-        done = docker("exec", "-i", "-e", "PGPASSWORD", self.name, "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
-                      "-U", user or self.user, "-d", database or self.database,
-                      input=sql.encode(), check=check, env={"PGPASSWORD": self.password})
-        return done.stdout.strip()
-
-    def require_password_locally(self) -> None:
-        """Makes local socket connections ask for a password (the image trusts them by default)."""
-        docker("exec", self.name, "sh", "-c",
-               "sed -i 's/^local\\(.*\\)trust$/local\\1scram-sha-256/' \"$PGDATA/pg_hba.conf\"")
-        self.psql("SELECT pg_reload_conf()")
-        done = docker("exec", self.name, "psql", "-X", "-U", self.user, "-d", self.database, "-w", "-c", "select 1",
-                      check=False)
-        assert done.returncode != 0, "local connections still work without a password"
-
-
-def wait_ready(name: str, timeout: float = 60) -> None:
-    """Waits until PostgreSQL is PID 1 (initdb finished) and accepts connections."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = docker("exec", name, "sh", "-c",
-                      "tr '\\0' ' ' </proc/1/cmdline | grep -q '^postgres' && pg_isready -q", check=False)
-        if done.returncode == 0:
-            return
-        time.sleep(0.2)
-    logs = docker("logs", name, check=False)
-    raise AssertionError(f"{name} did not become ready: {logs.stdout[-2000:]} {logs.stderr[-2000:]}")
 
 
 @pytest.fixture
@@ -129,39 +101,6 @@ def start_pg(engine: str) -> Iterator[Callable[..., PgContainer]]:
         docker("rm", "-f", "-v", *started, check=False)
 
 
-@dataclass
-class Repo:
-    """A local restic repository for one test."""
-
-    path: Path
-    password: str = REPO_PASSWORD
-    env: dict[str, str] = field(default_factory=dict)
-
-    def restic(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(["restic", *args], capture_output=True, text=True, errors="replace",
-                              env={**os.environ, "RESTIC_REPOSITORY": str(self.path),
-                                   "RESTIC_PASSWORD": self.password}, timeout=300)
-        if check and done.returncode != 0:
-            raise AssertionError(f"restic {' '.join(args)} failed: {done.stderr}")
-        return done
-
-    def snapshots(self) -> list[dict[str, object]]:
-        """Every snapshot in the repository, as restic lists it (not through the watcher)."""
-        if not (self.path / "config").exists():
-            return []
-        # --no-lock: a daemon's prune may hold the exclusive lock; a listing during it may see a
-        # pack vanish, so one retry.
-        for attempt in range(3):
-            done = self.restic("--no-lock", "snapshots", "--json", check=attempt == 2)
-            if done.returncode == 0:
-                break
-            time.sleep(1)
-        return list(json.loads(done.stdout or "[]"))
-
-    def snapshots_of(self, container: str) -> list[dict[str, object]]:
-        return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]  # type: ignore[operator]
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Repo:
     return Repo(tmp_path / "repo")
@@ -184,96 +123,6 @@ def watcher_env(repo: Repo, engine: str) -> dict[str, str]:
         "WATCHER_HOST": "test-host",
     })
     return env
-
-
-def run_watcher(args: Sequence[str], env: dict[str, str], *, timeout: float = 600,
-                input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m watcher ARGS` to completion (stdin closed unless `input` is given)."""
-    return subprocess.run([sys.executable, "-m", "watcher", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class DaemonProcess:
-    """`backup-watcher run` as a real process, with its JSON log and its HTTP endpoints."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.env = {**env, "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{self.port}"}
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "watcher", "run"], env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def status(self) -> list[dict[str, object]]:
-        """The daemon's /status rows ([] while it is not listening yet)."""
-        try:
-            code, body = self.get("/status")
-        except OSError:
-            return []
-        return json.loads(body) if code == 200 else []
-
-    def row(self, name: str) -> dict[str, object] | None:
-        return next((r for r in self.status() if r["target"] == name), None)
-
-    def metrics(self) -> str:
-        return self.get("/metrics")[1].decode()
-
-    def lines(self) -> list[dict[str, object]]:
-        """Every log line so far, parsed (a line that is not JSON fails the test)."""
-        if not self._log.closed:
-            self._log.flush()
-        parsed = []
-        for raw in self.log_path.read_text().splitlines():
-            if raw.strip():
-                try:
-                    parsed.append(json.loads(raw))
-                except ValueError:
-                    raise AssertionError(f"log line is not JSON: {raw!r}") from None
-        return parsed
-
-    def events(self, event: str, **fields: object) -> list[dict[str, object]]:
-        return [line for line in self.lines()
-                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())]
-
-    def stop(self, sig: int = 15, timeout: float = 120) -> int:
-        """Sends `sig` and waits; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            self._log.close()
-        return code
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    """Polls `predicate` until it returns something truthy; fails naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

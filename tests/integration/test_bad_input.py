@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Repo, run_watcher
+from tests.integration.conftest import PgContainer, Repo, run_watcher
 
 pytestmark = pytest.mark.engine
+StartPg = Callable[..., PgContainer]
 
 
-def test_bad_label_disables_only_that_container(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_bad_label_disables_only_that_container(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     good = start_pg("scalr-good-db", "15")
     bad = start_pg("scalr-bad-db", "15", labels={"backup-watcher.keep-daily": "lots",
                                                  "backup-watcher.schedule": "every day"})
@@ -61,7 +63,7 @@ def test_unreachable_docker_host_is_named(watcher_env: dict[str, str], tmp_path:
     assert f"DOCKER_HOST=unix://{socket_path}" in checked.stderr
 
 
-def test_missing_repository_without_init_is_named(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_missing_repository_without_init_is_named(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg("scalr-norepo-db", "15")
     env = {**watcher_env, "WATCHER_INIT_REPOSITORY": "false", "WATCHER_CONTAINER_PATTERNS": db.name}
     done = run_watcher(["backup"], env)
@@ -71,7 +73,7 @@ def test_missing_repository_without_init_is_named(start_pg, repo: Repo, watcher_
     assert not repo.path.exists(), "nothing may be created without WATCHER_INIT_REPOSITORY"
 
 
-def test_wrong_repository_password_is_named(start_pg, repo: Repo, watcher_env: dict[str, str]) -> None:
+def test_wrong_repository_password_is_named(start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg("scalr-wrongpw-db", "15")
     repo.restic("init")
     env = {**watcher_env, "RESTIC_PASSWORD": "not the password", "WATCHER_CONTAINER_PATTERNS": db.name}

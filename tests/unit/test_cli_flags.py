@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from watcher.cli import build_parser, main, settings_given
-from watcher.config import FLAG_VARIABLES, flag_name, load_config, with_flags
+from watcher.config import FLAG_VARIABLES, SETTINGS, load_config
+from watcher.settings import flag_name, with_flags
 
 
 def test_flag_names_follow_the_variables() -> None:
@@ -42,3 +43,28 @@ def test_a_bad_flag_is_reported_by_its_variable_with_the_others(monkeypatch: pyt
     assert main(["--schedule", "0 3 30 2 *", "--concurrency", "0", "check-config"]) == 2
     err = capsys.readouterr().err
     assert "WATCHER_SCHEDULE='0 3 30 2 *'" in err and "WATCHER_CONCURRENCY" in err
+
+
+def test_every_setting_of_the_table_is_a_flag_and_no_secret_is() -> None:
+    for name, row in SETTINGS.items():
+        if row.secret:
+            assert name not in FLAG_VARIABLES
+            assert f"{name}_FILE" in FLAG_VARIABLES, "a secret's flag is the path of its file"
+        else:
+            assert name in FLAG_VARIABLES
+
+
+def test_help_lists_each_flag_with_its_variable_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--shutdown-grace VALUE how long running backups may finish" in out
+    assert "(WATCHER_SHUTDOWN_GRACE; default '5s')" in out
+    assert "--restic-password-file VALUE" in out and "--restic-password VALUE" not in out
+
+
+def test_a_duration_flag_takes_a_unit() -> None:
+    args = build_parser().parse_args(["--shutdown-grace", "2m", "--reconcile-interval", "90", "prune"])
+    config = load_config(with_flags({"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw"},
+                                    settings_given(args)))
+    assert (config.shutdown_grace_s, config.reconcile_interval_s) == (120, 90)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from watcher.config import (
-    ConfigError,
-    Retention,
-    effective_config,
-    load_config,
-    mask_url,
-    parse_address,
-    split_list,
-    validate_pattern,
-)
+from watcher.config import SETTINGS, Config, ConfigError, Retention, effective_config, load_config
 from watcher.execute import Masker
+from watcher.settings import Shown, mask_url, parse_address, rows, split_list, validate_pattern
 
 PASSWORD = "correct-horse-battery"
 BASE = {"RESTIC_PASSWORD": PASSWORD, "RESTIC_REPOSITORY": "/srv/restic"}
@@ -383,11 +376,11 @@ def test_effective_config_masks_every_secret(tmp_path: Path) -> None:
         "WATCHER_APPRISE_URLS": "tgram://123456:bot-token-xyz/987 mailto://me:mail-pw@example.com",
     })
     shown = effective_config(config)
-    text = repr(shown)
+    text = repr(shown) + repr(config)
     for secret in (PASSWORD, "s3cret", "bot-token-xyz", "mail-pw", "aws-secret-value", "tgram://"):
         assert secret not in text
     assert shown["RESTIC_REPOSITORY"] == "rest:https://user:***@host/repo"
-    assert shown["WATCHER_APPRISE_URLS"] == "*** (2 URL(s))"
+    assert shown["WATCHER_APPRISE_URLS"] == "*** (2 values from WATCHER_APPRISE_URLS)"
     assert shown["RESTIC_PASSWORD"] == "*** (from RESTIC_PASSWORD)"
 
 
@@ -421,3 +414,114 @@ def test_pattern_with_a_blank_is_rejected_not_split() -> None:
 def test_patterns_are_comma_separated_with_blanks_around_ignored() -> None:
     config = load_config(env(WATCHER_CONTAINER_PATTERNS=" scalr-*-db , other-db "))
     assert config.container_patterns == ("scalr-*-db", "other-db")
+
+
+# --- the one table of settings ------------------------------------------------------------------
+
+
+def test_every_config_field_but_the_derived_ones_is_a_row_of_the_table() -> None:
+    derived = {"restic_env", "secrets", "secret_sources"}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert {name for name, _ in rows(Config)} == fields - derived
+    assert set(effective_config(load_config(BASE))) == set(SETTINGS)
+
+
+def test_every_secret_of_the_table_is_shown_masked_and_kept_out_of_repr() -> None:
+    secrets = {name for name, row in SETTINGS.items() if row.secret}
+    assert secrets == {"RESTIC_PASSWORD", "WATCHER_APPRISE_URLS"}
+    assert all(SETTINGS[name].shown is Shown.MASKED for name in secrets)
+    config = load_config(env(WATCHER_APPRISE_URLS="json://hooks.example/some-long-hook-token"))
+    assert PASSWORD not in repr(config) and "some-long-hook-token" not in repr(config)
+
+
+@pytest.mark.parametrize("name", [name for name, row in SETTINGS.items() if row.default])
+def test_every_default_reads_back_from_what_is_shown(name: str) -> None:
+    """check-config's print-out of a default is itself a valid value that means the same."""
+    row = SETTINGS[name]
+    problems: list[str] = []
+    value = row.read({}, problems)
+    assert not problems
+    again = row.read({name: row.kind.format(value)}, problems)
+    assert (again, problems) == (value, [])
+
+
+def test_effective_configuration_is_valid_input_with_the_same_meaning() -> None:
+    config = load_config(env(WATCHER_SCHEDULE="15 1 * * 0", WATCHER_SHUTDOWN_GRACE="90", WATCHER_HOST="h1",
+                             WATCHER_METRICS_ADDRESS="[::1]:9811", WATCHER_CONTAINER_PATTERNS="a-*,b"))
+    shown = effective_config(config)
+    plain = {name: value for name, value in shown.items()
+             if SETTINGS[name].shown is Shown.PLAIN and value != SETTINGS[name].unset}
+    again = load_config({**BASE, **plain})
+    assert again == dataclasses.replace(config, restic_env=again.restic_env)
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("90s", 90), ("15m", 900), ("6h", 21600), ("10", 10), ("1.5m", 90),
+                                              (" 2M ", 120)])
+def test_durations_are_written_with_a_unit_or_in_seconds(raw: str, seconds: float) -> None:
+    config = load_config(env(WATCHER_SHUTDOWN_GRACE=raw, WATCHER_RECONCILE_INTERVAL=raw))
+    assert (config.shutdown_grace_s, config.reconcile_interval_s) == (seconds, seconds)
+
+
+def test_duration_defaults_and_how_they_are_shown() -> None:
+    config = load_config(BASE)
+    assert (config.shutdown_grace_s, config.reconcile_interval_s) == (5, 300)
+    shown = effective_config(config)
+    assert (shown["WATCHER_SHUTDOWN_GRACE"], shown["WATCHER_RECONCILE_INTERVAL"]) == ("5s", "5m")
+
+
+@pytest.mark.parametrize("raw", ["soon", "5 minutes", "-5s", "1h30m"])
+def test_a_bad_duration_is_named_with_the_forms_accepted(raw: str) -> None:
+    problems = problems_of(env(WATCHER_SHUTDOWN_GRACE=raw))
+    assert problems == [f"WATCHER_SHUTDOWN_GRACE={raw.strip()!r}: not a duration: write e.g. 90s, 15m, 6h or 1d "
+                        "(a plain number is seconds)"]
+
+
+def test_a_duration_below_its_minimum_says_the_minimum() -> None:
+    problems = problems_of(env(WATCHER_RECONCILE_INTERVAL="4s"))
+    assert problems == ["WATCHER_RECONCILE_INTERVAL='4s': must be at least 5s"]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", ()), ("  ", ()), (None, ("scalr-*-db", "scalr-auth-postgres"))])
+def test_empty_patterns_mean_the_label_only(raw: str | None, expected: tuple[str, ...]) -> None:
+    config = load_config(BASE if raw is None else env(WATCHER_CONTAINER_PATTERNS=raw))
+    assert config.container_patterns == expected
+    if not expected:
+        assert effective_config(config)["WATCHER_CONTAINER_PATTERNS"] == "(none: the enable label only)"
+
+
+def test_a_secret_file_is_shown_as_its_source(tmp_path: Path) -> None:
+    urls = tmp_path / "apprise"
+    urls.write_text("json://hook.example/x\n", encoding="utf-8")
+    shown = effective_config(load_config(env(WATCHER_APPRISE_URLS_FILE=str(urls))))
+    assert shown["WATCHER_APPRISE_URLS"] == "*** (1 value from WATCHER_APPRISE_URLS_FILE)"
+    assert shown["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert shown["WATCHER_DRILL_SCHEDULE"] == "0 5 1 * *"
+
+
+def test_an_empty_apprise_urls_file_means_no_urls(tmp_path: Path) -> None:
+    urls = tmp_path / "apprise"
+    urls.write_text("\n", encoding="utf-8")
+    assert load_config(env(WATCHER_APPRISE_URLS_FILE=str(urls))).apprise_urls == ()
+
+
+def test_a_secrets_problem_never_shows_its_value(tmp_path: Path) -> None:
+    problems = problems_of(env(WATCHER_APPRISE_URLS="nosuchscheme://user:hunter22@host/token-value"))
+    assert_named(problems, "WATCHER_APPRISE_URLS")
+    assert not any("hunter22" in p or "token-value" in p for p in problems)
+
+
+def test_password_with_blanks_is_kept_whole() -> None:
+    config = load_config(env(RESTIC_PASSWORD=" pw with blanks "))
+    assert config.restic_password == " pw with blanks "
+    assert config.restic_env["RESTIC_PASSWORD"] == " pw with blanks "
+
+
+@pytest.mark.parametrize("name", ["RESTIC_PASSWORD", "WATCHER_APPRISE_URLS", "RESTIC_REPOSITORY"])
+def test_a_secret_that_is_no_url_still_loads_and_is_masked(name: str) -> None:
+    odd = "rest:http://[user:p4ss-w0rd@host/" if name == "RESTIC_REPOSITORY" else "json://[p4ss-w0rd"
+    try:
+        config = load_config({**BASE, name: odd})
+    except ConfigError as exc:  # refused (not a valid Apprise URL) is fine, crashing is not
+        assert "p4ss-w0rd" not in str(exc)
+        return
+    assert "p4ss-w0rd" not in repr(config) + repr(effective_config(config))

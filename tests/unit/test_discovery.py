@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from watcher.config import Retention
+from watcher.config import ConfigError, Retention, load_config
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover, parse_engine_time
 
 RULES = DiscoveryRules(patterns=("scalr-*-db", "scalr-auth-postgres"), schedule="0 3 * * *",
@@ -338,7 +338,26 @@ def test_engine_time_with_offset() -> None:
 def test_a_restart_changes_the_target() -> None:
     """The daemon re-registers a target whose container restarted (its start time is part of it)."""
     before = target_of(ContainerInfo.from_inspect(INSPECT))
-    attrs = {**INSPECT, "State": {**INSPECT["State"], "StartedAt": "2026-01-03T00:00:00Z"}}
+    state = INSPECT["State"]
+    assert isinstance(state, dict)
+    attrs = {**INSPECT, "State": {**state, "StartedAt": "2026-01-03T00:00:00Z"}}
     after = target_of(ContainerInfo.from_inspect(attrs))
     assert before != after
     assert after.started_at == parse_engine_time("2026-01-03T00:00:00Z")
+
+
+@pytest.mark.parametrize("value", ["true", "Yes", " ON ", "1", "false", "no", "Off", "0", "maybe", ""])
+def test_labels_and_settings_read_yes_and_no_alike(value: str) -> None:
+    """backup-watcher.drill and WATCHER_INIT_REPOSITORY take the same spellings, and refuse the same."""
+    found = discover(container(labels={"backup-watcher.drill": value}), RULES)
+    try:
+        setting: bool | None = load_config({"RESTIC_PASSWORD": "pw", "RESTIC_REPOSITORY": "/r",
+                                            "WATCHER_INIT_REPOSITORY": value}).init_repository
+    except ConfigError:
+        setting = None
+    label = found.drill if isinstance(found, Target) else None
+    if value.strip():
+        assert label == setting
+    else:
+        # A blank setting means its default; a blank label is a mistake on that container.
+        assert (label, setting) == (None, False)

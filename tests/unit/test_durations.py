@@ -15,7 +15,7 @@ def test_parse_duration_reads_units(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "m", "-5s", "5 minutes", "1h30m", "5w"])
 def test_parse_duration_refuses_what_it_cannot_read_and_says_what_it_accepts(text: str) -> None:
-    with pytest.raises(DurationError, match="write e.g. 90s, 15m, 6h"):
+    with pytest.raises(DurationError, match=r"write e\.g\. 90s, 15m, 6h"):
         parse_duration(text)
 
 
