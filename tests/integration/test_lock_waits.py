@@ -96,11 +96,13 @@ def test_a_locked_table_fails_backup_and_drill_in_their_bound_while_the_daemon_g
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-hang-*", "WATCHER_LOCK_WAIT_TIMEOUT": LOCK_WAIT,
            "WATCHER_QUERY_TIMEOUT": "20s", "WATCHER_SCHEDULE": "* * * * *", "WATCHER_DRILL_SCHEDULE": "* * * * *",
            "WATCHER_CONCURRENCY": "3", "WATCHER_SHUTDOWN_GRACE": str(GRACE_S)}
-    first = run_watcher(["backup"], env)
+    # Named: the engine is shared, another session's containers may opt in by label.
+    first = run_watcher(["backup", locked.name, other.name], env)
     assert first.returncode == 0, first.stderr
     # restic tag rewrites a snapshot under a new id; its time stays.
     before = {snap["time"] for snap in repo.snapshots_of(other.name)}
-    assert len(repo.snapshots_of(locked.name)) == 1 and len(before) == 1
+    assert len(repo.snapshots_of(locked.name)) == 1, first.stderr
+    assert len(before) == 1, first.stderr
 
     try:
         with _table_locked(locked, "t"):
