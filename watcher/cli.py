@@ -152,7 +152,8 @@ class App:
 
     def job_context(self) -> JobContext:
         """A JobContext for backups; raises DockerUnavailable."""
-        return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel)
+        return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel,
+                          bounds=self.config.bounds)
 
 
 def build_app(config: Config) -> App:
@@ -383,7 +384,10 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     if not args.yes and not _confirmed(database):
         print("not confirmed; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
-    restorer = Restorer(app.docker_host, app.repository, app.masker)
+    bounds = app.config.bounds
+    if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
+        bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
+    restorer = Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel)
     try:
         result = restorer.restore(snapshot, destination.id, destination_name, creds, database)
     except RestoreError as exc:

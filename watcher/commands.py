@@ -60,18 +60,35 @@ def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[st
     return (*argv, "--", *cmd)
 
 
-def pg_dump_command() -> Command:
+def pg_dump_command(lock_wait_s: float) -> Command:
     """pg_dump in custom format without its own compression (restic compresses and deduplicates).
 
     The role and database come from PGUSER/PGDATABASE, never from argv, so that a database name
-    containing '=' is not read as a connection string.
+    containing '=' is not read as a connection string. `lock_wait_s` bounds the wait for each
+    table's lock (a migration holding one): pg_dump then fails naming the table instead of waiting.
     """
-    return ("pg_dump", "--format=custom", "--compress=0", "--no-password")
+    return ("pg_dump", "--format=custom", "--compress=0", "--no-password",
+            f"--lock-wait-timeout={milliseconds(lock_wait_s)}")
+
+
+def milliseconds(seconds: float) -> int:
+    """A bound in whole milliseconds for PostgreSQL's settings, at least 1 (0 would mean no bound)."""
+    return max(1, round(seconds * 1000))
 
 
 def pg_env(user: str, database: str) -> dict[str, str]:
     """The non-secret libpq environment for a role and database."""
     return {"PGUSER": user, "PGDATABASE": database, "PGAPPNAME": "backup-watcher"}
+
+
+def live_query_env(user: str, database: str, *, lock_wait_s: float, statement_s: float) -> dict[str, str]:
+    """pg_env for a session on a live database that may never wait without bound.
+
+    PGOPTIONS sets lock_timeout (a table another session locked) and statement_timeout (anything
+    else) for the session, so a query gives up with PostgreSQL's own error naming the timeout.
+    """
+    options = f"-c lock_timeout={milliseconds(lock_wait_s)} -c statement_timeout={milliseconds(statement_s)}"
+    return {**pg_env(user, database), "PGOPTIONS": options}
 
 
 def pg_isready_command() -> Command:
@@ -100,6 +117,12 @@ def psql_script_command(variables: Mapping[str, str]) -> Command:
     for name, value in variables.items():
         argv += ["--set", f"{name}={value}"]
     return tuple(argv)
+
+
+def psql_pairs_command() -> Command:
+    """psql that runs the `SELECT label, value;` statements on its stdin, printing `label|value` lines,
+    and stops at the first error."""
+    return ("psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1")
 
 
 def conninfo_quote(value: str) -> str:

@@ -89,6 +89,17 @@ class Retention:
     monthly: int = 6
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """How long jobs may wait on live databases and run at all, in seconds (SPEC §4, §11); the defaults
+    are those of the settings WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT and _DUMP_TIMEOUT."""
+
+    lock_wait_s: float = 300.0
+    query_s: float = 600.0
+    ready_s: float = 120.0
+    dump_s: float = 21600.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The validated configuration: the table of settings, one field per setting.
@@ -145,11 +156,29 @@ class Config:
         help="how long running backups may finish after SIGTERM/SIGINT before they are aborted")
     reconcile_interval_s: float = setting(
         "WATCHER_RECONCILE_INTERVAL", "5m", duration(5), help="time between full container-list reconciliations")
+    lock_wait_timeout_s: float = setting(
+        "WATCHER_LOCK_WAIT_TIMEOUT", "5m", duration(1),
+        help="bound on waiting for a table lock another session holds: pg_dump --lock-wait-timeout and "
+             "lock_timeout of every query on a live database (label backup-watcher.lock-wait-timeout per container)")
+    query_timeout_s: float = setting(
+        "WATCHER_QUERY_TIMEOUT", "10m", duration(1),
+        help="statement_timeout of every query on a live database (listing databases, the drill's live checks, "
+             "restore's psql steps)")
+    ready_timeout_s: float = setting(
+        "WATCHER_READY_TIMEOUT", "2m", duration(1),
+        help="how long a backup waits for PostgreSQL in a container to accept connections")
+    dump_timeout_s: float = setting(
+        "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
 
     @property
     def retention(self) -> Retention:
         """The host-wide retention."""
         return Retention(self.keep_daily, self.keep_weekly, self.keep_monthly)
+
+    @property
+    def bounds(self) -> Bounds:
+        """The bounds of jobs, as the job context carries them."""
+        return Bounds(self.lock_wait_timeout_s, self.query_timeout_s, self.ready_timeout_s, self.dump_timeout_s)
 
     @property
     def metrics_host(self) -> str:

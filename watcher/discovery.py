@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from watcher.config import Retention
-from watcher.settings import BOOL, CRON, Invalid, Kind, whole
+from watcher.settings import BOOL, CRON, Invalid, Kind, duration, whole
 
 T = TypeVar("T")
 
@@ -22,6 +22,7 @@ ROLE_LABEL = "backup-watcher.role"
 KNOWN_LABELS = frozenset(
     {
         "enable", "schedule", "databases", "user", "keep-daily", "keep-weekly", "keep-monthly", "drill", "role",
+        "lock-wait-timeout",
     }
 )
 ALL_DATABASES = "all"
@@ -96,6 +97,7 @@ class Target:
     drill: bool = True
     image_id: str = ""
     started_at: float | None = None  # the container's last start (epoch seconds), None if unknown
+    lock_wait_timeout_s: float | None = None  # its own bound on lock waits; None: WATCHER_LOCK_WAIT_TIMEOUT
 
     @property
     def all_databases(self) -> bool:
@@ -171,6 +173,7 @@ def _parse_databases(raw: str) -> tuple[str, ...]:
 
 DATABASES = Kind(_parse_databases)
 KEEP = whole(0)
+LOCK_WAIT = duration(1)
 
 
 def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
@@ -206,6 +209,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
     drill = _label(labels, "drill", BOOL, problems) is not False
     credentials = credentials_of(container.env, _user_label(labels, problems))
     databases = _label(labels, "databases", DATABASES, problems)
+    lock_wait = _label(labels, "lock-wait-timeout", LOCK_WAIT, problems)
     if problems:
         return Rejected(container.id, container.name, tuple(problems))
     return Target(
@@ -219,6 +223,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
         drill=drill,
         image_id=container.image_id,
         started_at=container.started_at,
+        lock_wait_timeout_s=lock_wait,
     )
 
 

@@ -8,7 +8,8 @@ ends on a frame boundary, and then asks the engine for the process's exit code. 
 ended cleanly AND the exec is no longer running AND its exit code is 0" counts as success.
 
 It runs in two ways:
-- in process, `run_exec(...)`, for small commands (psql queries);
+- in process, through `watcher.execute.run_in_container` (the runner: timeout, cancel, masking), for
+  small commands (psql queries, readiness probes); nothing else calls this client;
 - as a program, `python -m watcher.dockerexec --container ID [--stdin] [--env NAME] -- CMD...`,
   which restic starts with `--stdin-from-command` and which `restore` pipes `restic dump` into.
   Its exit status is the exec's own (or 125 when the engine could not be asked), so restic
@@ -46,6 +47,7 @@ HEADER = struct.Struct(">BxxxI")
 READ_CHUNK = 1 << 20
 EXIT_ENGINE_ERROR = 125
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+ABORTED = "the wait for the exec was ended (its stream closed) before the command finished"
 
 
 SEAL_VARIABLE = "BW_END_SEAL"
@@ -240,34 +242,45 @@ def _pump_stdin(sock: socket.socket, source: Callable[[int], bytes], errors: lis
         errors.append(f"writing to the exec's stdin failed: {exc}")
 
 
-def stream_exec(
-    docker_host: str,
-    container: str,
-    cmd: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    stdin: Callable[[int], bytes] | None = None,
-    on_stdout: Callable[[bytes], object],
-    on_stderr: Callable[[bytes], object],
-    user: str | None = None,
-) -> ExecOutcome:
-    """Runs `cmd` in `container`, feeding it from `stdin` and handing its output to the callbacks.
+class ExecAbort:
+    """Lets another thread end the wait for an exec: closing the hijacked socket ends its stream.
 
-    Returns an ExecOutcome; `ok` is true only if the multiplexed stream ended on a frame boundary,
-    the exec stopped, and its exit code is 0. Raises DockerExecError when the engine cannot be
-    reached or refuses the exec (nothing ran, or its outcome is unknown).
+    The engine has no call to stop an exec's process; what ends is the watcher's wait for it (the
+    runner then reports the command as timed out or cancelled). Commands on live databases carry
+    their own server-side bounds (lock_timeout, statement_timeout), so the process ends as well.
     """
-    exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
-    sock, buffered = _start_hijacked(docker_host, exec_id, needs_stdin=stdin is not None)
-    stdin_errors: list[str] = []
-    pump: threading.Thread | None = None
-    if stdin is not None:
-        pump = threading.Thread(target=_pump_stdin, args=(sock, stdin, stdin_errors), daemon=True)
-        pump.start()
-    stream_complete = False
-    problem: str | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.aborted = False
+
+    def attach(self, sock: socket.socket) -> bool:
+        """Registers the exec's socket; returns False when the exec was aborted before it started."""
+        with self._lock:
+            if self.aborted:
+                return False
+            self._sock = sock
+            return True
+
+    def abort(self) -> None:
+        """Ends the exec's stream now (a blocked read returns at once); safe from any thread."""
+        with self._lock:
+            self.aborted = True
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _read_frames(sock: socket.socket, buffered: bytes, on_stdout: Callable[[bytes], object],
+                 on_stderr: Callable[[bytes], object]) -> tuple[bool, str | None]:
+    """Hands every frame of the multiplexed stream to its callback until the stream ends.
+
+    Returns (stream_complete, problem): complete only when it ended on a frame boundary.
+    """
+    buf = bytearray(buffered)
     try:
-        buf = bytearray(buffered)
         while True:
             while len(buf) >= HEADER.size:
                 kind, size = HEADER.unpack_from(buf)
@@ -280,24 +293,62 @@ def stream_exec(
                 elif kind == STREAM_STDERR:
                     on_stderr(payload)
                 else:
-                    problem = f"unexpected stream type {kind} in the exec stream"
-            if problem:
-                break
+                    return False, f"unexpected stream type {kind} in the exec stream"
             chunk = sock.recv(READ_CHUNK)
             if not chunk:
-                stream_complete = not buf
                 if buf:
-                    problem = f"exec stream ended inside a frame ({len(buf)} bytes of a partial frame)"
-                break
+                    return False, f"exec stream ended inside a frame ({len(buf)} bytes of a partial frame)"
+                return True, None
             buf += chunk
     except OSError as exc:
-        problem = f"exec stream broke: {exc}"
+        return False, f"exec stream broke: {exc}"
+
+
+def stream_exec(
+    docker_host: str,
+    container: str,
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: Callable[[int], bytes] | None = None,
+    on_stdout: Callable[[bytes], object],
+    on_stderr: Callable[[bytes], object],
+    user: str | None = None,
+    abort: ExecAbort | None = None,
+) -> ExecOutcome:
+    """Runs `cmd` in `container`, feeding it from `stdin` and handing its output to the callbacks.
+
+    Returns an ExecOutcome; `ok` is true only if the multiplexed stream ended on a frame boundary,
+    the exec stopped, and its exit code is 0. With `abort`, another thread may end the stream early;
+    the outcome then says so and its exit code is unknown. Raises DockerExecError when the engine
+    cannot be reached or refuses the exec (nothing ran, or its outcome is unknown).
+    """
+    exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
+    sock, buffered = _start_hijacked(docker_host, exec_id, needs_stdin=stdin is not None)
+    if abort is not None and not abort.attach(sock):
+        sock.close()
+        return ExecOutcome(None, False, ABORTED)
+    stdin_errors: list[str] = []
+    pump: threading.Thread | None = None
+    if stdin is not None:
+        pump = threading.Thread(target=_pump_stdin, args=(sock, stdin, stdin_errors), daemon=True)
+        pump.start()
+    try:
+        stream_complete, problem = _read_frames(sock, buffered, on_stdout, on_stderr)
     finally:
         if pump is not None:
             # Let the pump finish its last write and half-close before the socket goes away; once the
             # process has exited the engine closes the connection, which ends a blocked write.
             pump.join(timeout=30)
         sock.close()
+    if abort is not None and abort.aborted:
+        return ExecOutcome(None, False, ABORTED)
+    return _verdict(docker_host, exec_id, stream_complete, problem, stdin_errors)
+
+
+def _verdict(docker_host: str, exec_id: str, stream_complete: bool, problem: str | None,
+             stdin_errors: list[str]) -> ExecOutcome:
+    """The outcome of an exec whose stream has ended: asks the engine for its exit code."""
     try:
         exit_code = _inspect_exit_code(docker_host, exec_id, wait_seconds=10.0)
     except DockerExecError as exc:
@@ -311,51 +362,13 @@ def stream_exec(
     return ExecOutcome(exit_code, stream_complete, problem)
 
 
-@dataclass(frozen=True)
-class CapturedExec:
-    """Result of run_exec: the outcome plus everything the command printed."""
-
-    outcome: ExecOutcome
-    stdout: bytes
-    stderr: bytes
-
-
-def run_exec(
-    docker_host: str,
-    container: str,
-    cmd: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    stdin: bytes | None = None,
-    user: str | None = None,
-) -> CapturedExec:
-    """Runs a small command in a container and captures its output (do not use for dumps).
-
-    Raises DockerExecError when the engine cannot be reached or refuses the exec.
-    """
-    out, err = bytearray(), bytearray()
-    feeder: Callable[[int], bytes] | None = None
-    if stdin is not None:
-        remaining = [stdin]
-
-        def feeder(_size: int) -> bytes:
-            data, remaining[0] = remaining[0], b""
-            return data
-
-    outcome = stream_exec(
-        docker_host, container, cmd, env=env, stdin=feeder, on_stdout=out.extend, on_stderr=err.extend, user=user
-    )
-    return CapturedExec(outcome, bytes(out), bytes(err))
-
-
 def _stdin_reader() -> Callable[[int], bytes]:
     """Reads whatever our stdin has (up to n bytes) without waiting to fill a whole buffer."""
     raw = sys.stdin.buffer
     return lambda size: os.read(raw.fileno(), size)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m watcher.dockerexec")
     parser.add_argument("--container", required=True)
     parser.add_argument("--stdin", action="store_true", help="feed our stdin to the command")
@@ -367,14 +380,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seal", action="store_true",
                         help="require the end mark after the command's output (see the module's docstring)")
     parser.add_argument("cmd", nargs="+")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _exec_env(items: Sequence[str]) -> dict[str, str]:
+    """NAME=VALUE items as given; a bare NAME takes its value from our own environment (if set)."""
     env: dict[str, str] = {}
-    for item in args.env:
+    for item in items:
         name, sep, value = item.partition("=")
         if sep:
             env[name] = value
         elif name in os.environ:
             env[name] = os.environ[name]
+    return env
+
+
+def _exit_status(outcome: ExecOutcome, sealer: SealedOutput | None, program: str, container: str) -> int:
+    """The program's exit status for an exec's outcome: 0 only for a whole, sealed, successful run."""
+    if outcome.ok and sealer is not None and not sealer.sealed():
+        print(f"backup-watcher: {program} in {container}: its output ended without the end mark of a "
+              "successful run: the stream was cut short", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
+    if outcome.ok:
+        return 0
+    if outcome.problem:
+        print(f"backup-watcher: {program} in {container}: {outcome.problem}", file=sys.stderr)
+    if outcome.exit_code:
+        print(f"backup-watcher: {program} in {container} exited with status {outcome.exit_code}",
+              file=sys.stderr)
+        return outcome.exit_code if 0 < outcome.exit_code < 256 else 1
+    return EXIT_ENGINE_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
+    args = _parse_args(argv)
+    env = _exec_env(args.env)
     docker_host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
     stdout = sys.stdout.buffer
     stderr = sys.stderr.buffer
@@ -405,20 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
         return EXIT_ENGINE_ERROR
-    program = args.cmd[0]
-    if outcome.ok and sealer is not None and not sealer.sealed():
-        print(f"backup-watcher: {program} in {args.container}: its output ended without the end mark of a "
-              "successful run: the stream was cut short", file=sys.stderr)
-        return EXIT_ENGINE_ERROR
-    if outcome.ok:
-        return 0
-    if outcome.problem:
-        print(f"backup-watcher: {program} in {args.container}: {outcome.problem}", file=sys.stderr)
-    if outcome.exit_code:
-        print(f"backup-watcher: {program} in {args.container} exited with status {outcome.exit_code}",
-              file=sys.stderr)
-        return outcome.exit_code if 0 < outcome.exit_code < 256 else 1
-    return EXIT_ENGINE_ERROR
+    return _exit_status(outcome, sealer, args.cmd[0], args.container)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,22 @@ import structlog
 from watcher import commands
 from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
-from watcher.dockerexec import DockerExecError, run_exec
-from watcher.execute import Masker, run_pipeline
-from watcher.jobs import JobContext, JobError, new_run_id
+from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
+from watcher.jobs import (
+    PROBE_TIMEOUT_SECONDS,
+    JobContext,
+    JobError,
+    lock_wait_of,
+    lock_wait_problem,
+    new_run_id,
+    run_on_live,
+)
 from watcher.restic import ResticError, Snapshot, restic_error_text
 
 log = structlog.get_logger("watcher.drill")
 SOURCE_LABEL = "backup-watcher.drill-source"
 HOST_LABEL = "backup-watcher.drill-host"
+# The throwaway container runs initdb first; it is no live database, so this is not WATCHER_READY_TIMEOUT.
 READY_TIMEOUT_SECONDS = 180.0
 DRILL_TIMEOUT_SECONDS = 12 * 3600.0
 _COPY = re.compile(r"^COPY (.+?) (?:\(.*\) )?FROM stdin;$")
@@ -155,6 +163,7 @@ class Driller:
 
     def _failed(self, target: Target, database: str, run_id: str, started: float, snapshot: Snapshot | None,
                 error: str, tables: tuple[TableCheck, ...] = (), restore_s: float | None = None) -> DrillResult:
+        # The runner's messages are masked already; Docker's own (starting the throwaway container) are not.
         error = self.ctx.masker(error)
         duration = time.monotonic() - started
         log.error("drill_failed", target=target.name, database=database, run_id=run_id, error=error,
@@ -184,7 +193,7 @@ class Driller:
             self._restore(container_id, creds, snapshot, database, masker)
             restore_s = time.monotonic() - restore_started
             tables = self._check(container_id, creds, target, snapshot, database, masker)
-        except (JobError, DockerUnavailable, DockerExecError) as exc:
+        except (JobError, DockerUnavailable, ExecError) as exc:
             return self._failed(target, database, run_id, started, snapshot, str(exc))
         finally:
             if container_id is not None:
@@ -207,9 +216,10 @@ class Driller:
     def _wait_ready(self, container_id: str, creds: Credentials) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while True:
-            done = run_exec(self.ctx.docker_host, container_id, commands.ready_command(),
-                            env=commands.pg_env(creds.user, creds.database))
-            if done.outcome.ok:
+            done = run_in_container(self.ctx.docker_host, container_id, commands.ready_command(),
+                                    env=commands.pg_env(creds.user, creds.database), masker=self.ctx.masker,
+                                    timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
+            if done.ok:
                 return
             if time.monotonic() >= deadline:
                 raise JobError(f"the drill container did not become ready within {READY_TIMEOUT_SECONDS:.0f}s")
@@ -239,41 +249,64 @@ class Driller:
         in_dump = counter.counts
         if not in_dump:
             return ()
-        # Table names are pg_dump's own COPY targets, already quoted identifiers.
-        restored = self._query_pairs(container_id, creds, database, [
-            f"SELECT {_quote_literal(table)}, count(*) FROM {table};" for table in in_dump])  # noqa: S608
-        live = self._query_pairs(target.container_id, target.credentials, database, [
-            f"SELECT {_quote_literal(table)}, EXISTS (SELECT 1 FROM {table});" for table in in_dump],  # noqa: S608
-            tolerate_missing=True)
+        restored = self._restored_counts(container_id, creds, database, list(in_dump))
+        live = self._live_nonempty(target, database, list(in_dump))
         return tuple(
             TableCheck(table, rows, int(restored[table]) if table in restored else None,
                        (live[table] == "t") if table in live else None)
             for table, rows in sorted(in_dump.items())
         )
 
-    def _query_pairs(self, container_id: str, creds: Credentials, database: str, statements: list[str],
-                     tolerate_missing: bool = False) -> dict[str, str]:
-        """Runs `SELECT label, value` statements in one psql; returns label → value.
+    def _restored_counts(self, container_id: str, creds: Credentials, database: str,
+                         tables: list[str]) -> dict[str, str]:
+        """table → rows in the drill container (no other session there: bounded by the drill's timeout)."""
+        # Table names are pg_dump's own COPY targets, already quoted identifiers.
+        script = "\n".join(f"SELECT {_quote_literal(table)}, count(*) FROM {table};"  # noqa: S608
+                            for table in tables)
+        done = run_in_container(self.ctx.docker_host, container_id, commands.psql_pairs_command(),
+                                env=commands.pg_env(creds.user, database), masker=self.ctx.masker,
+                                timeout=DRILL_TIMEOUT_SECONDS, cancel=self.ctx.cancel, stdin=script.encode())
+        if not done.ok:
+            raise JobError(f"counting restored rows failed: {done.describe_failure()}")
+        return _pairs(done)
 
-        With `tolerate_missing`, a statement that fails (a table dropped from the live database since
-        the backup) is left out instead of failing the whole check.
+    def _live_nonempty(self, target: Target, database: str, tables: list[str]) -> dict[str, str]:
+        """table → 't'/'f' (has rows) in the live database, for the tables it still has.
+
+        Both queries are bounded (lock_timeout, statement_timeout): a table another session holds
+        locked fails the drill naming the lock wait instead of holding it up. A table dropped since
+        the backup is left out.
         """
-        env = commands.pg_env(creds.user, database)
-        if creds.password:
-            env["PGPASSWORD"] = creds.password
-        done = run_exec(self.ctx.docker_host, container_id,
-                        ("psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align",
-                         "-v", f"ON_ERROR_STOP={0 if tolerate_missing else 1}"),
-                        env=env, stdin="\n".join(statements).encode())
-        if not done.outcome.ok and not tolerate_missing:
-            raise JobError("counting restored rows failed: "
-                           + self.ctx.masker(done.stderr.decode(errors="replace").strip()))
-        results: dict[str, str] = {}
-        for line in done.stdout.decode().splitlines():
-            label, sep, value = line.rpartition("|")
-            if sep:
-                results[label] = value
-        return results
+        existing = _pairs(self._live_query(target, database, "\n".join(
+            f"SELECT {_quote_literal(table)}, to_regclass({_quote_literal(table)}) IS NOT NULL;" for table in tables)))
+        present = [table for table in tables if existing.get(table) == "t"]
+        if not present:
+            return {}
+        return _pairs(self._live_query(target, database, "\n".join(
+            f"SELECT {_quote_literal(table)}, EXISTS (SELECT 1 FROM {table});" for table in present)))  # noqa: S608
+
+    def _live_query(self, target: Target, database: str, script: str) -> Completed:
+        """Runs `SELECT label, value` statements on the live database; raises JobError naming a lock wait."""
+        try:
+            done = run_on_live(self.ctx, target, commands.psql_pairs_command(), database, stdin=script.encode())
+        except ExecError as exc:
+            raise JobError(f"checking the live database {database!r} in {target.name}: {exc}") from exc
+        if not done.ok:
+            hint = lock_wait_problem(done.stderr_tail, lock_wait_of(self.ctx, target))
+            failure = done.describe_failure()
+            raise JobError(f"checking the live database {database!r} in {target.name} failed: "
+                           + (f"{hint}\n{failure}" if hint else failure))
+        return done
+
+
+def _pairs(done: Completed) -> dict[str, str]:
+    """label → value of psql's unaligned `label|value` lines."""
+    results: dict[str, str] = {}
+    for line in done.stdout.decode(errors="replace").splitlines():
+        label, sep, value = line.rpartition("|")
+        if sep:
+            results[label] = value
+    return results
 
 
 def run_pipeline_checked(ctx: JobContext, argv: list[tuple[str, ...]], env: dict[str, str],
@@ -286,4 +319,4 @@ def run_pipeline_checked(ctx: JobContext, argv: list[tuple[str, ...]], env: dict
         return None
     detail = restic_error_text(done.stderr_tail.splitlines())
     head = done.describe_failure().split(":", 1)[0]
-    return masker(f"{head}: {detail}" if detail else head)
+    return f"{head}: {detail}" if detail else head

@@ -6,6 +6,7 @@ A job never raises into its caller: every outcome, good or bad, comes back as a 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -16,15 +17,19 @@ from datetime import UTC, datetime
 import structlog
 
 from watcher import commands
+from watcher.config import Bounds
 from watcher.discovery import Target
-from watcher.dockerexec import DockerExecError, run_exec
-from watcher.execute import Masker, run_pipeline
+from watcher.durations import format_duration
+from watcher.execute import Command, Completed, ExecError, Masker, run_in_container, run_pipeline
 from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, restic_error_text
 
 log = structlog.get_logger("watcher.jobs")
-DUMP_TIMEOUT_SECONDS = 6 * 3600.0
 ALL_DATABASES_PLACEHOLDER = "*"
-READY_TIMEOUT_SECONDS = 120.0
+# A query's command inside the container may run this much longer than its statement_timeout, so that
+# PostgreSQL's own error (naming the timeout) arrives before the runner gives up on the command.
+QUERY_MARGIN_SECONDS = 30.0
+# pg_isready gives up connecting after 3 s by itself; the exec around it gets this bound.
+PROBE_TIMEOUT_SECONDS = 30.0
 # A container up this long has finished its start-up (initdb, init scripts): its dump goes ahead
 # without a pg_isready exec first, which costs the engine about 50 ms of CPU per target and pass.
 SETTLED_AFTER_SECONDS = 120.0
@@ -68,7 +73,7 @@ class JobContext:
     host: str
     masker: Masker
     cancel: threading.Event = field(default_factory=threading.Event)
-    dump_timeout: float = DUMP_TIMEOUT_SECONDS
+    bounds: Bounds = field(default_factory=Bounds)
     # False while the repository check runs beside the first backups (one-shot `backup`): then a
     # repository restic cannot open is the check's to report, not each backup's.
     repository_verified: bool = True
@@ -79,19 +84,60 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def list_databases(ctx: JobContext, target: Target) -> list[str]:
-    """Asks the container's PostgreSQL for every non-template database; raises JobError."""
+def lock_wait_of(ctx: JobContext, target: Target) -> float:
+    """The bound on lock waits for a target: its label, else WATCHER_LOCK_WAIT_TIMEOUT."""
+    return target.lock_wait_timeout_s if target.lock_wait_timeout_s is not None else ctx.bounds.lock_wait_s
+
+
+def run_on_live(ctx: JobContext, target: Target, argv: Command, database: str, *, stdin: bytes | None = None,
+                timeout: float | None = None) -> Completed:
+    """Runs psql or pg_isready in a target's container against its live PostgreSQL, bounded.
+
+    The session has lock_timeout and statement_timeout set (PGOPTIONS), and the command itself the
+    query bound plus a margin (or `timeout`), and ends on cancel. Returns the runner's Completed
+    (masked); raises ExecError when the engine cannot run the command.
+    """
     creds = target.credentials
-    env = commands.pg_env(creds.user, creds.database)
+    env = commands.live_query_env(creds.user, database, lock_wait_s=lock_wait_of(ctx, target),
+                                  statement_s=ctx.bounds.query_s)
     if creds.password:
         env["PGPASSWORD"] = creds.password
+    return run_in_container(
+        ctx.docker_host, target.container_id, argv, env=env, masker=ctx.masker.with_secrets([creds.password]),
+        timeout=timeout if timeout is not None else ctx.bounds.query_s + QUERY_MARGIN_SECONDS,
+        cancel=ctx.cancel, stdin=stdin)
+
+
+_DUMP_LOCK = re.compile(r"Query was: LOCK TABLE (.+?) IN ACCESS SHARE MODE")
+_LABELLED_QUERY = re.compile(r"^LINE \d+: SELECT '((?:[^']|'')*)',", re.MULTILINE)
+
+
+def lock_wait_problem(stderr: str, lock_wait_s: float) -> str | None:
+    """A sentence naming the lock wait when `stderr` shows that pg_dump or a query gave up waiting for
+    a lock another session holds (a migration's ACCESS EXCLUSIVE lock); None when it does not."""
+    bound = format_duration(lock_wait_s)
+    why = ("another session holds a conflicting lock (a migration?); the bound is WATCHER_LOCK_WAIT_TIMEOUT "
+           "or the label backup-watcher.lock-wait-timeout")
+    dump_lock = _DUMP_LOCK.search(stderr)
+    if dump_lock is not None and "statement timeout" in stderr:
+        return f"pg_dump gave up waiting for a lock on table {dump_lock.group(1)} after {bound}: {why}"
+    if "due to lock timeout" in stderr:
+        labelled = _LABELLED_QUERY.search(stderr)
+        table = f" on table {labelled.group(1).replace(chr(39) * 2, chr(39))}" if labelled else ""
+        return f"a query gave up waiting for a lock{table} after {bound}: {why}"
+    return None
+
+
+def list_databases(ctx: JobContext, target: Target) -> list[str]:
+    """Asks the container's PostgreSQL for every non-template database; raises JobError."""
     try:
-        done = run_exec(ctx.docker_host, target.container_id, commands.list_databases_command(), env=env)
-    except DockerExecError as exc:
-        raise JobError(ctx.masker(f"listing databases in {target.name}: {exc}")) from exc
-    if not done.outcome.ok:
-        stderr = ctx.masker(done.stderr.decode(errors="replace").strip())
-        raise JobError(f"listing databases in {target.name} failed (exit {done.outcome.exit_code}): {stderr}")
+        done = run_on_live(ctx, target, commands.list_databases_command(), target.credentials.database)
+    except ExecError as exc:
+        raise JobError(f"listing databases in {target.name}: {exc}") from exc
+    if not done.ok:
+        hint = lock_wait_problem(done.stderr_tail, lock_wait_of(ctx, target))
+        raise JobError(f"listing databases in {target.name} failed: "
+                       + (f"{hint}\n{done.describe_failure()}" if hint else done.describe_failure()))
     names = [name for name in done.stdout.decode().split("\0") if name.strip()]
     if not names:
         # Nothing to back up is not a success: a target that says "all" expects at least one.
@@ -100,27 +146,30 @@ def list_databases(ctx: JobContext, target: Target) -> list[str]:
     return names
 
 
+_PG_ISREADY_CODES = {1: "the server rejects connections (starting up?)", 2: "no response from the server",
+                     3: "no connection attempt was made"}
+
+
 def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
     """One pg_isready in the container; returns None when PostgreSQL accepts connections, else why
     not. Raises JobError naming the container when it is gone or stopped."""
     try:
-        done = run_exec(ctx.docker_host, target.container_id, commands.pg_isready_command(),
-                        env=commands.pg_env(target.credentials.user, target.credentials.database))
-    except DockerExecError as exc:
+        done = run_on_live(ctx, target, commands.pg_isready_command(), target.credentials.database,
+                           timeout=PROBE_TIMEOUT_SECONDS)
+    except ExecError as exc:
         reason = str(exc)
         if "is not running" in reason or "No such container" in reason:
-            raise JobError(ctx.masker(f"{target.name} is gone or stopped: {reason}")) from exc
+            raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
         return reason
-    if done.outcome.ok:
+    if done.ok:
         return None
+    if done.timed_out or done.cancelled or done.problem:
+        return done.describe_failure()
     # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
-    return (done.stderr.decode(errors="replace").strip()
-            or {1: "the server rejects connections (starting up?)", 2: "no response from the server",
-                3: "no connection attempt was made"}.get(done.outcome.exit_code or 0,
-                                                           f"pg_isready exit {done.outcome.exit_code}"))
+    return done.stderr_tail or _PG_ISREADY_CODES.get(done.returncode, f"pg_isready exit {done.returncode}")
 
 
-def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
     """Waits until PostgreSQL in the container accepts connections (a container that just started
     may still be running initdb); raises JobError naming the container when it does not in time."""
     deadline = time.monotonic() + timeout
@@ -128,8 +177,7 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float = READY_TIM
         if ctx.cancel.is_set():
             raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
         if time.monotonic() >= deadline:
-            raise JobError(ctx.masker(f"PostgreSQL in {target.name} did not accept connections within "
-                                      f"{timeout:.0f}s: {last}"))
+            raise JobError(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
         ctx.cancel.wait(1.0)
 
 
@@ -141,18 +189,19 @@ class ReadinessPlan:
     wait_s: float
 
 
-def readiness_plan(uptime_s: float | None) -> ReadinessPlan:
+def readiness_plan(uptime_s: float | None, ready_timeout_s: float) -> ReadinessPlan:
     """Returns the plan for a container that has been running `uptime_s` seconds (None: unknown).
 
     A container that started recently may still run initdb: wait for it first, up to what is left
-    of READY_TIMEOUT_SECONDS since its start (MIN_READY_WAIT_SECONDS at least). A settled one goes
-    straight to the dump; only if that fails is PostgreSQL probed, and then waited for as long as
-    after a start (crash recovery of a big cluster takes a while), and the dump run again.
+    of `ready_timeout_s` (WATCHER_READY_TIMEOUT) since its start, MIN_READY_WAIT_SECONDS at least
+    (never more than the bound itself). A settled one goes straight to the dump; only if that fails
+    is PostgreSQL probed, and then waited for as long as after a start (crash recovery of a big
+    cluster takes a while), and the dump run again.
     """
     if uptime_s is None or uptime_s < SETTLED_AFTER_SECONDS:
-        left = READY_TIMEOUT_SECONDS - max(0.0, uptime_s or 0.0)
-        return ReadinessPlan(True, max(MIN_READY_WAIT_SECONDS, left))
-    return ReadinessPlan(False, READY_TIMEOUT_SECONDS)
+        left = ready_timeout_s - max(0.0, uptime_s or 0.0)
+        return ReadinessPlan(True, max(min(MIN_READY_WAIT_SECONDS, ready_timeout_s), left))
+    return ReadinessPlan(False, ready_timeout_s)
 
 
 def is_ready(ctx: JobContext, target: Target) -> bool:
@@ -188,66 +237,83 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str,
     bound = log.bind(target=target.name, database=database, run_id=run_id)
     started_at = datetime.now(UTC)
     started = time.monotonic()
-    creds = target.credentials
-    env_names = ["PGPASSWORD"] if creds.password else []
-    source = commands.exec_helper(
-        target.container_id, commands.pg_dump_command(),
-        env_values=commands.pg_env(creds.user, database), env_names=env_names, seal=True,
-    )
     # The watcher sets the snapshot's time itself, so that it knows it without listing the repository
     # afterwards (one more repository open per backup, as costly as the backup's own on a small database).
     snapshot_time = started_at.replace(microsecond=0)
-    argv = commands.restic_backup(
-        ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
-        snapshot_time=snapshot_time,
-    )
-    argv = commands.with_lock_wait(argv, LOCK_WAIT)
-    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV}
-    env["DOCKER_HOST"] = ctx.docker_host
-    if creds.password:
-        env["PGPASSWORD"] = creds.password
-    masker = ctx.masker.with_secrets([creds.password])
+    argv, env = _backup_command(ctx, target, database, snapshot_time)
     bound.info("backup_started")
     stdout_lines: list[str] = []
     try:
         done = run_pipeline(
-            [argv], env=env, masker=masker, timeout=ctx.dump_timeout, cancel=ctx.cancel,
+            [argv], env=env, masker=ctx.masker.with_secrets([target.credentials.password]),
+            timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
             capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines),
         )
     except OSError as exc:
-        duration = time.monotonic() - started
-        error = masker(f"cannot start restic ({ctx.repository.binary!r}): {exc}")
-        failed = BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
+        failed = BackupResult(target.name, database, False, run_id, started_at, time.monotonic() - started,
+                              error=f"cannot start restic ({ctx.repository.binary!r}): {exc}")
         if log_failure:
             log_failed_backup(failed)
         return failed
-    duration = time.monotonic() - started
+    result = _backup_result(ctx, target, database, run_id, started_at, time.monotonic() - started, done,
+                            stdout_lines, snapshot_time)
+    if result.ok:
+        bound.info("backup_succeeded", snapshot_id=(result.snapshot_id or "")[:8],
+                   duration_s=round(result.duration_s, 3), bytes=result.bytes_processed,
+                   bytes_added=result.bytes_added)
+    elif result.repository_unverified:
+        bound.info("backup_waits_for_repository_check", restic_exit=done.returncode,
+                   duration_s=round(result.duration_s, 3))
+    elif log_failure:
+        log_failed_backup(result)
+    return result
+
+
+def _backup_command(ctx: JobContext, target: Target, database: str,
+                    snapshot_time: datetime) -> tuple[Command, dict[str, str]]:
+    """restic backup of one database's dump (through the exec helper, sealed) and its environment."""
+    creds = target.credentials
+    source = commands.exec_helper(
+        target.container_id, commands.pg_dump_command(lock_wait_of(ctx, target)),
+        env_values=commands.pg_env(creds.user, database),
+        env_names=["PGPASSWORD"] if creds.password else [], seal=True,
+    )
+    argv = commands.restic_backup(
+        ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
+        snapshot_time=snapshot_time,
+    )
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
+    if creds.password:
+        env["PGPASSWORD"] = creds.password
+    return commands.with_lock_wait(argv, LOCK_WAIT), env
+
+
+def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, started_at: datetime,
+                   duration: float, done: Completed, stdout_lines: list[str],
+                   snapshot_time: datetime) -> BackupResult:
+    """What a finished restic backup did: the snapshot, or why there is none (messages are the runner's,
+    already masked)."""
     summary = _summary(stdout_lines)
     snapshot_id = summary.get("snapshot_id")
     if done.ok and isinstance(snapshot_id, str):
         processed = int(summary.get("total_bytes_processed", 0) or 0)  # type: ignore[call-overload]
         added = int(summary.get("data_added_packed", summary.get("data_added", 0)) or 0)  # type: ignore[call-overload]
-        bound.info("backup_succeeded", snapshot_id=snapshot_id[:8], duration_s=round(duration, 3),
-                   bytes=processed, bytes_added=added)
         return BackupResult(target.name, database, True, run_id, started_at, duration,
                             snapshot_id=snapshot_id, bytes_processed=processed, bytes_added=added,
                             snapshot_time=snapshot_time)
     detail = restic_error_text(done.stderr_tail.splitlines())
     if not ctx.repository_verified and done.returncode in (EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD):
-        bound.info("backup_waits_for_repository_check", restic_exit=done.returncode, duration_s=round(duration, 3))
         return BackupResult(target.name, database, False, run_id, started_at, duration,
-                            error=masker(detail or f"restic exit {done.returncode}"), repository_unverified=True)
+                            error=detail or f"restic exit {done.returncode}", repository_unverified=True)
     if done.cancelled:
         head = "backup aborted by shutdown; no snapshot was written"
     elif done.timed_out:
-        head = f"backup timed out after {duration:.0f}s; no snapshot was written"
+        head = f"backup timed out after {duration:.0f}s (WATCHER_DUMP_TIMEOUT); no snapshot was written"
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
-    error = masker(f"{head}\n{detail}" if detail else head)
-    failed = BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
-    if log_failure:
-        log_failed_backup(failed)
-    return failed
+    hint = lock_wait_problem(detail, lock_wait_of(ctx, target))
+    error = "\n".join(part for part in (head, hint, detail) if part)
+    return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
 
 
 def log_failed_backup(result: BackupResult) -> None:
@@ -264,36 +330,31 @@ def _keep_summary_lines(sink: list[str]) -> Callable[[str], None]:
     return keep
 
 
+@dataclass
+class _OneWait:
+    """Only one wait for PostgreSQL per job: a second failure after it came back is the dump's own."""
+
+    wait_s: float
+    may_wait: bool = True
+
+
 def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     """Backs up every database of a target, one snapshot each; returns one result per database.
 
     Never raises: a failure to even find the databases is returned as a failed result.
     """
     run_id = new_run_id()
-    databases = list(target.databases)
     started_at, started = datetime.now(UTC), time.monotonic()
     uptime = None if target.started_at is None else max(0.0, time.time() - target.started_at)
-    plan = readiness_plan(uptime)
-    # Only one wait per job: a second failure after PostgreSQL came back is the dump's own.
-    may_wait = True
+    plan = readiness_plan(uptime, ctx.bounds.ready_s)
+    wait = _OneWait(plan.wait_s)
     try:
-        if plan.probe_first:
-            wait_until_ready(ctx, target, plan.wait_s)
-            may_wait = False
-        if target.all_databases:
-            try:
-                databases = list_databases(ctx, target)
-            except JobError:
-                if not may_wait or is_ready(ctx, target):
-                    raise
-                may_wait = False
-                wait_until_ready(ctx, target, plan.wait_s)
-                databases = list_databases(ctx, target)
+        databases = _databases_of(ctx, target, wait, plan.probe_first)
     except JobError as exc:
         duration = time.monotonic() - started
         # Every database the target is meant to have failed; "*" stands for "all" before they are known.
         failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
-                  for database in databases or [ALL_DATABASES_PLACEHOLDER]]
+                  for database in target.databases or [ALL_DATABASES_PLACEHOLDER]]
         for result in failed:
             log_failed_backup(result)
         return failed
@@ -301,28 +362,48 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
     for database in databases:
         if ctx.cancel.is_set():
             break
-        result = backup_database(ctx, target, database, run_id, log_failure=not may_wait)
-        if result.ok or result.repository_unverified or not may_wait:
-            results.append(result)
-            continue
-        if ctx.cancel.is_set() or is_ready(ctx, target):
-            log_failed_backup(result)
-            results.append(result)
-            continue
-        # The dump went ahead without a probe and PostgreSQL is not up (restarting, recovering): no
-        # snapshot was written, so wait for it once and run this dump again.
-        may_wait = False
-        log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
-                    error=result.error, wait_s=plan.wait_s)
-        try:
-            wait_until_ready(ctx, target, plan.wait_s)
-        except JobError as exc:
-            result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
-            log_failed_backup(result)
-            results.append(result)
-            continue
-        results.append(backup_database(ctx, target, database, run_id))
+        results.append(_backup_with_one_wait(ctx, target, database, run_id, wait, started))
     return results
+
+
+def _databases_of(ctx: JobContext, target: Target, wait: _OneWait, probe_first: bool) -> list[str]:
+    """The databases to back up (listed for `all`), PostgreSQL waited for first when the plan says so,
+    or once when listing fails because it is not up; raises JobError."""
+    if probe_first:
+        wait_until_ready(ctx, target, wait.wait_s)
+        wait.may_wait = False
+    if not target.all_databases:
+        return list(target.databases)
+    try:
+        return list_databases(ctx, target)
+    except JobError:
+        if not wait.may_wait or is_ready(ctx, target):
+            raise
+        wait.may_wait = False
+        wait_until_ready(ctx, target, wait.wait_s)
+        return list_databases(ctx, target)
+
+
+def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id: str, wait: _OneWait,
+                          started: float) -> BackupResult:
+    """One database's backup; when it failed because PostgreSQL is not up (restarting, recovering) and
+    the job may still wait, waits for it once and runs the dump again (no snapshot was written)."""
+    result = backup_database(ctx, target, database, run_id, log_failure=not wait.may_wait)
+    if result.ok or result.repository_unverified or not wait.may_wait:
+        return result
+    if ctx.cancel.is_set() or is_ready(ctx, target):
+        log_failed_backup(result)
+        return result
+    wait.may_wait = False
+    log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
+                error=result.error, wait_s=wait.wait_s)
+    try:
+        wait_until_ready(ctx, target, wait.wait_s)
+    except JobError as exc:
+        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
+        log_failed_backup(result)
+        return result
+    return backup_database(ctx, target, database, run_id)
 
 
 def check_repository(ctx: JobContext, init: bool) -> None:

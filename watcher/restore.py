@@ -8,6 +8,7 @@ was; a failed swap puts the old database back under its name.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import structlog
 
 from watcher import commands
+from watcher.config import Bounds
 from watcher.discovery import Credentials
-from watcher.dockerexec import DockerExecError, run_exec
-from watcher.execute import Masker, run_pipeline
+from watcher.execute import ExecError, Masker, run_in_container, run_pipeline
+from watcher.jobs import QUERY_MARGIN_SECONDS, lock_wait_problem
 from watcher.restic import Repository, Snapshot
 
 log = structlog.get_logger("watcher.restore")
@@ -88,24 +90,33 @@ class RestoreResult:
 class Restorer:
     """Restores snapshots into databases of running containers."""
 
-    def __init__(self, docker_host: str, repository: Repository, masker: Masker) -> None:
+    def __init__(self, docker_host: str, repository: Repository, masker: Masker, bounds: Bounds | None = None,
+                 cancel: threading.Event | None = None) -> None:
         self.docker_host = docker_host
         self.repository = repository
         self.masker = masker
+        self.bounds = bounds or Bounds()
+        self.cancel = cancel
 
     def _psql(self, container: str, creds: Credentials, script: str, variables: dict[str, str]) -> str:
+        """Runs one step's script on the live server, bounded (lock_timeout, statement_timeout); returns
+        its output, raises RestoreError naming a lock wait when a session held it up."""
         maintenance = "postgres" if variables.get("db") != "postgres" else "template1"
-        env = commands.pg_env(creds.user, maintenance)
+        env = commands.live_query_env(creds.user, maintenance, lock_wait_s=self.bounds.lock_wait_s,
+                                      statement_s=self.bounds.query_s)
         if creds.password:
             env["PGPASSWORD"] = creds.password
         try:
-            done = run_exec(self.docker_host, container, commands.psql_script_command(variables),
-                            env=env, stdin=script.encode())
-        except DockerExecError as exc:
-            raise RestoreError(self.masker(str(exc))) from exc
-        if not done.outcome.ok:
-            stderr = self.masker(done.stderr.decode(errors="replace").strip())
-            raise RestoreError(f"psql in {container} failed: {stderr or done.outcome.problem}")
+            done = run_in_container(self.docker_host, container, commands.psql_script_command(variables),
+                                    env=env, masker=self.masker.with_secrets([creds.password]),
+                                    timeout=self.bounds.query_s + QUERY_MARGIN_SECONDS, cancel=self.cancel,
+                                    stdin=script.encode())
+        except ExecError as exc:
+            raise RestoreError(str(exc)) from exc
+        if not done.ok:
+            hint = lock_wait_problem(done.stderr_tail, self.bounds.lock_wait_s)
+            failure = done.describe_failure()
+            raise RestoreError(f"psql in {container} failed: " + (f"{hint}\n{failure}" if hint else failure))
         return done.stdout.decode()
 
     def restore(self, snapshot: Snapshot, container_id: str, container_name: str, creds: Credentials,
@@ -141,7 +152,7 @@ class Restorer:
         )
         dump = commands.restic_dump(self.repository.binary, snapshot.id, database)
         done = run_pipeline([dump, restorer], env=env, masker=masker, timeout=RESTORE_TIMEOUT_SECONDS,
-                            capture_stdout=False)
+                            cancel=self.cancel, capture_stdout=False)
         if not done.ok:
             try:
                 self._psql(container_id, creds, 'DROP DATABASE IF EXISTS :"scratch";\n',

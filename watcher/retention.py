@@ -78,7 +78,7 @@ def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
 
     def failed(step: str, detail: str) -> PruneResult:
         duration = time.monotonic() - started
-        error = ctx.masker(f"{step} failed: {detail}")
+        error = f"{step} failed: {detail}"  # the runner's stderr tail, masked there
         bound.error("prune_failed", error=error, duration_s=round(duration, 3))
         return PruneResult(False, run_id, duration, removed, error)
 

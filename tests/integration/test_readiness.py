@@ -23,7 +23,7 @@ from tests.integration.conftest import PgContainer, Repo, StartPg, docker
 from watcher.cli import build_app, select_targets
 from watcher.config import load_config
 from watcher.discovery import Target
-from watcher.jobs import READY_TIMEOUT_SECONDS, BackupResult, JobContext, backup_target, check_repository
+from watcher.jobs import BackupResult, JobContext, backup_target, check_repository
 
 SOCKET = "/var/run/postgresql/.s.PGSQL.5432"
 
@@ -109,15 +109,18 @@ def test_settled_container_whose_postgres_comes_back_is_waited_for_and_dumped_ag
 def test_settled_container_whose_postgres_stays_down_fails_after_the_wait(
         start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db = start_pg(major="15")
-    with _context(watcher_env, db, started_ago=3600) as (ctx, target):
+    # The bound is a setting (WATCHER_READY_TIMEOUT, default 2m), carried in the job context.
+    with _context({**watcher_env, "WATCHER_READY_TIMEOUT": "15s"}, db, started_ago=3600) as (ctx, target):
+        assert ctx.bounds.ready_s == 15.0
         _hide_socket(db)
         with capture_logs() as logged:
             result, seconds = _backup(ctx, target)
+    ready_timeout = 15.0
     assert not result.ok
     assert [entry["event"] for entry in logged].count("backup_failed") == 1, "one failure, logged once"
-    assert READY_TIMEOUT_SECONDS <= seconds < READY_TIMEOUT_SECONDS + 20, "waited once, as after a start"
+    assert ready_timeout <= seconds < ready_timeout + 20, "waited once, as after a start"
     assert result.error is not None
     assert "no snapshot was written" in result.error, "the dump's own failure is kept"
-    assert f"did not accept connections within {READY_TIMEOUT_SECONDS:.0f}s" in result.error
+    assert f"did not accept connections within {ready_timeout:.0f}s" in result.error
     assert "no response" in result.error, "pg_isready's verdict names the cause"
     assert repo.snapshots_of(db.name) == []

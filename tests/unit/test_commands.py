@@ -169,7 +169,7 @@ def test_exec_helper_without_stdin_or_env() -> None:
 
 def test_backup_argv_never_holds_the_password() -> None:
     password = "pg-Sup3r-secret"
-    source = commands.exec_helper("abc", commands.pg_dump_command(), env_names=["PGPASSWORD"],
+    source = commands.exec_helper("abc", commands.pg_dump_command(300.0), env_names=["PGPASSWORD"],
                                   env_values=commands.pg_env("scalr", "app"))
     argv = commands.restic_backup("restic", host="h", container="scalr-app-db", database="app", source=source)
     assert not any(password in arg for arg in argv)
@@ -178,7 +178,10 @@ def test_backup_argv_never_holds_the_password() -> None:
 
 
 def test_pg_dump_command() -> None:
-    argv = commands.pg_dump_command()
+    assert commands.pg_dump_command(300.0) == (
+        "pg_dump", "--format=custom", "--compress=0", "--no-password", "--lock-wait-timeout=300000")
+    argv = commands.pg_dump_command(0.5)
+    assert argv[-1] == "--lock-wait-timeout=500"
     assert argv[0] == "pg_dump"
     assert "--format=custom" in argv
     assert "--compress=0" in argv
@@ -192,6 +195,24 @@ def test_pg_env() -> None:
     assert commands.pg_env("scalr", "a=b") == {
         "PGUSER": "scalr", "PGDATABASE": "a=b", "PGAPPNAME": "backup-watcher",
     }
+
+
+def test_live_query_env_bounds_every_lock_wait_and_statement() -> None:
+    assert commands.live_query_env("scalr", "app", lock_wait_s=3.0, statement_s=600.0) == {
+        "PGUSER": "scalr", "PGDATABASE": "app", "PGAPPNAME": "backup-watcher",
+        "PGOPTIONS": "-c lock_timeout=3000 -c statement_timeout=600000",
+    }
+
+
+def test_a_bound_is_never_zero_milliseconds() -> None:
+    """0 would switch PostgreSQL's timeouts off: the least bound is 1 ms."""
+    assert commands.milliseconds(0.0001) == 1
+    assert commands.milliseconds(1.5) == 1500
+
+
+def test_psql_pairs_command_stops_at_the_first_error() -> None:
+    assert commands.psql_pairs_command() == (
+        "psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1")
 
 
 @pytest.mark.parametrize(("value", "quoted"), [

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from watcher.execute import STDERR_TAIL_LINES, Completed, Masker, run, run_pipeline
+from watcher.execute import EXIT_UNKNOWN, STDERR_TAIL_LINES, Completed, Masker, _LineTail, run, run_pipeline
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
 NO_SECRETS = Masker()
+# Every run has a bound; this one is never reached by the commands that are not about timeouts.
+BOUND = 30.0
 
 
 def sh(script: str) -> tuple[str, ...]:
@@ -85,7 +87,7 @@ def test_masker_with_secrets_adds_without_changing_the_original() -> None:
 
 
 def test_exit_code_and_stdout() -> None:
-    done = run(sh("echo hello; exit 3"), env=ENV, masker=NO_SECRETS)
+    done = run(sh("echo hello; exit 3"), env=ENV, masker=NO_SECRETS, timeout=BOUND)
     assert done.returncodes == (3,)
     assert done.returncode == 3
     assert done.stdout == b"hello\n"
@@ -95,14 +97,14 @@ def test_exit_code_and_stdout() -> None:
 
 
 def test_success_is_ok() -> None:
-    done = run(("true",), env=ENV, masker=NO_SECRETS)
+    done = run(("true",), env=ENV, masker=NO_SECRETS, timeout=BOUND)
     assert done.ok
     assert done.returncode == 0
 
 
 def test_pipeline_passes_data_and_reports_every_exit_code() -> None:
     done = run_pipeline([sh("printf 'a\\nb\\nc\\n'; exit 0"), sh("wc -l; exit 4")], env=ENV,
-                        masker=NO_SECRETS)
+                        masker=NO_SECRETS, timeout=BOUND)
     assert done.returncodes == (0, 4)
     assert done.returncode == 4
     assert done.stdout.strip() == b"3"
@@ -111,7 +113,7 @@ def test_pipeline_passes_data_and_reports_every_exit_code() -> None:
 
 def test_pipeline_first_nonzero_code_wins() -> None:
     done = run_pipeline([sh("cat >/dev/null; exit 0"), sh("cat >/dev/null; exit 0")], env=ENV,
-                        masker=NO_SECRETS)
+                        masker=NO_SECRETS, timeout=BOUND)
     assert done.ok
     assert done.returncodes == (0, 0)
 
@@ -136,14 +138,14 @@ def test_no_stdin_means_empty_stdin() -> None:
 
 
 def test_environment_is_exactly_what_is_given() -> None:
-    done = run(sh('echo "${FOO}-${HOME:-unset}"'), env={**ENV, "FOO": "bar"}, masker=NO_SECRETS)
+    done = run(sh('echo "${FOO}-${HOME:-unset}"'), env={**ENV, "FOO": "bar"}, masker=NO_SECRETS, timeout=BOUND)
     assert done.stdout == b"bar-unset\n"
 
 
 def test_stdout_lines_callback() -> None:
     seen: list[str] = []
     done = run_pipeline([sh("echo one; echo two")], env=ENV, masker=NO_SECRETS, capture_stdout=False,
-                        on_stdout_line=seen.append)
+                        on_stdout_line=seen.append, timeout=BOUND)
     assert done.ok
     assert seen == ["one", "two"]
     assert done.stdout == b""
@@ -152,19 +154,19 @@ def test_stdout_lines_callback() -> None:
 
 def test_missing_program_raises() -> None:
     with pytest.raises(FileNotFoundError):
-        run(("/nonexistent/restic", "version"), env=ENV, masker=NO_SECRETS)
+        run(("/nonexistent/restic", "version"), env=ENV, masker=NO_SECRETS, timeout=BOUND)
 
 
 def test_missing_second_program_raises_quickly() -> None:
     started = time.monotonic()
     with pytest.raises(FileNotFoundError):
-        run_pipeline([sh("sleep 30"), ("/nonexistent/pg_restore",)], env=ENV, masker=NO_SECRETS)
+        run_pipeline([sh("sleep 30"), ("/nonexistent/pg_restore",)], env=ENV, masker=NO_SECRETS, timeout=BOUND)
     assert time.monotonic() - started < 5
 
 
 def test_empty_pipeline_is_an_error() -> None:
     with pytest.raises(ValueError):
-        run_pipeline([], env=ENV, masker=NO_SECRETS)
+        run_pipeline([], env=ENV, masker=NO_SECRETS, timeout=BOUND)
 
 
 # --- stderr tail --------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_stderr_tail_is_masked() -> None:
     done = run_pipeline(
         [sh("echo 'Fatal: wrong password s3cret-pw' >&2"),
          sh("cat >/dev/null; echo 'auth pg-pass failed' >&2; exit 2")],
-        env=ENV, masker=masker,
+        env=ENV, masker=masker, timeout=BOUND,
     )
     assert "s3cret-pw" not in done.stderr_tail
     assert "pg-pass" not in done.stderr_tail
@@ -187,13 +189,13 @@ def test_stderr_tail_is_masked() -> None:
 def test_stderr_lines_callback_is_masked_too() -> None:
     seen: list[str] = []
     run_pipeline([sh("echo 'token=abc123' >&2")], env=ENV, masker=Masker(["abc123"]),
-                 on_stderr_line=seen.append)
+                 on_stderr_line=seen.append, timeout=BOUND)
     assert seen == ["token=***"]
 
 
 def test_stderr_tail_keeps_the_last_lines() -> None:
     script = 'i=1; while [ $i -le 100 ]; do echo "err $i" >&2; i=$((i+1)); done; exit 1'
-    done = run(sh(script), env=ENV, masker=NO_SECRETS)
+    done = run(sh(script), env=ENV, masker=NO_SECRETS, timeout=BOUND)
     lines = done.stderr_tail.splitlines()
     assert len(lines) == STDERR_TAIL_LINES
     assert lines[-1] == "err 100"
@@ -201,7 +203,7 @@ def test_stderr_tail_keeps_the_last_lines() -> None:
 
 
 def test_describe_failure() -> None:
-    done = run(sh("echo 'boom' >&2; exit 3"), env=ENV, masker=NO_SECRETS)
+    done = run(sh("echo 'boom' >&2; exit 3"), env=ENV, masker=NO_SECRETS, timeout=BOUND)
     assert done.describe_failure() == "sh failed (exit status 3): boom"
     piped = Completed(argv=(("/usr/bin/restic", "dump"), ("python3", "-m", "x")), returncodes=(0, 1))
     assert piped.describe_failure() == "restic | python3 failed (exit status 0, 1)"
@@ -290,6 +292,44 @@ def test_cancel_already_set_before_start() -> None:
     cancel = threading.Event()
     cancel.set()
     started = time.monotonic()
-    done = run(sh("sleep 100"), env=ENV, masker=NO_SECRETS, cancel=cancel)
+    done = run(sh("sleep 100"), env=ENV, masker=NO_SECRETS, cancel=cancel, timeout=BOUND)
     assert done.cancelled
     assert time.monotonic() - started < 5
+
+
+# --- what the runner reports for commands inside containers (pure parts) --------------------------
+
+
+def test_a_secret_split_between_two_pieces_of_a_stream_is_masked_whole() -> None:
+    """An exec's stderr arrives in frames of any size: masking is per whole line, never per piece."""
+    tail = _LineTail(Masker(["pg-Sup3r-secret"]))
+    tail.feed(b"FATAL: password pg-Sup")
+    tail.feed(b"3r-secret rejected\nsecond li")
+    tail.feed(b"ne")
+    tail.finish()
+    assert list(tail.lines) == ["FATAL: password *** rejected", "second line"]
+
+
+def test_a_line_tail_keeps_only_the_last_lines() -> None:
+    tail = _LineTail(NO_SECRETS)
+    tail.feed(b"".join(f"line {i}\n".encode() for i in range(100)))
+    assert len(tail.lines) == STDERR_TAIL_LINES
+    assert tail.lines[-1] == "line 99"
+
+
+def test_an_exec_whose_stream_broke_is_no_success_even_with_exit_0() -> None:
+    done = Completed(argv=(("psql", "-X"),), returncodes=(0,), problem="exec stream ended inside a frame")
+    assert not done.ok
+    assert done.describe_failure() == "psql failed: exec stream ended inside a frame"
+
+
+def test_an_exec_with_an_unknown_exit_code_is_no_success() -> None:
+    done = Completed(argv=(("pg_isready",),), returncodes=(EXIT_UNKNOWN,))
+    assert not done.ok
+    assert done.returncode == EXIT_UNKNOWN
+
+
+def test_a_timed_out_exec_says_so_before_anything_else() -> None:
+    done = Completed(argv=(("psql",),), returncodes=(EXIT_UNKNOWN,), timed_out=True, duration_s=40.2,
+                     stderr_tail="ERROR:  canceling statement due to lock timeout")
+    assert done.describe_failure() == "psql timed out after 40s: ERROR:  canceling statement due to lock timeout"

@@ -1,0 +1,59 @@
+"""The bounds of jobs (WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT, _DUMP_TIMEOUT) and the
+per-container label backup-watcher.lock-wait-timeout: read as durations, refused with the name and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from watcher.config import Bounds, ConfigError, effective_config, load_config
+from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
+
+BASE = {"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw-long-enough"}
+
+
+def test_defaults() -> None:
+    assert load_config(BASE).bounds == Bounds(lock_wait_s=300.0, query_s=600.0, ready_s=120.0, dump_s=21600.0)
+
+
+def test_every_bound_is_read_as_a_duration() -> None:
+    config = load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "3s", "WATCHER_QUERY_TIMEOUT": "90",
+                          "WATCHER_READY_TIMEOUT": "15m", "WATCHER_DUMP_TIMEOUT": "1d"})
+    assert config.bounds == Bounds(lock_wait_s=3.0, query_s=90.0, ready_s=900.0, dump_s=86400.0)
+
+
+def test_bad_bounds_are_reported_all_at_once_by_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "5 minutes", "WATCHER_DUMP_TIMEOUT": "0"})
+    problems = caught.value.problems
+    assert any(p.startswith("WATCHER_LOCK_WAIT_TIMEOUT='5 minutes': ") and "write e.g. 90s, 15m, 6h" in p
+               for p in problems), problems
+    assert "WATCHER_DUMP_TIMEOUT='0': must be at least 1s" in problems
+
+
+def test_check_config_shows_the_bounds_as_written() -> None:
+    shown = effective_config(load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "90s"}))
+    assert {name: shown[name] for name in ("WATCHER_LOCK_WAIT_TIMEOUT", "WATCHER_QUERY_TIMEOUT",
+                                           "WATCHER_READY_TIMEOUT", "WATCHER_DUMP_TIMEOUT")} == {
+        "WATCHER_LOCK_WAIT_TIMEOUT": "90s", "WATCHER_QUERY_TIMEOUT": "10m", "WATCHER_READY_TIMEOUT": "2m",
+        "WATCHER_DUMP_TIMEOUT": "6h"}
+
+
+def _container(labels: dict[str, str]) -> ContainerInfo:
+    return ContainerInfo(id="c1", name="scalr-app-db", image="postgres:17", labels=labels,
+                         env={"POSTGRES_USER": "app"})
+
+
+def test_the_lock_wait_label_sets_a_containers_own_bound() -> None:
+    found = discover(_container({"backup-watcher.lock-wait-timeout": "30s"}), DiscoveryRules(["scalr-*-db"]))
+    assert isinstance(found, Target)
+    assert found.lock_wait_timeout_s == 30.0
+    plain = discover(_container({}), DiscoveryRules(["scalr-*-db"]))
+    assert isinstance(plain, Target)
+    assert plain.lock_wait_timeout_s is None
+
+
+@pytest.mark.parametrize("raw", ["soon", "0s", ""])
+def test_a_bad_lock_wait_label_rejects_only_that_container_naming_the_label(raw: str) -> None:
+    found = discover(_container({"backup-watcher.lock-wait-timeout": raw}), DiscoveryRules(["scalr-*-db"]))
+    assert isinstance(found, Rejected)
+    assert "label backup-watcher.lock-wait-timeout" in found.reason
