@@ -391,26 +391,39 @@ def check_dashboard_queries(prom: Prometheus) -> None:
 
 def check_alert_rules(prom: Prometheus) -> None:
     rules = alert_rules()
-    problems = []
+    problems: list[str] = []
     selectors: set[str] = set()
     for rule in rules:
-        expr = rule["expr"]
-        answer = prom.query(expr)
-        if answer.get("status") != "success":
-            problems.append(f"{rule['alert']}: {answer.get('error')}")
-            continue
-        # A healthy run: nothing may fire.
-        if answer["data"]["result"]:
-            problems.append(f"{rule['alert']} would fire: {answer['data']}")
-        if rule["alert"] in ALERT_PROBES:
-            (old, new), expected = ALERT_PROBES[rule["alert"]]
-            assert old in expr, (rule["alert"], old)
-            probed = prom.vector(expr.replace(old, new))
-            if len(probed) != expected:
-                problems.append(f"{rule['alert']} relaxed ({old!r} → {new!r}) gave {probed}, "
-                                f"expected {expected} series")
-        selectors |= set(re.findall(r"\b(?:up|backup_watcher_\w+)(?:\{[^}]*\})?", expr))
-    # Every series an alert reads exists, except those that only a failure or a drill creates.
+        problems.extend(_quiet_and_probed(prom, rule))
+        selectors |= set(re.findall(r"\b(?:up|backup_watcher_\w+)(?:\{[^}]*\})?", rule["expr"]))
+    problems.extend(_selectors_present(prom, selectors))
+    problems.extend(_rules_loaded(prom, rules))
+    assert not problems, "\n".join(problems)
+    print(f"{len(rules)} alert expressions quiet, {len(ALERT_PROBES)} relaxed probes fire, "
+          f"{len(selectors)} selectors checked")
+
+
+def _quiet_and_probed(prom: Prometheus, rule: dict[str, Any]) -> list[str]:
+    """A healthy run: the rule does not fire, and its relaxed probe (if any) fires for the expected series."""
+    expr = rule["expr"]
+    answer = prom.query(expr)
+    if answer.get("status") != "success":
+        return [f"{rule['alert']}: {answer.get('error')}"]
+    problems = []
+    if answer["data"]["result"]:
+        problems.append(f"{rule['alert']} would fire: {answer['data']}")
+    if rule["alert"] in ALERT_PROBES:
+        (old, new), expected = ALERT_PROBES[rule["alert"]]
+        assert old in expr, (rule["alert"], old)
+        probed = prom.vector(expr.replace(old, new))
+        if len(probed) != expected:
+            problems.append(f"{rule['alert']} relaxed ({old!r} → {new!r}) gave {probed}, expected {expected} series")
+    return problems
+
+
+def _selectors_present(prom: Prometheus, selectors: set[str]) -> list[str]:
+    """Every series an alert reads exists, except those that only a failure or a drill creates."""
+    problems = []
     for selector in sorted(selectors):
         rows = prom.vector(selector)
         if selector in EMPTY_ALERT_SELECTORS:
@@ -419,20 +432,20 @@ def check_alert_rules(prom: Prometheus) -> None:
         elif not rows:
             problems.append(f"no series for {selector}")
     assert selectors >= EMPTY_ALERT_SELECTORS, "stale allow-list entries"
+    return problems
 
-    # Prometheus itself loaded and evaluated every rule without an error, and nothing is pending.
+
+def _rules_loaded(prom: Prometheus, rules: list[dict[str, Any]]) -> list[str]:
+    """Prometheus itself loaded and evaluated every rule without an error, and nothing is pending."""
     answer = prom.api("/api/v1/rules")
     loaded = [rule for group in answer["data"]["groups"] for rule in group["rules"]]
     assert {r["name"] for r in loaded} == {r["alert"] for r in rules}
-    for rule in loaded:
-        if rule["health"] != "ok" or rule["lastEvaluation"].startswith("0001"):
-            problems.append(f"rule {rule['name']}: health {rule['health']} {rule.get('lastError')}")
+    problems = [f"rule {rule['name']}: health {rule['health']} {rule.get('lastError')}" for rule in loaded
+                if rule["health"] != "ok" or rule["lastEvaluation"].startswith("0001")]
     alerts = prom.api("/api/v1/alerts")["data"]["alerts"]
     if alerts:
         problems.append(f"alerts active in a healthy run: {alerts}")
-    assert not problems, "\n".join(problems)
-    print(f"{len(rules)} alert expressions quiet, {len(ALERT_PROBES)} relaxed probes fire, "
-          f"{len(selectors)} selectors checked")
+    return problems
 
 
 def check_log_lines(lines: list[dict[str, object]]) -> None:
