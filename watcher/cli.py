@@ -378,16 +378,22 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
                   else (destination.labels.get(f"{LABEL_PREFIX}user") or "").strip() or None)
     creds = credentials_of(destination.env, user_label)
     database = snapshot.database
-    print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
-          f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
-          f"  The database {database!r} there will be DROPPED and replaced.", file=sys.stderr)
-    if not args.yes and not _confirmed(database):
-        print("not confirmed; nothing was changed", file=sys.stderr)
-        return EXIT_USAGE
     bounds = app.config.bounds
     if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
         bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
     restorer = Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel)
+    try:
+        exists = restorer.prepare(destination.id, destination_name, creds, database)
+    except RestoreError as exc:
+        print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    fate = "there will be DROPPED and replaced" if exists else "does not exist there yet: it will be created"
+    print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
+          f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
+          f"  The database {database!r} {fate}.", file=sys.stderr)
+    if not args.yes and not _confirmed(database):
+        print("not confirmed; nothing was changed", file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = restorer.restore(snapshot, destination.id, destination_name, creds, database)
     except RestoreError as exc:

@@ -119,6 +119,32 @@ class Restorer:
             raise RestoreError(f"psql in {container} failed: " + (f"{hint}\n{failure}" if hint else failure))
         return done.stdout.decode()
 
+    def prepare(self, container_id: str, container_name: str, creds: Credentials, database: str) -> bool:
+        """Waits until the container's own PostgreSQL serves (up to the ready bound); returns whether
+        `database` exists there. Raises RestoreError naming the container when it does not serve in time.
+
+        A container that just started may be running its entrypoint's first initialisation, whose
+        temporary server (the official image's) answers on the socket with listen_addresses = '':
+        a restore into it would be cut off when it stops. A server that keeps listen_addresses = ''
+        for the whole bound is taken as socket-only by design.
+        """
+        deadline = time.monotonic() + self.bounds.ready_s
+        script = ("SELECT current_setting('listen_addresses') <> '', "
+                  "EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db');\n")
+        while True:
+            try:
+                listening, exists = self._psql(container_id, creds, script, {"db": database}).strip().split("|")
+            except (RestoreError, ValueError) as exc:
+                answer: tuple[bool, bool] | str = str(exc)
+            else:
+                answer = (listening == "t", exists == "t")
+            if isinstance(answer, tuple) and (answer[0] or time.monotonic() >= deadline):
+                return answer[1]
+            if time.monotonic() >= deadline or (self.cancel is not None and self.cancel.is_set()):
+                raise RestoreError(f"PostgreSQL in {container_name} did not accept connections within "
+                                   f"{self.bounds.ready_s:.0f}s (WATCHER_READY_TIMEOUT): {answer}")
+            time.sleep(1.0)
+
     def restore(self, snapshot: Snapshot, container_id: str, container_name: str, creds: Credentials,
                 database: str) -> RestoreResult:
         """Replaces `database` in the container with the snapshot's dump; raises RestoreError.
