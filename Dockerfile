@@ -63,7 +63,8 @@ RUN set -eux; \
     if ! command -v tini >/dev/null; then \
         apt-get update -qq && apt-get install -y -qq --no-install-recommends tini && rm -rf /var/lib/apt/lists/*; \
     fi; \
-    useradd --system --uid "${WATCHER_UID}" --user-group --home-dir /nonexistent --shell /usr/sbin/nologin watcher; \
+    groupadd --system --gid "${WATCHER_UID}" watcher; \
+    useradd --system --uid "${WATCHER_UID}" --gid watcher --home-dir /nonexistent --shell /usr/sbin/nologin watcher; \
     mkdir -p /cache; chown watcher:watcher /cache
 COPY --from=restic /restic /usr/local/bin/restic
 COPY --from=build /opt/watcher /opt/watcher

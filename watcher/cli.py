@@ -492,7 +492,9 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
         check_repository(ctx, app.config.init_repository)
         metrics.set_restic_version(".".join(map(str, app.repository.version())))
     except (DockerUnavailable, ResticError) as exc:
-        notifier.deliver_now(startup_alert([app.masker(str(exc))]))
+        reason = app.masker(str(exc))
+        log.error("startup_failed", error=reason)
+        notifier.deliver_now(startup_alert([reason]))
         raise
     daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
                     policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)

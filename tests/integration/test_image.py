@@ -238,3 +238,67 @@ def test_compose_example_is_valid(tmp_path: Path) -> None:
     # No secret value in the file itself, and the watcher never mounts the Docker socket.
     watcher_section = done.stdout.split("  watcher:", 1)[1].split("\n  [a-z]", 1)[0]
     assert "docker.sock" not in watcher_section.split("\n  log-shipper:")[0].split("\n  prometheus:")[0]
+
+
+def readme_docker_run_steps() -> list[str]:
+    """The README's docker run block (Deployment), one shell command a line (continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```sh\n", text.index("Every step on a Docker host")) + len("```sh\n")
+    block = text[start:text.index("```", start)]
+    joined = block.replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(2400)  # the module's image build (its own bound: 1800 s) when this test runs first
+def test_readme_docker_run_followed_literally_ends_in_a_snapshot_and_a_bad_start_exits_2(
+        image: str, start_pg: StartPg, tmp_path: Path) -> None:
+    db: PgContainer = start_pg("bwt-readme-db", "17")
+    name = "bwt-readme-watcher"
+    srv, etc = tmp_path / "srv-restic", tmp_path / "etc-secrets"
+    # What this machine cannot take literally: the image is built by the fixture (no registry here,
+    # its own base image), the engine's socket and the host paths are the test's, containers get
+    # --network none and the test label, and the watcher watches this test's database only.
+    replacements = [
+        ("docker build -t backup-watcher .", f"docker tag {image} bwt-readme-image"),
+        ("/var/run/docker.sock:/var/run/docker.sock", f"{engine_socket()}:/var/run/docker.sock"),
+        ("stat -c %g /var/run/docker.sock", f"stat -c %g {engine_socket()}"),
+        ("/srv/restic", str(srv)), ("/etc/backup-watcher/secrets", str(etc)),
+        ("--name backup-watcher ", f"--name {name} --network none --label {TEST_LABEL} "
+                                   f"-e WATCHER_CONTAINER_PATTERNS={db.name} "),
+        ("-e WATCHER_INIT_REPOSITORY=true backup-watcher", "-e WATCHER_INIT_REPOSITORY=true bwt-readme-image"),
+        ("docker exec backup-watcher ", f"docker exec {name} "),
+    ]
+    def here(step: str) -> str:
+        for old, new in replacements:
+            step = step.replace(old, new)
+        return step
+
+    steps = readme_docker_run_steps()
+    assert steps[0] == "docker build -t backup-watcher ." and steps[-1].endswith("snapshots")
+    docker("rm", "-f", name, check=False)
+    try:
+        for step in steps[:-1]:
+            done = subprocess.run(["bash", "-c", here(step)], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (here(step), done.stderr)
+
+        def listed() -> bool:
+            out = subprocess.run(["bash", "-c", here(steps[-1])], capture_output=True, text=True, timeout=60).stdout
+            return db.name in out and "1 snapshot(s)" in out
+
+        wait_for(listed, 180, "the first snapshot, listed as the README says", interval=2)
+        # The same container with a wrong password: it exits 2 within seconds, the reason in its log.
+        docker("rm", "-f", name)
+        (etc / "restic_password").write_text("not-the-password-of-this-repository\n")
+        run_step = here(next(s for s in steps if s.startswith("docker run")))
+        subprocess.run(["bash", "-c", run_step], check=True, capture_output=True, timeout=60)
+        wait_for(lambda: json.loads(docker("inspect", name).stdout)[0]["State"]["Status"] == "exited", 15,
+                 "the container to exit at once")
+        state = json.loads(docker("inspect", name).stdout)[0]["State"]
+        logs = docker("logs", name)
+        assert state["ExitCode"] == 2, logs.stdout[-2000:] + logs.stderr[-2000:]
+        assert "wrong password or no key found" in logs.stderr
+        assert "RESTIC_PASSWORD" in logs.stderr
+    finally:
+        docker("rm", "-f", name, check=False)
+        docker("rmi", "bwt-readme-image", check=False)
+        subprocess.run(["chown", "-R", "root:root", str(srv)], check=False)
