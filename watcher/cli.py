@@ -26,7 +26,7 @@ from watcher.config import SETTINGS, Config, ConfigError, effective_config, flag
 from watcher.discovery import LABEL_PREFIX, DiscoveryRules, Rejected, Target, credentials_of, discover
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
-from watcher.jobs import BackupResult, JobContext, backup_database, backup_target, check_repository, new_run_id
+from watcher.jobs import BackupResult, JobContext, backup_one, backup_target, check_repository, new_run_id
 from watcher.restic import Repository, ResticError, Snapshot
 from watcher.settings import mask_url, with_flags
 
@@ -272,7 +272,7 @@ def _back_up_unverified_again(ctx: JobContext, pool: ThreadPoolExecutor, targets
     """
     again = [(batch, j, target, result.database) for batch, target in zip(batches, targets, strict=True)
              if batch for j, result in enumerate(batch) if result.repository_unverified]
-    redone = pool.map(lambda item: backup_database(ctx, item[2], item[3], new_run_id()), again)
+    redone = pool.map(lambda item: backup_one(ctx, item[2], item[3], new_run_id()), again)
     for (rerun_batch, j, _, _), result in zip(again, redone, strict=True):
         rerun_batch[j] = result
 
@@ -287,7 +287,8 @@ def _print_backup_results(targets: list[Target], batches: Batches, results: list
         if result.ok:
             assert result.snapshot_id is not None
             print(f"ok      {result.target}/{result.database}  snapshot {result.snapshot_id[:8]}  "
-                  f"{result.bytes_processed} bytes in {result.duration_s:.1f}s")
+                  f"{result.bytes_processed} bytes in {result.duration_s:.1f}s"
+                  + (f"  ({result.note})" if result.note else ""))
         else:
             print(f"FAILED  {result.target}/{result.database}: {result.error}")
     for bad in rejected:
@@ -330,13 +331,14 @@ def _print_drill_result(result: DrillResult) -> None:
 
 def _snapshot_row(snap: Snapshot) -> dict[str, object]:
     return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
-            "target": snap.container, "database": snap.database, "bytes": snap.bytes}
+            "target": snap.container, "database": snap.database, "bytes": snap.bytes,
+            "kind": "globals" if snap.globals else "database"}
 
 
 def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
     """Lists snapshots as a table or JSON; returns 0."""
     app.repository.version()
-    snapshots = app.repository.snapshots(host=args.host, container=args.target)
+    snapshots = app.repository.snapshots(host=args.host, container=args.target, include_globals=True)
     if args.json:
         print(json.dumps([_snapshot_row(s) for s in snapshots], indent=2))
         return EXIT_OK

@@ -18,6 +18,13 @@ SNAPSHOT_TAG = "backup-watcher"
 CONTAINER_TAG = "container="
 DATABASE_TAG = "database="
 DUMP_SUFFIX = ".pgdump"
+# A container's globals (roles, memberships, role settings) are a snapshot of their own, tagged
+# `globals` instead of `database=…`, under one constant file name (SPEC §6, §10).
+GLOBALS_TAG = "globals"
+GLOBALS_FILENAME = "globals.sql"
+# How the globals stand among a target's databases in results, status, metrics (label `database`) and
+# listings: a name no restore takes for a database (parentheses), so a database named "globals" stays apart.
+GLOBALS_DATABASE = "(globals)"
 
 
 def encode_name(name: str) -> str:
@@ -33,6 +40,11 @@ def decode_name(encoded: str) -> str:
 def snapshot_tags(container: str, database: str) -> tuple[str, ...]:
     """The tags that identify a (container, database) pair's snapshots."""
     return (SNAPSHOT_TAG, CONTAINER_TAG + container, DATABASE_TAG + encode_name(database))
+
+
+def globals_tags(container: str) -> tuple[str, ...]:
+    """The tags that identify a container's globals snapshots."""
+    return (SNAPSHOT_TAG, CONTAINER_TAG + container, GLOBALS_TAG)
 
 
 def dump_filename(database: str) -> str:
@@ -69,6 +81,16 @@ def pg_dump_command(lock_wait_s: float) -> Command:
     """
     return ("pg_dump", "--format=custom", "--compress=0", "--no-password",
             f"--lock-wait-timeout={milliseconds(lock_wait_s)}")
+
+
+def pg_dumpall_globals_command(*, role_passwords: bool = True) -> Command:
+    """pg_dumpall of the cluster's globals (roles, memberships, role settings, tablespaces) as SQL.
+
+    The role comes from PGUSER. Without `role_passwords` the roles are read from pg_roles instead of
+    pg_authid, which a dump role that is no superuser may not read: no password hashes then.
+    """
+    argv = ("pg_dumpall", "--globals-only", "--no-password")
+    return (*argv, "--no-role-passwords") if not role_passwords else argv
 
 
 def milliseconds(seconds: float) -> int:
@@ -167,8 +189,20 @@ def restic_backup(restic: str, *, host: str, container: str, database: str, sour
     With `snapshot_time` (whole seconds are kept) the snapshot carries that time, written in UTC:
     restic reads --time in its local zone, so it must run with TZ=UTC (RESTIC_TIME_ENV).
     """
-    argv: list[str] = [restic, "backup", "--json", "--host", host, "--stdin-filename", dump_filename(database)]
-    for tag in snapshot_tags(container, database):
+    return _restic_backup(restic, host, dump_filename(database), snapshot_tags(container, database), source,
+                          snapshot_time)
+
+
+def restic_backup_globals(restic: str, *, host: str, container: str, source: Command,
+                          snapshot_time: datetime | None = None) -> Command:
+    """restic backup of a container's globals (`source`'s stdout), as restic_backup does a database's."""
+    return _restic_backup(restic, host, GLOBALS_FILENAME, globals_tags(container), source, snapshot_time)
+
+
+def _restic_backup(restic: str, host: str, filename: str, tags: Sequence[str], source: Command,
+                   snapshot_time: datetime | None) -> Command:
+    argv: list[str] = [restic, "backup", "--json", "--host", host, "--stdin-filename", filename]
+    for tag in tags:
         argv += ["--tag", tag]
     if snapshot_time is not None:
         argv += ["--time", snapshot_time.astimezone(UTC).strftime(RESTIC_TIME_FORMAT)]
@@ -196,6 +230,11 @@ def restic_snapshots(restic: str, *, host: str | None = None, container: str | N
 def restic_dump(restic: str, snapshot_id: str, database: str) -> Command:
     """restic dump of one database's dump file from a snapshot, to stdout."""
     return (restic, "dump", snapshot_id, "/" + dump_filename(database))
+
+
+def restic_dump_globals(restic: str, snapshot_id: str) -> Command:
+    """restic dump of a globals snapshot's SQL, to stdout."""
+    return (restic, "dump", snapshot_id, "/" + GLOBALS_FILENAME)
 
 
 def restic_forget(restic: str, *, host: str, containers: Sequence[str], retention: Retention) -> Command:

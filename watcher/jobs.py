@@ -62,6 +62,7 @@ class BackupResult:
     # checked: nothing was attempted, the caller runs it again once the check has passed.
     repository_unverified: bool = False
     snapshot_time: datetime | None = None  # the time restic gave the snapshot (whole seconds, UTC)
+    note: str | None = None  # what a user should know about a snapshot that was written (globals without passwords)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class JobContext:
     # False while the repository check runs beside the first backups (one-shot `backup`): then a
     # repository restic cannot open is the check's to report, not each backup's.
     repository_verified: bool = True
+    # Containers whose dump role may not read password hashes: their globals are dumped without them.
+    globals_without_passwords: set[str] = field(default_factory=set)
 
 
 def new_run_id() -> str:
@@ -234,13 +237,55 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str,
     With log_failure=False a failure is returned without its `backup_failed` line: the caller may
     still try again, and logs the failure that stands (log_failed_backup).
     """
+    return _back_up(ctx, target, database, run_id, lambda at: _backup_command(ctx, target, database, at),
+                    log_failure)
+
+
+def backup_globals(ctx: JobContext, target: Target, run_id: str, log_failure: bool = True) -> BackupResult:
+    """Streams the container's globals (pg_dumpall --globals-only) into one snapshot, through the same
+    sealed exec helper and integrity gate as a dump; returns the result (database GLOBALS_DATABASE),
+    never raises.
+
+    A dump role that may not read password hashes (pg_authid) still gets the roles: the dump runs
+    again with --no-role-passwords, said once per container and process (`globals_without_passwords`),
+    and later passes go straight to that form. The result's `note` says so.
+    """
+    label = commands.GLOBALS_DATABASE
+    if target.name not in ctx.globals_without_passwords:
+        result = _back_up(ctx, target, label, run_id, lambda at: _globals_command(ctx, target, at, True),
+                          log_failure=False)
+        if result.ok or result.repository_unverified or "pg_authid" not in (result.error or ""):
+            if not result.ok and not result.repository_unverified and log_failure:
+                log_failed_backup(result)
+            return result
+        ctx.globals_without_passwords.add(target.name)
+        log.warning("globals_without_passwords", target=target.name, run_id=run_id, role=target.credentials.user,
+                    reason=NO_ROLE_PASSWORDS_NOTE)
+    result = _back_up(ctx, target, label, run_id, lambda at: _globals_command(ctx, target, at, False), log_failure)
+    return replace(result, note=NO_ROLE_PASSWORDS_NOTE) if result.ok else result
+
+
+def backup_one(ctx: JobContext, target: Target, database: str, run_id: str, log_failure: bool = True) -> BackupResult:
+    """backup_globals for the database GLOBALS_DATABASE, else backup_database; never raises."""
+    if database == commands.GLOBALS_DATABASE:
+        return backup_globals(ctx, target, run_id, log_failure)
+    return backup_database(ctx, target, database, run_id, log_failure)
+
+
+NO_ROLE_PASSWORDS_NOTE = ("roles without password hashes: the dump role may not read pg_authid (make it a "
+                          "superuser, or set backup-watcher.user to one, to keep the passwords)")
+
+
+def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
+             command: Callable[[datetime], tuple[Command, dict[str, str]]], log_failure: bool) -> BackupResult:
+    """Runs one restic backup of `command(snapshot_time)`; returns its result, never raises."""
     bound = log.bind(target=target.name, database=database, run_id=run_id)
     started_at = datetime.now(UTC)
     started = time.monotonic()
     # The watcher sets the snapshot's time itself, so that it knows it without listing the repository
     # afterwards (one more repository open per backup, as costly as the backup's own on a small database).
     snapshot_time = started_at.replace(microsecond=0)
-    argv, env = _backup_command(ctx, target, database, snapshot_time)
+    argv, env = command(snapshot_time)
     bound.info("backup_started")
     stdout_lines: list[str] = []
     try:
@@ -267,6 +312,23 @@ def backup_database(ctx: JobContext, target: Target, database: str, run_id: str,
     elif log_failure:
         log_failed_backup(result)
     return result
+
+
+def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
+                     role_passwords: bool) -> tuple[Command, dict[str, str]]:
+    """restic backup of the container's globals (through the exec helper, sealed) and its environment."""
+    creds = target.credentials
+    source = commands.exec_helper(
+        target.container_id, commands.pg_dumpall_globals_command(role_passwords=role_passwords),
+        env_values=commands.pg_env(creds.user, creds.database),
+        env_names=["PGPASSWORD"] if creds.password else [], seal=True,
+    )
+    argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
+                                          source=source, snapshot_time=snapshot_time)
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
+    if creds.password:
+        env["PGPASSWORD"] = creds.password
+    return commands.with_lock_wait(argv, LOCK_WAIT), env
 
 
 def _backup_command(ctx: JobContext, target: Target, database: str,
@@ -358,7 +420,8 @@ def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
         for result in failed:
             log_failed_backup(result)
         return failed
-    results = []
+    # The globals first: a restore on a fresh host takes the globals snapshot at or before a database's.
+    results = [_backup_with_one_wait(ctx, target, commands.GLOBALS_DATABASE, run_id, wait, started)]
     for database in databases:
         if ctx.cancel.is_set():
             break
@@ -387,8 +450,12 @@ def _databases_of(ctx: JobContext, target: Target, wait: _OneWait, probe_first: 
 def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id: str, wait: _OneWait,
                           started: float) -> BackupResult:
     """One database's backup; when it failed because PostgreSQL is not up (restarting, recovering) and
-    the job may still wait, waits for it once and runs the dump again (no snapshot was written)."""
-    result = backup_database(ctx, target, database, run_id, log_failure=not wait.may_wait)
+    the job may still wait, waits for it once and runs the dump again (no snapshot was written).
+    The database GLOBALS_DATABASE stands for the container's globals."""
+    def attempt(log_failure: bool) -> BackupResult:
+        return backup_one(ctx, target, database, run_id, log_failure)
+
+    result = attempt(not wait.may_wait)
     if result.ok or result.repository_unverified or not wait.may_wait:
         return result
     if ctx.cancel.is_set() or is_ready(ctx, target):
@@ -403,7 +470,7 @@ def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id
         result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
         log_failed_backup(result)
         return result
-    return backup_database(ctx, target, database, run_id)
+    return attempt(True)
 
 
 def check_repository(ctx: JobContext, init: bool) -> None:

@@ -69,6 +69,8 @@ class Snapshot:
     container: str
     database: str
     bytes: int | None
+    # A container's globals (roles), not a database: `database` is then commands.GLOBALS_DATABASE.
+    globals: bool = False
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
@@ -76,6 +78,9 @@ class Snapshot:
         tags = [str(tag) for tag in item.get("tags") or []]  # type: ignore[attr-defined]
         container = next((t[len(commands.CONTAINER_TAG):] for t in tags if t.startswith(commands.CONTAINER_TAG)), None)
         database = next((t[len(commands.DATABASE_TAG):] for t in tags if t.startswith(commands.DATABASE_TAG)), None)
+        is_globals = database is None and commands.GLOBALS_TAG in tags
+        if is_globals:
+            database = commands.encode_name(commands.GLOBALS_DATABASE)
         if container is None or database is None:
             return None
         summary = item.get("summary")
@@ -89,13 +94,16 @@ class Snapshot:
             container=container,
             database=commands.decode_name(database),
             bytes=int(size) if isinstance(size, int) else None,
+            globals=is_globals,
         )
 
 
-def parse_snapshots(output: bytes) -> list[Snapshot]:
-    """Parses `restic snapshots --json` output, oldest first; skips snapshots that are not ours."""
+def parse_snapshots(output: bytes, *, include_globals: bool = False) -> list[Snapshot]:
+    """Parses `restic snapshots --json` output, oldest first; skips snapshots that are not ours, and the
+    globals snapshots unless `include_globals`."""
     data = json.loads(output or b"[]") or []
-    snapshots = [snap for item in data if (snap := Snapshot.from_json(item)) is not None]
+    snapshots = [snap for item in data if (snap := Snapshot.from_json(item)) is not None
+                 and (include_globals or not snap.globals)]
     return sorted(snapshots, key=lambda snap: snap.time)
 
 
@@ -167,9 +175,10 @@ class Repository:
         return f"{head} ({advice})" if advice else head
 
     def snapshots(self, *, host: str | None = None, container: str | None = None,
-                  database: str | None = None) -> list[Snapshot]:
-        """Lists the watcher's snapshots, oldest first; raises ResticError when restic fails."""
+                  database: str | None = None, include_globals: bool = False) -> list[Snapshot]:
+        """Lists the watcher's database snapshots (and, with `include_globals`, the containers' globals
+        snapshots), oldest first; raises ResticError when restic fails."""
         done = self.run(commands.restic_snapshots(self.binary, host=host, container=container, database=database))
         if not done.ok:
             raise ResticError(self.failure("listing the snapshots of", done))
-        return parse_snapshots(done.stdout)
+        return parse_snapshots(done.stdout, include_globals=include_globals and database is None)

@@ -254,3 +254,28 @@ def test_list_databases_command_excludes_templates() -> None:
     # of the container's own (LIKE's default escape is the backslash).
     assert "datname NOT LIKE '%\\_bw\\_restore'" in sql
     assert "datname NOT LIKE '%\\_bw\\_previous'" in sql
+
+
+def test_restic_backup_globals_exact() -> None:
+    argv = commands.restic_backup_globals("restic", host="db-host", container="scalr-app-db", source=("true",))
+    assert argv == (
+        "restic", "backup", "--json", "--host", "db-host", "--stdin-filename", "globals.sql",
+        "--tag", "backup-watcher", "--tag", "container=scalr-app-db", "--tag", "globals",
+        "--stdin-from-command", "--", "true",
+    )
+    assert commands.restic_dump_globals("restic", "1a2b") == ("restic", "dump", "1a2b", "/globals.sql")
+
+
+def test_globals_are_forgotten_with_their_container_as_a_history_of_their_own() -> None:
+    # forget selects by container tags (a subset of the globals snapshot's tags) and groups by all tags:
+    # the globals history keeps its own daily/weekly/monthly snapshots, apart from every database's.
+    argv = commands.restic_forget("restic", host="h", containers=["c"], retention=Retention())
+    selector = set(argv[argv.index("--tag") + 1].split(","))
+    assert selector <= set(commands.globals_tags("c"))
+    assert set(commands.globals_tags("c")) != set(commands.snapshot_tags("c", "globals"))
+    assert argv[argv.index("--group-by") + 1] == "host,tags"
+
+
+def test_pg_dumpall_globals_command() -> None:
+    assert commands.pg_dumpall_globals_command() == ("pg_dumpall", "--globals-only", "--no-password")
+    assert commands.pg_dumpall_globals_command(role_passwords=False)[-1] == "--no-role-passwords"

@@ -139,3 +139,14 @@ def test_snapshot_missing_short_id_uses_id_prefix() -> None:
 def test_snapshot_with_only_a_container_tag_is_not_ours() -> None:
     item = snapshot_json(NEWER, "2026-03-02T03:00:00Z", ["container=c"])
     assert Snapshot.from_json(item) is None
+
+
+def test_globals_snapshots_are_listed_only_when_asked_for() -> None:
+    output = json.dumps([
+        snapshot_json(NEWER, "2026-03-02T03:00:00Z", ["backup-watcher", "container=c", "database=d"]),
+        snapshot_json(OLDER, "2026-03-02T02:59:59Z", ["backup-watcher", "container=c", "globals"]),
+        snapshot_json(OLDEST, "2026-03-02T02:00:00Z", ["backup-watcher", "container=c", "database=globals"]),
+    ]).encode()
+    assert [s.database for s in parse_snapshots(output)] == ["globals", "d"]
+    with_globals = parse_snapshots(output, include_globals=True)
+    assert [(s.database, s.globals) for s in with_globals] == [("globals", False), ("(globals)", True), ("d", False)]

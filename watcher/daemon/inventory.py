@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 
 from watcher.clock import Clock
+from watcher.commands import GLOBALS_DATABASE
 from watcher.daemon.messages import Change, LabelsJudged, Registered, Removed, Renamed
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.docker_source import DockerUnavailable
@@ -51,6 +52,9 @@ def known_databases(target: Target, newest: Newest, timezone: str) -> dict[str, 
         cutoff = previous_run(target.schedule, max(snap.time for snap in cached.values()), timezone)
         cached = {db: snap for db, snap in cached.items() if snap.time >= cutoff}
     names = sorted(cached) if target.all_databases else list(target.databases)
+    if not target.all_databases and GLOBALS_DATABASE in cached:
+        # Judged like a database once the repository has them (a repository from before globals has none).
+        names.append(GLOBALS_DATABASE)
     return {db: DatabaseState(last_snapshot=cached[db].time if db in cached else None,
                               last_snapshot_id=cached[db].id if db in cached else None) for db in names}
 
@@ -98,7 +102,7 @@ class Inventory:
             container, database = key
             entry = by_name.get(container)
             if entry is not None and entry.target is not None and (
-                    entry.target.all_databases or database in entry.target.databases):
+                    entry.target.all_databases or database in entry.target.databases or database == GLOBALS_DATABASE):
                 self.registry.record_snapshot(entry.container_id, database, snap.time, snap.id)
 
     # --- the containers' side -------------------------------------------------------------
@@ -245,7 +249,7 @@ def survey(docker: Containers, ctx: JobContext, rules: DiscoveryRules, clock: Cl
     registry = Registry()
     inventory = Inventory(docker, rules, registry, clock, timezone, ctx.masker)
     try:
-        inventory.load(ctx.repository.snapshots(host=ctx.host))
+        inventory.load(ctx.repository.snapshots(host=ctx.host, include_globals=True))
     except ResticError as exc:
         log.error("snapshot_listing_failed", error=str(exc))
     inventory.reconcile("survey")

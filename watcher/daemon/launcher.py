@@ -83,7 +83,8 @@ class Launcher:
         # time): no listing, which would open the repository a second time per backup.
         snapshots = tuple(
             Snapshot(id=r.snapshot_id, short_id=r.snapshot_id[:8], time=r.snapshot_time, host=self.ctx.host,
-                     container=job.target.name, database=r.database, bytes=r.bytes_processed)
+                     container=job.target.name, database=r.database, bytes=r.bytes_processed,
+                     globals=r.database == commands.GLOBALS_DATABASE)
             for r in results if r.ok and r.snapshot_id is not None and r.snapshot_time is not None)
         return BackupFinished(job.container_id, tuple(results), snapshots)
 
@@ -112,7 +113,7 @@ class Launcher:
     def _refresh(self) -> RefreshFinished:
         """One listing of every host's snapshots: this host's for the registry, the count for the metric."""
         try:
-            everything = self.ctx.repository.snapshots()
+            everything = self.ctx.repository.snapshots(include_globals=True)
         except ResticError as exc:
             return RefreshFinished(error=str(exc))
         mine = tuple(snap for snap in everything if snap.host == self.ctx.host)

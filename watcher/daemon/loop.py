@@ -206,7 +206,7 @@ class Daemon:
     def _read_repository(self) -> None:
         """Reads the newest snapshot of every (container, database) of this host, for catch-up and metrics."""
         try:
-            snapshots = self.ctx.repository.snapshots(host=self.ctx.host)
+            snapshots = self.ctx.repository.snapshots(host=self.ctx.host, include_globals=True)
         except ResticError as exc:
             log.error("snapshot_listing_failed", error=str(exc))
             return
