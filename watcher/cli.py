@@ -23,7 +23,16 @@ import structlog
 
 from watcher import __version__, logs
 from watcher.config import SETTINGS, Config, ConfigError, effective_config, flags, load_config
-from watcher.discovery import LABEL_PREFIX, DiscoveryRules, Rejected, Target, credentials_of, discover
+from watcher.discovery import (
+    LABEL_PREFIX,
+    ContainerInfo,
+    Credentials,
+    DiscoveryRules,
+    Rejected,
+    Target,
+    credentials_of,
+    discover,
+)
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_one, backup_target, check_repository, new_run_id
@@ -35,6 +44,8 @@ if TYPE_CHECKING:
     from watcher.daemon import Daemon
     from watcher.drill import DrillResult
     from watcher.metrics import Metrics, MetricsServer
+    from watcher.restore import Restorer
+    from watcher.roles import RoleMaker, RolePlan
 
 # The daemon, the metrics server, Apprise, drills and restores are imported by the commands that use
 # them: a one-shot `backup` run from cron over a fleet pays for its imports on every run (about a
@@ -111,14 +122,17 @@ def _add_restore_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "restore", help="restore a snapshot (drops and recreates the database)",
         description="Restores one database from a snapshot into the container of the same name (or --into "
                     "another). `backup-watcher snapshots TARGET` lists the snapshots to choose from.")
-    restore.add_argument("target", metavar="TARGET", help="container whose snapshots to restore (its name when "
-                                                          "it was backed up)")
+    restore.add_argument("target", nargs="?", metavar="TARGET", help="container whose snapshots to restore (its "
+                                                                      "name when it was backed up)")
     restore.add_argument("snapshot", nargs="?", default="latest", metavar="SNAPSHOT|latest",
                          help="a snapshot ID as `backup-watcher snapshots` lists it (the short 8-character form "
                               "will do), or latest (the default): the newest snapshot of the database")
     restore.add_argument("--database", help="which database (needed when the target has several)")
     restore.add_argument("--into", metavar="CONTAINER", help="restore into this container instead of TARGET")
     restore.add_argument("--host", help="snapshots of this host (default: WATCHER_HOST or the engine's name)")
+    restore.add_argument("--all", action="store_true",
+                         help="whole-host recovery: every database --host OLD backed up, into the containers of the "
+                              "same names on this engine (roles first, one confirmation, a table of results)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     drill = sub.add_parser("drill", help="restore drill now: restore the latest snapshot into a throwaway "
                                          "container and check it")
@@ -365,40 +379,45 @@ def _human_bytes(size: int | None) -> str:
 
 
 def cmd_restore(app: App, args: argparse.Namespace) -> int:
-    """Restores a snapshot after confirmation; returns 0 when restored, 1 when the restore failed,
-    2 when not confirmed. Raises UsageError for a snapshot or destination that is not there."""
-    from watcher.restore import RestoreError, Restorer
+    """Restores a snapshot after confirmation, first creating the roles it needs that the destination lacks
+    (from the globals snapshot of the same pass); returns 0 when restored, 1 when the restore failed
+    (the live database untouched when the roles could not be had), 2 when not confirmed. Raises
+    UsageError for a snapshot or destination that is not there. With --all: whole-host recovery."""
+    from watcher.restore import RestoreError
+    from watcher.roles import RoleError
 
-    snapshot = _restore_snapshot(app, args)
+    if args.all:
+        from watcher.recovery import recover_host
+
+        return recover_host(app, args)
+    if args.target is None:
+        raise UsageError("restore: name the TARGET to restore, or use --all --host OLD to restore every database "
+                         "of a host")
+    snapshot, listed = _restore_snapshot(app, args)
     destination_name = args.into or args.target
-    destination = app.docker.inspect(destination_name)
-    if destination is None or not destination.running:
+    destination = destination_of(app, destination_name)
+    if destination is None:
         raise UsageError(f"{destination_name}: no running container of that name to restore into")
-    found = discover(destination, app.rules())
-    # A destination that is no target (not selected, or its labels rejected) may still name its role.
-    user_label = (found.credentials.user if isinstance(found, Target)
-                  else (destination.labels.get(f"{LABEL_PREFIX}user") or "").strip() or None)
-    creds = credentials_of(destination.env, user_label)
     database = snapshot.database
-    bounds = app.config.bounds
-    if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
-        bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
-    restorer = Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel)
     try:
-        exists = restorer.prepare(destination.id, destination_name, creds, database)
-    except RestoreError as exc:
-        print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
+        exists = destination.restorer.prepare(destination.id, destination_name, destination.creds, database)
+        plan = destination.role_plan([snapshot], listed)
+    except (RestoreError, RoleError) as exc:
+        print(f"restore FAILED: {app.masker(str(exc))}; nothing was changed", file=sys.stderr)
         return EXIT_FAILED
     fate = "there will be DROPPED and replaced" if exists else "does not exist there yet: it will be created"
     print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
           f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
-          f"  The database {database!r} {fate}.", file=sys.stderr)
+          f"  The database {database!r} {fate}.\n  {roles_sentence(plan, future=True)}", file=sys.stderr)
     if not args.yes and not _confirmed(database):
         print("not confirmed; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = restorer.restore(snapshot, destination.id, destination_name, creds, database)
-    except RestoreError as exc:
+        destination.roles.create(plan, destination.id, destination_name, destination.creds)
+        if plan.create:
+            print(roles_sentence(plan, future=False), file=sys.stderr)
+        result = destination.restorer.restore(snapshot, destination.id, destination_name, destination.creds, database)
+    except (RestoreError, RoleError) as exc:
         print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     print(f"restored {database!r} in {destination_name} from snapshot {snapshot.short_id} "
@@ -406,19 +425,83 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _restore_snapshot(app: App, args: argparse.Namespace) -> Snapshot:
-    """The snapshot the restore command names; raises UsageError saying why there is none."""
+def roles_sentence(plan: RolePlan, *, future: bool) -> str:
+    """What a restore does (`future`) or did about roles: which it creates and which exist already (kept)."""
+    kept = f"kept (exist already): {', '.join(plan.keep)}" if plan.keep else "none of them exists already"
+    if not plan.create:
+        return f"Roles the snapshot needs: {kept}." if plan.keep else "The snapshot needs no role."
+    verb = "will be created" if future else "created"
+    return f"Roles {verb} from the old host's globals: {', '.join(plan.create)}; {kept}."
+
+
+@dataclass
+class Destination:
+    """A running container to restore into: its credentials, and the restorer and role maker bound to it."""
+
+    info: ContainerInfo
+    creds: Credentials
+    restorer: Restorer
+    roles: RoleMaker
+
+    @property
+    def id(self) -> str:
+        """The container's id."""
+        return self.info.id
+
+    def role_plan(self, snapshots: Sequence[Snapshot], listed: Sequence[Snapshot], *,
+                  every_role: bool = False) -> RolePlan:
+        """The roles to create before restoring `snapshots` here (`listed`: the repository's snapshots, globals
+        included); raises RoleError naming a needed role neither here nor in the globals."""
+        from watcher.roles import globals_for, plan_roles
+
+        needed: set[str] = set()
+        for snapshot in snapshots:
+            needed |= self.roles.needed_roles(snapshot, self.id)
+        existing = self.roles.existing_roles(self.id, self.creds)
+        if needed <= existing and not every_role:
+            return plan_roles(needed, existing, None)
+        newest = max(snapshots, key=lambda s: s.time)
+        source = globals_for(listed, newest)
+        globals_ = self.roles.read_globals(source) if source is not None else None
+        where = f"globals snapshot {source.short_id} of {source.container} (host {source.host})" if source else ""
+        return plan_roles(needed, existing, globals_, every_role=every_role, source=where)
+
+
+def destination_of(app: App, name: str) -> Destination | None:
+    """The running container `name` to restore into, None when there is none; raises DockerUnavailable."""
+    from watcher.restore import Restorer
+    from watcher.roles import RoleMaker
+
+    info = app.docker.inspect(name)
+    if info is None or not info.running:
+        return None
+    found = discover(info, app.rules())
+    # A destination that is no target (not selected, or its labels rejected) may still name its role.
+    user_label = (found.credentials.user if isinstance(found, Target)
+                  else (info.labels.get(f"{LABEL_PREFIX}user") or "").strip() or None)
+    bounds = app.config.bounds
+    if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
+        bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
+    return Destination(info, credentials_of(info.env, user_label),
+                       Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel),
+                       RoleMaker(app.docker_host, app.repository, app.masker, bounds, app.cancel))
+
+
+def _restore_snapshot(app: App, args: argparse.Namespace) -> tuple[Snapshot, list[Snapshot]]:
+    """The snapshot the restore command names, and every snapshot listed (globals included); raises
+    UsageError saying why there is none."""
     from watcher.restore import RestoreError, choose_snapshot
 
     app.repository.version()
     host = args.host or app.host()
-    everything = app.repository.snapshots()
+    listed = app.repository.snapshots(include_globals=True)
+    everything = [s for s in listed if not s.globals]
     of_target = [s for s in everything if s.container == args.target]
     snapshots = [s for s in of_target if s.host == host]
     if not snapshots:
         raise UsageError(no_snapshots_message(args.target, host, of_target, {s.container for s in everything}))
     try:
-        return choose_snapshot(snapshots, args.snapshot, args.database)
+        return choose_snapshot(snapshots, args.snapshot, args.database), listed
     except RestoreError as exc:
         raise UsageError(f"{args.target}: {exc}") from exc
 

@@ -1,0 +1,176 @@
+"""Whole-host recovery (SPEC §10): `restore --all --host OLD` rebuilds every database OLD backed up.
+
+For each container OLD backed up, the container of the same name on this engine (started by the user,
+from the same image and env) receives, first, every role of its globals that it lacks (from the
+globals snapshot of the pass of its newest database snapshot; existing roles are never altered), then
+the latest snapshot from OLD of each of its databases. Everything is planned and shown first, with
+one confirmation for the whole list; a container that is missing, not ready, or whose roles cannot be
+had is named in the result table, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import structlog
+
+from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, Destination, UsageError, destination_of, roles_sentence
+from watcher.restic import Snapshot
+from watcher.restore import RestoreError
+from watcher.roles import RoleError, RolePlan
+
+log = structlog.get_logger("watcher.recovery")
+
+
+@dataclass
+class ContainerPlan:
+    """One container of the old host: its databases' latest snapshots, and what stands in the way."""
+
+    name: str
+    snapshots: list[Snapshot]
+    destination: Destination | None = None
+    roles: RolePlan | None = None
+    problem: str | None = None
+    existing: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One row of the result table."""
+
+    container: str
+    database: str
+    snapshot: str
+    ok: bool
+    detail: str
+
+
+def latest_by_container(snapshots: list[Snapshot], host: str) -> dict[str, list[Snapshot]]:
+    """container → the latest snapshot from `host` of each of its databases (by database name)."""
+    latest: dict[tuple[str, str], Snapshot] = {}
+    for snap in snapshots:
+        key = (snap.container, snap.database)
+        if snap.host == host and not snap.globals and (key not in latest or snap.time > latest[key].time):
+            latest[key] = snap
+    grouped: dict[str, list[Snapshot]] = {}
+    for (container, _), snap in sorted(latest.items()):
+        grouped.setdefault(container, []).append(snap)
+    return grouped
+
+
+def recover_host(app: App, args: argparse.Namespace) -> int:
+    """`restore --all --host OLD [--yes]`; returns 0 when every database was restored, 1 when any was not,
+    2 when not confirmed. Raises UsageError for a wrong command line or a host with no snapshots."""
+    if args.host is None:
+        raise UsageError("restore --all: name the old host with --host OLD (`backup-watcher snapshots` lists the "
+                         "hosts the repository holds)")
+    if args.target is not None or args.database or args.into:
+        raise UsageError("restore --all takes no TARGET, SNAPSHOT, --database or --into: it restores the latest "
+                         "snapshot of every database of --host into the container of the same name")
+    app.repository.version()
+    listed = app.repository.snapshots(include_globals=True)
+    grouped = latest_by_container(listed, args.host)
+    if not grouped:
+        hosts = sorted({s.host for s in listed})
+        raise UsageError(f"no snapshots from host {args.host} in the repository; it holds snapshots of host(s) "
+                         f"{', '.join(hosts) or 'none'}")
+    plans = [_plan(app, name, snaps, listed) for name, snaps in grouped.items()]
+    _show(plans, args.host)
+    if not any(plan.problem is None for plan in plans):
+        return _report([outcome for plan in plans for outcome in _not_done(plan)])
+    if not args.yes and not _confirmed(args.host):
+        print("not confirmed; nothing was changed", file=sys.stderr)
+        return EXIT_USAGE
+    outcomes: list[Outcome] = []
+    for plan in plans:
+        outcomes += _not_done(plan) if plan.problem is not None else _recover(app, plan)
+    return _report(outcomes)
+
+
+def _plan(app: App, name: str, snapshots: list[Snapshot], listed: list[Snapshot]) -> ContainerPlan:
+    """What restoring one container's databases takes; a problem is kept in the plan, never raised."""
+    plan = ContainerPlan(name, snapshots)
+    destination = destination_of(app, name)
+    if destination is None:
+        plan.problem = (f"no running container named {name} on this engine: start it (same name, image and "
+                        "environment as on the old host) and run this again")
+        return plan
+    plan.destination = destination
+    try:
+        for snap in snapshots:
+            destination.restorer.prepare(destination.id, name, destination.creds, snap.database)
+        plan.roles = destination.role_plan(snapshots, listed, every_role=True)
+    except (RestoreError, RoleError) as exc:
+        plan.problem = app.masker(str(exc))
+    return plan
+
+
+def _show(plans: list[ContainerPlan], host: str) -> None:
+    """The whole list, before the one confirmation."""
+    print(f"Whole-host recovery of host {host} into the containers of the same names on this engine:",
+          file=sys.stderr)
+    for plan in plans:
+        print(f"  {plan.name}:", file=sys.stderr)
+        if plan.problem is not None:
+            print(f"    CANNOT be restored: {plan.problem}", file=sys.stderr)
+            continue
+        if plan.roles is not None:
+            print(f"    {roles_sentence(plan.roles, future=True)}", file=sys.stderr)
+        for snap in plan.snapshots:
+            print(f"    database {snap.database!r} from snapshot {snap.short_id} ({snap.time:%Y-%m-%d %H:%M:%S} UTC): "
+                  "an existing database of that name is DROPPED and replaced", file=sys.stderr)
+
+
+def _confirmed(host: str) -> bool:
+    """Whether the operator typed the old host's name; raises UsageError when there is no terminal to ask."""
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+    return input(f"Type the old host's name ({host}) to restore all of the above: ").strip() == host
+
+
+def _not_done(plan: ContainerPlan) -> list[Outcome]:
+    return [Outcome(plan.name, snap.database, snap.short_id, False, plan.problem or "not restored")
+            for snap in plan.snapshots]
+
+
+def _recover(app: App, plan: ContainerPlan) -> list[Outcome]:
+    """Roles first, then every database of one container; one outcome per database."""
+    destination = plan.destination
+    assert destination is not None and plan.roles is not None
+    try:
+        destination.roles.create(plan.roles, destination.id, plan.name, destination.creds)
+    except RoleError as exc:
+        plan.problem = f"creating the roles failed, nothing restored: {app.masker(str(exc))}"
+        return _not_done(plan)
+    if plan.roles.create:
+        print(f"{plan.name}: {roles_sentence(plan.roles, future=False)}", file=sys.stderr)
+    outcomes = []
+    for snap in plan.snapshots:
+        if app.cancel.is_set():
+            outcomes.append(Outcome(plan.name, snap.database, snap.short_id, False, "interrupted"))
+            continue
+        try:
+            result = destination.restorer.restore(snap, destination.id, plan.name, destination.creds, snap.database)
+        except RestoreError as exc:
+            outcomes.append(Outcome(plan.name, snap.database, snap.short_id, False, app.masker(str(exc))))
+            continue
+        outcomes.append(Outcome(plan.name, snap.database, snap.short_id, True,
+                                f"restored in {result.duration_s:.1f}s"))
+    return outcomes
+
+
+def _report(outcomes: list[Outcome]) -> int:
+    """The result table on stdout; returns 0 when every database was restored, else 1."""
+    rows = [("CONTAINER", "DATABASE", "SNAPSHOT", "RESULT", "DETAIL")]
+    rows += [(o.container, o.database, o.snapshot, "ok" if o.ok else "FAILED", o.detail.splitlines()[0] if o.detail
+              else "") for o in outcomes]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)), row[4]]).rstrip())
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{len(outcomes) - failed} of {len(outcomes)} database(s) restored", file=sys.stderr)
+    log.info("host_recovered" if not failed else "host_recovery_incomplete", restored=len(outcomes) - failed,
+             failed=failed)
+    return EXIT_OK if not failed else EXIT_FAILED
