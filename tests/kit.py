@@ -47,10 +47,16 @@ class PgContainer:
     user: str
     database: str
     password: str
+    docker_host: str | None = None  # another engine than $DOCKER_HOST's (a second "host")
+
+    @property
+    def engine_env(self) -> dict[str, str]:
+        """The environment that points the docker CLI at this container's engine."""
+        return {"DOCKER_HOST": self.docker_host} if self.docker_host else {}
 
     @property
     def id(self) -> str:
-        return docker("inspect", "--format", "{{.Id}}", self.name).stdout.strip()
+        return docker("inspect", "--format", "{{.Id}}", self.name, env=self.engine_env).stdout.strip()
 
     def psql(self, sql: str, database: str | None = None, user: str | None = None, check: bool = True,
              timeout: float = 120) -> str:
@@ -58,7 +64,8 @@ class PgContainer:
         output (command tags included). The benchmark's big batches need more than the default `timeout`."""
         done = docker("exec", "-i", "-e", "PGPASSWORD", self.name, "psql", "-X", "-At", "-v", "ON_ERROR_STOP=1",
                       "-U", user or self.user, "-d", database or self.database,
-                      input=sql.encode(), check=check, env={"PGPASSWORD": self.password}, timeout=timeout)
+                      input=sql.encode(), check=check, env={"PGPASSWORD": self.password, **self.engine_env},
+                      timeout=timeout)
         return done.stdout.strip()
 
     def require_password_locally(self) -> None:
@@ -71,16 +78,18 @@ class PgContainer:
         assert done.returncode != 0, "local connections still work without a password"
 
 
-def wait_ready(name: str, timeout: float = 60) -> None:
-    """Waits until PostgreSQL is PID 1 (initdb finished) and accepts connections."""
+def wait_ready(name: str, timeout: float = 60, docker_host: str | None = None) -> None:
+    """Waits until PostgreSQL is PID 1 (initdb finished) and accepts connections (on the engine of
+    `docker_host`, default $DOCKER_HOST)."""
+    env = {"DOCKER_HOST": docker_host} if docker_host else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = docker("exec", name, "sh", "-c",
-                      "tr '\\0' ' ' </proc/1/cmdline | grep -q '^postgres' && pg_isready -q", check=False)
+                      "tr '\\0' ' ' </proc/1/cmdline | grep -q '^postgres' && pg_isready -q", check=False, env=env)
         if done.returncode == 0:
             return
         time.sleep(0.2)
-    logs = docker("logs", name, check=False)
+    logs = docker("logs", name, check=False, env=env)
     raise AssertionError(f"{name} did not become ready: {logs.stdout[-2000:]} {logs.stderr[-2000:]}")
 
 

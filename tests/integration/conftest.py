@@ -7,9 +7,11 @@ the test asks for, and is removed when its test ends.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,6 +82,8 @@ XDIST_GROUPS = {
     "test_discovery_live.py": "scalr-names",
     "test_roundtrip.py": "scalr-names",
     "test_secrets.py": "scalr-names",
+    # The second engine (a session fixture) is started once per worker that needs it: one worker.
+    "test_disaster_recovery.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
 }
@@ -187,13 +191,17 @@ StartPg = Callable[..., PgContainer]
 
 @pytest.fixture
 def start_pg(engine: str) -> Iterator[StartPg]:
-    """Factory: starts a PostgreSQL container (--network none), waits until it is ready, removes it after."""
-    started: list[str] = []
+    """Factory: starts a PostgreSQL container (--network none), waits until it is ready, removes it after.
+
+    `docker_host` starts it on another engine (the `second_engine` fixture's) instead of $DOCKER_HOST's.
+    """
+    started: list[tuple[str, dict[str, str]]] = []
 
     def start(name: str | None = None, major: str = "17", *, user: str = "app", database: str = "appdb",
               password: str = "db-pw", labels: dict[str, str] | None = None,
-              extra_env: dict[str, str] | None = None) -> PgContainer:
+              extra_env: dict[str, str] | None = None, docker_host: str | None = None) -> PgContainer:
         name = name or f"bwt-{uuid.uuid4().hex[:8]}-db"
+        on = {"DOCKER_HOST": docker_host} if docker_host else {}
         argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
                 "-e", f"POSTGRES_USER={user}", "-e", f"POSTGRES_DB={database}"]
         env = {"POSTGRES_PASSWORD": password, **(extra_env or {})}
@@ -202,16 +210,89 @@ def start_pg(engine: str) -> Iterator[StartPg]:
             argv += ["-e", key]
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
-        started.append(name)
-        docker("rm", "-f", "-v", name, check=False)  # a leftover of an interrupted run
+        started.append((name, on))
+        docker("rm", "-f", "-v", name, check=False, env=on)  # a leftover of an interrupted run
         subprocess.run(["docker", *argv, PG_IMAGES[major]], check=True, capture_output=True,
-                       env={**os.environ, **env})
-        wait_ready(name)
-        return PgContainer(name, major, user, database, password)
+                       env={**os.environ, **env, **on})
+        wait_ready(name, docker_host=docker_host)
+        return PgContainer(name, major, user, database, password, docker_host)
 
     yield start
-    if started:
-        docker("rm", "-f", "-v", *started, check=False)
+    for name, on in started:
+        docker("rm", "-f", "-v", name, check=False, env=on)
+
+
+# --- a second engine: another "host" beside the test engine (TESTING.md) ------------------------------------
+@pytest.fixture(scope="session")
+def second_engine(engine: str) -> Iterator[str]:
+    """The DOCKER_HOST of a second dockerd with its own data root and socket, holding the PostgreSQL images.
+
+    Started like testground/up.sh's engine (no bridge, no iptables), its data root cached under
+    $BW_TESTGROUND between runs (images are loaded from the first engine only when missing or different),
+    and stopped at the end of the session. One session at a time uses it: others wait on its lock.
+    """
+    ground, run = os.environ.get("BW_TESTGROUND"), os.environ.get("BW_TESTGROUND_RUN")
+    if not ground or not run:
+        pytest.fail("the test ground is not up: run the tests through scripts/test")
+    state = Path(run, "engine-b")
+    state.mkdir(parents=True, exist_ok=True)
+    host = f"unix://{state}/docker.sock"
+    with open(Path(run, "engine-b.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = _start_second_engine(Path(ground, "docker-b"), state, host)
+        try:
+            for tag in PG_IMAGES.values():
+                _copy_image(tag, host)
+            yield host
+        finally:
+            rows = docker("ps", "-aq", "--filter", f"label={TEST_LABEL}", check=False, env={"DOCKER_HOST": host})
+            if rows.stdout.split():
+                docker("rm", "-f", "-v", *rows.stdout.split(), check=False, env={"DOCKER_HOST": host})
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _start_second_engine(data_root: Path, state: Path, host: str) -> subprocess.Popen[bytes]:
+    """Starts the second dockerd and waits (60 s at most) until it answers."""
+    pidfile = state / "dockerd.pid"
+    if pidfile.exists():  # a daemon an interrupted session left running
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            wait_for(lambda: not pidfile.exists(), 60, "the left-over second dockerd to stop")
+    data_root.mkdir(parents=True, exist_ok=True)
+    with open(state / "dockerd.log", "ab") as log:
+        proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(data_root), "--exec-root", str(state / "exec"), "--host", host,
+             "--pidfile", str(pidfile), "--bridge=none", "--iptables=false", "--ip-masq=false"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or docker("info", check=False, timeout=10,
+                                                           env={"DOCKER_HOST": host}).returncode == 0,
+                 60, "the second dockerd to answer")
+    except AssertionError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"the second dockerd exited: {(state / 'dockerd.log').read_text()[-2000:]}")
+    return proc
+
+
+def _copy_image(tag: str, host: str) -> None:
+    """`docker save TAG | DOCKER_HOST=host docker load`, unless that engine has the same image already."""
+    wanted = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    there = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False, env={"DOCKER_HOST": host})
+    if there.returncode == 0 and there.stdout.strip() == wanted:
+        return
+    save = subprocess.Popen(["docker", "image", "save", tag], stdout=subprocess.PIPE)
+    load = subprocess.run(["docker", "image", "load"], stdin=save.stdout, capture_output=True, timeout=600,
+                          env={**os.environ, "DOCKER_HOST": host})
+    assert save.stdout is not None
+    save.stdout.close()
+    assert save.wait(timeout=600) == 0 and load.returncode == 0, f"copying {tag} failed: {load.stderr!r}"
 
 
 @pytest.fixture

@@ -1,0 +1,123 @@
+"""Disaster recovery (SPEC §10): a lost host's databases rebuilt on another engine from the repository alone.
+
+Two engines on one machine stand for two hosts (TESTING.md): the test engine is host A, the second
+dockerd (the `second_engine` fixture) host B. Both share one restic repository.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.integration.conftest import PgContainer, Repo, StartPg, docker, run_watcher
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+APP_PASSWORD = "app-login old pw 'q' ✓"
+SETUP = f"""
+CREATE ROLE owner_role NOLOGIN;
+CREATE ROLE app_login LOGIN PASSWORD '{APP_PASSWORD.replace("'", "''")}';
+ALTER ROLE app_login SET statement_timeout = '7s';
+GRANT owner_role TO app_login;
+CREATE ROLE "Read Only" LOGIN;
+CREATE SCHEMA shop AUTHORIZATION owner_role;
+SET ROLE owner_role;
+CREATE TABLE shop.items (id int PRIMARY KEY, name text);
+INSERT INTO shop.items SELECT g, md5(g::text) FROM generate_series(1, 500) AS g;
+CREATE TABLE shop.orders (id int PRIMARY KEY, item int REFERENCES shop.items, qty int);
+INSERT INTO shop.orders SELECT g, 1 + g % 500, g % 7 FROM generate_series(1, 1500) AS g;
+GRANT USAGE ON SCHEMA shop TO "Read Only";
+GRANT SELECT ON ALL TABLES IN SCHEMA shop TO "Read Only";
+GRANT INSERT ON shop.orders TO app_login;
+RESET ROLE;
+REVOKE CONNECT ON DATABASE appdb FROM PUBLIC;
+GRANT CONNECT ON DATABASE appdb TO app_login, "Read Only";
+"""
+# What must be equal on both hosts, one query each (role attributes and settings, memberships, owners,
+# table grants, content).
+FACTS = {
+    "roles": "SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin, rolreplication,"
+             " rolbypassrls, rolconfig FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1",
+    # Not the bootstrap superuser's: each host's initdb set it (same password, another salt), and it is kept.
+    "passwords": "SELECT rolname, rolpassword FROM pg_authid WHERE rolname !~ '^pg_' AND rolname <> current_user"
+                 " ORDER BY 1",
+    "memberships": "SELECT r.rolname, m.rolname, a.admin_option FROM pg_auth_members a"
+                   " JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member"
+                   " WHERE r.rolname !~ '^pg_' ORDER BY 1, 2",
+    "owners": "SELECT 'schema', nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'shop'"
+              " UNION ALL SELECT 'table', relname, pg_get_userbyid(relowner) FROM pg_class"
+              " WHERE relnamespace = 'shop'::regnamespace AND relkind = 'r' ORDER BY 1, 2",
+    "grants": "SELECT grantee, table_name, privilege_type FROM information_schema.role_table_grants"
+              " WHERE table_schema = 'shop' ORDER BY 1, 2, 3",
+    "content": "SELECT md5(string_agg(i::text, ',' ORDER BY i.id)) FROM shop.items i"
+               " UNION ALL SELECT md5(string_agg(o::text, ',' ORDER BY o.id)) FROM shop.orders o",
+}
+
+
+def facts(db: PgContainer) -> dict[str, str]:
+    return {name: db.psql(sql) for name, sql in FACTS.items()}
+
+
+def login_over_tcp(db: PgContainer, password: str) -> tuple[int, str]:
+    """app_login connects over TCP on the container's loopback (password auth, scram) and reads its setting."""
+    done = docker("exec", "-e", "PGPASSWORD", db.name, "psql", "-X", "-At", "-h", "127.0.0.1", "-U", "app_login",
+                  "-d", "appdb", "-c", "SHOW statement_timeout", check=False,
+                  env={"PGPASSWORD": password, **db.engine_env})
+    return done.returncode, done.stdout.strip() + done.stderr.strip()
+
+
+def test_restore_all_rebuilds_a_lost_host_on_another_engine(
+        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+    run = uuid.uuid4().hex[:6]
+    host_a, host_b = f"dr-a-{run}", f"dr-b-{run}"
+    names = {major: f"bwt-dr{run}-pg{major}" for major in ("15", "17")}
+    on_a = {major: start_pg(name, major) for major, name in names.items()}
+    for db in on_a.values():
+        db.psql(SETUP)
+    env_a = {**watcher_env, "WATCHER_HOST": host_a, "WATCHER_CONTAINER_PATTERNS": ",".join(names.values())}
+    backup = run_watcher(["backup"], env_a)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert backup.stdout.count("/(globals)  snapshot") == 2, backup.stdout
+
+    # Host B: fresh containers of the same names and env, nothing else.
+    on_b = {major: start_pg(name, major, docker_host=second_engine) for major, name in names.items()}
+    assert "owner_role" not in on_b["17"].psql("SELECT string_agg(rolname, ',') FROM pg_roles")
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": host_b,
+             "WATCHER_CONTAINER_PATTERNS": ",".join(names.values())}
+    done = run_watcher(["restore", "--all", "--host", host_a, "--yes"], env_b)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in names.values():
+        said = next(line for line in done.stderr.splitlines() if line.startswith(f"{name}: Roles created"))
+        created = said.split("globals: ", 1)[1].split(";")[0].split(", ")
+        assert sorted(created) == ["Read Only", "app_login", "owner_role"], said
+        assert any(line.split()[:2] == [name, "appdb"] and line.split()[3] == "ok" for line in done.stdout.splitlines())
+
+    for major in names:
+        assert facts(on_b[major]) == facts(on_a[major]), major
+        assert login_over_tcp(on_b[major], APP_PASSWORD) == (0, "7s")
+        code, said = login_over_tcp(on_b[major], "not the password")
+        assert code != 0 and "password authentication failed" in said
+    for output in (backup.stdout + backup.stderr, done.stdout + done.stderr):
+        assert APP_PASSWORD not in output and "SCRAM-SHA-256$" not in output
+
+
+def test_restore_all_names_a_missing_container_and_fails(
+        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+    run = uuid.uuid4().hex[:6]
+    here, gone = f"bwt-dr{run}-here", f"bwt-dr{run}-gone"
+    for name in (here, gone):
+        start_pg(name, "15").psql("CREATE TABLE t AS SELECT 1 AS x;")
+    env_a = {**watcher_env, "WATCHER_HOST": f"dr-a-{run}", "WATCHER_CONTAINER_PATTERNS": f"{here},{gone}"}
+    assert run_watcher(["backup"], env_a).returncode == 0
+    on_b = start_pg(here, "15", docker_host=second_engine)
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": f"dr-b-{run}"}
+    refused = run_watcher(["restore", "--all", "--host", f"dr-a-{run}"], env_b)
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr
+    assert on_b.psql("SELECT to_regclass('t') IS NULL") == "t", "nothing may change without confirmation"
+    done = run_watcher(["restore", "--all", "--host", f"dr-a-{run}", "--yes"], env_b)
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
+    assert "ok" in rows[here].split()
+    assert "FAILED" in rows[gone].split() and f"no running container named {gone}" in rows[gone]
+    assert on_b.psql("SELECT x FROM t") == "1"
