@@ -109,8 +109,9 @@ class Repo:
             raise AssertionError(f"restic {' '.join(args)} failed: {done.stderr}")
         return done
 
-    def snapshots(self) -> list[dict[str, Any]]:
-        """Every snapshot in the repository, as restic lists it (not through the watcher): JSON, hence Any."""
+    def snapshots(self, *, include_globals: bool = False) -> list[dict[str, Any]]:
+        """Every database snapshot in the repository (with `include_globals` the containers' globals
+        snapshots too), as restic lists it (not through the watcher): JSON, hence Any."""
         if not (self.path / "config").exists():
             return []
         # --no-lock: a daemon's prune may hold the exclusive lock; a listing during it may see a
@@ -120,10 +121,17 @@ class Repo:
             if done.returncode == 0:
                 break
             time.sleep(1)
-        return list(json.loads(done.stdout or "[]"))
+        listed = list(json.loads(done.stdout or "[]"))
+        return [s for s in listed if include_globals or "globals" not in (s.get("tags") or [])]
 
     def snapshots_of(self, container: str) -> list[dict[str, Any]]:
+        """The database snapshots of one container."""
         return [s for s in self.snapshots() if f"container={container}" in (s.get("tags") or [])]
+
+    def globals_of(self, container: str) -> list[dict[str, Any]]:
+        """The globals snapshots of one container."""
+        return [s for s in self.snapshots(include_globals=True)
+                if f"container={container}" in (s.get("tags") or []) and "globals" in s["tags"]]
 
 
 def run_watcher(args: Sequence[str], env: dict[str, str], *, timeout: float = 600,

@@ -12,6 +12,7 @@ stdin, never argv nor a log, and every hash in it is masked in whatever psql say
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import structlog
 from watcher import commands
 from watcher.config import Bounds
 from watcher.discovery import Credentials
-from watcher.execute import ExecError, Masker, run_in_container, run_pipeline
+from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
 from watcher.restic import Repository, Snapshot, restic_error_text
 
 log = structlog.get_logger("watcher.roles")
@@ -284,6 +285,18 @@ def globals_for(snapshots: Sequence[Snapshot], database_snapshot: Snapshot) -> S
     return min(own, key=lambda s: s.time, default=None)
 
 
+def toc_read(done: Completed) -> bool:
+    """Whether `restic dump | pg_restore --schema-only` read the whole table of contents: pg_restore exited 0.
+
+    The definitions all stand in the archive's table of contents, before the data: pg_restore stops
+    reading there and restic, still writing the data, ends on SIGPIPE, which is no failure.
+    """
+    if done.timed_out or done.cancelled or done.problem is not None or len(done.returncodes) != 2:
+        return False
+    dump_exit, restore_exit = done.returncodes
+    return restore_exit == 0 and dump_exit in (0, -signal.SIGPIPE)
+
+
 # --- running it -----------------------------------------------------------------------------------------
 class RoleMaker:
     """Finds the roles a snapshot needs in a destination container and creates the missing ones."""
@@ -305,7 +318,7 @@ class RoleMaker:
         done = run_pipeline([dump, lister], env={**self.repository.env, "DOCKER_HOST": self.docker_host},
                             masker=self.masker, timeout=READ_TIMEOUT_SECONDS, cancel=self.cancel,
                             capture_stdout=False, on_stdout_line=collector)
-        if not done.ok:
+        if not toc_read(done):
             detail = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
             raise RoleError(f"reading the roles snapshot {snapshot.short_id} needs failed: {detail}")
         return collector.roles

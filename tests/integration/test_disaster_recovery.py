@@ -121,3 +121,42 @@ def test_restore_all_names_a_missing_container_and_fails(
     assert "ok" in rows[here].split()
     assert "FAILED" in rows[gone].split() and f"no running container named {gone}" in rows[gone]
     assert on_b.psql("SELECT x FROM t") == "1"
+
+
+def test_a_role_the_globals_lack_fails_the_restore_before_the_live_database_is_touched(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db = start_pg(f"bwt-dr{uuid.uuid4().hex[:6]}-db", "17")
+    db.psql("CREATE ROLE owner_role NOLOGIN; CREATE TABLE t (x int); ALTER TABLE t OWNER TO owner_role;")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_HOST": "dr-old"}
+    assert run_watcher(["backup"], env).returncode == 0
+    globals_ids = [s["id"] for s in repo.globals_of(db.name)]
+    assert len(globals_ids) == 1
+    repo.restic("forget", *globals_ids)  # the globals pruned (or never taken)
+
+    # The old host is gone: a fresh container of the same name, whose database already holds something.
+    fresh = start_pg(db.name, "17")
+    fresh.psql("CREATE TABLE keep_me AS SELECT 42 AS answer;")
+    done = run_watcher(["restore", db.name, "latest", "--host", "dr-old", "--yes"],
+                       {**env, "WATCHER_HOST": "dr-new"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "owner_role" in done.stderr and "no globals snapshot" in done.stderr and "nothing was changed" in done.stderr
+    assert fresh.psql("SELECT answer FROM keep_me") == "42"
+    assert fresh.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'owner_role'") == "0"
+
+
+def test_a_dump_role_that_may_not_read_password_hashes_still_keeps_the_roles(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db = start_pg(f"bwt-dr{uuid.uuid4().hex[:6]}-db", "15", labels={"backup-watcher.user": "bw_dump"})
+    # No superuser, nor pg_read_all_data (which reads pg_authid too): the tables' readers' rights only.
+    db.psql(SETUP + 'CREATE ROLE bw_dump LOGIN; GRANT "Read Only" TO bw_dump;')
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    done = run_watcher(["backup"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    globals_line = next(line for line in done.stdout.splitlines() if "/(globals)" in line)
+    assert "without password hashes" in globals_line
+    assert done.stderr.count('"globals_without_passwords"') == 1
+    snapshot = repo.globals_of(db.name)[-1]
+    sql = repo.restic("dump", snapshot["id"], "/globals.sql").stdout
+    assert "CREATE ROLE owner_role;" in sql and "CREATE ROLE app_login;" in sql
+    assert "ALTER ROLE app_login SET statement_timeout TO '7s';" in sql
+    assert "PASSWORD" not in sql

@@ -200,9 +200,10 @@ def by_target_db(rows: list[tuple[dict[str, str], float]]) -> dict[tuple[str, st
 def newest_in_repository(repo: Repo) -> dict[tuple[str, str], float]:
     """The newest snapshot time of every (container, database), read with restic itself."""
     newest: dict[tuple[str, str], float] = {}
-    for snap in repo.snapshots():
+    for snap in repo.snapshots(include_globals=True):
         tags = {tag.split("=", 1)[0]: tag.split("=", 1)[1] for tag in snap.get("tags") or [] if "=" in tag}
-        key = (tags.get("container", ""), tags.get("database", ""))
+        # A container's globals stand in the metrics as the database "(globals)".
+        key = (tags.get("container", ""), tags.get("database", "(globals)"))
         newest[key] = max(newest.get(key, 0.0), parse_time(str(snap["time"])))
     return newest
 

@@ -75,3 +75,53 @@ def test_no_secret_in_output_argv_or_docker_events(start_pg: StartPg, repo: Repo
             assert secret not in output
         assert secret not in events
         assert json.dumps(secret)[1:-1] not in events
+
+
+APP_PASSWORD = "app-login s3cret 'q' $(id) ✓"
+
+
+def test_no_role_password_or_hash_leaks_from_globals_or_whole_host_recovery(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = f"bwt-secret-{uuid.uuid4().hex[:6]}-db"
+    db: PgContainer = start_pg(name, "17", password=DB_PASSWORD)
+    db.psql(f"CREATE ROLE owner_role NOLOGIN; CREATE ROLE app_login LOGIN PASSWORD "
+            f"'{APP_PASSWORD.replace(chr(39), chr(39) * 2)}' IN ROLE owner_role;"
+            "CREATE TABLE t (x int); ALTER TABLE t OWNER TO owner_role;")
+    app_hash = db.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app_login'")
+    superuser_hash = db.psql("SELECT rolpassword FROM pg_authid WHERE rolname = current_user")
+    assert app_hash.startswith("SCRAM-SHA-256$")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_HOST": "old-host"}
+    secrets = [DB_PASSWORD, repo.password, APP_PASSWORD, app_hash, superuser_hash]
+
+    since = docker("info", "--format", "{{.SystemTime}}").stdout.strip()
+    sampler = ArgvSampler()
+    sampler.start()
+    outputs = []
+    try:
+        done = subprocess.run([sys.executable, "-m", "watcher", "backup"], env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=300)
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, outputs[-1]
+        fresh = start_pg(name, "17", password=DB_PASSWORD)  # the old host is gone
+        done = subprocess.run([sys.executable, "-m", "watcher", "restore", "--all", "--host", "old-host", "--yes"],
+                              env={**env, "WATCHER_HOST": "new-host"}, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=300)
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, outputs[-1]
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    until = docker("info", "--format", "{{.SystemTime}}").stdout.strip()
+    events = docker("events", "--since", since, "--until", until, "--format", "{{json .}}").stdout
+
+    # The roles did come back with their hash, so the checks below look at something real.
+    assert fresh.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app_login'") == app_hash
+    assert any("pg_dumpall" in line for line in sampler.seen)
+    assert "pg_dumpall" in events
+    for secret in secrets:
+        for line in sampler.seen:
+            assert secret not in line, f"secret in argv: {line}"
+        for output in outputs:
+            assert secret not in output
+        assert secret not in events
+        assert json.dumps(secret)[1:-1] not in events

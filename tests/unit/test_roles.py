@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from watcher.commands import GLOBALS_DATABASE
+from watcher.execute import Completed
 from watcher.restic import Snapshot
-from watcher.roles import NeededRoles, RoleError, globals_for, parse_globals, plan_roles, statements
+from watcher.roles import NeededRoles, RoleError, globals_for, parse_globals, plan_roles, statements, toc_read
 
 HASH = "SCRAM-SHA-256$4096:lk+yc/7mAtgJ6vz9hNKZKA==$gMTi:pwq5"
 GLOBALS_17 = f"""--
@@ -167,3 +169,12 @@ def test_the_globals_of_the_same_pass_are_the_newest_at_or_before_the_dump() -> 
     # A dump older than every globals snapshot: the oldest after it.
     assert globals_for(history, snap("db", -5)) == history[0]
     assert globals_for(history, snap("db", 5, host="c")) is None
+
+
+def test_the_table_of_contents_is_read_whole_when_pg_restore_exits_0_even_if_restic_meets_a_closed_pipe() -> None:
+    argv = (("restic", "dump"), ("pg_restore",))
+    assert toc_read(Completed(argv, (0, 0)))
+    assert toc_read(Completed(argv, (-signal.SIGPIPE, 0)))
+    assert not toc_read(Completed(argv, (12, 1)))  # wrong password: pg_restore read nothing
+    assert not toc_read(Completed(argv, (-signal.SIGPIPE, 1)))
+    assert not toc_read(Completed(argv, (0, 0), timed_out=True))
