@@ -159,3 +159,19 @@ def test_named_databases_are_those_named_whatever_the_repository_holds() -> None
     assert entry.databases["billing"].last_snapshot is None and entry.next_run == T0, "billing has no snapshot yet"
     assert entry.target is not None
     assert known_databases(entry.target, {}, "UTC") == {"app": DatabaseState(), "billing": DatabaseState()}
+
+
+def test_a_targets_globals_are_judged_like_a_database_once_the_repository_has_them() -> None:
+    globals_name = "(globals)"
+    found, registry, _ = inventory(snapshots=(snap("app", T0), snap(globals_name, T0 - timedelta(days=2))))
+    found.register(container())
+    entry = registry.get(ID)
+    assert entry is not None and sorted(entry.databases) == [globals_name, "app"]
+    # Stale globals make the target's freshness that of its globals (each history must be fresh).
+    assert entry.judged_snapshot == T0 - timedelta(days=2)
+    found.take_snapshots([snap(globals_name, T0 + timedelta(hours=1))])
+    assert registry.get(ID).databases[globals_name].last_snapshot == T0 + timedelta(hours=1)  # type: ignore[union-attr]
+    # A repository from before globals were kept: the target is judged by its databases alone.
+    older, registry, _ = inventory(snapshots=(snap("app", T0),))
+    older.register(container())
+    assert sorted(registry.get(ID).databases) == ["app"]  # type: ignore[union-attr]
