@@ -115,7 +115,8 @@ def _fail_three_times_then_recover(daemon: DaemonProcess, db: PgContainer) -> No
     (it has no snapshot yet): the first at the daemon's start, two more by restarting it."""
     for failures in (1, 2, 3):
         def failed_often_enough(n: int = failures) -> bool:
-            return len(daemon.events("backup_failed", target=db.name)) >= n
+            # The database's failures: its globals fail beside it, each run.
+            return len(daemon.events("backup_failed", target=db.name, database=db.database)) >= n
 
         wait_for(failed_often_enough, 60, f"failed run {failures}", interval=0.5)
         if failures < 3:

@@ -41,6 +41,18 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 # Names of this run's containers: sessions beside this one on a shared engine use their own.
 RUN = uuid.uuid4().hex[:6]
 
+def _assert_one_per_slot(daemon: DaemonProcess, names: list[str], slots: list[datetime],
+                         started: dict[tuple[object, object], datetime]) -> None:
+    """Each target's database and globals have exactly one successful backup started in each slot's minute."""
+    for slot in slots:
+        for name in names:
+            for database in ("appdb", "(globals)"):
+                lines = daemon.events("backup_succeeded", target=name, database=database)
+                in_slot = [t for t in (started[(line["run_id"], line["database"])] for line in lines)
+                           if slot <= t < slot + timedelta(minutes=1)]
+                assert len(in_slot) == 1, (name, database, slot, in_slot)
+
+
 def _snapshot_count(repo: Repo, container: str) -> int:
     return len(repo.snapshots_of(container))
 
@@ -233,11 +245,8 @@ def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(
         intervals.append((line["target"], started[(line["run_id"], line["database"])], event_time(line)))
     assert not daemon.events("backup_failed")
 
-    # Exactly one snapshot per target in every slot.
-    for slot in slots:
-        for name in names:
-            in_slot = [s for t, s, _ in intervals if t == name and slot <= s < slot + timedelta(minutes=1)]
-            assert len(in_slot) == 1, (name, slot, in_slot)
+    # Exactly one snapshot per target and history (its database, its globals) in every slot.
+    _assert_one_per_slot(daemon, names, slots, started)
     # Never two at once for one target; never more than the concurrency overall.
     for name in names:
         own = sorted((s, e) for t, s, e in intervals if t == name)
@@ -258,6 +267,7 @@ def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(
     for name in names:
         days = {str(s["time"])[:10] for s in repo.snapshots_of(name)}
         assert _snapshot_count(repo, name) == len(days) == 1
+        assert len(repo.globals_of(name)) == 1, "the globals are kept like a database's history"
 
 
 def _no_leftover_helpers(container_id: str) -> bool:

@@ -66,7 +66,8 @@ EMPTY_ALERT_SELECTORS = {
 # and label matching select both targets (value: replacement, how many series must come back).
 ALERT_PROBES = {
     "BackupWatcherBackupFailing": (("> 0", ">= 0"), 2),
-    "BackupWatcherSnapshotStale": (("(1.5 *", "(0 *"), 2),
+    # One series per (target, database): each target's database and its globals.
+    "BackupWatcherSnapshotStale": (("(1.5 *", "(0 *"), 4),
     "BackupWatcherNoSnapshot": (("unless on(job, instance, target)", "and on(job, instance, target)"), 2),
     "BackupWatcherDown": (("== 0", "== 1"), 1),
     "BackupWatcherEventStreamDisconnected": (("== 0", "== 1"), 1),
