@@ -182,7 +182,9 @@ def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_change
            "WATCHER_APPRISE_URLS": f"{webhook.url},{unreachable}"}
     daemon: DaemonProcess = start_daemon(env)
     # The healthy target is backed up although one endpoint is unreachable.
-    wait_for(lambda: daemon.events("backup_succeeded", target=good.name), 60, "the healthy backup")
+    # (Its database's: the pass's last dump, after its globals.)
+    wait_for(lambda: daemon.events("backup_succeeded", target=good.name, database=good.database), 60,
+             "the healthy backup")
     wait_for(lambda: daemon.events("notification_failed"), 60, "the failed delivery to be logged")
     assert 'backup_watcher_notifications_total{result="failure"}' in daemon.metrics()
 
