@@ -83,17 +83,15 @@ def pg_dump_command(lock_wait_s: float) -> Command:
             f"--lock-wait-timeout={milliseconds(lock_wait_s)}")
 
 
-def pg_dumpall_globals_command(*, role_passwords: bool = True, database: str | None = None) -> Command:
+def pg_dumpall_globals_command(*, role_passwords: bool = True) -> Command:
     """pg_dumpall of the cluster's globals (roles, memberships, role settings, tablespaces) as SQL.
 
-    The role comes from PGUSER; it connects to `database` (the one it dumps, so the one it may connect to),
-    else to postgres or template1. A name holding '=' is left to that default: libpq would read it as a
-    connection string. Without `role_passwords` the roles are read from pg_roles instead of pg_authid,
-    which a dump role that is no superuser may not read: no password hashes then.
+    The role comes from PGUSER; it connects to postgres, else template1 (not `-l DB`: pg_dumpall then
+    hides libpq's reason, such as a role that does not exist, behind "could not connect"). Without
+    `role_passwords` the roles are read from pg_roles instead of pg_authid, which a dump role that is no
+    superuser may not read: no password hashes then.
     """
-    argv: tuple[str, ...] = ("pg_dumpall", "--globals-only", "--no-password")
-    if database and "=" not in database:
-        argv += (f"--database={database}",)
+    argv = ("pg_dumpall", "--globals-only", "--no-password")
     return (*argv, "--no-role-passwords") if not role_passwords else argv
 
 

@@ -319,8 +319,7 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     """restic backup of the container's globals (through the exec helper, sealed) and its environment."""
     creds = target.credentials
     source = commands.exec_helper(
-        target.container_id,
-        commands.pg_dumpall_globals_command(role_passwords=role_passwords, database=creds.database),
+        target.container_id, commands.pg_dumpall_globals_command(role_passwords=role_passwords),
         env_values=commands.pg_env(creds.user, creds.database),
         env_names=["PGPASSWORD"] if creds.password else [], seal=True,
     )

@@ -279,7 +279,3 @@ def test_globals_are_forgotten_with_their_container_as_a_history_of_their_own() 
 def test_pg_dumpall_globals_command() -> None:
     assert commands.pg_dumpall_globals_command() == ("pg_dumpall", "--globals-only", "--no-password")
     assert commands.pg_dumpall_globals_command(role_passwords=False)[-1] == "--no-role-passwords"
-    assert commands.pg_dumpall_globals_command(database="app db") == (
-        "pg_dumpall", "--globals-only", "--no-password", "--database=app db")
-    # libpq would take a name with '=' for a connection string: the default database then.
-    assert commands.pg_dumpall_globals_command(database="a=b") == ("pg_dumpall", "--globals-only", "--no-password")
