@@ -134,6 +134,10 @@ class Config:
     keep_daily: int = setting("WATCHER_KEEP_DAILY", "30", whole(0), help="daily snapshots kept")
     keep_weekly: int = setting("WATCHER_KEEP_WEEKLY", "4", whole(0), help="weekly snapshots kept")
     keep_monthly: int = setting("WATCHER_KEEP_MONTHLY", "6", whole(0), help="monthly snapshots kept")
+    prune: bool = setting(
+        "WATCHER_PRUNE", "true", BOOL,
+        help="false: the daemon never runs forget/prune (a host with append-only credentials; another host "
+             "prunes); `backup-watcher prune` still runs where the credentials allow deleting")
     concurrency: int = setting("WATCHER_CONCURRENCY", "2", whole(1), help="backups running at once")
     drill_schedule: str | None = setting(
         "WATCHER_DRILL_SCHEDULE", "0 5 1 * *", CRON_OR_OFF, blank_is_off=True, unset="(disabled)",

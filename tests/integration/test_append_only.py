@@ -1,0 +1,106 @@
+"""Least privilege (SPEC §11): a host with append-only credentials runs with WATCHER_PRUNE=false.
+
+The repository is served by restic's rest-server 0.13 with --append-only (from the test ground), which
+lets a client create files and remove its own locks but refuses every other deletion. The daemon backs
+up pass after pass and never tries to forget or prune; `backup-watcher prune` with the same credentials
+fails with one sentence naming append-only credentials and WATCHER_PRUNE=false, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    PgContainer,
+    StartDaemon,
+    StartPg,
+    free_port,
+    run_watcher,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+RUN = uuid.uuid4().hex[:6]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def append_only_repository(tmp_path: Path) -> Iterator[str]:
+    """A rest-server --append-only on 127.0.0.1 (no authentication); yields its restic repository URL."""
+    binary = shutil.which("rest-server")
+    assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
+    port = free_port()
+    log = (tmp_path / "rest-server.log").open("wb")
+    server = subprocess.Popen([binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}",
+                               "--no-auth", "--append-only"], stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.poll() is not None or _accepts(port), 30, "rest-server to listen", interval=0.1)
+        assert server.poll() is None, (tmp_path / "rest-server.log").read_text()
+        yield f"rest:http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
+    done = subprocess.run(["restic", "--no-lock", "snapshots", "--json", "--tag", f"container={container}"],
+                          env={**os.environ, "RESTIC_REPOSITORY": repository, "RESTIC_PASSWORD": password},
+                          capture_output=True, text=True, timeout=120, check=True)
+    return sorted(snap["id"] for snap in json.loads(done.stdout))
+
+
+def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
+        start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str],
+        append_only_repository: str) -> None:
+    db: PgContainer = start_pg(f"bwt-appendonly{RUN}-db", "15")
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
+    # Keep one snapshot a day: every pass but the last of the day is one for forget to remove. The slot
+    # is half a day away: the catch-up backup at start is the daemon's pass, one-shot backups the others.
+    env = {**watcher_env, "RESTIC_REPOSITORY": append_only_repository, "WATCHER_CONTAINER_PATTERNS": db.name,
+           "WATCHER_PRUNE": "false", "WATCHER_KEEP_DAILY": "1", "WATCHER_KEEP_WEEKLY": "0",
+           "WATCHER_KEEP_MONTHLY": "0", "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
+           "WATCHER_RECONCILE_INTERVAL": "5", "WATCHER_LOG_LEVEL": "debug"}
+    daemon = start_daemon(env)
+    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 60, "the catch-up backup", interval=0.5)
+    for _ in range(2):
+        done = run_watcher(["backup", db.name], daemon.env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    # A pass is followed by the prune within one loop tick where pruning is on; give it many more.
+    checks = len(daemon.events("health_checked"))
+    wait_for(lambda: len(daemon.events("health_checked")) >= checks + 2, 60, "two more checks", interval=0.5)
+    assert daemon.stop() == 0
+    assert len(daemon.events("prune_disabled")) == 1
+    assert not daemon.events("prune_started") and not daemon.events("prune_failed")
+    passes = _snapshot_ids(append_only_repository, watcher_env["RESTIC_PASSWORD"], db.name)
+    assert len(passes) == 3, passes
+
+    pruned = run_watcher(["prune"], env, timeout=300)
+    assert pruned.returncode == 1, pruned.stdout + pruned.stderr
+    assert "prune FAILED: restic forget failed: the repository refused to delete" in pruned.stdout
+    assert "append-only credentials" in pruned.stdout and "WATCHER_PRUNE=false" in pruned.stdout
+    assert "unexpected HTTP response" not in pruned.stdout
+    # Nothing was removed, and the repository is whole.
+    assert _snapshot_ids(append_only_repository, watcher_env["RESTIC_PASSWORD"], db.name) == passes
+    check = subprocess.run(["restic", "check"], env={**os.environ, "RESTIC_REPOSITORY": append_only_repository,
+                                                      "RESTIC_PASSWORD": watcher_env["RESTIC_PASSWORD"]},
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
