@@ -1,6 +1,6 @@
 """How a forget or prune step is judged from restic's exit and stderr: a deletion the backend refused
 (append-only credentials) is named as such, also where restic exits 0. The texts are restic 0.18's own
-against rest-server 0.13 --append-only; tests/integration/test_append_only.py runs them for real."""
+against rest-server 0.13 --append-only; tests/integration/test_least_privilege.py runs them for real."""
 
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
-"""Least privilege (SPEC §11): a host with append-only credentials runs with WATCHER_PRUNE=false.
+"""Least privilege and one pruner (SPEC §11).
 
-The repository is served by restic's rest-server 0.13 with --append-only (from the test ground), which
-lets a client create files and remove its own locks but refuses every other deletion. The daemon backs
-up pass after pass and never tries to forget or prune; `backup-watcher prune` with the same credentials
-fails with one sentence naming append-only credentials and WATCHER_PRUNE=false, and nothing is lost.
+A host with append-only credentials runs with WATCHER_PRUNE=false. The repository is served by restic's
+rest-server 0.13 with --append-only (from the test ground), which lets a client create files and remove
+its own locks but refuses every other deletion. The daemon backs up pass after pass and never tries to
+forget or prune; `backup-watcher prune` with the same credentials fails with one sentence naming
+append-only credentials and WATCHER_PRUNE=false, and nothing is lost.
+
+Backups wait out a prune that holds the repository's exclusive lock, up to WATCHER_LOCK_RETRY: a real
+`restic prune`, stopped (SIGSTOP) while it holds the lock, stands for a long prune of another host.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,9 +30,11 @@ import pytest
 
 from tests.integration.conftest import (
     PgContainer,
+    Repo,
     StartDaemon,
     StartPg,
     free_port,
+    process_command_lines,
     run_watcher,
     wait_for,
 )
@@ -104,3 +114,63 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
                                                       "RESTIC_PASSWORD": watcher_env["RESTIC_PASSWORD"]},
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _start_prune_holding_the_lock(repo: Repo) -> subprocess.Popen[bytes] | None:
+    """Starts `restic prune` and stops it (SIGSTOP) as soon as its exclusive lock is in the repository;
+    returns it stopped, or None when it ended before it could be stopped."""
+    prune = subprocess.Popen(["restic", "prune"], env={**os.environ, "RESTIC_REPOSITORY": str(repo.path),
+                                                        "RESTIC_PASSWORD": repo.password},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while prune.poll() is None and time.monotonic() < deadline:
+        if any((repo.path / "locks").iterdir()):
+            prune.send_signal(signal.SIGSTOP)
+            return prune
+        time.sleep(0.002)
+    prune.kill()
+    prune.wait()
+    return None
+
+
+@contextmanager
+def _prune_holding_the_lock(repo: Repo) -> Iterator[subprocess.Popen[bytes]]:
+    """A real prune, stopped while it holds the repository's exclusive lock; resumed and waited for at the end."""
+    prune = None
+    for _ in range(5):  # a tiny repository's prune may end before it is caught holding the lock
+        if (prune := _start_prune_holding_the_lock(repo)) is not None:
+            break
+    assert prune is not None, "restic prune always ended before it could be stopped holding its lock"
+    try:
+        yield prune
+    finally:
+        prune.send_signal(signal.SIGCONT)
+        prune.wait(timeout=120)
+
+
+def test_a_backup_waits_out_a_running_prune_up_to_watcher_lock_retry(
+        start_pg: StartPg, watcher_env: dict[str, str], repo: Repo) -> None:
+    db: PgContainer = start_pg(f"bwt-lockretry{RUN}-db", "17")
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    first = run_watcher(["backup", db.name], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    with _prune_holding_the_lock(repo) as prune:
+        # A bound shorter than the prune: the backup gives up, naming the bound, and writes nothing.
+        short = run_watcher(["backup", db.name], {**env, "WATCHER_LOCK_RETRY": "2s"})
+        assert short.returncode == 1, short.stdout + short.stderr
+        assert "restic gave up waiting for the repository lock" in short.stdout
+        assert "after 2s: the bound is WATCHER_LOCK_RETRY" in short.stdout
+        # A bound longer than the prune: the backup waits (still running, the prune still stopped) ...
+        waiting = subprocess.Popen([sys.executable, "-m", "watcher", "backup", db.name],
+                                   env={**env, "WATCHER_LOCK_RETRY": "5m"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: any("--retry-lock 300s" in line and " backup " in line for line in process_command_lines()),
+                 60, "restic backup to wait for the lock")
+        time.sleep(3)  # longer than the short bound above, which this backup has outlived
+        assert waiting.poll() is None and prune.poll() is None
+    # ... and completes once the prune has ended.
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, out + err
+    assert len(repo.snapshots_of(db.name)) == 2
