@@ -98,7 +98,8 @@ class Launcher:
                                   cancel=self.ctx.cancel)
             if not done.ok:
                 error = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
-                error = repository_lock_problem(done.returncode, error, self.ctx.bounds.lock_retry_s) or error
+                if hint := repository_lock_problem(done.returncode, error, self.ctx.bounds.lock_retry_s):
+                    error = f"{hint}\n{error}"
                 return RetagFinished(job.container_id, job.renames,
                                      error=f"moving history of {old_name} to {new_name} failed: {error}")
             log.info("history_renamed", target=new_name, old_name=old_name)
