@@ -4,7 +4,8 @@ A host with append-only credentials runs with WATCHER_PRUNE=false. The repositor
 rest-server 0.13 with --append-only (from the test ground), which lets a client create files and remove
 its own locks but refuses every other deletion. The daemon backs up pass after pass and never tries to
 forget or prune; `backup-watcher prune` with the same credentials fails with one sentence naming
-append-only credentials and WATCHER_PRUNE=false, and nothing is lost.
+append-only credentials and WATCHER_PRUNE=false, and nothing is lost; with the maintenance host's
+credentials (the same data served without --append-only) it applies the keeps.
 
 Backups wait out a prune that holds the repository's exclusive lock, up to WATCHER_LOCK_RETRY: a real
 `restic prune`, stopped (SIGSTOP) while it holds the lock, stands for a long prune of another host.
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,36 +52,49 @@ def _accepts(port: int) -> bool:
         return False
 
 
+ServeRepository = Callable[..., str]
+
+
 @pytest.fixture
-def append_only_repository(tmp_path: Path) -> Iterator[str]:
-    """A rest-server --append-only on 127.0.0.1 (no authentication); yields its restic repository URL."""
+def serve_repository(tmp_path: Path) -> Iterator[ServeRepository]:
+    """Factory: a rest-server on 127.0.0.1 (no authentication) over the test's one data directory,
+    append-only or not (the credentials of a database host, or of the maintenance host); returns its
+    restic repository URL. Every server is stopped at the end."""
     binary = shutil.which("rest-server")
     assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
-    port = free_port()
-    log = (tmp_path / "rest-server.log").open("wb")
-    server = subprocess.Popen([binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}",
-                               "--no-auth", "--append-only"], stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
-    try:
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def serve(*, append_only: bool) -> str:
+        port = free_port()
+        log = tmp_path / f"rest-server-{port}.log"
+        with log.open("wb") as out:
+            server = subprocess.Popen(
+                [binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}", "--no-auth",
+                 *(["--append-only"] if append_only else [])],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        servers.append(server)
         wait_for(lambda: server.poll() is not None or _accepts(port), 30, "rest-server to listen", interval=0.1)
-        assert server.poll() is None, (tmp_path / "rest-server.log").read_text()
-        yield f"rest:http://127.0.0.1:{port}/"
-    finally:
+        assert server.poll() is None, log.read_text()
+        return f"rest:http://127.0.0.1:{port}/"
+
+    yield serve
+    for server in servers:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
 
 
 def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
+    """The ids of a container's snapshots, oldest first."""
     done = subprocess.run(["restic", "--no-lock", "snapshots", "--json", "--tag", f"container={container}"],
                           env={**os.environ, "RESTIC_REPOSITORY": repository, "RESTIC_PASSWORD": password},
                           capture_output=True, text=True, timeout=120, check=True)
-    return sorted(snap["id"] for snap in json.loads(done.stdout))
+    return [snap["id"] for snap in sorted(json.loads(done.stdout), key=lambda snap: str(snap["time"]))]
 
 
 def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
         start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str],
-        append_only_repository: str) -> None:
+        serve_repository: ServeRepository) -> None:
+    append_only_repository = serve_repository(append_only=True)
     db: PgContainer = start_pg(f"bwt-appendonly{RUN}-db", "15")
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
     # Keep one snapshot a day: every pass but the last of the day is one for forget to remove. The slot
@@ -114,6 +128,14 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
                                                       "RESTIC_PASSWORD": watcher_env["RESTIC_PASSWORD"]},
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+    # The maintenance host's credentials may delete: the same command, WATCHER_PRUNE=false as well, applies
+    # the keeps (one a day), and the newest pass is what is left.
+    maintenance = {**env, "RESTIC_REPOSITORY": serve_repository(append_only=False)}
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert "pruned: 2 snapshot(s) forgotten" in pruned.stdout
+    assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
 
 
 def _start_prune_holding_the_lock(repo: Repo) -> subprocess.Popen[bytes] | None:
