@@ -137,8 +137,11 @@ class Notifier:
         title, body = self._mask(alert.title), self._mask(alert.body)
 
         def attempt() -> None:
+            from apprise import NotifyType  # loaded by __init__ already
+
             try:
-                outcome.append(bool(self._apprise.notify(title=title, body=body)))
+                outcome.append(bool(self._apprise.notify(title=title, body=body,
+                                                         notify_type=NotifyType(alert.severity.value))))
             except Exception as exc:
                 log.warning("notification_error", error=self._mask(f"{type(exc).__name__}: {exc}"))
                 outcome.append(False)
@@ -147,7 +150,8 @@ class Notifier:
         worker.start()
         worker.join(self._timeout_s)
         delivered = bool(outcome) and outcome[0]
-        fields = {"subject": alert.subject, "concern": alert.concern.value, "kind": alert.kind.value}
+        fields = {"subject": alert.subject, "concern": alert.concern.value, "kind": alert.kind.value,
+                  "type": alert.severity.value}
         if delivered:
             log.info("notification_sent", **fields)
         elif not outcome:

@@ -4,6 +4,9 @@ First failure → one FAILED alert; further failures → nothing (or one REMINDE
 interval); first success after failures → one RECOVERED notice; successes → nothing. A stale
 snapshot is not paged separately while the same target's backups are already failing: that is
 one incident, and it was paged once. No I/O here: `transition` is a function of its inputs.
+
+Every alert carries a severity, Apprise's notification type (`severity`): failure for FAILED, success
+for RECOVERED, warning for a REMINDER and for concerns that are warnings in themselves (a stale snapshot).
 """
 
 from __future__ import annotations
@@ -32,6 +35,29 @@ class Kind(enum.StrEnum):
     FAILED = "failed"
     REMINDER = "reminder"
     RECOVERED = "recovered"
+
+
+class Severity(enum.StrEnum):
+    """The type Apprise gives a notification (the values of apprise.NotifyType), by which Slack, ntfy,
+    Pushover and others colour and prioritise it."""
+
+    SUCCESS = "success"
+    WARNING = "warning"
+    FAILURE = "failure"
+
+
+# Concerns whose failure is a warning: a snapshot growing old is a reason to look, not a failed job.
+WARNING_CONCERNS = frozenset({Concern.STALE})
+
+
+def severity(kind: Kind, concern: Concern) -> Severity:
+    """Returns the Apprise type of an alert: success for a recovery, warning for a reminder (already
+    paged as a failure) or a warning concern, failure otherwise."""
+    if kind is Kind.RECOVERED:
+        return Severity.SUCCESS
+    if kind is Kind.REMINDER or concern in WARNING_CONCERNS:
+        return Severity.WARNING
+    return Severity.FAILURE
 
 
 ADVICE = {
@@ -80,6 +106,11 @@ class Alert:
     concern: Concern
     title: str
     body: str
+
+    @property
+    def severity(self) -> Severity:
+        """The Apprise type it is delivered with."""
+        return severity(self.kind, self.concern)
 
 
 def _title(kind: Kind, subject: str, concern: Concern) -> str:

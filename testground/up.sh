@@ -4,7 +4,7 @@
 # outside the clone, under $BW_TESTGROUND (default /var/lib/backup-watcher-test), so that
 # images and tools survive between runs; every step is skipped when its product is there.
 #
-#   eval "$(testground/up.sh)"          # engine + PostgreSQL 15/17 images + restic 0.18
+#   eval "$(testground/up.sh)"          # engine + PostgreSQL 15/17 images + restic 0.18 + rest-server 0.13
 #   BW_TESTGROUND_PARTS=engine,pg15 ... # only some parts (the demo needs no PG 17)
 #
 # Progress goes to stderr; only the export lines go to stdout.
@@ -12,7 +12,7 @@ set -euo pipefail
 
 TG=${BW_TESTGROUND:-/var/lib/backup-watcher-test}
 RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
-PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,prometheus,pybase,proxy}
+PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,restserver,prometheus,pybase,proxy}
 MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # BW_ENGINE_HOST: use this already running engine instead of starting a private one.
@@ -58,12 +58,12 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-# --- restic 0.18 from Debian trixie, unpacked into $TG/tools (bookworm's 0.14 is too old) -----
-install_restic() {
-    if [ -x "$TG/bin/restic" ] && "$TG/bin/restic" version 2>/dev/null | grep -q 'restic 0.1[89]'; then
-        return 0
-    fi
-    log "fetching restic from Debian trixie"
+# --- packages of Debian trixie, unpacked into $TG/tools (bookworm's are too old) -------------------
+# Downloads package $1 from a private trixie source (the host's own apt sources stay as they are) and
+# unpacks it into $TG/tools/$2.
+fetch_trixie_package() {
+    local package=$1 into=$2
+    log "fetching $package from Debian trixie"
     local apt_dir="$TG/apt-trixie"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs"
     chmod 755 "$apt_dir/debs"
@@ -72,12 +72,30 @@ install_restic() {
     local opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
         -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Get::List-Cleanup=0)
     apt-get "${opts[@]}" update -qq >&2
-    (cd "$apt_dir/debs" && rm -f restic_*.deb && apt-get "${opts[@]}" download restic >&2)
-    rm -rf "$TG/tools/restic"
+    (cd "$apt_dir/debs" && rm -f "${package}"_*.deb && apt-get "${opts[@]}" download "$package" >&2)
+    rm -rf "$TG/tools/$into"
     mkdir -p "$TG/tools"
-    dpkg -x "$apt_dir"/debs/restic_*.deb "$TG/tools/restic"
+    dpkg -x "$apt_dir/debs/${package}"_*.deb "$TG/tools/$into"
+}
+
+# --- restic 0.18 ------------------------------------------------------------------------------------
+install_restic() {
+    if [ -x "$TG/bin/restic" ] && "$TG/bin/restic" version 2>/dev/null | grep -q 'restic 0.1[89]'; then
+        return 0
+    fi
+    fetch_trixie_package restic restic
     ln -sf "$TG/tools/restic/usr/bin/restic" "$TG/bin/restic"
     "$TG/bin/restic" version >&2
+}
+
+# --- restic's rest-server 0.13: a remote backend, and its --append-only mode for least privilege ----
+install_rest_server() {
+    if [ -x "$TG/bin/rest-server" ] && "$TG/bin/rest-server" --version 2>/dev/null | grep -q '0\.13'; then
+        return 0
+    fi
+    fetch_trixie_package restic-rest-server rest-server
+    ln -sf "$TG/tools/rest-server/usr/bin/restic-rest-server" "$TG/bin/rest-server"
+    "$TG/bin/rest-server" --version >&2
 }
 
 # --- Debian bookworm's restic 0.14, only to prove that a too-old restic is refused ------------
@@ -189,10 +207,11 @@ if want engine && { [ -z "${BW_ENGINE_HOST:-}" ] || ! command -v docker >/dev/nu
 fi
 { want pg15 || want pg17 || want pybase; } && need+=(debootstrap)
 want proxy && need+=(haproxy docker-compose)
-want restic && need+=(gnupg)
+{ want restic || want restserver; } && need+=(gnupg)
 want prometheus && need+=(prometheus)
 apt_install "${need[@]}"
 want restic && install_restic && install_old_restic
+want restserver && install_rest_server
 if want engine; then
     start_engine
     want pg15 && build_pg_image 15 bookworm

@@ -6,6 +6,7 @@ environment (RESTIC_PASSWORD for restic, PGPASSWORD passed by name to the exec h
 
 from __future__ import annotations
 
+import math
 import sys
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -274,9 +275,10 @@ def restic_stats(restic: str) -> Command:
     return (restic, "--no-lock", "stats", "--json", "--mode", "raw-data")
 
 
-def with_lock_wait(argv: Command, wait: str) -> Command:
-    """The same restic command, waiting up to `wait` (e.g. "5m") for a lock held by a live process."""
-    return (argv[0], "--retry-lock", wait, *argv[1:])
+def with_lock_wait(argv: Command, wait_s: float) -> Command:
+    """The same restic command, waiting up to `wait_s` seconds (whole seconds, rounded up) for a repository
+    lock another live process holds (WATCHER_LOCK_RETRY)."""
+    return (argv[0], "--retry-lock", f"{math.ceil(wait_s)}s", *argv[1:])
 
 
 def restic_version(restic: str) -> Command:

@@ -91,13 +91,15 @@ class Retention:
 
 @dataclass(frozen=True)
 class Bounds:
-    """How long jobs may wait on live databases and run at all, in seconds (SPEC §4, §11); the defaults
-    are those of the settings WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT and _DUMP_TIMEOUT."""
+    """How long jobs may wait on live databases and the repository's lock, and run at all, in seconds
+    (SPEC §4, §11); the defaults are those of the settings WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT,
+    _READY_TIMEOUT, _DUMP_TIMEOUT and _LOCK_RETRY."""
 
     lock_wait_s: float = 300.0
     query_s: float = 600.0
     ready_s: float = 120.0
     dump_s: float = 21600.0
+    lock_retry_s: float = 1800.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +136,10 @@ class Config:
     keep_daily: int = setting("WATCHER_KEEP_DAILY", "30", whole(0), help="daily snapshots kept")
     keep_weekly: int = setting("WATCHER_KEEP_WEEKLY", "4", whole(0), help="weekly snapshots kept")
     keep_monthly: int = setting("WATCHER_KEEP_MONTHLY", "6", whole(0), help="monthly snapshots kept")
+    prune: bool = setting(
+        "WATCHER_PRUNE", "true", BOOL,
+        help="false: the daemon never runs forget/prune (a host with append-only credentials; another host "
+             "prunes); `backup-watcher prune` still runs where the credentials allow deleting")
     concurrency: int = setting("WATCHER_CONCURRENCY", "2", whole(1), help="backups running at once")
     drill_schedule: str | None = setting(
         "WATCHER_DRILL_SCHEDULE", "0 5 1 * *", CRON_OR_OFF, blank_is_off=True, unset="(disabled)",
@@ -169,6 +175,10 @@ class Config:
         help="how long a backup waits for PostgreSQL in a container to accept connections")
     dump_timeout_s: float = setting(
         "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
+    lock_retry_s: float = setting(
+        "WATCHER_LOCK_RETRY", "30m", duration(1),
+        help="how long a restic command waits for a repository lock another live process holds (restic "
+             "--retry-lock): backups wait out a running prune, a prune waits out running backups")
 
     @property
     def retention(self) -> Retention:
@@ -178,7 +188,8 @@ class Config:
     @property
     def bounds(self) -> Bounds:
         """The bounds of jobs, as the job context carries them."""
-        return Bounds(self.lock_wait_timeout_s, self.query_timeout_s, self.ready_timeout_s, self.dump_timeout_s)
+        return Bounds(self.lock_wait_timeout_s, self.query_timeout_s, self.ready_timeout_s, self.dump_timeout_s,
+                      lock_retry_s=self.lock_retry_s)
 
     @property
     def metrics_host(self) -> str:

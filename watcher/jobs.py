@@ -21,7 +21,13 @@ from watcher.config import Bounds
 from watcher.discovery import Target
 from watcher.durations import format_duration
 from watcher.execute import Command, Completed, ExecError, Masker, run_in_container, run_pipeline
-from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, restic_error_text
+from watcher.restic import (
+    EXIT_NO_REPOSITORY,
+    EXIT_WRONG_PASSWORD,
+    Repository,
+    repository_lock_problem,
+    restic_error_text,
+)
 
 log = structlog.get_logger("watcher.jobs")
 ALL_DATABASES_PLACEHOLDER = "*"
@@ -35,9 +41,6 @@ PROBE_TIMEOUT_SECONDS = 30.0
 SETTLED_AFTER_SECONDS = 120.0
 # The least a container that started recently is waited for, however long ago it started.
 MIN_READY_WAIT_SECONDS = 30.0
-# Wait this long for a lock held by a live restic (a prune, another host's backup); stale locks of
-# dead processes are removed by `restic unlock` instead.
-LOCK_WAIT = "5m"
 
 
 class JobError(Exception):
@@ -347,7 +350,7 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
     env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
     if creds.password:
         env["PGPASSWORD"] = creds.password
-    return commands.with_lock_wait(argv, LOCK_WAIT), env
+    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 
 def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, started_at: datetime,
@@ -373,7 +376,8 @@ def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, 
         head = f"backup timed out after {duration:.0f}s (WATCHER_DUMP_TIMEOUT); no snapshot was written"
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
-    hint = lock_wait_problem(detail, lock_wait_of(ctx, target))
+    hint = lock_wait_problem(detail, lock_wait_of(ctx, target)) or repository_lock_problem(
+        done.returncode, detail, ctx.bounds.lock_retry_s)
     error = "\n".join(part for part in (head, hint, detail) if part)
     return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watcher import commands
+from watcher.durations import format_duration
 from watcher.execute import Completed, Masker, run
 
 MIN_VERSION = (0, 17, 0)
@@ -39,6 +40,16 @@ def restic_error_text(lines: list[str]) -> str:
             if text:
                 readable.append(str(text))
     return "\n".join(dict.fromkeys(readable))
+
+
+def repository_lock_problem(returncode: int, stderr: str, retry_s: float) -> str | None:
+    """A sentence naming WATCHER_LOCK_RETRY when restic gave up waiting for a repository lock another
+    process holds (exit 11, or its words); None when that is not why it failed."""
+    if returncode != EXIT_LOCKED and "repository is already locked" not in stderr:
+        return None
+    return (f"restic gave up waiting for the repository lock another process holds (a prune, another host's "
+            f"job?) after {format_duration(retry_s)}: the bound is WATCHER_LOCK_RETRY. A lock left by a process "
+            "that died is removed by `restic unlock` (the daemon runs it at start and before each prune)")
 
 
 def parse_time(raw: str) -> datetime:

@@ -1,12 +1,15 @@
 """Retention: forget by the configured keeps, per (container, database) history, then prune.
 
 Runs only while no backup runs (the daemon serializes it), so it never competes with one for the
-repository's exclusive lock; stale locks left by a crashed restic are cleared first.
+repository's exclusive lock; stale locks left by a crashed restic are cleared first. A host whose
+credentials may not delete (append-only) cannot apply retention: restic's refusals are turned into one
+sentence that says so (and `restic forget`, which exits 0 when it could not remove a snapshot, fails).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,11 +20,21 @@ import structlog
 from watcher import commands
 from watcher.config import Retention
 from watcher.discovery import Target
-from watcher.jobs import LOCK_WAIT, JobContext
-from watcher.restic import restic_error_text
+from watcher.execute import Completed
+from watcher.jobs import JobContext
+from watcher.restic import repository_lock_problem, restic_error_text
 
 log = structlog.get_logger("watcher.retention")
+# How long forget or prune may run once it holds the lock (its wait for the lock, WATCHER_LOCK_RETRY, comes on top).
 PRUNE_TIMEOUT_SECONDS = 6 * 3600.0
+APPEND_ONLY_PROBLEM = (
+    "the repository refused to delete (HTTP 403 Forbidden): these are append-only credentials (such as a "
+    "rest-server started with --append-only), which can back up but not forget or prune. Run "
+    "`backup-watcher prune` on the maintenance host whose credentials may delete, and set WATCHER_PRUNE=false "
+    "on this host so that its daemon does not try")
+# restic's line for a deletion the backend refused: "Remove(<snapshot/3edbef8ae2>) failed: unexpected HTTP
+# response (403): 403 Forbidden" (rest-server --append-only); an S3 policy without DeleteObject answers 403 too.
+_REFUSED_DELETION = re.compile(r"^Remove\(<[^>]*>\) failed: .*(\(403\)|Forbidden|Access Denied)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,24 @@ def count_removed(forget_output: str) -> int:
     return removed
 
 
+def step_problem(done: Completed, lock_retry_s: float) -> str | None:
+    """Returns why a forget or prune step did not do its work (masked, readable), or None when it did.
+
+    A deletion the backend refused (append-only credentials) is named as such whatever restic's exit;
+    `restic forget` exits 0 when it could not remove a snapshot, so its stderr is read too. A lock it
+    waited for in vain names the bound, `lock_retry_s` (WATCHER_LOCK_RETRY), before restic's words.
+    """
+    if _REFUSED_DELETION.search(done.stderr_tail):
+        return APPEND_ONLY_PROBLEM
+    detail = restic_error_text(done.stderr_tail.splitlines())
+    if not done.ok:
+        hint = repository_lock_problem(done.returncode, detail, lock_retry_s)
+        return "\n".join(part for part in (hint, detail) if part) or done.describe_failure()
+    if "unable to remove" in done.stderr_tail:
+        return f"some snapshots could not be removed: {detail}"
+    return None
+
+
 def clear_stale_locks(ctx: JobContext) -> None:
     """Removes locks of restic processes that no longer exist (never a live one); logs, never raises."""
     done = ctx.repository.run(commands.restic_unlock(ctx.repository.binary), timeout=300, cancel=ctx.cancel)
@@ -86,16 +117,16 @@ def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
     for retention, names in retention_classes(targets).items():
         argv = commands.with_lock_wait(
             commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention),
-            LOCK_WAIT)
-        done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS, cancel=ctx.cancel)
-        if not done.ok:
-            return failed("restic forget", restic_error_text(done.stderr_tail.splitlines())
-                          or done.describe_failure())
+            ctx.bounds.lock_retry_s)
+        done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
+        if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:
+            return failed("restic forget", problem)
         removed += count_removed(done.stdout.decode(errors="replace"))
-    done = ctx.repository.run(commands.with_lock_wait(commands.restic_prune(ctx.repository.binary), LOCK_WAIT),
-                              timeout=PRUNE_TIMEOUT_SECONDS, cancel=ctx.cancel)
-    if not done.ok:
-        return failed("restic prune", restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure())
+    done = ctx.repository.run(
+        commands.with_lock_wait(commands.restic_prune(ctx.repository.binary), ctx.bounds.lock_retry_s),
+        timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
+    if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:
+        return failed("restic prune", problem)
     size, count = repository_figures(ctx)
     duration = time.monotonic() - started
     bound.info("prune_succeeded", duration_s=round(duration, 3), snapshots_removed=removed,

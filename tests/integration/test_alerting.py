@@ -1,9 +1,10 @@
 """Alerts through real Apprise to a JSON webhook and an SMTP server on 127.0.0.1.
 
-End to end, once each: a failing backup, a stale snapshot, bad labels, an unreachable endpoint. The
-alert policy itself (one page per failure, one per recovery, reminders, stale absorbed into a failing
-backup, the summary at start, the event stream) is tested on a fake clock in tests/unit
-(test_alert_policy, test_outcomes).
+End to end, once each: a failing backup, a stale snapshot, bad labels, an unreachable endpoint, and
+every kind of alert arriving with its Apprise type (failure, success, warning). The alert policy
+itself (one page per failure, one per recovery, reminders, stale absorbed into a failing backup, the
+summary at start, the event stream) is tested on a fake clock in tests/unit (test_alert_policy,
+test_outcomes).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
 
+from alerting.notify import Notifier
+from alerting.policy import Alert, AlertPolicy, Concern, Observation, startup_summary
 from tests.integration.conftest import (
     DaemonProcess,
     PgContainer,
@@ -65,6 +68,10 @@ class Webhook:
 
     def titles(self) -> list[str]:
         return [str(item["title"]) for item in self.received]
+
+    def types(self) -> dict[str, str]:
+        """The Apprise type each notification arrived with, by its title."""
+        return {str(item["title"]): str(item["type"]) for item in self.received}
 
 
 class Mailbox:
@@ -158,6 +165,7 @@ def test_three_failures_then_success_page_once_and_recover_once(
     for titles in (webhook.titles(), mailbox.subjects()):
         assert titles == [f"[backup-watcher] FAILED: backup of {db.name}",
                           f"[backup-watcher] RECOVERED: backup of {db.name}"], titles
+    assert [item["type"] for item in webhook.received] == ["failure", "success"]
     failure_text = str(webhook.received[0]["message"])
     assert 'role "dumper" does not exist' in failure_text and "What to do:" in failure_text
     assert "after 3 failure(s)" in str(webhook.received[1]["message"])
@@ -197,6 +205,8 @@ def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_change
     titles = webhook.titles()
     assert titles.count(f"[backup-watcher] FAILED: labels of {bad.name}") == 1, titles
     assert titles.count(f"[backup-watcher] FAILED: snapshot stale of {good.name}") == 1, titles
+    assert webhook.types()[f"[backup-watcher] FAILED: snapshot stale of {good.name}"] == "warning"
+    assert webhook.types()[f"[backup-watcher] FAILED: labels of {bad.name}"] == "failure"
     label_text = next(str(m["message"]) for m in webhook.received if "labels of" in str(m["title"]))
     assert "backup-watcher.keep-daily='lots'" in label_text
     assert len(daemon.events("label_invalid", target=bad.name)) == 1
@@ -210,6 +220,7 @@ def test_configuration_errors_at_start_are_paged(watcher_env: dict[str, str], we
     assert done.returncode == 2
     assert "WATCHER_SCHEDULE" in done.stderr
     assert webhook.titles() == ["[backup-watcher] FAILED: configuration of backup-watcher"]
+    assert webhook.received[0]["type"] == "failure"
     assert "WATCHER_SCHEDULE='every night'" in str(webhook.received[0]["message"])
     assert HOOK_PASSWORD not in json.dumps(webhook.received) + done.stderr + done.stdout
 
@@ -222,3 +233,30 @@ def test_invalid_apprise_url_is_a_configuration_error_without_its_secret(watcher
     assert "WATCHER_APPRISE_URLS: entry #1 (scheme 'jsn')" in done.stderr
     assert "very-secret-token" not in done.stderr + done.stdout
 
+
+
+def _every_kind_of_alert() -> list[Alert]:
+    """The alerts the policy sends for a backup that fails, is still failing a day later and recovers, a
+    stale snapshot and its recovery, and the summary at start of the targets already stale."""
+    policy = AlertPolicy(reminder_after=timedelta(hours=24))
+    start = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
+    seen = [(Concern.BACKUP, False, 0), (Concern.BACKUP, False, 24), (Concern.BACKUP, True, 25),
+            (Concern.STALE, False, 26), (Concern.STALE, True, 27)]
+    alerts = [policy.observe(Observation("app-db", concern, ok, start + timedelta(hours=hours), "detail"))
+              for concern, ok, hours in seen]
+    return [*(alert for alert in alerts if alert is not None),
+            startup_summary("db-host", [("app-db", "3 days old")], start)]
+
+
+def test_each_kind_of_alert_arrives_with_its_apprise_type(webhook: Webhook) -> None:
+    notifier = Notifier([webhook.url], None, mask=lambda text: text)
+    for alert in _every_kind_of_alert():
+        assert notifier.deliver_now(alert), alert.title
+    assert webhook.types() == {
+        "[backup-watcher] FAILED: backup of app-db": "failure",
+        "[backup-watcher] REMINDER: backup of app-db": "warning",
+        "[backup-watcher] RECOVERED: backup of app-db": "success",
+        "[backup-watcher] FAILED: snapshot stale of app-db": "warning",
+        "[backup-watcher] RECOVERED: snapshot stale of app-db": "success",
+        "[backup-watcher] 1 target(s) without a recent snapshot on db-host": "warning",
+    }

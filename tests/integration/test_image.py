@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -238,6 +239,14 @@ def test_compose_example_is_valid(tmp_path: Path) -> None:
     # No secret value in the file itself, and the watcher never mounts the Docker socket.
     watcher_section = done.stdout.split("  watcher:", 1)[1].split("\n  [a-z]", 1)[0]
     assert "docker.sock" not in watcher_section.split("\n  log-shipper:")[0].split("\n  prometheus:")[0]
+    # The header a newcomer follows names every secret file the file needs, and the repository's creation.
+    source = (ROOT / "deploy" / "docker-compose.example.yml").read_text()
+    header = source.split("\nservices:", 1)[0]
+    needed = re.findall(r"file: \./secrets/(\w+)", source)
+    assert len(needed) == 5
+    for name in needed:
+        assert name in header, f"the header does not say to create deploy/secrets/{name}"
+    assert "WATCHER_INIT_REPOSITORY=true" in header and "chown 10001" in header
 
 
 def readme_docker_run_steps() -> list[str]:
@@ -298,6 +307,24 @@ def test_readme_docker_run_followed_literally_ends_in_a_snapshot_and_a_bad_start
         assert state["ExitCode"] == 2, logs.stdout[-2000:] + logs.stderr[-2000:]
         assert "wrong password or no key found" in logs.stderr
         assert "RESTIC_PASSWORD" in logs.stderr
+        # No repository there and WATCHER_INIT_REPOSITORY=false; no Docker engine at DOCKER_HOST: the same.
+        empty = tmp_path / "empty-repo"
+        empty.mkdir()
+        shutil.chown(empty, 10001, 10001)
+        no_repository = [(f"-v {srv}:/repo", f"-v {empty}:/repo"),
+                         ("WATCHER_INIT_REPOSITORY=true", "WATCHER_INIT_REPOSITORY=false")]
+        no_engine = [("-e RESTIC_REPOSITORY", "-e DOCKER_HOST=unix:///nowhere.sock -e RESTIC_REPOSITORY")]
+        for changes, said in ((no_repository, "WATCHER_INIT_REPOSITORY=true"),
+                              (no_engine, "DOCKER_HOST=unix:///nowhere.sock")):
+            docker("rm", "-f", name)
+            step = run_step
+            for old, new in changes:
+                step = step.replace(old, new)
+            subprocess.run(["bash", "-c", step], check=True, capture_output=True, timeout=60)
+            wait_for(lambda: json.loads(docker("inspect", name).stdout)[0]["State"]["Status"] == "exited", 15,
+                     f"the container to exit at once ({said})")
+            assert json.loads(docker("inspect", name).stdout)[0]["State"]["ExitCode"] == 2
+            assert said in docker("logs", name).stderr
     finally:
         docker("rm", "-f", name, check=False)
         docker("rmi", "bwt-readme-image", check=False)

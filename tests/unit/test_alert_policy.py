@@ -7,7 +7,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from alerting.notify import url_secret_parts, validate
-from alerting.policy import ADVICE, AlertPolicy, AlertState, Concern, Kind, Observation, startup_summary, transition
+from alerting.policy import (
+    ADVICE,
+    AlertPolicy,
+    AlertState,
+    Concern,
+    Kind,
+    Observation,
+    Severity,
+    severity,
+    startup_summary,
+    transition,
+)
+from watcher.cli import startup_alert
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 
@@ -125,6 +137,38 @@ def test_startup_summary_lists_each_stale_target() -> None:
     alert = startup_summary("db-host", [("a-db", "3 days old"), ("b-db", "no snapshot yet")], T0)
     assert "2 target(s)" in alert.title and "db-host" in alert.title
     assert "- a-db: 3 days old" in alert.body and "- b-db: no snapshot yet" in alert.body
+
+
+def _alerts_of(concern: Concern) -> dict[Kind, Severity]:
+    """The severity of each kind of alert one (subject, concern) sends: failed, a reminder, recovered."""
+    policy = AlertPolicy(reminder_after=timedelta(hours=24))
+    alerts = [policy.observe(obs(ok, minutes, concern=concern)) for ok, minutes in
+              ((False, 0), (False, 60 * 24), (True, 60 * 25))]
+    return {alert.kind: alert.severity for alert in alerts if alert is not None}
+
+
+@pytest.mark.parametrize("concern", [c for c in Concern if c is not Concern.STALE])
+def test_a_failure_is_typed_failure_its_reminder_warning_its_recovery_success(concern: Concern) -> None:
+    assert _alerts_of(concern) == {Kind.FAILED: Severity.FAILURE, Kind.REMINDER: Severity.WARNING,
+                                   Kind.RECOVERED: Severity.SUCCESS}
+
+
+def test_a_stale_snapshot_is_a_warning_and_its_recovery_a_success() -> None:
+    assert _alerts_of(Concern.STALE) == {Kind.FAILED: Severity.WARNING, Kind.REMINDER: Severity.WARNING,
+                                         Kind.RECOVERED: Severity.SUCCESS}
+    assert startup_summary("db-host", [("a-db", "3 days old")], T0).severity is Severity.WARNING
+
+
+def test_a_configuration_error_at_start_is_a_failure() -> None:
+    assert startup_alert(["WATCHER_SCHEDULE='x': bad"]).severity is Severity.FAILURE
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("concern", list(Concern))
+def test_every_severity_is_an_apprise_notify_type(kind: Kind, concern: Concern) -> None:
+    from apprise import NotifyType
+
+    assert severity(kind, concern).value in {notify_type.value for notify_type in NotifyType}
 
 
 def test_url_secret_parts_cover_password_query_and_path_tokens() -> None:

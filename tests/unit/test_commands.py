@@ -143,7 +143,10 @@ def test_retention_and_lock_commands() -> None:
         "r", "tag", "--host", "h", "--tag", "backup-watcher,container=a-db",
         "--add", "container=b-db", "--remove", "container=a-db",
     )
-    assert commands.with_lock_wait(("r", "prune"), "5m") == ("r", "--retry-lock", "5m", "prune")
+    assert commands.with_lock_wait(("r", "prune"), 1800.0) == ("r", "--retry-lock", "1800s", "prune")
+    # restic reads Go durations: whole seconds, never an exponent; a fraction waits the second out.
+    assert commands.with_lock_wait(("r", "prune"), 1.5)[1:3] == ("--retry-lock", "2s")
+    assert commands.with_lock_wait(("r", "prune"), 7 * 86400.0)[1:3] == ("--retry-lock", "604800s")
 
 
 def test_small_restic_commands() -> None:

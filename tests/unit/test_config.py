@@ -128,6 +128,13 @@ def test_bad_init_repository_value_is_an_error() -> None:
     assert_named(problems, "WATCHER_INIT_REPOSITORY")
 
 
+def test_pruning_is_on_unless_turned_off() -> None:
+    assert load_config(BASE).prune is True
+    assert load_config(env(WATCHER_PRUNE="false")).prune is False
+    assert effective_config(load_config(env(WATCHER_PRUNE="no")))["WATCHER_PRUNE"] == "false"
+    assert problems_of(env(WATCHER_PRUNE="never")) == ["WATCHER_PRUNE='never': must be true or false"]
+
+
 def test_retention_all_zero_is_refused() -> None:
     problems = problems_of(env(WATCHER_KEEP_DAILY="0", WATCHER_KEEP_WEEKLY="0", WATCHER_KEEP_MONTHLY="0"))
     assert any("WATCHER_KEEP_DAILY" in p for p in problems)

@@ -52,6 +52,7 @@ class Simulation:
     ran: list[Ran] = field(default_factory=list)
     failing: set[str] = field(default_factory=set)  # targets whose backups fail
     blocked: set[str] = field(default_factory=set)  # targets whose backups do not end
+    prune: bool = True  # WATCHER_PRUNE
 
     def __post_init__(self) -> None:
         rules = DiscoveryRules(("*-db",), self.schedule, Retention())
@@ -74,7 +75,7 @@ class Simulation:
         self.world.clock.advance(1)
         for ran in [r for r in self.ran if r.end == self.now]:
             self._finish(ran)
-        view = View(self.world.registry.view(), self.concurrency, "UTC")
+        view = View(self.world.registry.view(), self.concurrency, "UTC", prune=self.prune)
         for job in plan(view, self.book, self.now):
             self.book = self.book.started(job)
             if isinstance(job, BackupJob | RetagJob):
@@ -138,6 +139,16 @@ def test_passes_one_backup_per_target_and_slot_within_the_concurrency_and_a_prun
             minutes=1))
         assert any(last <= p.start < slot + timedelta(minutes=1) for p in prunes)
     assert not [r for r in sim.ran if isinstance(r.job, DrillJob | RefreshJob)]
+
+
+def test_with_pruning_off_every_pass_runs_and_no_prune_ever_starts() -> None:
+    sim = Simulation(concurrency=2, seconds=10, prune=False)
+    for name in ("a-db", "b-db", "c-db"):
+        sim.register(container(name))
+    sim.run_for(5 * 60 - 1)  # the catch-up pass, then four slots
+    assert [len(sim.backups(name)) for name in ("a-db", "b-db", "c-db")] == [5, 5, 5]
+    assert all(r.ok for r in sim.ran)
+    assert not [r for r in sim.ran if isinstance(r.job, PruneJob)]
 
 
 def test_a_failed_backup_is_retried_after_its_back_off_not_at_once() -> None:

@@ -13,8 +13,8 @@ from watcher.registry import TargetState
 MINUTE = timedelta(minutes=1)
 
 
-def view(*entries: TargetState, concurrency: int = 2, drill_schedule: str | None = None) -> View:
-    return View(tuple(sorted(entries, key=lambda e: e.name)), concurrency, "UTC", drill_schedule)
+def view(*entries: TargetState, concurrency: int = 2, drill_schedule: str | None = None, prune: bool = True) -> View:
+    return View(tuple(sorted(entries, key=lambda e: e.name)), concurrency, "UTC", drill_schedule, prune=prune)
 
 
 def backups(jobs: object) -> list[str]:
@@ -66,6 +66,15 @@ def test_the_prune_follows_a_pass_once_nothing_runs_and_nothing_is_due() -> None
     # Nor while a drill, a retag or a refresh runs.
     for busy in (Book(drill=True), Book(retags={"x-id": (("o", "n"),)}), Book(refresh=True)):
         assert plan(view(done), replace(busy, backed_up_since_prune=True), T0) == []
+
+
+def test_no_prune_ever_where_pruning_is_off() -> None:
+    done = make_entry("a-db", next_run=T0 + timedelta(days=1))
+    after_pass = Book(backed_up_since_prune=True)
+    assert plan(view(done, prune=False), after_pass, T0) == []
+    assert plan(view(done, prune=False), after_pass, T0 + timedelta(days=30)) != [], "backups still run"
+    assert not [job for job in plan(view(done, prune=False), after_pass, T0 + timedelta(days=30))
+                if isinstance(job, PruneJob)]
 
 
 def test_the_prune_covers_stopped_targets_too() -> None:

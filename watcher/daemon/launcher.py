@@ -24,11 +24,12 @@ from watcher.daemon.messages import (
 from watcher.daemon.running import BackupJob, DrillJob, Job, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
-from watcher.jobs import LOCK_WAIT, JobContext, backup_target
-from watcher.restic import ResticError, Snapshot, restic_error_text
+from watcher.jobs import JobContext, backup_target
+from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 from watcher.retention import apply_retention
 
 log = structlog.get_logger("watcher.daemon")
+# How long a retag may run once it holds the lock (its wait for the lock, WATCHER_LOCK_RETRY, comes on top).
 RETAG_TIMEOUT_SECONDS = 3600
 
 
@@ -92,10 +93,14 @@ class Launcher:
         repository = self.ctx.repository
         for old_name, new_name in job.renames:
             argv = commands.with_lock_wait(commands.restic_retag(
-                repository.binary, host=self.ctx.host, old_name=old_name, new_name=new_name), LOCK_WAIT)
-            done = repository.run(argv, timeout=RETAG_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
+                repository.binary, host=self.ctx.host, old_name=old_name, new_name=new_name),
+                self.ctx.bounds.lock_retry_s)
+            done = repository.run(argv, timeout=RETAG_TIMEOUT_SECONDS + self.ctx.bounds.lock_retry_s,
+                                  cancel=self.ctx.cancel)
             if not done.ok:
                 error = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
+                if hint := repository_lock_problem(done.returncode, error, self.ctx.bounds.lock_retry_s):
+                    error = f"{hint}\n{error}"
                 return RetagFinished(job.container_id, job.renames,
                                      error=f"moving history of {old_name} to {new_name} failed: {error}")
             log.info("history_renamed", target=new_name, old_name=old_name)

@@ -104,6 +104,9 @@ class Daemon:
         self._events.start()
         remove_leftovers(self.docker, self.ctx.host)
         clear_stale_locks(self.ctx)
+        if not self.config.prune:
+            log.info("prune_disabled", reason="WATCHER_PRUNE=false: this host never forgets or prunes; retention "
+                                              "is left to another host (`backup-watcher prune` there)")
         self._read_repository()
         if self.config.drill_schedule:
             next_drill = next_run(self.config.drill_schedule, self.clock.now(), self.config.timezone)
@@ -188,7 +191,8 @@ class Daemon:
             self.outcomes.reconciled()
 
     def _start_planned_jobs(self) -> None:
-        view = View(self.registry.view(), self.config.concurrency, self.config.timezone, self.config.drill_schedule)
+        view = View(self.registry.view(), self.config.concurrency, self.config.timezone, self.config.drill_schedule,
+                    prune=self.config.prune)
         now = self.clock.now()
         for job in plan(view, self.book, now):
             self._start(job)

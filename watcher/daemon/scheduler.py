@@ -11,7 +11,7 @@ returns. The rules, in the order they are applied:
   never for a container that took a renamed container's old name before that history has moved
   (it would move the newcomer's first snapshots into the other history);
 - the prune starts after a pass: something was backed up since the last prune, nothing runs and
-  nothing is due.
+  nothing is due; never where pruning is off (WATCHER_PRUNE=false: another host prunes).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class View:
     concurrency: int
     timezone: str
     drill_schedule: str | None = None
+    prune: bool = True
 
 
 def due(entries: Iterable[TargetState], now: datetime) -> list[TargetState]:
@@ -79,7 +80,7 @@ def _backup(view: View, book: Book, now: datetime) -> Job | None:
 
 
 def _prune(view: View, book: Book, now: datetime) -> Job | None:
-    if not book.backed_up_since_prune or not book.idle or due(view.entries, now):
+    if not view.prune or not book.backed_up_since_prune or not book.idle or due(view.entries, now):
         return None
     return PruneJob(tuple(e.target for e in view.entries if e.target is not None))
 

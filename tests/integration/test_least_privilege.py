@@ -1,0 +1,198 @@
+"""Least privilege and one pruner (SPEC §11).
+
+A host with append-only credentials runs with WATCHER_PRUNE=false. The repository is served by restic's
+rest-server 0.13 with --append-only (from the test ground), which lets a client create files and remove
+its own locks but refuses every other deletion. The daemon backs up pass after pass and never tries to
+forget or prune; `backup-watcher prune` with the same credentials fails with one sentence naming
+append-only credentials and WATCHER_PRUNE=false, and nothing is lost; with the maintenance host's
+credentials (the same data served without --append-only) it applies the keeps.
+
+Backups wait out a prune that holds the repository's exclusive lock, up to WATCHER_LOCK_RETRY: a real
+`restic prune`, stopped (SIGSTOP) while it holds the lock, stands for a long prune of another host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    PgContainer,
+    Repo,
+    StartDaemon,
+    StartPg,
+    free_port,
+    process_command_lines,
+    run_watcher,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+RUN = uuid.uuid4().hex[:6]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+ServeRepository = Callable[..., str]
+
+
+@pytest.fixture
+def serve_repository(tmp_path: Path) -> Iterator[ServeRepository]:
+    """Factory: a rest-server on 127.0.0.1 (no authentication) over the test's one data directory,
+    append-only or not (the credentials of a database host, or of the maintenance host); returns its
+    restic repository URL. Every server is stopped at the end."""
+    binary = shutil.which("rest-server")
+    assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def serve(*, append_only: bool) -> str:
+        port = free_port()
+        log = tmp_path / f"rest-server-{port}.log"
+        with log.open("wb") as out:
+            server = subprocess.Popen(
+                [binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}", "--no-auth",
+                 *(["--append-only"] if append_only else [])],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        servers.append(server)
+        wait_for(lambda: server.poll() is not None or _accepts(port), 30, "rest-server to listen", interval=0.1)
+        assert server.poll() is None, log.read_text()
+        return f"rest:http://127.0.0.1:{port}/"
+
+    yield serve
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
+    """The ids of a container's snapshots, oldest first."""
+    done = subprocess.run(["restic", "--no-lock", "snapshots", "--json", "--tag", f"container={container}"],
+                          env={**os.environ, "RESTIC_REPOSITORY": repository, "RESTIC_PASSWORD": password},
+                          capture_output=True, text=True, timeout=120, check=True)
+    return [snap["id"] for snap in sorted(json.loads(done.stdout), key=lambda snap: str(snap["time"]))]
+
+
+def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
+        start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str],
+        serve_repository: ServeRepository) -> None:
+    append_only_repository = serve_repository(append_only=True)
+    db: PgContainer = start_pg(f"bwt-appendonly{RUN}-db", "15")
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
+    # Keep one snapshot a day: every pass but the last of the day is one for forget to remove. The slot
+    # is half a day away: the catch-up backup at start is the daemon's pass, one-shot backups the others.
+    env = {**watcher_env, "RESTIC_REPOSITORY": append_only_repository, "WATCHER_CONTAINER_PATTERNS": db.name,
+           "WATCHER_PRUNE": "false", "WATCHER_KEEP_DAILY": "1", "WATCHER_KEEP_WEEKLY": "0",
+           "WATCHER_KEEP_MONTHLY": "0", "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
+           "WATCHER_RECONCILE_INTERVAL": "5", "WATCHER_LOG_LEVEL": "debug"}
+    daemon = start_daemon(env)
+    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 60, "the catch-up backup", interval=0.5)
+    for _ in range(2):
+        done = run_watcher(["backup", db.name], daemon.env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    # A pass is followed by the prune within one loop tick where pruning is on; give it many more.
+    checks = len(daemon.events("health_checked"))
+    wait_for(lambda: len(daemon.events("health_checked")) >= checks + 2, 60, "two more checks", interval=0.5)
+    assert daemon.stop() == 0
+    assert len(daemon.events("prune_disabled")) == 1
+    assert not daemon.events("prune_started") and not daemon.events("prune_failed")
+    passes = _snapshot_ids(append_only_repository, watcher_env["RESTIC_PASSWORD"], db.name)
+    assert len(passes) == 3, passes
+
+    pruned = run_watcher(["prune"], env, timeout=300)
+    assert pruned.returncode == 1, pruned.stdout + pruned.stderr
+    assert "prune FAILED: restic forget failed: the repository refused to delete" in pruned.stdout
+    assert "append-only credentials" in pruned.stdout and "WATCHER_PRUNE=false" in pruned.stdout
+    assert "unexpected HTTP response" not in pruned.stdout
+    # Nothing was removed, and the repository is whole.
+    assert _snapshot_ids(append_only_repository, watcher_env["RESTIC_PASSWORD"], db.name) == passes
+    check = subprocess.run(["restic", "check"], env={**os.environ, "RESTIC_REPOSITORY": append_only_repository,
+                                                      "RESTIC_PASSWORD": watcher_env["RESTIC_PASSWORD"]},
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    # The maintenance host's credentials may delete: the same command, WATCHER_PRUNE=false as well, applies
+    # the keeps (one a day), and the newest pass is what is left.
+    maintenance = {**env, "RESTIC_REPOSITORY": serve_repository(append_only=False)}
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert "pruned: 2 snapshot(s) forgotten" in pruned.stdout
+    assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
+
+
+def _start_prune_holding_the_lock(repo: Repo) -> subprocess.Popen[bytes] | None:
+    """Starts `restic prune` and stops it (SIGSTOP) as soon as its exclusive lock is in the repository;
+    returns it stopped, or None when it ended before it could be stopped."""
+    prune = subprocess.Popen(["restic", "prune"], env={**os.environ, "RESTIC_REPOSITORY": str(repo.path),
+                                                        "RESTIC_PASSWORD": repo.password},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while prune.poll() is None and time.monotonic() < deadline:
+        if any((repo.path / "locks").iterdir()):
+            prune.send_signal(signal.SIGSTOP)
+            return prune
+        time.sleep(0.002)
+    prune.kill()
+    prune.wait()
+    return None
+
+
+@contextmanager
+def _prune_holding_the_lock(repo: Repo) -> Iterator[subprocess.Popen[bytes]]:
+    """A real prune, stopped while it holds the repository's exclusive lock; resumed and waited for at the end."""
+    prune = None
+    for _ in range(5):  # a tiny repository's prune may end before it is caught holding the lock
+        if (prune := _start_prune_holding_the_lock(repo)) is not None:
+            break
+    assert prune is not None, "restic prune always ended before it could be stopped holding its lock"
+    try:
+        yield prune
+    finally:
+        prune.send_signal(signal.SIGCONT)
+        prune.wait(timeout=120)
+
+
+def test_a_backup_waits_out_a_running_prune_up_to_watcher_lock_retry(
+        start_pg: StartPg, watcher_env: dict[str, str], repo: Repo) -> None:
+    db: PgContainer = start_pg(f"bwt-lockretry{RUN}-db", "17")
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    first = run_watcher(["backup", db.name], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    with _prune_holding_the_lock(repo) as prune:
+        # A bound shorter than the prune: the backup gives up, naming the bound, and writes nothing.
+        short = run_watcher(["backup", db.name], {**env, "WATCHER_LOCK_RETRY": "2s"})
+        assert short.returncode == 1, short.stdout + short.stderr
+        assert "restic gave up waiting for the repository lock" in short.stdout
+        assert "after 2s: the bound is WATCHER_LOCK_RETRY" in short.stdout
+        # A bound longer than the prune: the backup waits (still running, the prune still stopped) ...
+        waiting = subprocess.Popen([sys.executable, "-m", "watcher", "backup", db.name],
+                                   env={**env, "WATCHER_LOCK_RETRY": "5m"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: any("--retry-lock 300s" in line and " backup " in line for line in process_command_lines()),
+                 60, "restic backup to wait for the lock")
+        time.sleep(3)  # longer than the short bound above, which this backup has outlived
+        assert waiting.poll() is None and prune.poll() is None
+    # ... and completes once the prune has ended.
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, out + err
+    assert len(repo.snapshots_of(db.name)) == 2
