@@ -331,7 +331,7 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
     if creds.password:
         env["PGPASSWORD"] = creds.password
-    return commands.with_lock_wait(argv, LOCK_WAIT), env
+    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 
 def _backup_command(ctx: JobContext, target: Target, database: str,
