@@ -84,11 +84,12 @@ def serve_repository(tmp_path: Path) -> Iterator[ServeRepository]:
 
 
 def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
-    """The ids of a container's snapshots, oldest first."""
+    """The ids of a container's database snapshots (not its globals'), oldest first."""
     done = subprocess.run(["restic", "--no-lock", "snapshots", "--json", "--tag", f"container={container}"],
                           env={**os.environ, "RESTIC_REPOSITORY": repository, "RESTIC_PASSWORD": password},
                           capture_output=True, text=True, timeout=120, check=True)
-    return [snap["id"] for snap in sorted(json.loads(done.stdout), key=lambda snap: str(snap["time"]))]
+    return [snap["id"] for snap in sorted(json.loads(done.stdout), key=lambda snap: str(snap["time"]))
+            if "globals" not in snap["tags"]]
 
 
 def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
@@ -104,7 +105,8 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
            "WATCHER_KEEP_MONTHLY": "0", "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *",
            "WATCHER_RECONCILE_INTERVAL": "5", "WATCHER_LOG_LEVEL": "debug"}
     daemon = start_daemon(env)
-    wait_for(lambda: daemon.events("backup_succeeded", target=db.name), 60, "the catch-up backup", interval=0.5)
+    wait_for(lambda: daemon.events("backup_succeeded", target=db.name, database=db.database), 60,
+             "the catch-up backup", interval=0.5)
     for _ in range(2):
         done = run_watcher(["backup", db.name], daemon.env, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -134,7 +136,7 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
     maintenance = {**env, "RESTIC_REPOSITORY": serve_repository(append_only=False)}
     pruned = run_watcher(["prune"], maintenance, timeout=300)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
-    assert "pruned: 2 snapshot(s) forgotten" in pruned.stdout
+    assert "pruned: 4 snapshot(s) forgotten" in pruned.stdout  # two passes' database and globals snapshots
     assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
 
 
