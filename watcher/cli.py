@@ -390,9 +390,6 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
         from watcher.recovery import recover_host
 
         return recover_host(app, args)
-    if args.target is None:
-        raise UsageError("restore: name the TARGET to restore, or use --all --host OLD to restore every database "
-                         "of a host")
     snapshot, listed = _restore_snapshot(app, args)
     destination_name = args.into or args.target
     destination = destination_of(app, destination_name)
@@ -423,6 +420,20 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
     print(f"restored {database!r} in {destination_name} from snapshot {snapshot.short_id} "
           f"in {result.duration_s:.1f}s")
     return EXIT_OK
+
+
+def restore_usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a `restore` command line as such (before any engine or repository is asked), or None."""
+    if args.all:
+        if args.host is None:
+            return ("restore --all: name the old host with --host OLD (`backup-watcher snapshots` lists the hosts "
+                    "the repository holds)")
+        if args.target is not None or args.database or args.into:
+            return ("restore --all takes no TARGET, SNAPSHOT, --database or --into: it restores the latest snapshot "
+                    "of every database of --host into the container of the same name")
+    elif args.target is None:
+        return "restore: name the TARGET to restore, or use --all --host OLD to restore every database of a host"
+    return None
 
 
 def roles_sentence(plan: RolePlan, *, future: bool) -> str:
@@ -756,6 +767,8 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     """Wires the objects and runs the command; returns its exit code, 2 for a usage, Docker or restic error."""
     app: App | None = None
     try:
+        if args.command == "restore" and (problem := restore_usage_problem(args)) is not None:
+            raise UsageError(problem)
         app = build_app(config)
         if args.command != "run":  # the daemon handles its signals itself
             _interrupt_on_signals(app)

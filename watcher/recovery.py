@@ -61,14 +61,9 @@ def latest_by_container(snapshots: list[Snapshot], host: str) -> dict[str, list[
 
 
 def recover_host(app: App, args: argparse.Namespace) -> int:
-    """`restore --all --host OLD [--yes]`; returns 0 when every database was restored, 1 when any was not,
-    2 when not confirmed. Raises UsageError for a wrong command line or a host with no snapshots."""
-    if args.host is None:
-        raise UsageError("restore --all: name the old host with --host OLD (`backup-watcher snapshots` lists the "
-                         "hosts the repository holds)")
-    if args.target is not None or args.database or args.into:
-        raise UsageError("restore --all takes no TARGET, SNAPSHOT, --database or --into: it restores the latest "
-                         "snapshot of every database of --host into the container of the same name")
+    """`restore --all --host OLD [--yes]` (its command line checked by cli.restore_usage_problem); returns 0 when
+    every database was restored, 1 when any was not, 2 when not confirmed. Raises UsageError for a host with
+    no snapshots, or when there is no terminal to confirm on and no --yes."""
     app.repository.version()
     listed = app.repository.snapshots(include_globals=True)
     grouped = latest_by_container(listed, args.host)
