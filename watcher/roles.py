@@ -243,7 +243,9 @@ def plan_roles(needed: Iterable[str], existing: Iterable[str], globals_: Globals
         return RolePlan((), tuple(sorted(wanted & have)))
     create = (known - have) if every_role else _with_relatives(wanted - have, globals_, have)
     ordered = tuple(role for role in globals_.roles if role in create)
-    return RolePlan(ordered, tuple(sorted(wanted & have)), _script(ordered, have, globals_), tuple(globals_.hashes))
+    # Kept: the roles this restore would otherwise have made, which exist already and stay as they are.
+    kept = (wanted | known) & have if every_role else wanted & have
+    return RolePlan(ordered, tuple(sorted(kept)), _script(ordered, have, globals_), tuple(globals_.hashes))
 
 
 def _with_relatives(start: set[str], globals_: Globals, have: set[str]) -> set[str]:

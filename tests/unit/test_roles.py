@@ -143,6 +143,7 @@ def test_a_needed_role_brings_the_roles_it_is_linked_with_and_never_alters_exist
 def test_every_role_creates_all_missing_roles_of_the_globals() -> None:
     plan = plan_roles({"owner"}, {"app", "pg_read_all_data"}, parse_globals(GLOBALS_17), every_role=True)
     assert plan.create == ("owner", "Odd; Name", "rouser", "lonely")
+    assert plan.keep == ("app",), "every role of the globals that exists already is kept as it is"
     assert 'GRANT pg_read_all_data TO "Odd; Name";' in plan.script
 
 
