@@ -251,3 +251,10 @@ def restic_cat_config(restic: str) -> Command:
 def restic_init(restic: str) -> Command:
     """restic init."""
     return (restic, "init")
+
+
+def pg_restore_database_entries_command() -> Command:
+    """pg_restore printing, as SQL text, the schema of a custom-format dump on stdin with its database's
+    own entries (owner, settings, ACL, comment), which only `--create` includes. It reads just the
+    archive's table of contents (at the start) and exits: the writer before it sees a closed pipe."""
+    return ("pg_restore", "--create", "--schema-only", "--file=-")
