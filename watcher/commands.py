@@ -147,15 +147,6 @@ def pg_restore_data_as_text_command() -> Command:
     return ("pg_restore", "--data-only", "--file=-")
 
 
-def ready_command() -> Command:
-    """True (exit 0) once the image's final server runs as PID 1 and accepts connections.
-
-    Official-style entrypoints first run a temporary server for initdb scripts; a restore into
-    that one would be cut off when it stops.
-    """
-    return ("sh", "-c", 'read -r pid1 < /proc/1/comm && [ "$pid1" = postgres ] && pg_isready --quiet')
-
-
 RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands
+from watcher import commands, readiness
+from watcher.clock import SystemClock
 from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
@@ -187,6 +188,7 @@ class Driller:
                 target.image_id or target.image, name,
                 env={"POSTGRES_USER": creds.user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": database},
                 labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name, HOST_LABEL: self.ctx.host},
+                init=target.init,
             )
             self._wait_ready(container_id, creds)
             restore_started = time.monotonic()
@@ -214,17 +216,27 @@ class Driller:
                            restore_s, tables)
 
     def _wait_ready(self, container_id: str, creds: Credentials) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while True:
-            done = run_in_container(self.ctx.docker_host, container_id, commands.ready_command(),
-                                    env=commands.pg_env(creds.user, creds.database), masker=self.ctx.masker,
-                                    timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
-            if done.ok:
-                return
-            if time.monotonic() >= deadline:
-                raise JobError(f"the drill container did not become ready within {READY_TIMEOUT_SECONDS:.0f}s")
-            if self.ctx.cancel.wait(0.5):
-                raise JobError("drill cancelled")
+        """Waits until the drill container's final server serves (not PID 1's name: see watcher.readiness);
+        raises JobError when it does not within READY_TIMEOUT_SECONDS or the drill is cancelled."""
+        def probe() -> readiness.Answer | str:
+            try:
+                done = run_in_container(self.ctx.docker_host, container_id,
+                                        commands.psql_script_command({"db": creds.database}),
+                                        env=commands.pg_env(creds.user, "postgres"), masker=self.ctx.masker,
+                                        timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel,
+                                        stdin=readiness.PROBE_SQL.encode())
+            except ExecError as exc:
+                return str(exc)
+            if not done.ok:
+                return done.describe_failure()
+            output = done.stdout.decode(errors="replace")
+            return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+        try:
+            readiness.wait_until_serving(probe, bound_s=READY_TIMEOUT_SECONDS, clock=SystemClock(),
+                                         cancel=self.ctx.cancel, interval_s=0.5)
+        except readiness.NotServing as exc:
+            raise JobError(f"the drill container did not become ready: {exc}") from exc
 
     def _restore(self, container_id: str, creds: Credentials, snapshot: Snapshot, database: str,
                  masker: Masker) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from watcher import commands, dbproperties
+from watcher import commands, dbproperties, readiness
+from watcher.clock import SystemClock
 from watcher.config import Bounds
 from watcher.discovery import Credentials
 from watcher.execute import ExecError, Masker, run_in_container, run_pipeline
@@ -126,26 +127,22 @@ class Restorer:
         `database` exists there. Raises RestoreError naming the container when it does not serve in time.
 
         A container that just started may be running its entrypoint's first initialisation, whose
-        temporary server (the official image's) answers on the socket with listen_addresses = '':
-        a restore into it would be cut off when it stops. A server that keeps listen_addresses = ''
-        for the whole bound is taken as socket-only by design.
+        temporary server would cut a restore off when it stops (see watcher.readiness).
         """
-        deadline = time.monotonic() + self.bounds.ready_s
-        script = ("SELECT current_setting('listen_addresses') <> '', "
-                  "EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db');\n")
-        while True:
+        def probe() -> readiness.Answer | str:
             try:
-                listening, exists = self._psql(container_id, creds, script, {"db": database}).strip().split("|")
-            except (RestoreError, ValueError) as exc:
-                answer: tuple[bool, bool] | str = str(exc)
-            else:
-                answer = (listening == "t", exists == "t")
-            if isinstance(answer, tuple) and (answer[0] or time.monotonic() >= deadline):
-                return answer[1]
-            if time.monotonic() >= deadline or (self.cancel is not None and self.cancel.is_set()):
-                raise RestoreError(f"PostgreSQL in {container_name} did not accept connections within "
-                                   f"{self.bounds.ready_s:.0f}s (WATCHER_READY_TIMEOUT): {answer}")
-            time.sleep(1.0)
+                output = self._psql(container_id, creds, readiness.PROBE_SQL, {"db": database})
+            except RestoreError as exc:
+                return str(exc)
+            return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+        try:
+            answer = readiness.wait_until_serving(probe, bound_s=self.bounds.ready_s, clock=SystemClock(),
+                                                  cancel=self.cancel)
+        except readiness.NotServing as exc:
+            raise RestoreError(f"PostgreSQL in {container_name} did not accept connections within "
+                               f"{self.bounds.ready_s:.0f}s (WATCHER_READY_TIMEOUT): {exc}") from exc
+        return answer.database_exists
 
     def restore(self, snapshot: Snapshot, container_id: str, container_name: str, creds: Credentials,
                 database: str) -> RestoreResult:
