@@ -222,3 +222,39 @@ def test_drill_waits_out_an_initdb_script_of_20_seconds(start_pg: StartPg, repo:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
     assert drill_containers() == []
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_drill_restores_and_checks_database_settings_with_owners_where_the_roles_exist(
+        major: str, start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg(f"bwt-drillprops{major}-db", major)
+    db.psql(SEED)
+    db.psql("""
+        ALTER DATABASE appdb SET search_path TO billing, public;
+        ALTER DATABASE appdb SET timezone TO 'Asia/Tokyo';
+        REVOKE CONNECT ON DATABASE appdb FROM PUBLIC;
+        COMMENT ON DATABASE appdb IS 'drilled';
+    """, database="postgres")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+
+    # Every role the dump names (app) exists in the drill container: owners and grants are restored.
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"drill_without_owners"' not in done.stderr
+    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
+    assert succeeded[0]["database_owner"] == "app"
+    assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
+
+    # A role the drill container lacks: the data and settings are still drilled, without owners.
+    db.psql("CREATE ROLE bw_drill_owner NOLOGIN; ALTER TABLE orders OWNER TO bw_drill_owner;"
+            "ALTER DATABASE appdb OWNER TO bw_drill_owner;", database="appdb")
+    assert run_watcher(["backup"], env).returncode == 0
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    without = [json.loads(line) for line in done.stderr.splitlines() if '"drill_without_owners"' in line]
+    assert without and without[0]["missing_roles"] == ["bw_drill_owner"], done.stderr
+    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
+    assert succeeded[0]["database_owner"] == "app"
+    assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
