@@ -20,6 +20,8 @@ from watcher import commands
 from watcher.execute import Masker, run_pipeline
 
 _HEADER = re.compile(r"^-- Name: (?P<name>.*); Type: (?P<type>.*); Schema: (?P<schema>.*); Owner: (?P<owner>.*)$")
+# Statements that name roles after TO/FROM (over-counting one only makes a drill skip owners).
+_NAMES_GRANTEES = ("GRANT ", "REVOKE ", "ALTER DEFAULT PRIVILEGES ", "CREATE POLICY ")
 _DATABASE_OBJECT_TYPES = frozenset({"COMMENT", "SECURITY LABEL", "ACL"})
 _GRANTEE = re.compile(r'\b(?:TO|FROM)\s+("(?:[^"]|"")*"|[^\s;,]+)')
 _SESSION_ROLE = re.compile(r'^SET SESSION AUTHORIZATION\s+("(?:[^"]|"")*"|[^\s;]+)', re.MULTILINE)
@@ -78,7 +80,7 @@ class DatabaseProperties:
 def _roles_named(text: str) -> set[str]:
     roles: set[str] = set()
     for statement in split_statements(text):
-        if statement.startswith(("GRANT ", "REVOKE ")):
+        if statement.startswith(_NAMES_GRANTEES):
             roles |= {unquote_ident(m.group(1)) for m in _GRANTEE.finditer(_outside_literals(statement))}
         roles |= {unquote_ident(m.group(1)) for m in _ROLE_IN_DATABASE.finditer(statement)}
         roles |= {unquote_ident(m.group(1)) for m in _SESSION_ROLE.finditer(statement)}
@@ -106,7 +108,7 @@ class PropertiesReader:
             self._open(header.group("name"), header.group("type"), header.group("owner"))
         elif line.startswith(("\\connect ", "\\unrestrict ", "\\restrict ")):
             self._close()
-        elif self._keep or (line.startswith(("GRANT ", "REVOKE ", "SET SESSION AUTHORIZATION "))):
+        elif self._keep or line.startswith((*_NAMES_GRANTEES, "SET SESSION AUTHORIZATION ")):
             self._body.append(line)
 
     def _open(self, name: str, kind: str, owner: str) -> None:

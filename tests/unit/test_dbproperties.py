@@ -67,6 +67,20 @@ GRANT SELECT ON TABLE public.t TO reader;
 
 
 --
+-- Name: DEFAULT PRIVILEGES FOR TABLES; Type: DEFAULT ACL; Schema: public; Owner: owner_r
+--
+
+ALTER DEFAULT PRIVILEGES FOR ROLE owner_r IN SCHEMA public GRANT SELECT ON TABLES TO "default reader";
+
+
+--
+-- Name: t p; Type: POLICY; Schema: public; Owner: app
+--
+
+CREATE POLICY p ON public.t FOR SELECT TO policy_role USING ((x > 0));
+
+
+--
 -- Name: DATABASE "My DB"; Type: ACL; Schema: -; Owner: owner_r
 --
 
@@ -103,7 +117,8 @@ def test_reader_keeps_only_the_database_entries_and_every_role_the_archive_names
     ]
     assert props.statements[0].endswith("-- not a header\ndone';")
     assert props.setting_names() == ["TimeZone", "search_path"]
-    assert props.roles == {"owner_r", "app", "reader", "ro", 'x IN DATABASE "My DB"'}
+    assert props.roles == {"owner_r", "app", "reader", "ro", 'x IN DATABASE "My DB"', "default reader",
+                           "policy_role"}
 
 
 def test_script_aims_every_statement_at_the_target_and_never_inside_literals_or_role_names() -> None:
