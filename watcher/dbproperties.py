@@ -4,7 +4,9 @@
 the owner), DATABASE PROPERTIES (`ALTER DATABASE … SET`, `ALTER ROLE … IN DATABASE … SET`, the
 connection limit), and COMMENT, SECURITY LABEL and ACL entries named `DATABASE <name>`. A plain
 `pg_restore` into an existing database skips them all; `pg_restore --create --schema-only --file=-`
-prints them (it reads only the archive's table of contents, at its start, and stops). This module
+prints them (it reads only the archive's table of contents, at its start, and exits; the exec
+helper then still passes the rest of the stream on, up to its own bound of 30 s, before it closes
+the pipe: a cost that only shows on dumps of hundreds of MB). This module
 reads that text and turns it into a script for another database name (a restore's scratch copy).
 """
 
