@@ -79,14 +79,16 @@ class PgContainer:
 
 
 def wait_ready(name: str, timeout: float = 60, docker_host: str | None = None) -> None:
-    """Waits until PostgreSQL is PID 1 (initdb finished) and accepts connections (on the engine of
-    `docker_host`, default $DOCKER_HOST)."""
+    """Waits until the container's final PostgreSQL serves: it listens on TCP, which the entrypoint's
+    temporary initdb server (listen_addresses='') does not. Whatever runs as PID 1 (`--init`). On the
+    engine of `docker_host` (default $DOCKER_HOST)."""
     env = {"DOCKER_HOST": docker_host} if docker_host else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = docker("exec", name, "sh", "-c",
-                      "tr '\\0' ' ' </proc/1/cmdline | grep -q '^postgres' && pg_isready -q", check=False, env=env)
-        if done.returncode == 0:
+                      "psql -X -At -U \"${POSTGRES_USER:-postgres}\" -d postgres "
+                      "-c \"SELECT current_setting('listen_addresses') <> ''\"", check=False, env=env)
+        if done.returncode == 0 and done.stdout.strip() == "t":
             return
         time.sleep(0.2)
     logs = docker("logs", name, check=False, env=env)

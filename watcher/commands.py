@@ -172,15 +172,6 @@ def pg_restore_data_as_text_command() -> Command:
     return ("pg_restore", "--data-only", "--file=-")
 
 
-def ready_command() -> Command:
-    """True (exit 0) once the image's final server runs as PID 1 and accepts connections.
-
-    Official-style entrypoints first run a temporary server for initdb scripts; a restore into
-    that one would be cut off when it stops.
-    """
-    return ("sh", "-c", 'read -r pid1 < /proc/1/comm && [ "$pid1" = postgres ] && pg_isready --quiet')
-
-
 RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
@@ -294,3 +285,10 @@ def restic_cat_config(restic: str) -> Command:
 def restic_init(restic: str) -> Command:
     """restic init."""
     return (restic, "init")
+
+
+def pg_restore_database_entries_command() -> Command:
+    """pg_restore printing, as SQL text, the schema of a custom-format dump on stdin with its database's
+    own entries (owner, settings, ACL, comment), which only `--create` includes. It reads just the
+    archive's table of contents (at the start) and exits: the writer before it sees a closed pipe."""
+    return ("pg_restore", "--create", "--schema-only", "--file=-")

@@ -40,13 +40,15 @@ class ContainerInfo:
     running: bool = True
     image_id: str = ""
     started_at: float | None = None  # epoch seconds of the container's last start, by the engine's clock
+    init: bool = False  # started with an init process as PID 1 (`docker run --init`, compose `init: true`)
 
     @classmethod
     def from_inspect(cls, attrs: Mapping[str, object]) -> ContainerInfo:
         """Builds one from the dict `docker inspect` (or docker-py's `container.attrs`) returns."""
         config = attrs.get("Config") or {}
         state = attrs.get("State") or {}
-        assert isinstance(config, dict) and isinstance(state, dict)
+        host_config = attrs.get("HostConfig") or {}
+        assert isinstance(config, dict) and isinstance(state, dict) and isinstance(host_config, dict)
         env: dict[str, str] = {}
         for item in config.get("Env") or []:
             key, _, value = str(item).partition("=")
@@ -60,6 +62,7 @@ class ContainerInfo:
             running=bool(state.get("Running", False)),
             image_id=str(attrs.get("Image") or ""),
             started_at=parse_engine_time(state.get("StartedAt")),
+            init=host_config.get("Init") is True,
         )
 
 
@@ -98,6 +101,7 @@ class Target:
     image_id: str = ""
     started_at: float | None = None  # the container's last start (epoch seconds), None if unknown
     lock_wait_timeout_s: float | None = None  # its own bound on lock waits; None: WATCHER_LOCK_WAIT_TIMEOUT
+    init: bool = False  # runs an init process as PID 1; its drills do too
 
     @property
     def all_databases(self) -> bool:
@@ -224,6 +228,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
         image_id=container.image_id,
         started_at=container.started_at,
         lock_wait_timeout_s=lock_wait,
+        init=container.init,
     )
 
 

@@ -76,13 +76,15 @@ class DockerSource:
         return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/"), item.get("State") == "running")
                 for item in listed]
 
-    def run_throwaway(self, image: str, name: str, env: Mapping[str, str], labels: Mapping[str, str]) -> str:
-        """Creates and starts a container with no network and no published ports; returns its id.
+    def run_throwaway(self, image: str, name: str, env: Mapping[str, str], labels: Mapping[str, str], *,
+                      init: bool = False) -> str:
+        """Creates and starts a container with no network and no published ports (with an init process
+        as PID 1 when `init`, like `docker run --init`); returns its id.
 
         The environment travels in the API request body (never in any argv). Raises DockerUnavailable.
         """
         try:
-            host_config = self.api.create_host_config(network_mode="none", auto_remove=False)
+            host_config = self.api.create_host_config(network_mode="none", auto_remove=False, init=init or None)
             created = self.api.create_container(image, name=name, environment=dict(env), labels=dict(labels),
                                                 host_config=host_config, network_disabled=True)
             container_id = str(created["Id"])

@@ -5,7 +5,11 @@ PostgreSQL major, same extensions) with no network and the label backup-watcher.
 a target), restore the latest snapshot into it, and check it:
 - pg_restore finished without an error;
 - every table of the dump exists after the restore, with exactly as many rows as the dump holds;
-- a table that is non-empty in the live database is not empty in the restore.
+- a table that is non-empty in the live database is not empty in the restore;
+- the database has the dump's owner and database settings (ALTER DATABASE … SET). Owners, grants
+  and the database ACL are restored as far as their roles exist in the drill container (the image's
+  entrypoint creates only POSTGRES_USER): when the dump names a role it lacks, the objects are
+  restored without owners and grants (`drill_without_owners` names the roles).
 The container is always removed, also on failure or cancellation; one left by a crash is removed
 at the next start (`remove_leftovers`).
 """
@@ -21,7 +25,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands
+from watcher import commands, dbproperties, readiness
+from watcher.clock import SystemClock
 from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
@@ -64,6 +69,14 @@ class TableCheck:
         if self.live_nonempty and self.restored == 0:
             return f"{self.table}: empty in the restore but not in the live database"
         return None
+
+
+@dataclass(frozen=True)
+class ExpectedProperties:
+    """What a restored database must show of its dump's database-level properties."""
+
+    owner: str
+    settings: tuple[str, ...]  # names of the database's own settings (ALTER DATABASE … SET)
 
 
 @dataclass(frozen=True)
@@ -187,12 +200,14 @@ class Driller:
                 target.image_id or target.image, name,
                 env={"POSTGRES_USER": creds.user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": database},
                 labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name, HOST_LABEL: self.ctx.host},
+                init=target.init,
             )
             self._wait_ready(container_id, creds)
             restore_started = time.monotonic()
-            self._restore(container_id, creds, snapshot, database, masker)
+            expected = self._restore(container_id, creds, snapshot, database, masker)
             restore_s = time.monotonic() - restore_started
             tables = self._check(container_id, creds, target, snapshot, database, masker)
+            property_problems = self._check_properties(container_id, creds, expected)
         except (JobError, DockerUnavailable, ExecError) as exc:
             return self._failed(target, database, run_id, started, snapshot, str(exc))
         finally:
@@ -201,7 +216,7 @@ class Driller:
                     self.docker.remove(container_id)
                 except DockerUnavailable as exc:
                     bound.error("drill_cleanup_failed", container=name, error=str(exc))
-        problems = [check.problem for check in tables if check.problem]
+        problems = [check.problem for check in tables if check.problem] + property_problems
         if problems:
             return self._failed(target, database, run_id, started, snapshot,
                                 "restored data does not match the dump: " + "; ".join(problems[:10]),
@@ -209,32 +224,96 @@ class Driller:
         duration = time.monotonic() - started
         bound.info("drill_succeeded", duration_s=round(duration, 3), restore_duration_s=round(restore_s, 3),
                    tables=len(tables), rows=sum(t.restored or 0 for t in tables),
+                   database_owner=expected.owner, database_settings=list(expected.settings),
                    counts={t.table: t.restored for t in tables})
         return DrillResult(target.name, database, True, run_id, datetime.now(UTC), duration, snapshot.id,
                            restore_s, tables)
 
     def _wait_ready(self, container_id: str, creds: Credentials) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while True:
-            done = run_in_container(self.ctx.docker_host, container_id, commands.ready_command(),
-                                    env=commands.pg_env(creds.user, creds.database), masker=self.ctx.masker,
-                                    timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
-            if done.ok:
-                return
-            if time.monotonic() >= deadline:
-                raise JobError(f"the drill container did not become ready within {READY_TIMEOUT_SECONDS:.0f}s")
-            if self.ctx.cancel.wait(0.5):
-                raise JobError("drill cancelled")
+        """Waits until the drill container's final server serves (not PID 1's name: see watcher.readiness);
+        raises JobError when it does not within READY_TIMEOUT_SECONDS or the drill is cancelled."""
+        def probe() -> readiness.Answer | str:
+            try:
+                done = run_in_container(self.ctx.docker_host, container_id,
+                                        commands.psql_script_command({"db": creds.database}),
+                                        env=commands.pg_env(creds.user, "postgres"), masker=self.ctx.masker,
+                                        timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel,
+                                        stdin=readiness.PROBE_SQL.encode())
+            except ExecError as exc:
+                return str(exc)
+            if not done.ok:
+                return done.describe_failure()
+            output = done.stdout.decode(errors="replace")
+            return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+        try:
+            readiness.wait_until_serving(probe, bound_s=READY_TIMEOUT_SECONDS, clock=SystemClock(),
+                                         cancel=self.ctx.cancel, interval_s=0.5)
+        except readiness.NotServing as exc:
+            raise JobError(f"the drill container did not become ready: {exc}") from exc
 
     def _restore(self, container_id: str, creds: Credentials, snapshot: Snapshot, database: str,
-                 masker: Masker) -> None:
+                 masker: Masker) -> ExpectedProperties:
+        """Restores the snapshot into the drill container as a recovery would: with owners and grants
+        when every role the dump names exists there (else without, as the container lacks them), then
+        the database's owner, settings, ACL and comment as far as their roles exist.
+
+        Returns what the restored database must then show; raises JobError.
+        """
         env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
-        restorer = commands.exec_helper(container_id, commands.pg_restore_command(database, keep_owners=False),
+        try:
+            props = dbproperties.read_properties(
+                restic=self.ctx.repository.binary, snapshot_id=snapshot.id, database=database,
+                container_id=container_id, user=creds.user, env=env, masker=masker,
+                timeout=DRILL_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
+        except dbproperties.PropertiesUnreadable as exc:
+            raise JobError(f"restore of snapshot {snapshot.short_id} failed: {exc}") from exc
+        roles = set(self._drill_query(container_id, creds, "SELECT rolname FROM pg_roles;\n").split("\n")) - {""}
+        missing = sorted(props.roles - roles)
+        if missing:
+            log.info("drill_without_owners", snapshot_id=snapshot.short_id, database=database,
+                     missing_roles=missing[:20])
+        restorer = commands.exec_helper(container_id, commands.pg_restore_command(database, keep_owners=not missing),
                                         stdin=True, env_values=commands.pg_env(creds.user, database))
         dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database)
         done = run_pipeline_checked(self.ctx, [dump, restorer], env, masker)
         if done is not None:
             raise JobError(f"restore of snapshot {snapshot.short_id} failed: {done}")
+        try:
+            script = props.script(database, existing_roles=roles)
+        except ValueError as exc:
+            raise JobError(str(exc)) from exc
+        if script:
+            self._drill_query(container_id, creds, "BEGIN;\n" + script + "COMMIT;\n")
+        owner = props.owner if props.owner in roles else creds.user
+        return ExpectedProperties(owner, tuple(props.setting_names()))
+
+    def _drill_query(self, container_id: str, creds: Credentials, script: str,
+                     variables: dict[str, str] | None = None) -> str:
+        """Runs a script in the drill container (no other session there); returns its output, raises JobError."""
+        done = run_in_container(self.ctx.docker_host, container_id, commands.psql_script_command(variables or {}),
+                                env=commands.pg_env(creds.user, "postgres"), masker=self.ctx.masker,
+                                timeout=DRILL_TIMEOUT_SECONDS, cancel=self.ctx.cancel, stdin=script.encode())
+        if not done.ok:
+            raise JobError(f"psql in the drill container failed: {done.describe_failure()}")
+        return done.stdout.decode(errors="replace")
+
+    def _check_properties(self, container_id: str, creds: Credentials, expected: ExpectedProperties) -> list[str]:
+        """Why the restored database's owner or settings differ from the dump's, or nothing; raises JobError."""
+        found = _pairs_of(self._drill_query(container_id, creds, (
+            "SELECT 'owner', pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = :'db'\n"
+            "UNION ALL SELECT 'settings', coalesce(string_agg(split_part(s, '=', 1), ','), '')\n"
+            "  FROM pg_db_role_setting, unnest(setconfig) AS s\n"
+            "  WHERE setrole = 0 AND setdatabase = (SELECT oid FROM pg_database WHERE datname = :'db');\n"
+        ), {"db": creds.database}))
+        problems = []
+        if found.get("owner") != expected.owner:
+            problems.append(f"database owner: {found.get('owner')} after the restore, the dump has {expected.owner}")
+        settings = sorted(filter(None, found.get("settings", "").split(",")))
+        if settings != sorted(expected.settings):
+            problems.append(f"database settings: {', '.join(settings) or 'none'} after the restore, "
+                            f"the dump has {', '.join(sorted(expected.settings)) or 'none'}")
+        return problems
 
     def _check(self, container_id: str, creds: Credentials, target: Target, snapshot: Snapshot, database: str,
                masker: Masker) -> tuple[TableCheck, ...]:
@@ -301,8 +380,13 @@ class Driller:
 
 def _pairs(done: Completed) -> dict[str, str]:
     """label → value of psql's unaligned `label|value` lines."""
+    return _pairs_of(done.stdout.decode(errors="replace"))
+
+
+def _pairs_of(output: str) -> dict[str, str]:
+    """label → value of psql's unaligned `label|value` lines."""
     results: dict[str, str] = {}
-    for line in done.stdout.decode(errors="replace").splitlines():
+    for line in output.splitlines():
         label, sep, value = line.rpartition("|")
         if sep:
             results[label] = value

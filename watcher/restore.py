@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from watcher import commands
+from watcher import commands, dbproperties, readiness
+from watcher.clock import SystemClock
 from watcher.config import Bounds
 from watcher.discovery import Credentials
 from watcher.execute import ExecError, Masker, run_in_container, run_pipeline
@@ -24,6 +25,8 @@ from watcher.restic import Repository, Snapshot
 
 log = structlog.get_logger("watcher.restore")
 RESTORE_TIMEOUT_SECONDS = 12 * 3600.0
+# Reading a dump's database entries reads only the archive's start (its table of contents).
+PROPERTIES_TIMEOUT_SECONDS = 600.0
 SCRATCH_SUFFIX = "_bw_restore"
 PREVIOUS_SUFFIX = "_bw_previous"
 PG_IDENTIFIER_BYTES = 63
@@ -124,26 +127,22 @@ class Restorer:
         `database` exists there. Raises RestoreError naming the container when it does not serve in time.
 
         A container that just started may be running its entrypoint's first initialisation, whose
-        temporary server (the official image's) answers on the socket with listen_addresses = '':
-        a restore into it would be cut off when it stops. A server that keeps listen_addresses = ''
-        for the whole bound is taken as socket-only by design.
+        temporary server would cut a restore off when it stops (see watcher.readiness).
         """
-        deadline = time.monotonic() + self.bounds.ready_s
-        script = ("SELECT current_setting('listen_addresses') <> '', "
-                  "EXISTS (SELECT 1 FROM pg_database WHERE datname = :'db');\n")
-        while True:
+        def probe() -> readiness.Answer | str:
             try:
-                listening, exists = self._psql(container_id, creds, script, {"db": database}).strip().split("|")
-            except (RestoreError, ValueError) as exc:
-                answer: tuple[bool, bool] | str = str(exc)
-            else:
-                answer = (listening == "t", exists == "t")
-            if isinstance(answer, tuple) and (answer[0] or time.monotonic() >= deadline):
-                return answer[1]
-            if time.monotonic() >= deadline or (self.cancel is not None and self.cancel.is_set()):
-                raise RestoreError(f"PostgreSQL in {container_name} did not accept connections within "
-                                   f"{self.bounds.ready_s:.0f}s (WATCHER_READY_TIMEOUT): {answer}")
-            time.sleep(1.0)
+                output = self._psql(container_id, creds, readiness.PROBE_SQL, {"db": database})
+            except RestoreError as exc:
+                return str(exc)
+            return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+        try:
+            answer = readiness.wait_until_serving(probe, bound_s=self.bounds.ready_s, clock=SystemClock(),
+                                                  cancel=self.cancel)
+        except readiness.NotServing as exc:
+            raise RestoreError(f"PostgreSQL in {container_name} did not accept connections within "
+                               f"{self.bounds.ready_s:.0f}s (WATCHER_READY_TIMEOUT): {exc}") from exc
+        return answer.database_exists
 
     def restore(self, snapshot: Snapshot, container_id: str, container_name: str, creds: Credentials,
                 database: str) -> RestoreResult:
@@ -167,10 +166,7 @@ class Restorer:
         ), {"scratch": scratch, "owner": owner, "db": database})
         bound.info("restore_started", scratch_database=scratch)
 
-        env = dict(self.repository.env)
-        env["DOCKER_HOST"] = self.docker_host
-        if creds.password:
-            env["PGPASSWORD"] = creds.password
+        env = self._pipeline_env(creds)
         restorer = commands.exec_helper(
             container_id, commands.pg_restore_command(scratch), stdin=True,
             env_values=commands.pg_env(creds.user, scratch),
@@ -179,15 +175,14 @@ class Restorer:
         dump = commands.restic_dump(self.repository.binary, snapshot.id, database)
         done = run_pipeline([dump, restorer], env=env, masker=masker, timeout=RESTORE_TIMEOUT_SECONDS,
                             cancel=self.cancel, capture_stdout=False)
-        if not done.ok:
-            try:
-                self._psql(container_id, creds, 'DROP DATABASE IF EXISTS :"scratch";\n',
-                           {"scratch": scratch, "db": database})
-            except RestoreError as exc:
-                bound.warning("restore_cleanup_failed", error=str(exc))
-            error = done.describe_failure()
-            bound.error("restore_failed", error=error)
-            raise RestoreError(f"restore failed; {database!r} was left untouched. {error}")
+        try:
+            if not done.ok:
+                raise RestoreError(done.describe_failure())
+            self._apply_properties(snapshot, container_id, creds, database, bound)
+        except RestoreError as exc:
+            self._abandon_scratch(container_id, creds, database, bound)
+            bound.error("restore_failed", error=str(exc))
+            raise RestoreError(f"restore failed; {database!r} was left untouched. {exc}") from exc
 
         try:
             self._swap(container_id, creds, database, scratch, bound)
@@ -197,6 +192,45 @@ class Restorer:
         duration = time.monotonic() - started
         bound.info("restore_succeeded", duration_s=round(duration, 3))
         return RestoreResult(container_name, database, snapshot.id, duration)
+
+    def _pipeline_env(self, creds: Credentials) -> dict[str, str]:
+        env = dict(self.repository.env)
+        env["DOCKER_HOST"] = self.docker_host
+        if creds.password:
+            env["PGPASSWORD"] = creds.password
+        return env
+
+    def _abandon_scratch(self, container_id: str, creds: Credentials, database: str,
+                         bound: structlog.typing.FilteringBoundLogger) -> None:
+        try:
+            self._psql(container_id, creds, 'DROP DATABASE IF EXISTS :"scratch";\n',
+                       {"scratch": scratch_name(database), "db": database})
+        except RestoreError as exc:
+            bound.warning("restore_cleanup_failed", error=str(exc))
+
+    def _apply_properties(self, snapshot: Snapshot, container_id: str, creds: Credentials, database: str,
+                          bound: structlog.typing.FilteringBoundLogger) -> None:
+        """Gives the restored scratch copy the owner, settings, ACL and comment the dump's database had,
+        all or nothing, before it takes the name (they belong to the database, not its name).
+
+        Raises RestoreError naming what failed (e.g. a role the properties name that does not exist).
+        """
+        try:
+            props = dbproperties.read_properties(
+                restic=self.repository.binary, snapshot_id=snapshot.id, database=database,
+                container_id=container_id, user=creds.user, env=self._pipeline_env(creds),
+                masker=self.masker.with_secrets([creds.password]), timeout=PROPERTIES_TIMEOUT_SECONDS,
+                cancel=self.cancel)
+            script = props.script(scratch_name(database))
+        except (dbproperties.PropertiesUnreadable, ValueError) as exc:
+            raise RestoreError(str(exc)) from exc
+        if script:
+            try:
+                self._psql(container_id, creds, "BEGIN;\n" + script + "COMMIT;\n", {"db": database})
+            except RestoreError as exc:
+                raise RestoreError(f"applying the database's owner, settings, ACL and comment failed: {exc}") from exc
+        bound.info("restore_database_properties_applied", owner=props.owner, settings=props.setting_names(),
+                   statements=len(props.statements))
 
     def _heal_interrupted_swap(self, container_id: str, creds: Credentials, database: str,
                                bound: structlog.typing.FilteringBoundLogger) -> None:

@@ -288,7 +288,8 @@ def globals_for(snapshots: Sequence[Snapshot], database_snapshot: Snapshot) -> S
 
 
 def toc_read(done: Completed) -> bool:
-    """Whether `restic dump | pg_restore --schema-only` read the whole table of contents: pg_restore exited 0.
+    """Whether `restic dump | pg_restore --create --schema-only` read the whole table of contents: pg_restore
+    exited 0.
 
     The definitions all stand in the archive's table of contents, before the data: pg_restore stops
     reading there and restic, still writing the data, ends on SIGPIPE, which is no failure.
@@ -315,7 +316,8 @@ class RoleMaker:
         """The roles the snapshot's dump names, read by the destination's own pg_restore (no connection);
         raises RoleError."""
         collector = NeededRoles()
-        lister = commands.exec_helper(container_id, ("pg_restore", "--schema-only", "--file=-"), stdin=True)
+        # With --create: the database's own entries too (its owner, ACL, per-database role settings).
+        lister = commands.exec_helper(container_id, commands.pg_restore_database_entries_command(), stdin=True)
         dump = commands.restic_dump(self.repository.binary, snapshot.id, snapshot.database)
         done = run_pipeline([dump, lister], env={**self.repository.env, "DOCKER_HOST": self.docker_host},
                             masker=self.masker, timeout=READ_TIMEOUT_SECONDS, cancel=self.cancel,

@@ -199,10 +199,11 @@ def start_pg(engine: str) -> Iterator[StartPg]:
 
     def start(name: str | None = None, major: str = "17", *, user: str = "app", database: str = "appdb",
               password: str = "db-pw", labels: dict[str, str] | None = None,
-              extra_env: dict[str, str] | None = None, docker_host: str | None = None) -> PgContainer:
+              extra_env: dict[str, str] | None = None, docker_args: tuple[str, ...] = (),
+              image: str | None = None, ready_timeout: float = 60, docker_host: str | None = None) -> PgContainer:
         name = name or f"bwt-{uuid.uuid4().hex[:8]}-db"
         on = {"DOCKER_HOST": docker_host} if docker_host else {}
-        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL, *docker_args,
                 "-e", f"POSTGRES_USER={user}", "-e", f"POSTGRES_DB={database}"]
         env = {"POSTGRES_PASSWORD": password, **(extra_env or {})}
         for key in env:
@@ -212,9 +213,9 @@ def start_pg(engine: str) -> Iterator[StartPg]:
             argv += ["--label", f"{key}={value}"]
         started.append((name, on))
         docker("rm", "-f", "-v", name, check=False, env=on)  # a leftover of an interrupted run
-        subprocess.run(["docker", *argv, PG_IMAGES[major]], check=True, capture_output=True,
+        subprocess.run(["docker", *argv, image or PG_IMAGES[major]], check=True, capture_output=True,
                        env={**os.environ, **env, **on})
-        wait_ready(name, docker_host=docker_host)
+        wait_ready(name, ready_timeout, docker_host=docker_host)
         return PgContainer(name, major, user, database, password, docker_host)
 
     yield start

@@ -33,9 +33,11 @@ GRANT INSERT ON shop.orders TO app_login;
 RESET ROLE;
 REVOKE CONNECT ON DATABASE appdb FROM PUBLIC;
 GRANT CONNECT ON DATABASE appdb TO app_login, "Read Only";
+ALTER DATABASE appdb SET search_path = shop, public;
+ALTER ROLE "Read Only" IN DATABASE appdb SET work_mem = '8MB';
 """
 # What must be equal on both hosts, one query each (role attributes and settings, memberships, owners,
-# table grants, content).
+# table grants, the database's owner, ACL and settings, content).
 FACTS = {
     "roles": "SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin, rolreplication,"
              " rolbypassrls, rolconfig FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1",
@@ -50,6 +52,9 @@ FACTS = {
               " WHERE relnamespace = 'shop'::regnamespace AND relkind = 'r' ORDER BY 1, 2",
     "grants": "SELECT grantee, table_name, privilege_type FROM information_schema.role_table_grants"
               " WHERE table_schema = 'shop' ORDER BY 1, 2, 3",
+    "database": "SELECT pg_get_userbyid(datdba), datacl FROM pg_database WHERE datname = 'appdb'",
+    "database_settings": "SELECT coalesce(pg_get_userbyid(nullif(setrole, 0)), '-'), setconfig FROM pg_db_role_setting"
+                         " WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = 'appdb') ORDER BY 1",
     "content": "SELECT md5(string_agg(i::text, ',' ORDER BY i.id)) FROM shop.items i"
                " UNION ALL SELECT md5(string_agg(o::text, ',' ORDER BY o.id)) FROM shop.orders o",
 }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
+import subprocess
+import tarfile
 from collections.abc import Iterator
 
 import pytest
@@ -160,3 +163,98 @@ def test_drill_containers_are_never_targets(start_pg: StartPg, start_daemon: Sta
     finally:
         docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
 
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_drill_of_a_container_started_with_init_passes(major: str, start_pg: StartPg, repo: Repo,
+                                                        watcher_env: dict[str, str]) -> None:
+    """PID 1 of the source (and so of its drill container) is docker-init, not postgres."""
+    db: PgContainer = start_pg(f"bwt-drillinit{major}-db", major, docker_args=("--init",))
+    assert docker("exec", db.name, "cat", "/proc/1/comm").stdout.strip() != "postgres"
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
+    assert drill_containers() == []
+
+
+# Runs in the entrypoint's temporary server (listen_addresses=''), 20 s, then replaces the database: a
+# drill that restored into that server would see its restore wiped and fail. The source container sets
+# BWT_FAST_INIT (a drill container gets only POSTGRES_*), so only the drill waits.
+SLOW_INIT_SCRIPT = b"""[ -n "${BWT_FAST_INIT:-}" ] || sleep 20
+psql -v ON_ERROR_STOP=1 -X -q -U "$user" -d postgres --set=db="$db" <<'SQL'
+DROP DATABASE :"db";
+CREATE DATABASE :"db";
+SQL
+"""
+
+
+def build_slow_init_image(major: str) -> str:
+    """The test image plus a /docker-entrypoint-initdb.d script that runs 20 s; returns its tag."""
+    tag = f"backup-watcher-test/postgres-slowinit:{major}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as archive:
+        for name, data in (("Dockerfile", f"FROM {PG_IMAGES[major]}\nCOPY slow.sh /docker-entrypoint-initdb.d/\n"
+                                          .encode()),
+                           ("slow.sh", SLOW_INIT_SCRIPT)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            archive.addfile(info, io.BytesIO(data))
+    built = subprocess.run(["docker", "build", "--network", "none", "-q", "-t", tag, "-"], input=context.getvalue(),
+                           capture_output=True, timeout=300, check=False)
+    assert built.returncode == 0, built.stderr.decode(errors="replace")
+    return tag
+
+
+def test_drill_waits_out_an_initdb_script_of_20_seconds(start_pg: StartPg, repo: Repo,
+                                                         watcher_env: dict[str, str]) -> None:
+    image = build_slow_init_image("17")
+    db: PgContainer = start_pg("bwt-drillslow-db", "17", image=image, extra_env={"BWT_FAST_INIT": "1"})
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
+    assert drill_containers() == []
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_drill_restores_and_checks_database_settings_with_owners_where_the_roles_exist(
+        major: str, start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    db: PgContainer = start_pg(f"bwt-drillprops{major}-db", major)
+    db.psql(SEED)
+    db.psql("""
+        ALTER DATABASE appdb SET search_path TO billing, public;
+        ALTER DATABASE appdb SET timezone TO 'Asia/Tokyo';
+        REVOKE CONNECT ON DATABASE appdb FROM PUBLIC;
+        COMMENT ON DATABASE appdb IS 'drilled';
+    """, database="postgres")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+
+    # Every role the dump names (app) exists in the drill container: owners and grants are restored.
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"drill_without_owners"' not in done.stderr
+    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
+    assert succeeded[0]["database_owner"] == "app"
+    assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
+
+    # A role the drill container lacks: the data and settings are still drilled, without owners.
+    db.psql("CREATE ROLE bw_drill_owner NOLOGIN; ALTER TABLE orders OWNER TO bw_drill_owner;"
+            "ALTER DATABASE appdb OWNER TO bw_drill_owner;", database="appdb")
+    assert run_watcher(["backup"], env).returncode == 0
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    without = [json.loads(line) for line in done.stderr.splitlines() if '"drill_without_owners"' in line]
+    assert without and without[0]["missing_roles"] == ["bw_drill_owner"], done.stderr
+    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
+    assert succeeded[0]["database_owner"] == "app"
+    assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout

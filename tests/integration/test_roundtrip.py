@@ -161,3 +161,70 @@ def test_restore_swap_never_leaves_the_name_without_its_database(
     assert db.psql("SELECT count(*) FROM t") == "1"
     leftovers = "SELECT count(*) FROM pg_database WHERE datname LIKE '%bw_restore' OR datname LIKE '%bw_previous'"
     assert db.psql(leftovers, database="postgres") == "0"
+
+
+PROPERTIES_SEED = """
+CREATE ROLE bw_props_owner NOLOGIN;
+CREATE ROLE bw_props_ro LOGIN;
+CREATE ROLE "bw props odd";
+ALTER DATABASE appdb OWNER TO bw_props_owner;
+ALTER DATABASE appdb SET search_path TO app, public;
+ALTER DATABASE appdb SET timezone TO 'Asia/Tokyo';
+ALTER ROLE bw_props_ro IN DATABASE appdb SET work_mem TO '8MB';
+REVOKE CONNECT, TEMPORARY ON DATABASE appdb FROM PUBLIC;
+GRANT CONNECT ON DATABASE appdb TO bw_props_ro;
+GRANT CONNECT, TEMPORARY ON DATABASE appdb TO "bw props odd";
+COMMENT ON DATABASE appdb IS 'the DATABASE appdb; it''s
+two lines';
+"""
+
+PROPERTIES = """
+SELECT 'owner', pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = 'appdb'
+UNION ALL SELECT 'acl', array_to_string(ARRAY(SELECT a::text FROM unnest(datacl) a ORDER BY 1), ' ')
+  FROM pg_database WHERE datname = 'appdb'
+UNION ALL SELECT 'comment', shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'appdb'
+UNION ALL SELECT 'setting ' || coalesce(pg_get_userbyid(nullif(setrole, 0)), '-'), array_to_string(setconfig, ';')
+  FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = 'appdb'
+ORDER BY 1;
+"""
+
+
+@pytest.mark.parametrize("major", ["15", "17"])
+def test_restore_keeps_the_database_owner_settings_acl_and_comment(
+    major: str, start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]
+) -> None:
+    db: PgContainer = start_pg(f"scalr-props{major}-db", major)
+    db.psql(PROPERTIES_SEED, database="postgres")
+    db.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
+    before = db.psql(PROPERTIES, database="postgres")
+    assert "owner|bw_props_owner" in before and "TimeZone=Asia/Tokyo" in before, before
+    assert "work_mem=8MB" in before and "bw_props_ro=c/" in before and "two lines" in before, before
+
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    backup = run_watcher(["backup"], env)
+    assert backup.returncode == 0, backup.stderr
+    db.psql("""
+        ALTER DATABASE appdb OWNER TO app;
+        ALTER DATABASE appdb RESET ALL;
+        ALTER ROLE bw_props_ro IN DATABASE appdb RESET ALL;
+        GRANT ALL ON DATABASE appdb TO PUBLIC;
+        REVOKE ALL ON DATABASE appdb FROM bw_props_ro, "bw props odd";
+        COMMENT ON DATABASE appdb IS NULL;
+    """, database="postgres")
+    assert db.psql(PROPERTIES, database="postgres") != before
+
+    restore = run_watcher(["restore", db.name, "latest", "--yes"], env)
+    assert restore.returncode == 0, restore.stderr
+    assert db.psql(PROPERTIES, database="postgres") == before
+    assert db.psql("SELECT current_setting('TimeZone')") == "Asia/Tokyo"
+    assert db.psql("SELECT count(*) FROM t") == "1"
+    # The scratch name is gone and nothing names it.
+    assert db.psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%bw_restore%'", database="postgres") == "0"
+
+    # A property that cannot be applied (its role is gone) fails the restore before the swap.
+    db.psql('REVOKE ALL ON DATABASE appdb FROM "bw props odd"; DROP ROLE "bw props odd";', database="postgres")
+    db.psql("INSERT INTO t VALUES (2);")
+    refused = run_watcher(["restore", db.name, "latest", "--yes"], env)
+    assert refused.returncode == 1, refused.stderr
+    assert "bw props odd" in refused.stderr and "left untouched" in refused.stderr, refused.stderr
+    assert db.psql("SELECT count(*) FROM t") == "2"

@@ -1,0 +1,233 @@
+"""Database-level properties kept in a dump: owner, settings, ACL, comment.
+
+`pg_dump --format=custom` always stores the database's own entries in its archive: DATABASE (with
+the owner), DATABASE PROPERTIES (`ALTER DATABASE … SET`, `ALTER ROLE … IN DATABASE … SET`, the
+connection limit), and COMMENT, SECURITY LABEL and ACL entries named `DATABASE <name>`. A plain
+`pg_restore` into an existing database skips them all; `pg_restore --create --schema-only --file=-`
+prints them (it reads only the archive's table of contents, at its start, and exits; the exec
+helper then still passes the rest of the stream on, up to its own bound of 30 s, before it closes
+the pipe: a cost that only shows on dumps of hundreds of MB). This module
+reads that text and turns it into a script for another database name (a restore's scratch copy).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from watcher import commands
+from watcher.execute import Masker, run_pipeline
+
+_HEADER = re.compile(r"^-- Name: (?P<name>.*); Type: (?P<type>.*); Schema: (?P<schema>.*); Owner: (?P<owner>.*)$")
+# Statements that name roles after TO/FROM (over-counting one only makes a drill skip owners).
+_NAMES_GRANTEES = ("GRANT ", "REVOKE ", "ALTER DEFAULT PRIVILEGES ", "CREATE POLICY ")
+_DATABASE_OBJECT_TYPES = frozenset({"COMMENT", "SECURITY LABEL", "ACL"})
+_GRANTEE = re.compile(r'\b(?:TO|FROM)\s+("(?:[^"]|"")*"|[^\s;,]+)')
+_SESSION_ROLE = re.compile(r'^SET SESSION AUTHORIZATION\s+("(?:[^"]|"")*"|[^\s;]+)', re.MULTILINE)
+_ROLE_IN_DATABASE = re.compile(r'^ALTER ROLE\s+("(?:[^"]|"")*"|[^\s;]+)\s+IN DATABASE', re.MULTILINE)
+_SETTING = re.compile(r'^ALTER DATABASE\s+(?:"(?:[^"]|"")*"|[^\s;]+)\s+SET\s+("(?:[^"]|"")*"|[^\s;]+)\s+(?:TO|=)',
+                      re.MULTILINE)
+
+
+def quote_ident(name: str) -> str:
+    """`name` as an always-quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def unquote_ident(token: str) -> str:
+    """The name an identifier token stands for (pg_dump leaves only plain lower-case names bare)."""
+    if token.startswith('"') and token.endswith('"') and len(token) >= 2:
+        return token[1:-1].replace('""', '"')
+    return token
+
+
+@dataclass
+class DatabaseProperties:
+    """What an archive says about its database, and which roles its objects name."""
+
+    database: str | None = None
+    owner: str | None = None
+    # The COMMENT, SECURITY LABEL, ACL and DATABASE PROPERTIES statements, each naming `database`.
+    statements: list[str] = field(default_factory=list)
+    # Every role the archive's objects are owned by, granted to or set for (PUBLIC excluded).
+    roles: set[str] = field(default_factory=set)
+
+    def setting_names(self) -> list[str]:
+        """The names of the database's own settings (`ALTER DATABASE … SET name …`), sorted."""
+        return sorted({unquote_ident(m.group(1)) for s in self.statements for m in _SETTING.finditer(s)})
+
+    def roles_of(self, statement: str) -> set[str]:
+        """The roles one statement names (grantees, `ALTER ROLE … IN DATABASE` targets)."""
+        return _roles_named(statement)
+
+    def script(self, target: str, existing_roles: set[str] | None = None) -> str:
+        """The statements that give database `target` these properties, as one script.
+
+        With `existing_roles`, an owner or statement naming a role not in it is left out (a drill
+        container that lacks the roles); without, everything is kept and a missing role fails.
+        """
+        lines: list[str] = []
+        if self.owner and (existing_roles is None or self.owner in existing_roles):
+            lines.append(f"ALTER DATABASE {quote_ident(target)} OWNER TO {quote_ident(self.owner)};")
+        for statement in self.statements:
+            if existing_roles is not None and not _roles_named(statement) <= existing_roles:
+                continue
+            lines.append(retarget(statement, self.database or target, target))
+        return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _roles_named(text: str) -> set[str]:
+    roles: set[str] = set()
+    for statement in split_statements(text):
+        if statement.startswith(_NAMES_GRANTEES):
+            roles |= {unquote_ident(m.group(1)) for m in _GRANTEE.finditer(_outside_literals(statement))}
+        roles |= {unquote_ident(m.group(1)) for m in _ROLE_IN_DATABASE.finditer(statement)}
+        roles |= {unquote_ident(m.group(1)) for m in _SESSION_ROLE.finditer(statement)}
+    roles.discard("PUBLIC")
+    return roles
+
+
+def _outside_literals(statement: str) -> str:
+    """The statement with its string literals blanked ('' stays), so that text inside them never matches."""
+    return re.sub(r"'(?:[^']|'')*'", "''", statement)
+
+
+class PropertiesReader:
+    """Collects DatabaseProperties from the lines of `pg_restore --create --schema-only --file=-`."""
+
+    def __init__(self) -> None:
+        self.properties = DatabaseProperties()
+        self._keep = False
+        self._body: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        header = _HEADER.match(line)
+        if header:
+            self._close()
+            self._open(header.group("name"), header.group("type"), header.group("owner"))
+        elif line.startswith(("\\connect ", "\\unrestrict ", "\\restrict ")):
+            self._close()
+        elif self._keep or line.startswith((*_NAMES_GRANTEES, "SET SESSION AUTHORIZATION ")):
+            self._body.append(line)
+
+    def _open(self, name: str, kind: str, owner: str) -> None:
+        if owner and owner != "-":
+            self.properties.roles.add(owner)
+        if kind == "DATABASE":
+            self.properties.database = name
+            self.properties.owner = owner
+        database = self.properties.database
+        self._keep = kind == "DATABASE PROPERTIES" or (
+            kind in _DATABASE_OBJECT_TYPES and database is not None and name.startswith("DATABASE ")
+            and unquote_ident(name.removeprefix("DATABASE ")) == database)
+
+    def _close(self) -> None:
+        text = "\n".join(self._body).strip()
+        if text:
+            self.properties.roles |= _roles_named(text)
+            if self._keep:
+                self.properties.statements.extend(split_statements(text))
+        self._body = []
+        self._keep = False
+
+    def result(self) -> DatabaseProperties:
+        """The properties read so far (call after the last line)."""
+        self._close()
+        return self.properties
+
+
+def split_statements(text: str) -> list[str]:
+    """`text` split at the semicolons that end statements (not those inside literals or identifiers)."""
+    statements: list[str] = []
+    start = 0
+    quote: str | None = None
+    for index, char in enumerate(text):
+        if quote is not None:
+            if char == quote:
+                quote = None  # a doubled quote closes and reopens: same result
+        elif char in "'\"":
+            quote = char
+        elif char == ";":
+            statement = _without_leading_comments(text[start:index + 1])
+            if statement:
+                statements.append(statement)
+            start = index + 1
+    return statements
+
+
+def _without_leading_comments(chunk: str) -> str:
+    lines = chunk.strip().split("\n")
+    while lines and lines[0].startswith("--"):
+        lines.pop(0)
+    return "\n".join(lines).strip()
+
+
+_TARGET = re.compile(r'\bDATABASE\s+("(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)(?=[\s;])')
+
+
+def retarget(statement: str, database: str, target: str) -> str:
+    """`statement` with its first `DATABASE <database>` (outside literals) naming `target` instead.
+
+    Raises ValueError when the statement names no such database (so nothing is applied elsewhere).
+    """
+    blanked = _blank_quoted(statement)
+    for match in _TARGET.finditer(blanked):
+        token = statement[match.start(1):match.end(1)]
+        if unquote_ident(token) == database:
+            return statement[:match.start(1)] + quote_ident(target) + statement[match.end(1):]
+    raise ValueError(f"statement does not name database {database!r}: {statement[:80]!r}")
+
+
+def _blank_quoted(statement: str) -> str:
+    """The statement with the insides of string literals replaced by spaces (same length), and with
+    quoted identifiers other than right after DATABASE untouched, so offsets still match."""
+    out = list(statement)
+    quote: str | None = None
+    for index, char in enumerate(statement):
+        if quote == "'":
+            if char == "'":
+                quote = None
+            else:
+                out[index] = " "
+        elif quote == '"':
+            if char == '"':
+                quote = None
+            else:
+                out[index] = "x" if char in " \t\n;" else char
+        elif char in "'\"":
+            quote = char
+    return "".join(out)
+
+
+class PropertiesUnreadable(Exception):
+    """The archive's database entries could not be read; the message says why."""
+
+
+def read_properties(*, restic: str, snapshot_id: str, database: str, container_id: str, user: str,
+                    env: Mapping[str, str], masker: Masker, timeout: float,
+                    cancel: threading.Event | None = None) -> DatabaseProperties:
+    """Reads the database entries of a snapshot's dump with the container's own pg_restore.
+
+    `env` is the pipeline's environment (the repository's and DOCKER_HOST); pg_restore writing text
+    connects to no server, so no password is needed. Returns the DatabaseProperties; raises PropertiesUnreadable.
+    """
+    reader = PropertiesReader()
+    lister = commands.exec_helper(container_id, commands.pg_restore_database_entries_command(), stdin=True,
+                                  env_values=commands.pg_env(user, "postgres"))
+    dump = commands.restic_dump(restic, snapshot_id, database)
+    done = run_pipeline([dump, lister], env=env, masker=masker, timeout=timeout, cancel=cancel,
+                        capture_stdout=False, on_stdout_line=reader)
+    dump_code, list_code = done.returncodes
+    # pg_restore stops after the table of contents, so restic may be cut off by the closed pipe.
+    dump_cut = dump_code in (0, -signal.SIGPIPE) or "broken pipe" in done.stderr_tail
+    if done.timed_out or done.cancelled or list_code != 0 or not dump_cut:
+        raise PropertiesUnreadable(f"reading the database entries of snapshot {snapshot_id[:8]} failed: "
+                                   f"{done.describe_failure()}")
+    properties = reader.result()
+    if properties.database is None:
+        raise PropertiesUnreadable(f"the dump of snapshot {snapshot_id[:8]} holds no DATABASE entry "
+                                   "(a dump of selected tables or schemas cannot restore database properties)")
+    return properties
