@@ -144,6 +144,12 @@ def psql_script_command(variables: Mapping[str, str]) -> Command:
     return tuple(argv)
 
 
+def psql_query_command(sql: str) -> Command:
+    """psql that runs one statement given on its command line (no stdin), printing unaligned tuples."""
+    return ("psql", "--no-psqlrc", "--no-password", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1",
+            "--command", sql)
+
+
 def psql_pairs_command() -> Command:
     """psql that runs the `SELECT label, value;` statements on its stdin, printing `label|value` lines,
     and stops at the first error."""

@@ -234,11 +234,12 @@ class Driller:
         raises JobError when it does not within READY_TIMEOUT_SECONDS or the drill is cancelled."""
         def probe() -> readiness.Answer | str:
             try:
+                # No stdin: a proxy that cannot carry an exec's input (HAProxy 2.4 to 3.0) must fail
+                # the drill at its restore, at once, not hold it in this wait for the whole bound.
                 done = run_in_container(self.ctx.docker_host, container_id,
-                                        commands.psql_script_command({"db": creds.database}),
+                                        commands.psql_query_command(readiness.probe_sql(creds.database)),
                                         env=commands.pg_env(creds.user, "postgres"), masker=self.ctx.masker,
-                                        timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel,
-                                        stdin=readiness.PROBE_SQL.encode())
+                                        timeout=PROBE_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
             except ExecError as exc:
                 return str(exc)
             if not done.ok:

@@ -24,6 +24,13 @@ PROBE_SQL = ("SELECT current_setting('listen_addresses') <> '', "
 PROBE_INTERVAL_SECONDS = 1.0
 
 
+def probe_sql(database: str) -> str:
+    """PROBE_SQL with the database's name as a literal, for a psql that reads no stdin (`--command`
+    takes no variables)."""
+    literal = "'" + database.replace("'", "''") + "'"
+    return PROBE_SQL.replace(":'db'", literal).strip()
+
+
 @dataclass(frozen=True)
 class Answer:
     """What one probe found: whether the server listens on TCP and whether the database exists."""

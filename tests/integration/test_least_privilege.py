@@ -150,7 +150,13 @@ def _start_prune_holding_the_lock(repo: Repo) -> subprocess.Popen[bytes] | None:
     while prune.poll() is None and time.monotonic() < deadline:
         if any((repo.path / "locks").iterdir()):
             prune.send_signal(signal.SIGSTOP)
-            return prune
+            # Seen, then stopped: it may have removed its lock in between (a tiny repository's prune
+            # ends in milliseconds). Only a prune stopped with its lock still there holds it.
+            time.sleep(0.2)
+            if any((repo.path / "locks").iterdir()):
+                return prune
+            prune.send_signal(signal.SIGCONT)
+            break
         time.sleep(0.002)
     prune.kill()
     prune.wait()

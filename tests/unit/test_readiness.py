@@ -55,3 +55,11 @@ def test_cancel_ends_the_wait() -> None:
     cancel.set()
     with pytest.raises(NotServing, match="cancelled"):
         wait_until_serving(scripted(clock, [Answer(False, True)]), bound_s=60, clock=clock, cancel=cancel)
+
+
+def test_probe_sql_quotes_the_database_name_as_a_literal() -> None:
+    from watcher.readiness import probe_sql
+
+    assert probe_sql("appdb").endswith("WHERE datname = 'appdb');")
+    assert "datname = 'o''brien'" in probe_sql("o'brien")
+    assert ":'db'" not in probe_sql("x")
