@@ -335,6 +335,8 @@ def stream_exec(
         pump.start()
     try:
         stream_complete, problem = _read_frames(sock, buffered, on_stdout, on_stderr)
+        if pump is not None and pump.is_alive():
+            _stop_feeding_a_finished_exec(docker_host, exec_id, sock)
     finally:
         if pump is not None:
             # Let the pump finish its last write and half-close before the socket goes away; once the
@@ -344,6 +346,19 @@ def stream_exec(
     if abort is not None and abort.aborted:
         return ExecOutcome(None, False, ABORTED)
     return _verdict(docker_host, exec_id, stream_complete, problem, stdin_errors)
+
+
+def _stop_feeding_a_finished_exec(docker_host: str, exec_id: str, sock: socket.socket) -> None:
+    """Ends the feeding of a process that stopped before it read all its input (pg_restore --list reads only
+    an archive's head): the engine would go on taking the rest of our input until it ends, a whole dump's
+    worth. Shutting the socket down ends the pump's write at once; the exit code stays the verdict."""
+    try:
+        stopped = _inspect_exit_code(docker_host, exec_id, wait_seconds=2.0) is not None
+    except DockerExecError:
+        return
+    if stopped:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _verdict(docker_host: str, exec_id: str, stream_complete: bool, problem: str | None,
