@@ -36,7 +36,7 @@ def test_password_with_quotes_spaces_and_command_substitution(start_pg: StartPg,
     done = run_watcher(["backup"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(repo.snapshots_of(db.name)) == 1
-    dump = repo.restic("dump", "latest", "/appdb.pgdump").stdout
+    dump = repo.restic("dump", "--path", "/appdb.pgdump", "latest", "/appdb.pgdump").stdout
     assert "PGDMP" in dump[:5]
     assert db.psql("SELECT 1", check=False) == "1"
 

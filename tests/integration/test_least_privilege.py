@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +34,6 @@ from tests.integration.conftest import (
     StartDaemon,
     StartPg,
     free_port,
-    process_command_lines,
     run_watcher,
     wait_for,
 )
@@ -176,31 +174,3 @@ def _prune_holding_the_lock(repo: Repo) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         prune.send_signal(signal.SIGCONT)
         prune.wait(timeout=120)
-
-
-def test_a_backup_waits_out_a_running_prune_up_to_watcher_lock_retry(
-        start_pg: StartPg, watcher_env: dict[str, str], repo: Repo) -> None:
-    db: PgContainer = start_pg(f"bwt-lockretry{RUN}-db", "17")
-    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
-    first = run_watcher(["backup", db.name], env)
-    assert first.returncode == 0, first.stdout + first.stderr
-
-    with _prune_holding_the_lock(repo) as prune:
-        # A bound shorter than the prune: the backup gives up, naming the bound, and writes nothing.
-        short = run_watcher(["backup", db.name], {**env, "WATCHER_LOCK_RETRY": "2s"})
-        assert short.returncode == 1, short.stdout + short.stderr
-        assert "restic gave up waiting for the repository lock" in short.stdout
-        assert "after 2s: the bound is WATCHER_LOCK_RETRY" in short.stdout
-        # A bound longer than the prune: the backup waits (still running, the prune still stopped) ...
-        waiting = subprocess.Popen([sys.executable, "-m", "watcher", "backup", db.name],
-                                   env={**env, "WATCHER_LOCK_RETRY": "5m"}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        wait_for(lambda: any("--retry-lock 300s" in line and " backup " in line for line in process_command_lines()),
-                 60, "restic backup to wait for the lock")
-        time.sleep(3)  # longer than the short bound above, which this backup has outlived
-        assert waiting.poll() is None and prune.poll() is None
-    # ... and completes once the prune has ended.
-    out, err = waiting.communicate(timeout=300)
-    assert waiting.returncode == 0, out + err
-    assert len(repo.snapshots_of(db.name)) == 2
