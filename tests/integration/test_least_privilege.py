@@ -16,13 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +27,6 @@ import pytest
 
 from tests.integration.conftest import (
     PgContainer,
-    Repo,
     StartDaemon,
     StartPg,
     free_port,
@@ -136,41 +132,3 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert "pruned: 4 snapshot(s) forgotten" in pruned.stdout  # two passes' database and globals snapshots
     assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
-
-
-def _start_prune_holding_the_lock(repo: Repo) -> subprocess.Popen[bytes] | None:
-    """Starts `restic prune` and stops it (SIGSTOP) as soon as its exclusive lock is in the repository;
-    returns it stopped, or None when it ended before it could be stopped."""
-    prune = subprocess.Popen(["restic", "prune"], env={**os.environ, "RESTIC_REPOSITORY": str(repo.path),
-                                                        "RESTIC_PASSWORD": repo.password},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while prune.poll() is None and time.monotonic() < deadline:
-        if any((repo.path / "locks").iterdir()):
-            prune.send_signal(signal.SIGSTOP)
-            # Seen, then stopped: it may have removed its lock in between (a tiny repository's prune
-            # ends in milliseconds). Only a prune stopped with its lock still there holds it.
-            time.sleep(0.2)
-            if any((repo.path / "locks").iterdir()):
-                return prune
-            prune.send_signal(signal.SIGCONT)
-            break
-        time.sleep(0.002)
-    prune.kill()
-    prune.wait()
-    return None
-
-
-@contextmanager
-def _prune_holding_the_lock(repo: Repo) -> Iterator[subprocess.Popen[bytes]]:
-    """A real prune, stopped while it holds the repository's exclusive lock; resumed and waited for at the end."""
-    prune = None
-    for _ in range(5):  # a tiny repository's prune may end before it is caught holding the lock
-        if (prune := _start_prune_holding_the_lock(repo)) is not None:
-            break
-    assert prune is not None, "restic prune always ended before it could be stopped holding its lock"
-    try:
-        yield prune
-    finally:
-        prune.send_signal(signal.SIGCONT)
-        prune.wait(timeout=120)
