@@ -54,6 +54,8 @@ class DatabaseProperties:
     statements: list[str] = field(default_factory=list)
     # Every role the archive's objects are owned by, granted to or set for (PUBLIC excluded).
     roles: set[str] = field(default_factory=set)
+    # "schema.table" (as the catalog spells them, unquoted) → the table's owner in the dump.
+    table_owners: dict[str, str] = field(default_factory=dict)
 
     def setting_names(self) -> list[str]:
         """The names of the database's own settings (`ALTER DATABASE … SET name …`), sorted."""
@@ -108,6 +110,8 @@ class PropertiesReader:
         if header:
             self._close()
             self._open(header.group("name"), header.group("type"), header.group("owner"))
+            if header.group("type") == "TABLE" and header.group("owner") not in ("", "-"):
+                self.properties.table_owners[f"{header.group('schema')}.{header.group('name')}"] = header.group("owner")
         elif line.startswith(("\\connect ", "\\unrestrict ", "\\restrict ")):
             self._close()
         elif self._keep or line.startswith((*_NAMES_GRANTEES, "SET SESSION AUTHORIZATION ")):

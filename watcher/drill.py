@@ -6,10 +6,12 @@ a target), restore the latest snapshot into it, and check it:
 - pg_restore finished without an error;
 - every table of the dump exists after the restore, with exactly as many rows as the dump holds;
 - a table that is non-empty in the live database is not empty in the restore;
-- the database has the dump's owner and database settings (ALTER DATABASE … SET). Owners, grants
-  and the database ACL are restored as far as their roles exist in the drill container (the image's
-  entrypoint creates only POSTGRES_USER): when the dump names a role it lacks, the objects are
-  restored without owners and grants (`drill_without_owners` names the roles).
+- the database and its tables have the dump's owners, and the database its settings (ALTER DATABASE
+  … SET). As a recovery on a fresh host does (`restore --host`), the roles the dump names that the
+  drill container lacks (its entrypoint creates only POSTGRES_USER) are created first from the
+  globals snapshot of the same pass, then the dump is restored with owners and grants. A role the
+  globals lack too (pruned, or taken before it existed) makes the drill restore without owners and
+  grants (`drill_without_owners` names the roles).
 The container is always removed, also on failure or cancellation; one left by a crash is removed
 at the next start (`remove_leftovers`).
 """
@@ -25,7 +27,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands, dbproperties, readiness
+from watcher import commands, dbproperties, readiness, roles
 from watcher.clock import SystemClock
 from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
@@ -77,6 +79,7 @@ class ExpectedProperties:
 
     owner: str
     settings: tuple[str, ...]  # names of the database's own settings (ALTER DATABASE … SET)
+    table_owners: dict[str, str] = field(default_factory=dict)  # "schema.table" → owner
 
 
 @dataclass(frozen=True)
@@ -148,17 +151,16 @@ class Driller:
         self.ctx = ctx
         self.docker = docker
 
-    def drill_target(self, target: Target, snapshots: list[Snapshot] | None = None,
+    def drill_target(self, target: Target,
                      on_result: Callable[[DrillResult], None] | None = None) -> list[DrillResult]:
         """Drills the latest snapshot of every database of a target; never raises."""
         try:
-            found = snapshots if snapshots is not None else self.ctx.repository.snapshots(
-                host=self.ctx.host, container=target.name)
+            found = self.ctx.repository.snapshots(host=self.ctx.host, container=target.name, include_globals=True)
         except ResticError as exc:
             return [self._failed(target, "*", new_run_id(), time.monotonic(), None, str(exc))]
         latest: dict[str, Snapshot] = {}
         for snap in found:
-            wanted = target.all_databases or snap.database in target.databases
+            wanted = not snap.globals and (target.all_databases or snap.database in target.databases)
             if wanted and (snap.database not in latest or snap.time > latest[snap.database].time):
                 latest[snap.database] = snap
         if not latest:
@@ -168,7 +170,7 @@ class Driller:
         for database, snap in sorted(latest.items()):
             if self.ctx.cancel.is_set():
                 break
-            result = self.drill_database(target, database, snap)
+            result = self.drill_database(target, database, snap, roles.globals_for(found, snap))
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -184,8 +186,10 @@ class Driller:
         return DrillResult(target.name, database, False, run_id, datetime.now(UTC), duration,
                            snapshot.id if snapshot else None, restore_s, tables, error)
 
-    def drill_database(self, target: Target, database: str, snapshot: Snapshot) -> DrillResult:
-        """Restores one snapshot into a throwaway container and checks it; never raises."""
+    def drill_database(self, target: Target, database: str, snapshot: Snapshot,
+                       globals_snapshot: Snapshot | None = None) -> DrillResult:
+        """Restores one snapshot into a throwaway container, with the roles of `globals_snapshot` (the
+        same pass's) created first as a recovery on a fresh host would, and checks it; never raises."""
         run_id = new_run_id()
         started = time.monotonic()
         bound = log.bind(target=target.name, database=database, run_id=run_id, snapshot_id=snapshot.short_id)
@@ -204,7 +208,7 @@ class Driller:
             )
             self._wait_ready(container_id, creds)
             restore_started = time.monotonic()
-            expected = self._restore(container_id, creds, snapshot, database, masker)
+            expected = self._restore(container_id, creds, snapshot, globals_snapshot, masker)
             restore_s = time.monotonic() - restore_started
             tables = self._check(container_id, creds, target, snapshot, database, masker)
             property_problems = self._check_properties(container_id, creds, expected)
@@ -225,6 +229,7 @@ class Driller:
         bound.info("drill_succeeded", duration_s=round(duration, 3), restore_duration_s=round(restore_s, 3),
                    tables=len(tables), rows=sum(t.restored or 0 for t in tables),
                    database_owner=expected.owner, database_settings=list(expected.settings),
+                   table_owners=sorted(set(expected.table_owners.values())),
                    counts={t.table: t.restored for t in tables})
         return DrillResult(target.name, database, True, run_id, datetime.now(UTC), duration, snapshot.id,
                            restore_s, tables)
@@ -253,14 +258,17 @@ class Driller:
         except readiness.NotServing as exc:
             raise JobError(f"the drill container did not become ready: {exc}") from exc
 
-    def _restore(self, container_id: str, creds: Credentials, snapshot: Snapshot, database: str,
-                 masker: Masker) -> ExpectedProperties:
-        """Restores the snapshot into the drill container as a recovery would: with owners and grants
-        when every role the dump names exists there (else without, as the container lacks them), then
-        the database's owner, settings, ACL and comment as far as their roles exist.
+    def _restore(self, container_id: str, creds: Credentials, snapshot: Snapshot,
+                 globals_snapshot: Snapshot | None, masker: Masker) -> ExpectedProperties:
+        """Restores the snapshot into the drill container as a recovery on a fresh host does: the roles
+        its objects and grants name are created from the globals snapshot of the same pass, the dump is
+        restored with owners and grants, then the database's owner, settings, ACL and comment are set.
+        A role that neither the container nor the globals have (globals pruned, or taken before the
+        role existed) makes the drill restore without owners and grants (`drill_without_owners`).
 
         Returns what the restored database must then show; raises JobError.
         """
+        database = snapshot.database
         env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
         try:
             props = dbproperties.read_properties(
@@ -269,11 +277,12 @@ class Driller:
                 timeout=DRILL_TIMEOUT_SECONDS, cancel=self.ctx.cancel)
         except dbproperties.PropertiesUnreadable as exc:
             raise JobError(f"restore of snapshot {snapshot.short_id} failed: {exc}") from exc
-        roles = set(self._drill_query(container_id, creds, "SELECT rolname FROM pg_roles;\n").split("\n")) - {""}
-        missing = sorted(props.roles - roles)
+        have = self._roles_from_globals(container_id, creds, props.roles, globals_snapshot, masker)
+        missing = sorted(props.roles - have)
         if missing:
             log.info("drill_without_owners", snapshot_id=snapshot.short_id, database=database,
-                     missing_roles=missing[:20])
+                     missing_roles=missing[:20],
+                     globals_snapshot=globals_snapshot.short_id if globals_snapshot else None)
         restorer = commands.exec_helper(container_id, commands.pg_restore_command(database, keep_owners=not missing),
                                         stdin=True, env_values=commands.pg_env(creds.user, database))
         dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database)
@@ -281,26 +290,48 @@ class Driller:
         if done is not None:
             raise JobError(f"restore of snapshot {snapshot.short_id} failed: {done}")
         try:
-            script = props.script(database, existing_roles=roles)
+            script = props.script(database, existing_roles=have)
         except ValueError as exc:
             raise JobError(str(exc)) from exc
         if script:
             self._drill_query(container_id, creds, "BEGIN;\n" + script + "COMMIT;\n")
-        owner = props.owner if props.owner in roles else creds.user
-        return ExpectedProperties(owner, tuple(props.setting_names()))
+        owner = props.owner if props.owner in have else creds.user
+        table_owners = {table: (owner_ if not missing else creds.user) for table, owner_ in props.table_owners.items()}
+        return ExpectedProperties(owner, tuple(props.setting_names()), table_owners)
+
+    def _roles_from_globals(self, container_id: str, creds: Credentials, needed: set[str],
+                            globals_snapshot: Snapshot | None, masker: Masker) -> set[str]:
+        """Creates the `needed` roles that the drill container lacks and the globals snapshot has (with
+        their attributes, passwords, memberships and settings, as `restore --host` does); returns the
+        roles the container then has. Raises JobError when the globals cannot be read or applied: a
+        fresh-host recovery from this pass would fail the same way."""
+        have = set(self._drill_query(container_id, creds, "SELECT rolname FROM pg_roles;\n").split("\n")) - {""}
+        if globals_snapshot is None or needed <= have:
+            return have
+        maker = roles.RoleMaker(self.ctx.docker_host, self.ctx.repository, masker, self.ctx.bounds, self.ctx.cancel)
+        try:
+            globals_ = maker.read_globals(globals_snapshot)
+            plan = roles.plan_roles(needed & (have | set(globals_.roles)), have, globals_,
+                                    source=f"globals snapshot {globals_snapshot.short_id}")
+            maker.create(plan, container_id, f"drill of {globals_snapshot.container}", creds)
+        except roles.RoleError as exc:
+            raise JobError(f"creating the roles from globals snapshot {globals_snapshot.short_id} failed: "
+                           f"{exc}") from exc
+        return have | set(plan.create)
 
     def _drill_query(self, container_id: str, creds: Credentials, script: str,
-                     variables: dict[str, str] | None = None) -> str:
+                     variables: dict[str, str] | None = None, database: str = "postgres") -> str:
         """Runs a script in the drill container (no other session there); returns its output, raises JobError."""
         done = run_in_container(self.ctx.docker_host, container_id, commands.psql_script_command(variables or {}),
-                                env=commands.pg_env(creds.user, "postgres"), masker=self.ctx.masker,
+                                env=commands.pg_env(creds.user, database), masker=self.ctx.masker,
                                 timeout=DRILL_TIMEOUT_SECONDS, cancel=self.ctx.cancel, stdin=script.encode())
         if not done.ok:
             raise JobError(f"psql in the drill container failed: {done.describe_failure()}")
         return done.stdout.decode(errors="replace")
 
     def _check_properties(self, container_id: str, creds: Credentials, expected: ExpectedProperties) -> list[str]:
-        """Why the restored database's owner or settings differ from the dump's, or nothing; raises JobError."""
+        """Why the restored database's owner, settings or tables' owners differ from the dump's, or
+        nothing; raises JobError."""
         found = _pairs_of(self._drill_query(container_id, creds, (
             "SELECT 'owner', pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = :'db'\n"
             "UNION ALL SELECT 'settings', coalesce(string_agg(split_part(s, '=', 1), ','), '')\n"
@@ -314,7 +345,18 @@ class Driller:
         if settings != sorted(expected.settings):
             problems.append(f"database settings: {', '.join(settings) or 'none'} after the restore, "
                             f"the dump has {', '.join(sorted(expected.settings)) or 'none'}")
-        return problems
+        return problems + self._check_table_owners(container_id, creds, expected.table_owners)
+
+    def _check_table_owners(self, container_id: str, creds: Credentials, expected: dict[str, str]) -> list[str]:
+        """Why restored tables' owners differ from the dump's, or nothing; raises JobError."""
+        if not expected:
+            return []
+        found = _pairs_of(self._drill_query(container_id, creds, (
+            "SELECT n.nspname || '.' || c.relname, pg_get_userbyid(c.relowner)\n"
+            "  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p');\n"
+        ), database=creds.database))
+        return [f"owner of table {table}: {found.get(table, 'no such table')} after the restore, the dump has {owner}"
+                for table, owner in sorted(expected.items()) if found.get(table) != owner][:10]
 
     def _check(self, container_id: str, creds: Credentials, target: Target, snapshot: Snapshot, database: str,
                masker: Masker) -> tuple[TableCheck, ...]:

@@ -31,6 +31,7 @@ class DatabaseState:
     last_success: datetime | None = None
     last_failure: datetime | None = None
     last_error: str | None = None
+    note: str | None = None  # what a user should know about its last snapshot (globals without passwords)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class Registry:
             for result in results:
                 known = databases.get(result.database, DatabaseState())
                 databases[result.database] = (
-                    replace(known, last_success=result.started_at, last_error=None) if result.ok
+                    replace(known, last_success=result.started_at, last_error=None, note=result.note) if result.ok
                     else replace(known, last_failure=result.started_at, last_error=result.error))
             return replace(entry, databases=databases, running_job=False, last_error=last_error,
                            consecutive_failures=consecutive_failures, next_run=next_run)

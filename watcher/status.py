@@ -32,7 +32,7 @@ def status_rows(entries: Iterable[TargetState], now: datetime) -> list[dict[str,
                 {"database": name, "last_snapshot": _iso(db.last_snapshot),
                  "snapshot_id": db.last_snapshot_id[:8] if db.last_snapshot_id else None,
                  "last_success": _iso(db.last_success), "last_failure": _iso(db.last_failure),
-                 "last_error": db.last_error}
+                 "last_error": db.last_error, "note": db.note}
                 for name, db in sorted(entry.databases.items())
             ],
         })
@@ -72,4 +72,15 @@ def render_table(rows: Sequence[Mapping[str, object]]) -> str:
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(rows))
+
+
+def _notes(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """One line per database whose last snapshot comes with a note, under the table."""
+    notes = []
+    for row in rows:
+        databases = row.get("databases")
+        for db in databases if isinstance(databases, list) else []:
+            if isinstance(db, Mapping) and db.get("note"):
+                notes.append(f"note: {row['target']} {db['database']}: {db['note']}")
+    return ([""] if notes else []) + notes

@@ -224,8 +224,12 @@ def test_drill_waits_out_an_initdb_script_of_20_seconds(start_pg: StartPg, repo:
     assert drill_containers() == []
 
 
+def _drill_events(stderr: str, event: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr.splitlines() if f'"{event}"' in line]
+
+
 @pytest.mark.parametrize("major", ["15", "17"])
-def test_drill_restores_and_checks_database_settings_with_owners_where_the_roles_exist(
+def test_drill_rehearses_recovery_with_the_roles_of_the_globals_owners_and_settings(
         major: str, start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg(f"bwt-drillprops{major}-db", major)
     db.psql(SEED)
@@ -234,27 +238,38 @@ def test_drill_restores_and_checks_database_settings_with_owners_where_the_roles
         ALTER DATABASE appdb SET timezone TO 'Asia/Tokyo';
         REVOKE CONNECT ON DATABASE appdb FROM PUBLIC;
         COMMENT ON DATABASE appdb IS 'drilled';
+        CREATE ROLE bw_drill_owner NOLOGIN;
+        CREATE ROLE bw_drill_reader LOGIN PASSWORD 'reader-secret-1';
+        GRANT bw_drill_owner TO bw_drill_reader;
+        ALTER DATABASE appdb OWNER TO bw_drill_owner;
+        GRANT CONNECT ON DATABASE appdb TO bw_drill_reader;
     """, database="postgres")
+    db.psql("ALTER TABLE orders OWNER TO bw_drill_owner; GRANT SELECT ON orders TO bw_drill_reader;", database="appdb")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
     assert run_watcher(["backup"], env).returncode == 0
 
-    # Every role the dump names (app) exists in the drill container: owners and grants are restored.
+    # The drill container has only POSTGRES_USER: the roles come from the globals of the same pass,
+    # then owners, grants and settings are restored and checked, as on a fresh host.
     done = run_watcher(["drill", db.name], env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert '"drill_without_owners"' not in done.stderr
-    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
-    assert succeeded[0]["database_owner"] == "app"
+    assert not _drill_events(done.stderr, "drill_without_owners"), done.stderr
+    created = _drill_events(done.stderr, "roles_created")
+    assert created and set(str(created[0]["roles"]).split(",")) == {"bw_drill_owner", "bw_drill_reader"}, done.stderr
+    succeeded = _drill_events(done.stderr, "drill_succeeded")
+    assert succeeded[0]["database_owner"] == "bw_drill_owner"
     assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
+    assert succeeded[0]["table_owners"] == ["app", "bw_drill_owner"]
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
+    assert "reader-secret-1" not in done.stdout + done.stderr and "SCRAM-SHA-256$" not in done.stdout + done.stderr
 
-    # A role the drill container lacks: the data and settings are still drilled, without owners.
-    db.psql("CREATE ROLE bw_drill_owner NOLOGIN; ALTER TABLE orders OWNER TO bw_drill_owner;"
-            "ALTER DATABASE appdb OWNER TO bw_drill_owner;", database="appdb")
-    assert run_watcher(["backup"], env).returncode == 0
+    # Without the globals snapshot (pruned), the drill still checks the data and the settings, without owners.
+    for snapshot in repo.globals_of(db.name):
+        repo.restic("forget", snapshot["id"])
     done = run_watcher(["drill", db.name], env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    without = [json.loads(line) for line in done.stderr.splitlines() if '"drill_without_owners"' in line]
-    assert without and without[0]["missing_roles"] == ["bw_drill_owner"], done.stderr
-    succeeded = [json.loads(line) for line in done.stderr.splitlines() if '"drill_succeeded"' in line]
-    assert succeeded[0]["database_owner"] == "app"
+    without = _drill_events(done.stderr, "drill_without_owners")
+    assert without and without[0]["missing_roles"] == ["bw_drill_owner", "bw_drill_reader"], done.stderr
+    succeeded = _drill_events(done.stderr, "drill_succeeded")
+    assert succeeded[0]["database_owner"] == "app" and succeeded[0]["table_owners"] == ["app"]
     assert succeeded[0]["database_settings"] == ["TimeZone", "search_path"]
     assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout

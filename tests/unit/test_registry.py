@@ -72,3 +72,19 @@ def test_stop_idle_reject_and_remove() -> None:
     assert registry.remove(cid) is not None and registry.ids() == set()
     registry.mark_running(cid)  # unknown ids change nothing
     assert registry.view() == ()
+
+
+def test_a_snapshot_note_shows_in_status_until_a_snapshot_without_one() -> None:
+    from dataclasses import replace
+
+    from watcher.status import render_table, status_rows
+    registry, cid = _registry_with_target()
+    note = "roles without password hashes: the dump role may not read pg_authid"
+    registry.record_results(cid, [replace(backup_result("(globals)", at=NEW), note=note)], last_error=None,
+                            consecutive_failures=0, next_run=NEW)
+    rows = status_rows(registry.view(), NEW)
+    assert {"database": "(globals)", "note": note}.items() <= rows[0]["databases"][0].items()  # type: ignore[index]
+    assert render_table(rows).endswith(f"\n\nnote: a-db (globals): {note}")
+    registry.record_results(cid, [backup_result("(globals)", at=NEW)], last_error=None, consecutive_failures=0,
+                            next_run=NEW)
+    assert "note:" not in render_table(status_rows(registry.view(), NEW))
