@@ -209,6 +209,8 @@ fi
 want proxy && need+=(haproxy docker-compose)
 { want restic || want restserver; } && need+=(gnupg)
 want prometheus && need+=(prometheus)
+# The progress tests drive a real terminal through it (tests/integration/test_progress.py).
+need+=(tmux)
 apt_install "${need[@]}"
 want restic && install_restic && install_old_restic
 want restserver && install_rest_server

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from watcher.discovery import (
 from watcher.docker_source import DockerSource, DockerUnavailable
 from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_one, backup_target, check_repository, new_run_id
+from watcher.progress import ProgressBoard
 from watcher.restic import Repository, ResticError, Snapshot
 from watcher.settings import mask_url, with_flags
 
@@ -150,6 +152,8 @@ class App:
     repository: Repository
     # Set when a one-shot command is interrupted: every job's pipelines end their processes.
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # How far the running jobs have come (the terminal's progress lines, the log, metrics, status).
+    progress: ProgressBoard = dataclasses.field(default_factory=ProgressBoard)
 
     @property
     def docker_host(self) -> str:
@@ -160,6 +164,14 @@ class App:
         """The discovery rules the configuration gives."""
         return DiscoveryRules(self.config.container_patterns, self.config.schedule, self.config.retention)
 
+    def showing_progress(self) -> AbstractContextManager[None]:
+        """Shows the running jobs' progress while the `with` block runs: live lines when stdout is a
+        terminal, else `*_progress` log lines (stdout keeps only the results)."""
+        from watcher.progress_display import shown
+
+        return shown(self.progress, terminal=sys.stdout.isatty(), stream=sys.stdout,
+                     log_every_s=self.config.progress_log_interval_s)
+
     def host(self) -> str:
         """The restic --host of this engine's snapshots; raises DockerUnavailable."""
         return self.config.host or self.docker.engine_name()
@@ -167,7 +179,7 @@ class App:
     def job_context(self) -> JobContext:
         """A JobContext for backups; raises DockerUnavailable."""
         return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel,
-                          bounds=self.config.bounds)
+                          bounds=self.config.bounds, progress=self.progress)
 
 
 def build_app(config: Config) -> App:
@@ -236,7 +248,8 @@ def cmd_backup(app: App, args: argparse.Namespace) -> int:
         return EXIT_OK
     ctx = app.job_context()
     ctx.repository.version()
-    batches, check_error = _back_up_all(app, ctx, targets)
+    with app.showing_progress():
+        batches, check_error = _back_up_all(app, ctx, targets)
     # Backups that never got to run are not reported as failures of their own: the check's error says why.
     results: list[BackupResult] = [result for batch in batches if batch for result in batch
                                    if not result.repository_unverified]
@@ -323,7 +336,8 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
     check_repository(ctx, init=False)
     remove_leftovers(app.docker, ctx.host)
     driller = Driller(ctx, app.docker)
-    results = [result for target in targets for result in driller.drill_target(target)]
+    with app.showing_progress():
+        results = [result for target in targets for result in driller.drill_target(target)]
     for result in results:
         _print_drill_result(result)
     return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
@@ -413,7 +427,9 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
         destination.roles.create(plan, destination.id, destination_name, destination.creds)
         if plan.create:
             print(roles_sentence(plan, future=False), file=sys.stderr)
-        result = destination.restorer.restore(snapshot, destination.id, destination_name, destination.creds, database)
+        with app.showing_progress():
+            result = destination.restorer.restore(snapshot, destination.id, destination_name, destination.creds,
+                                                  database)
     except (RestoreError, RoleError) as exc:
         print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
@@ -494,7 +510,7 @@ def destination_of(app: App, name: str) -> Destination | None:
     if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
         bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
     return Destination(info, credentials_of(info.env, user_label),
-                       Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel),
+                       Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel, app.progress),
                        RoleMaker(app.docker_host, app.repository, app.masker, bounds, app.cancel))
 
 
@@ -580,7 +596,8 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
     clock = SystemClock()
     registry = Registry()
-    metrics = Metrics(CollectorRegistry(), registry, version=__version__, clock=lambda: clock.now().timestamp())
+    metrics = Metrics(CollectorRegistry(), registry, version=__version__, clock=lambda: clock.now().timestamp(),
+                      progress=app.progress)
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
     try:
@@ -601,7 +618,10 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: daemon.request_stop())
         notifier.start()
-        return daemon.run()
+        from watcher.progress_display import shown
+
+        with shown(app.progress, terminal=False, stream=sys.stdout, log_every_s=app.config.progress_log_interval_s):
+            return daemon.run()
     finally:
         server.stop()
         notifier.close(timeout=10)

@@ -162,6 +162,10 @@ class Config:
         help="how long running backups may finish after SIGTERM/SIGINT before they are aborted")
     reconcile_interval_s: float = setting(
         "WATCHER_RECONCILE_INTERVAL", "5m", duration(5), help="time between full container-list reconciliations")
+    progress_log_interval_s: float = setting(
+        "WATCHER_PROGRESS_LOG_INTERVAL", "30s", duration(1),
+        help="how often a running backup, restore or drill writes its `<kind>_progress` log line (the daemon, "
+             "and one-shot commands whose stdout is no terminal)")
     lock_wait_timeout_s: float = setting(
         "WATCHER_LOCK_WAIT_TIMEOUT", "5m", duration(1),
         help="bound on waiting for a table lock another session holds: pg_dump --lock-wait-timeout and "

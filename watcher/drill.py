@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -41,6 +41,7 @@ from watcher.jobs import (
     new_run_id,
     run_on_live,
 )
+from watcher.progress import first_writer
 from watcher.restic import ResticError, Snapshot, restic_error_text
 
 log = structlog.get_logger("watcher.drill")
@@ -286,7 +287,8 @@ class Driller:
         restorer = commands.exec_helper(container_id, commands.pg_restore_command(database, keep_owners=not missing),
                                         stdin=True, env_values=commands.pg_env(creds.user, database))
         dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database)
-        done = run_pipeline_checked(self.ctx, [dump, restorer], env, masker)
+        with self.ctx.progress.track("drill", snapshot.container, database, total=snapshot.bytes) as tracker:
+            done = run_pipeline_checked(self.ctx, [dump, restorer], env, masker, on_tick=first_writer(tracker))
         if done is not None:
             raise JobError(f"restore of snapshot {snapshot.short_id} failed: {done}")
         try:
@@ -437,11 +439,12 @@ def _pairs_of(output: str) -> dict[str, str]:
 
 
 def run_pipeline_checked(ctx: JobContext, argv: list[tuple[str, ...]], env: dict[str, str],
-                         masker: Masker, on_stdout_line: Callable[[str], None] | None = None) -> str | None:
+                         masker: Masker, on_stdout_line: Callable[[str], None] | None = None,
+                         on_tick: Callable[[Sequence[int]], None] | None = None) -> str | None:
     """Runs a restic-dump pipeline; returns None on success or the readable reason of its failure."""
     done = run_pipeline(argv, env=env, masker=masker,
                         timeout=DRILL_TIMEOUT_SECONDS, cancel=ctx.cancel, capture_stdout=False,
-                        on_stdout_line=on_stdout_line)
+                        on_stdout_line=on_stdout_line, on_tick=on_tick)
     if done.ok:
         return None
     detail = restic_error_text(done.stderr_tail.splitlines())

@@ -34,6 +34,8 @@ STDERR_TAIL_LINES = 40
 MASK_MIN_LENGTH, MASK_ALWAYS_LENGTH = 6, 12
 TERMINATE_GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.05
+# How often a running pipeline's on_tick is called (progress sampling).
+TICK_SECONDS = 1.0
 # An exec aborted while the engine still answers its start (bounded by the client's own 30 s) is
 # not waited for longer than this: the run is reported as timed out or cancelled at once.
 ABORT_JOIN_SECONDS = 2.0
@@ -260,18 +262,24 @@ class _Pipeline:
             if proc.poll() is None:
                 _kill_group(proc, sig)
 
-    def wait(self, deadline: float, cancel: threading.Event | None, grace: float) -> tuple[bool, bool]:
-        """Waits until every member has ended; returns (timed_out, cancelled).
+    def wait(self, deadline: float, cancel: threading.Event | None, grace: float,
+             on_tick: Callable[[Sequence[int]], None] | None = None) -> tuple[bool, bool]:
+        """Waits until every member has ended; returns (timed_out, cancelled). Calls `on_tick` with the
+        members' pids about once every TICK_SECONDS meanwhile.
 
         On timeout, cancel, or one member failing, every member gets SIGTERM, then SIGKILL after `grace`.
         """
         timed_out = cancelled = False
         terminated_at: float | None = None
+        next_tick = time.monotonic() + TICK_SECONDS
         while True:
             codes = [proc.poll() for proc in self.procs]
             if all(code is not None for code in codes):
                 return timed_out, cancelled
             now = time.monotonic()
+            if on_tick is not None and now >= next_tick:
+                on_tick([proc.pid for proc in self.procs])
+                next_tick = now + TICK_SECONDS
             if terminated_at is None:
                 timed_out, cancelled = _wait_bound(deadline, cancel)
                 if timed_out or cancelled or any(code not in (None, 0) for code in codes):
@@ -310,9 +318,13 @@ def run_pipeline(
     capture_stdout: bool = True,
     on_stdout_line: Callable[[str], None] | None = None,
     on_stderr_line: Callable[[str], None] | None = None,
+    on_tick: Callable[[Sequence[int]], None] | None = None,
     terminate_grace: float = TERMINATE_GRACE_SECONDS,
 ) -> Completed:
     """Runs `commands` as a pipeline (stdout of each into stdin of the next) and waits for it.
+
+    `on_tick` is called with the members' pids about once a second while they run (progress is
+    read there, off the data path); it must not raise.
 
     Returns a Completed with every exit code. On timeout or when `cancel` is set, every process of
     the pipeline gets SIGTERM (whole process groups, so grandchildren too), then SIGKILL after
@@ -328,7 +340,7 @@ def run_pipeline(
         pipeline.feed(stdin)
     pipeline.read_stdout(capture_stdout, on_stdout_line)
     try:
-        timed_out, cancelled = pipeline.wait(started + timeout, cancel, terminate_grace)
+        timed_out, cancelled = pipeline.wait(started + timeout, cancel, terminate_grace, on_tick)
     except BaseException:
         # Ctrl-C (or any error) in the waiting thread: the children run in their own sessions and
         # would go on without us (a restic backup could still write its snapshot). End them all.

@@ -21,6 +21,7 @@ from watcher.config import Bounds
 from watcher.discovery import Target
 from watcher.durations import format_duration
 from watcher.execute import Command, Completed, ExecError, Masker, run_in_container, run_pipeline
+from watcher.progress import RESTIC_PROGRESS_FPS, ProgressBoard, Tracker, restic_status_bytes
 from watcher.restic import (
     EXIT_NO_REPOSITORY,
     EXIT_WRONG_PASSWORD,
@@ -83,6 +84,8 @@ class JobContext:
     repository_verified: bool = True
     # Containers whose dump role may not read password hashes: their globals are dumped without them.
     globals_without_passwords: set[str] = field(default_factory=set)
+    # The running jobs' progress, read by the terminal, the log, the metrics and `status`.
+    progress: ProgressBoard = field(default_factory=ProgressBoard)
 
 
 def new_run_id() -> str:
@@ -292,11 +295,13 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
     bound.info("backup_started")
     stdout_lines: list[str] = []
     try:
-        done = run_pipeline(
-            [argv], env=env, masker=ctx.masker.with_secrets([target.credentials.password]),
-            timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
-            capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines),
-        )
+        with ctx.progress.track("backup", target.name, database) as tracker:
+            done = run_pipeline(
+                [argv], env={**env, "RESTIC_PROGRESS_FPS": RESTIC_PROGRESS_FPS},
+                masker=ctx.masker.with_secrets([target.credentials.password]),
+                timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
+                capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines, tracker),
+            )
     except OSError as exc:
         failed = BackupResult(target.name, database, False, run_id, started_at, time.monotonic() - started,
                               error=f"cannot start restic ({ctx.repository.binary!r}): {exc}")
@@ -306,6 +311,7 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
     result = _backup_result(ctx, target, database, run_id, started_at, time.monotonic() - started, done,
                             stdout_lines, snapshot_time)
     if result.ok:
+        ctx.progress.expect(target.name, database, result.bytes_processed)
         bound.info("backup_succeeded", snapshot_id=(result.snapshot_id or "")[:8],
                    duration_s=round(result.duration_s, 3), bytes=result.bytes_processed,
                    bytes_added=result.bytes_added)
@@ -388,10 +394,14 @@ def log_failed_backup(result: BackupResult) -> None:
               error=result.error, duration_s=round(result.duration_s, 3))
 
 
-def _keep_summary_lines(sink: list[str]) -> Callable[[str], None]:
-    # restic --json prints a status line many times a second; keep only what we need.
+def _keep_summary_lines(sink: list[str], tracker: Tracker) -> Callable[[str], None]:
+    # restic --json prints a status line every second (RESTIC_PROGRESS_FPS): its bytes go to the
+    # progress board, every other line is kept for the summary.
     def keep(line: str) -> None:
-        if '"status"' not in line:
+        done = restic_status_bytes(line)
+        if done is not None:
+            tracker.set_bytes(done)
+        elif '"status"' not in line:
             sink.append(line)
     return keep
 

@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from watcher.progress import ProgressBoard
 from watcher.registry import STATES, Registry
 
 PREFIX = "backup_watcher_"
@@ -83,11 +84,34 @@ class TargetCollector(Collector):
         yield from (success, failure, snapshot, age, interval, next_run, failures, states)
 
 
+class RunningJobCollector(Collector):
+    """Renders the running jobs from the progress board at scrape time: a job's series exist while it
+    runs and are gone the moment it ends."""
+
+    def __init__(self, board: ProgressBoard) -> None:
+        self._board = board
+
+    def collect(self) -> Iterator[Metric]:
+        """Yields job_running, job_bytes_done and job_started_timestamp_seconds per running job."""
+        labels = ["target", "database", "kind"]
+        running = GaugeMetricFamily(PREFIX + "job_running", "1 while a job runs", labels=labels)
+        done = GaugeMetricFamily(PREFIX + "job_bytes_done", "Bytes of its stream a running job has passed",
+                                 labels=labels)
+        started = GaugeMetricFamily(PREFIX + "job_started_timestamp_seconds", "Unix time a running job started",
+                                    labels=labels)
+        for job in self._board.running():
+            values = [job.target, job.database, job.kind]
+            running.add_metric(values, 1)
+            done.add_metric(values, job.bytes_done)
+            started.add_metric(values, job.started_at.timestamp())
+        yield from (running, done, started)
+
+
 class Metrics:
     """Every metric of the watcher, registered on one CollectorRegistry."""
 
     def __init__(self, registry: CollectorRegistry, targets: Registry, *, version: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, progress: ProgressBoard | None = None) -> None:
         self.registry = registry
         # The *_created series double the output and no dashboard or rule reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -127,6 +151,7 @@ class Metrics:
         self._version = version
         self._series: dict[str, set[str]] = {}
         registry.register(TargetCollector(targets, clock))
+        registry.register(RunningJobCollector(progress or ProgressBoard()))
 
     def set_restic_version(self, restic_version: str) -> None:
         """Publishes build_info{version,restic_version} = 1."""

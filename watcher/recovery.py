@@ -79,8 +79,9 @@ def recover_host(app: App, args: argparse.Namespace) -> int:
         print("not confirmed; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
     outcomes: list[Outcome] = []
-    for plan in plans:
-        outcomes += _not_done(plan) if plan.problem is not None else _recover(app, plan)
+    with app.showing_progress():
+        for plan in plans:
+            outcomes += _not_done(plan) if plan.problem is not None else _recover(app, plan)
     return _report(outcomes)
 
 

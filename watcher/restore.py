@@ -21,6 +21,7 @@ from watcher.config import Bounds
 from watcher.discovery import Credentials
 from watcher.execute import ExecError, Masker, run_in_container, run_pipeline
 from watcher.jobs import QUERY_MARGIN_SECONDS, lock_wait_problem
+from watcher.progress import ProgressBoard, first_writer
 from watcher.restic import Repository, Snapshot
 
 log = structlog.get_logger("watcher.restore")
@@ -94,12 +95,13 @@ class Restorer:
     """Restores snapshots into databases of running containers."""
 
     def __init__(self, docker_host: str, repository: Repository, masker: Masker, bounds: Bounds | None = None,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, progress: ProgressBoard | None = None) -> None:
         self.docker_host = docker_host
         self.repository = repository
         self.masker = masker
         self.bounds = bounds or Bounds()
         self.cancel = cancel
+        self.progress = progress or ProgressBoard()
 
     def _psql(self, container: str, creds: Credentials, script: str, variables: dict[str, str]) -> str:
         """Runs one step's script on the live server, bounded (lock_timeout, statement_timeout); returns
@@ -173,8 +175,9 @@ class Restorer:
             env_names=["PGPASSWORD"] if creds.password else [],
         )
         dump = commands.restic_dump(self.repository.binary, snapshot.id, database)
-        done = run_pipeline([dump, restorer], env=env, masker=masker, timeout=RESTORE_TIMEOUT_SECONDS,
-                            cancel=self.cancel, capture_stdout=False)
+        with self.progress.track("restore", container_name, database, total=snapshot.bytes) as tracker:
+            done = run_pipeline([dump, restorer], env=env, masker=masker, timeout=RESTORE_TIMEOUT_SECONDS,
+                                cancel=self.cancel, capture_stdout=False, on_tick=first_writer(tracker))
         try:
             if not done.ok:
                 raise RestoreError(done.describe_failure())

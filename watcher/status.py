@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
+from watcher.progress import JobProgress, progress_text
 from watcher.registry import TargetState
 
 
@@ -12,9 +14,12 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def status_rows(entries: Iterable[TargetState], now: datetime) -> list[dict[str, object]]:
-    """One row per watched container: state, newest snapshot and its age, next run, last error."""
+def status_rows(entries: Iterable[TargetState], now: datetime,
+                running: Sequence[JobProgress] = ()) -> list[dict[str, object]]:
+    """One row per watched container: state, newest snapshot and its age, next run, last error, and
+    the jobs running on it now with their progress."""
     rows: list[dict[str, object]] = []
+    moment = time.monotonic()
     for entry in entries:
         newest = entry.judged_snapshot
         error = entry.rejected.reason if entry.rejected is not None else entry.last_error
@@ -35,6 +40,7 @@ def status_rows(entries: Iterable[TargetState], now: datetime) -> list[dict[str,
                  "last_error": db.last_error, "note": db.note}
                 for name, db in sorted(entry.databases.items())
             ],
+            "running": [job.fields(moment) for job in running if job.target == entry.name],
         })
     return rows
 
@@ -72,7 +78,18 @@ def render_table(rows: Sequence[Mapping[str, object]]) -> str:
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
-    return "\n".join(lines + _notes(rows))
+    return "\n".join(lines + _running(rows) + _notes(rows))
+
+
+def _running(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """One line per running job, under the table."""
+    found = []
+    for row in rows:
+        jobs = row.get("running")
+        for job in jobs if isinstance(jobs, list) else []:
+            if isinstance(job, Mapping):
+                found.append(f"running: {progress_text(job)}")
+    return ([""] if found else []) + found
 
 
 def _notes(rows: Sequence[Mapping[str, object]]) -> list[str]:

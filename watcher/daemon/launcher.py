@@ -122,4 +122,6 @@ class Launcher:
         except ResticError as exc:
             return RefreshFinished(error=str(exc))
         mine = tuple(snap for snap in everything if snap.host == self.ctx.host)
+        for snapshot in mine:  # oldest first: the newest of each history stays
+            self.ctx.progress.expect(snapshot.container, snapshot.database, snapshot.bytes)
         return RefreshFinished(snapshots=mine, repository_snapshots=len(everything))

@@ -94,7 +94,7 @@ class Daemon:
 
     def status(self) -> list[dict[str, object]]:
         """The status rows of every watched container (for /status)."""
-        return status_rows(self.registry.view(), self.clock.now())
+        return status_rows(self.registry.view(), self.clock.now(), self.ctx.progress.running())
 
     def run(self) -> int:
         """Runs until stopped by a signal; returns the exit code (0)."""
