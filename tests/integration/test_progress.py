@@ -5,6 +5,7 @@ and status while a backup runs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -22,7 +23,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 # About 330 MB of dump: long enough on this machine (seconds) for two captures to differ.
-ROWS = 1_200_000
+# BW_PROGRESS_ROWS=3700000 makes it the issue's ~1 GB.
+ROWS = int(os.environ.get("BW_PROGRESS_ROWS", "1200000"))
 SEED = f"""
 CREATE TABLE big AS SELECT g AS id, md5(g::text) || repeat(md5((g * 7)::text), 7) AS pad
   FROM generate_series(1, {ROWS}) AS g;
