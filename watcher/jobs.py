@@ -313,6 +313,9 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
             [argv], env=env, masker=ctx.masker.with_secrets([target.credentials.password]),
             timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
             capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines),
+            # restic retries a backend that fails (a full disk, a server gone) for up to 15 minutes, even
+            # after its source gave up: once the exec helper says the stream stalled, restic ends too.
+            end_on_stderr=lambda line: STALL_BOUND_NAMES in line,
         )
     except OSError as exc:
         failed = BackupResult(target.name, database, False, run_id, started_at, time.monotonic() - started,
@@ -395,7 +398,9 @@ def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, 
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
     stalled, detail = stall_problem(detail)
-    hint = stalled or lock_wait_problem(detail, lock_wait_of(ctx, target)) or repository_lock_problem(
+    if stalled is not None and not done.cancelled:
+        head = f"backup aborted: {stalled}; no snapshot was written"
+    hint = lock_wait_problem(detail, lock_wait_of(ctx, target)) or repository_lock_problem(
         done.returncode, detail, ctx.bounds.lock_retry_s)
     error = "\n".join(part for part in (head, hint, detail) if part)
     return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
