@@ -54,18 +54,22 @@ def dump_filename(database: str) -> str:
 
 
 def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[str] = (),
-                env_values: Mapping[str, str] | None = None, stdin: bool = False, seal: bool = False) -> Command:
+                env_values: Mapping[str, str] | None = None, stdin: bool = False, seal: bool = False,
+                stall_timeout_s: float | None = None) -> Command:
     """The `python -m watcher.dockerexec` command that runs `cmd` in a container.
 
     `env_names` are passed by name only (their values come from the helper's environment), so
     secrets never reach argv; `env_values` are for values that are not secret. `seal` makes the
     helper fail an output that lacks the end mark of a successful run (dumps; needs `sh`).
+    `stall_timeout_s` makes it give up on an output that moves nothing for that long (dumps).
     """
     argv: list[str] = [sys.executable, "-m", "watcher.dockerexec", "--container", container_id]
     if stdin:
         argv.append("--stdin")
     if seal:
         argv.append("--seal")
+    if stall_timeout_s is not None:
+        argv += ["--stall-timeout", f"{stall_timeout_s:g}"]
     for name, value in (env_values or {}).items():
         argv += ["--env", f"{name}={value}"]
     for name in env_names:

@@ -93,13 +93,14 @@ class Retention:
 class Bounds:
     """How long jobs may wait on live databases and the repository's lock, and run at all, in seconds
     (SPEC §4, §11); the defaults are those of the settings WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT,
-    _READY_TIMEOUT, _DUMP_TIMEOUT and _LOCK_RETRY."""
+    _READY_TIMEOUT, _DUMP_TIMEOUT, _LOCK_RETRY and _STALL_TIMEOUT."""
 
     lock_wait_s: float = 300.0
     query_s: float = 600.0
     ready_s: float = 120.0
     dump_s: float = 21600.0
     lock_retry_s: float = 1800.0
+    stall_s: float = 900.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +180,10 @@ class Config:
         help="how long a backup waits for PostgreSQL in a container to accept connections")
     dump_timeout_s: float = setting(
         "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
+    stall_timeout_s: float = setting(
+        "WATCHER_STALL_TIMEOUT", "15m", duration(1),
+        help="a dump whose stream moves no data for this long is aborted (a paused container, a hung server, "
+             "frozen storage; label backup-watcher.stall-timeout per container)")
     lock_retry_s: float = setting(
         "WATCHER_LOCK_RETRY", "30m", duration(1),
         help="how long a restic command waits for a repository lock another live process holds (restic "
@@ -193,7 +198,7 @@ class Config:
     def bounds(self) -> Bounds:
         """The bounds of jobs, as the job context carries them."""
         return Bounds(self.lock_wait_timeout_s, self.query_timeout_s, self.ready_timeout_s, self.dump_timeout_s,
-                      lock_retry_s=self.lock_retry_s)
+                      lock_retry_s=self.lock_retry_s, stall_s=self.stall_timeout_s)
 
     @property
     def metrics_host(self) -> str:

@@ -22,7 +22,7 @@ ROLE_LABEL = "backup-watcher.role"
 KNOWN_LABELS = frozenset(
     {
         "enable", "schedule", "databases", "user", "keep-daily", "keep-weekly", "keep-monthly", "drill", "role",
-        "lock-wait-timeout",
+        "lock-wait-timeout", "stall-timeout",
     }
 )
 ALL_DATABASES = "all"
@@ -101,6 +101,7 @@ class Target:
     image_id: str = ""
     started_at: float | None = None  # the container's last start (epoch seconds), None if unknown
     lock_wait_timeout_s: float | None = None  # its own bound on lock waits; None: WATCHER_LOCK_WAIT_TIMEOUT
+    stall_timeout_s: float | None = None  # its own bound on a silent dump stream; None: WATCHER_STALL_TIMEOUT
     init: bool = False  # runs an init process as PID 1; its drills do too
 
     @property
@@ -178,6 +179,7 @@ def _parse_databases(raw: str) -> tuple[str, ...]:
 DATABASES = Kind(_parse_databases)
 KEEP = whole(0)
 LOCK_WAIT = duration(1)
+STALL_TIMEOUT = duration(1)
 
 
 def discover(container: ContainerInfo, rules: DiscoveryRules) -> Target | Rejected | None:
@@ -214,6 +216,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
     credentials = credentials_of(container.env, _user_label(labels, problems))
     databases = _label(labels, "databases", DATABASES, problems)
     lock_wait = _label(labels, "lock-wait-timeout", LOCK_WAIT, problems)
+    stall_timeout = _label(labels, "stall-timeout", STALL_TIMEOUT, problems)
     if problems:
         return Rejected(container.id, container.name, tuple(problems))
     return Target(
@@ -228,6 +231,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
         image_id=container.image_id,
         started_at=container.started_at,
         lock_wait_timeout_s=lock_wait,
+        stall_timeout_s=stall_timeout,
         init=container.init,
     )
 

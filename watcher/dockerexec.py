@@ -23,6 +23,9 @@ value of this run: only a process that exited 0 puts it after its output, and th
 on everything but that end mark. A stream the engine ends early but cleanly (a proxy or a
 connection dropped between two frames, while the dump runs on and still exits 0) lacks the mark
 and fails, instead of becoming a snapshot of half a dump.
+
+With `--stall-timeout S` (dumps) a stream that moves nothing for S seconds ends the program with
+status 124 and a sentence saying which side was silent (see `watcher.stall`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from watcher import stall
 
 STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
 HEADER = struct.Struct(">BxxxI")
@@ -394,6 +399,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--user")
     parser.add_argument("--seal", action="store_true",
                         help="require the end mark after the command's output (see the module's docstring)")
+    parser.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                        help="give up when the output moves nothing for this long (see watcher.stall)")
     parser.add_argument("cmd", nargs="+")
     return parser.parse_args(argv)
 
@@ -427,6 +434,19 @@ def _exit_status(outcome: ExecOutcome, sealer: SealedOutput | None, program: str
     return EXIT_ENGINE_ERROR
 
 
+def _stall_watchdog(watch: stall.StallWatch | None, program: str) -> contextlib.AbstractContextManager[object]:
+    """Nothing without a watch; else a watchdog that ends this program at once, with EXIT_STALLED, when the
+    stream stalls (its main thread may be blocked in a write that only the reader could end)."""
+    if watch is None:
+        return contextlib.nullcontext()
+
+    def give_up() -> None:
+        print(f"backup-watcher: {watch.problem(program)}", file=sys.stderr, flush=True)
+        os._exit(stall.EXIT_STALLED)
+
+    return stall.Watchdog(watch, give_up, stall.look_interval(watch.bound_s))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
     args = _parse_args(argv)
@@ -448,12 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = sealed_command(args.cmd)
         sealer = SealedOutput(seal.encode(), stdout.write)
         on_stdout = sealer.feed
+    on_stderr: Callable[[bytes], object] = write_err
+    watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
+    if watch is not None:
+        on_stdout, on_stderr = watch.counting(on_stdout), watch.counting(on_stderr)
     try:
-        outcome = stream_exec(
-            docker_host, args.container, cmd, env=env,
-            stdin=_stdin_reader() if args.stdin else None,
-            on_stdout=on_stdout, on_stderr=write_err, user=args.user,
-        )
+        with _stall_watchdog(watch, args.cmd[0]):
+            outcome = stream_exec(
+                docker_host, args.container, cmd, env=env,
+                stdin=_stdin_reader() if args.stdin else None,
+                on_stdout=on_stdout, on_stderr=on_stderr, user=args.user,
+            )
         stdout.flush()
     except DockerExecError as exc:
         print(f"backup-watcher: {exc}", file=sys.stderr)

@@ -176,16 +176,29 @@ class _Pipeline:
     """The processes of one run_pipeline call and the threads that read them."""
 
     def __init__(self, commands: Sequence[Command], env: Mapping[str, str], masker: Masker,
-                 on_stderr_line: Callable[[str], None] | None) -> None:
+                 on_stderr_line: Callable[[str], None] | None,
+                 end_on_stderr: Callable[[str], bool] | None = None) -> None:
         self.commands = commands
         self.env = dict(env)
         self.masker = masker
+        self.ending = threading.Event()
         self.on_stderr_line = on_stderr_line
+        if end_on_stderr is not None:
+            self.on_stderr_line = self._ending_on(end_on_stderr, on_stderr_line)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.tails: list[_LineTail] = []
         self.readers: list[threading.Thread] = []
         self.stdout_chunks: list[bytes] = []
         self.stdout_lines: list[str] = []
+
+    def _ending_on(self, end_on: Callable[[str], bool],
+                   then: Callable[[str], None] | None) -> Callable[[str], None]:
+        def look(line: str) -> None:
+            if end_on(line):
+                self.ending.set()
+            if then is not None:
+                then(line)
+        return look
 
     def start(self, feed_stdin: bool, keep_last_stdout: bool) -> None:
         """Starts every member, stdout of each into stdin of the next; raises OSError (none left running)."""
@@ -267,7 +280,8 @@ class _Pipeline:
         """Waits until every member has ended; returns (timed_out, cancelled). Calls `on_tick` with the
         members' pids about once every TICK_SECONDS meanwhile.
 
-        On timeout, cancel, or one member failing, every member gets SIGTERM, then SIGKILL after `grace`.
+        On timeout, cancel, one member failing or a stderr line that ends the run (`end_on_stderr`), every
+        member gets SIGTERM, then SIGKILL after `grace`.
         """
         timed_out = cancelled = False
         terminated_at: float | None = None
@@ -282,7 +296,8 @@ class _Pipeline:
                 next_tick = now + TICK_SECONDS
             if terminated_at is None:
                 timed_out, cancelled = _wait_bound(deadline, cancel)
-                if timed_out or cancelled or any(code not in (None, 0) for code in codes):
+                if (timed_out or cancelled or self.ending.is_set()
+                        or any(code not in (None, 0) for code in codes)):
                     self.signal_running(signal.SIGTERM)
                     terminated_at = now
             elif now - terminated_at >= grace:
@@ -320,6 +335,7 @@ def run_pipeline(
     on_stderr_line: Callable[[str], None] | None = None,
     on_tick: Callable[[Sequence[int]], None] | None = None,
     terminate_grace: float = TERMINATE_GRACE_SECONDS,
+    end_on_stderr: Callable[[str], bool] | None = None,
 ) -> Completed:
     """Runs `commands` as a pipeline (stdout of each into stdin of the next) and waits for it.
 
@@ -329,12 +345,14 @@ def run_pipeline(
     Returns a Completed with every exit code. On timeout or when `cancel` is set, every process of
     the pipeline gets SIGTERM (whole process groups, so grandchildren too), then SIGKILL after
     `terminate_grace`. If one process fails, the others are ended too, so a half-dead pipeline never
-    runs on. Raises OSError only when a program cannot be started at all.
+    runs on; so does a stderr line (masked) for which `end_on_stderr` returns True (a source that
+    gave up, which restic would otherwise outlive while it retries a backend). Raises OSError only
+    when a program cannot be started at all.
     """
     if not commands:
         raise ValueError("empty pipeline")
     started = time.monotonic()
-    pipeline = _Pipeline(commands, env, masker, on_stderr_line)
+    pipeline = _Pipeline(commands, env, masker, on_stderr_line, end_on_stderr)
     pipeline.start(stdin is not None, capture_stdout or on_stdout_line is not None)
     if stdin is not None:
         pipeline.feed(stdin)

@@ -29,6 +29,7 @@ from watcher.restic import (
     repository_lock_problem,
     restic_error_text,
 )
+from watcher.stall import STALL_BOUND_NAMES
 
 log = structlog.get_logger("watcher.jobs")
 ALL_DATABASES_PLACEHOLDER = "*"
@@ -98,6 +99,11 @@ def lock_wait_of(ctx: JobContext, target: Target) -> float:
     return target.lock_wait_timeout_s if target.lock_wait_timeout_s is not None else ctx.bounds.lock_wait_s
 
 
+def stall_timeout_of(ctx: JobContext, target: Target) -> float:
+    """The stall bound of a target's dumps: its label, else WATCHER_STALL_TIMEOUT."""
+    return target.stall_timeout_s if target.stall_timeout_s is not None else ctx.bounds.stall_s
+
+
 def run_on_live(ctx: JobContext, target: Target, argv: Command, database: str, *, stdin: bytes | None = None,
                 timeout: float | None = None) -> Completed:
     """Runs psql or pg_isready in a target's container against its live PostgreSQL, bounded.
@@ -135,6 +141,17 @@ def lock_wait_problem(stderr: str, lock_wait_s: float) -> str | None:
         table = f" on table {labelled.group(1).replace(chr(39) * 2, chr(39))}" if labelled else ""
         return f"a query gave up waiting for a lock{table} after {bound}: {why}"
     return None
+
+
+def stall_problem(detail: str) -> tuple[str | None, str]:
+    """The exec helper's stall sentence (watcher.stall) out of a failed backup's error text, and the text
+    without it: (None, detail) when the dump did not stall."""
+    lines = detail.splitlines()
+    for index, line in enumerate(lines):
+        if STALL_BOUND_NAMES in line:
+            rest = lines[:index] + lines[index + 1:]
+            return line.removeprefix("backup-watcher: "), "\n".join(rest)
+    return None, detail
 
 
 def list_databases(ctx: JobContext, target: Target) -> list[str]:
@@ -301,6 +318,9 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
                 masker=ctx.masker.with_secrets([target.credentials.password]),
                 timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
                 capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines, tracker),
+                # restic retries a backend that fails (a full disk, a server gone) for up to 15 minutes, even
+                # after its source gave up: once the exec helper says the stream stalled, restic ends too.
+                end_on_stderr=lambda line: STALL_BOUND_NAMES in line,
             )
     except OSError as exc:
         failed = BackupResult(target.name, database, False, run_id, started_at, time.monotonic() - started,
@@ -330,7 +350,7 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     source = commands.exec_helper(
         target.container_id, commands.pg_dumpall_globals_command(role_passwords=role_passwords),
         env_values=commands.pg_env(creds.user, creds.database),
-        env_names=["PGPASSWORD"] if creds.password else [], seal=True,
+        env_names=["PGPASSWORD"] if creds.password else [], seal=True, stall_timeout_s=stall_timeout_of(ctx, target),
     )
     argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
                                           source=source, snapshot_time=snapshot_time)
@@ -347,7 +367,7 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
     source = commands.exec_helper(
         target.container_id, commands.pg_dump_command(lock_wait_of(ctx, target)),
         env_values=commands.pg_env(creds.user, database),
-        env_names=["PGPASSWORD"] if creds.password else [], seal=True,
+        env_names=["PGPASSWORD"] if creds.password else [], seal=True, stall_timeout_s=stall_timeout_of(ctx, target),
     )
     argv = commands.restic_backup(
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
@@ -379,9 +399,13 @@ def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, 
     if done.cancelled:
         head = "backup aborted by shutdown; no snapshot was written"
     elif done.timed_out:
-        head = f"backup timed out after {duration:.0f}s (WATCHER_DUMP_TIMEOUT); no snapshot was written"
+        head = (f"backup stopped: it ran longer than WATCHER_DUMP_TIMEOUT ({format_duration(ctx.bounds.dump_s)}); "
+                "no snapshot was written")
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
+    stalled, detail = stall_problem(detail)
+    if stalled is not None and not done.cancelled:
+        head = f"backup aborted: {stalled}; no snapshot was written"
     hint = lock_wait_problem(detail, lock_wait_of(ctx, target)) or repository_lock_problem(
         done.returncode, detail, ctx.bounds.lock_retry_s)
     error = "\n".join(part for part in (head, hint, detail) if part)

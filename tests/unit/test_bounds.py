@@ -1,6 +1,7 @@
-"""The bounds of jobs (WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT, _DUMP_TIMEOUT, _LOCK_RETRY)
-and the per-container label backup-watcher.lock-wait-timeout: read as durations, refused with the name and
-the fix; WATCHER_LOCK_RETRY in every restic command that takes the repository's lock."""
+"""The bounds of jobs (WATCHER_LOCK_WAIT_TIMEOUT, _QUERY_TIMEOUT, _READY_TIMEOUT, _DUMP_TIMEOUT, _LOCK_RETRY,
+_STALL_TIMEOUT) and the per-container labels backup-watcher.lock-wait-timeout and .stall-timeout: read as
+durations, refused with the name and the fix; WATCHER_LOCK_RETRY in every restic command that takes the
+repository's lock."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.unit.daemon_kit import make_target
 from watcher.config import Bounds, ConfigError, effective_config, load_config
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.execute import Masker
-from watcher.jobs import JobContext, _backup_command
+from watcher.jobs import JobContext, _backup_command, _globals_command
 from watcher.restic import Repository, repository_lock_problem
 
 BASE = {"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw-long-enough"}
@@ -20,33 +21,36 @@ BASE = {"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw-long-enough"}
 
 def test_defaults() -> None:
     assert load_config(BASE).bounds == Bounds(lock_wait_s=300.0, query_s=600.0, ready_s=120.0, dump_s=21600.0,
-                                              lock_retry_s=1800.0)
+                                              lock_retry_s=1800.0, stall_s=900.0)
 
 
 def test_every_bound_is_read_as_a_duration() -> None:
     config = load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "3s", "WATCHER_QUERY_TIMEOUT": "90",
-                          "WATCHER_READY_TIMEOUT": "15m", "WATCHER_DUMP_TIMEOUT": "1d", "WATCHER_LOCK_RETRY": "2h"})
+                          "WATCHER_READY_TIMEOUT": "15m", "WATCHER_DUMP_TIMEOUT": "1d", "WATCHER_LOCK_RETRY": "2h",
+                          "WATCHER_STALL_TIMEOUT": "30m"})
     assert config.bounds == Bounds(lock_wait_s=3.0, query_s=90.0, ready_s=900.0, dump_s=86400.0,
-                                   lock_retry_s=7200.0)
+                                   lock_retry_s=7200.0, stall_s=1800.0)
 
 
 def test_bad_bounds_are_reported_all_at_once_by_name() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "5 minutes", "WATCHER_DUMP_TIMEOUT": "0",
-                     "WATCHER_LOCK_RETRY": "forever"})
+                     "WATCHER_LOCK_RETRY": "forever", "WATCHER_STALL_TIMEOUT": "0.5s"})
     problems = caught.value.problems
     assert any(p.startswith("WATCHER_LOCK_WAIT_TIMEOUT='5 minutes': ") and "write e.g. 90s, 15m, 6h" in p
                for p in problems), problems
     assert "WATCHER_DUMP_TIMEOUT='0': must be at least 1s" in problems
     assert any(p.startswith("WATCHER_LOCK_RETRY='forever': ") for p in problems), problems
+    assert "WATCHER_STALL_TIMEOUT='0.5s': must be at least 1s" in problems
 
 
 def test_check_config_shows_the_bounds_as_written() -> None:
     shown = effective_config(load_config({**BASE, "WATCHER_LOCK_WAIT_TIMEOUT": "90s"}))
     assert {name: shown[name] for name in ("WATCHER_LOCK_WAIT_TIMEOUT", "WATCHER_QUERY_TIMEOUT",
-                                           "WATCHER_READY_TIMEOUT", "WATCHER_DUMP_TIMEOUT", "WATCHER_LOCK_RETRY")} == {
+                                           "WATCHER_READY_TIMEOUT", "WATCHER_DUMP_TIMEOUT", "WATCHER_LOCK_RETRY",
+                                           "WATCHER_STALL_TIMEOUT")} == {
         "WATCHER_LOCK_WAIT_TIMEOUT": "90s", "WATCHER_QUERY_TIMEOUT": "10m", "WATCHER_READY_TIMEOUT": "2m",
-        "WATCHER_DUMP_TIMEOUT": "6h", "WATCHER_LOCK_RETRY": "30m"}
+        "WATCHER_DUMP_TIMEOUT": "6h", "WATCHER_LOCK_RETRY": "30m", "WATCHER_STALL_TIMEOUT": "15m"}
 
 
 def _container(labels: dict[str, str]) -> ContainerInfo:
@@ -63,11 +67,29 @@ def test_the_lock_wait_label_sets_a_containers_own_bound() -> None:
     assert plain.lock_wait_timeout_s is None
 
 
+@pytest.mark.parametrize("label", ["lock-wait-timeout", "stall-timeout"])
 @pytest.mark.parametrize("raw", ["soon", "0s", ""])
-def test_a_bad_lock_wait_label_rejects_only_that_container_naming_the_label(raw: str) -> None:
-    found = discover(_container({"backup-watcher.lock-wait-timeout": raw}), DiscoveryRules(["scalr-*-db"]))
+def test_a_bad_bound_label_rejects_only_that_container_naming_the_label(label: str, raw: str) -> None:
+    found = discover(_container({f"backup-watcher.{label}": raw}), DiscoveryRules(["scalr-*-db"]))
     assert isinstance(found, Rejected)
-    assert "label backup-watcher.lock-wait-timeout" in found.reason
+    assert f"label backup-watcher.{label}" in found.reason
+
+
+def _stall_bound_of(argv: tuple[str, ...]) -> str:
+    helper = argv[argv.index("--stdin-from-command"):]
+    assert helper.count("--stall-timeout") == 1, argv
+    return helper[helper.index("--stall-timeout") + 1]
+
+
+def test_a_dump_is_watched_for_stalls_with_the_label_over_the_setting() -> None:
+    ctx = JobContext("unix:///var/run/docker.sock", Repository("restic", {}, Masker(), "/srv/restic"), "host-a",
+                     Masker(), bounds=load_config({**BASE, "WATCHER_STALL_TIMEOUT": "20m"}).bounds)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    assert _stall_bound_of(_backup_command(ctx, make_target("scalr-app-db"), "app", at)[0]) == "1200"
+    found = discover(_container({"backup-watcher.stall-timeout": "90s"}), DiscoveryRules(["scalr-*-db"]))
+    assert isinstance(found, Target) and found.stall_timeout_s == 90.0
+    assert _stall_bound_of(_backup_command(ctx, found, "app", at)[0]) == "90"
+    assert _stall_bound_of(_globals_command(ctx, found, at, True)[0]) == "90"
 
 
 def _retry_lock_of(argv: tuple[str, ...]) -> str:

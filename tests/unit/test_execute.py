@@ -288,6 +288,21 @@ def test_cancel_event_ends_the_pipeline(tmp_path: Path) -> None:
     assert wait_gone(read_pid(pid_file))
 
 
+def test_a_stderr_line_that_says_the_source_gave_up_ends_a_member_that_would_wait_on(tmp_path: Path) -> None:
+    # restic retrying a full backend after its source (the exec helper) said the stream stalled.
+    pid_file = tmp_path / "retrying.pid"
+    seen: list[str] = []
+    done = run_pipeline([sh(f"sleep 100 & echo $! > {pid_file}; echo 'retrying: 507' >&2; "
+                            "echo 'helper: no data for 3s (the bound is X)' >&2; wait")],
+                        env=ENV, masker=NO_SECRETS, timeout=60, on_stderr_line=seen.append,
+                        end_on_stderr=lambda line: "(the bound is X)" in line)
+    assert not done.timed_out and not done.cancelled and not done.ok
+    assert done.returncodes[0] != 0
+    assert done.stderr_tail.splitlines() == ["retrying: 507", "helper: no data for 3s (the bound is X)"]
+    assert seen == done.stderr_tail.splitlines(), "the lines still reach the caller's own callback"
+    assert wait_gone(read_pid(pid_file))
+
+
 def test_cancel_already_set_before_start() -> None:
     cancel = threading.Event()
     cancel.set()
