@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import events, fleet, footprint, restore, storage, throughput
+from bench import cost, events, fleet, footprint, restore, storage, throughput
 from bench.common import MB, Report, command, fmt_mb, fmt_s, say
 from bench.data import BIG_DB, database_size, fill_database, sql
 from bench.pipelines import watcher_backup
@@ -29,7 +29,8 @@ from bench.world import Repo, World, api, enter_environment, remove_containers, 
 from tests.kit import PG_IMAGES, wait_ready
 
 # The table's rows in the order they are printed, each declared by its benchmark.
-ROWS = [*throughput.ROWS, *storage.ROWS, *events.ROWS, *fleet.ROWS, *footprint.ROWS, *restore.ROWS]
+ROWS = [*throughput.ROWS, *storage.ROWS, *events.ROWS, *fleet.ROWS, *footprint.ROWS, *restore.ROWS,
+        *cost.ROWS]
 
 
 def machine_facts(world: World) -> list[str]:
@@ -64,7 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 5)")
     parser.add_argument("--scrapes", type=int, default=100, help="/metrics scrapes (default 100)")
     parser.add_argument("--pg", choices=sorted(PG_IMAGES), default="15", help="PostgreSQL major (default 15)")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma list of benchmarks to run (default all)")
+    parser.add_argument("--compare-ref", metavar="REF",
+                        help="7 also measures the watcher of git commit REF, alternating with this tree's")
+    parser.add_argument("--cost-restore-reps", type=int, help="restores of 7 (default --reps)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma list of benchmarks to run (default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repositories, daemon logs)")
     args = parser.parse_args(argv)
     q = args.quick
@@ -80,7 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def big_database(world: World, report: Report, args: argparse.Namespace) -> None:
-    """1, 2 and 6, in that order, on one big database (2 continues 1's repository, 6 restores 2's)."""
+    """1, 2, 7 and 6, in that order, on one big database (2 continues 1's repository, 6 restores 2's)."""
     say(f"starting {world.name('big')} and filling it to about {args.size_mb} MB")
     big = start_pg(world, world.name("big"), BIG_DB)
     wait_ready(big.name, timeout=180)
@@ -95,6 +99,9 @@ def big_database(world: World, report: Report, args: argparse.Namespace) -> None
     if "2" in args.only:
         say("2. storage")
         watcher_repo = storage.run(world, report, big, watcher_repo)
+    if "7" in args.only:
+        say("7. the watcher's own cost")
+        cost.run(world, report, big, args.reps, args.cost_restore_reps or args.reps, args.compare_ref)
     if "6" in args.only:
         say("6. restore")
         if watcher_repo is None:
@@ -111,7 +118,7 @@ def benchmarks(world: World, report: Report, args: argparse.Namespace) -> None:
         report.facts.append("mode: --quick (tiny sizes and counts: proves the scripts run; its ratios and "
                             "verdicts mean nothing, the fixed costs dominate)")
     say(report.facts[2])
-    if args.only & {"1", "2", "6"}:
+    if args.only & {"1", "2", "6", "7"}:
         big_database(world, report, args)
     if "4" in args.only:
         say("4. fleet")

@@ -21,6 +21,7 @@ class Backup:
     restic_seconds: float | None = None  # restic's own backup_start..backup_end
     phases: dict[str, float] = field(default_factory=dict)
     per_backup: float = 0.0  # mean duration_s of the watcher's backup_succeeded lines
+    job_seconds: dict[str, float] = field(default_factory=dict)  # database → its backup_succeeded duration_s
     output: str = ""
 
 
@@ -45,6 +46,7 @@ def watcher_backup(world: World, repo: Repo, patterns: str, targets: Sequence[st
     ends = [e for e in logs if e.get("event") == "backup_succeeded"]
     result.bytes_processed = sum(int(e.get("bytes") or 0) for e in ends)
     result.bytes_added = sum(int(e.get("bytes_added") or 0) for e in ends)
+    result.job_seconds = {str(e.get("database")): float(e.get("duration_s") or 0) for e in ends}
     if ends:
         result.per_backup = sum(float(e.get("duration_s") or 0) for e in ends) / len(ends)
     if starts and ends:

@@ -1,0 +1,285 @@
+"""7a-7c, the watcher's own cost on the data path (issue 20): CPU-seconds (user + system) of the watcher's
+own Python processes per GB dumped, beside the wall-time ratio against the bare pipeline, for the one-shot
+`backup`, a daemon backup and `restore`; with --compare-ref, the same for the code of an older commit in
+the same run, its repetitions alternating with this tree's.
+
+How the CPU is counted, exactly rather than sampled: every Python process started here gets
+bench/selfcost on PYTHONPATH, whose sitecustomize appends the process's own getrusage(RUSAGE_SELF) at exit
+to a file (BW_BENCH_RUSAGE_FILE): the CLI and every exec helper (restic's child, which the benchmark could
+not reap or read before it is gone). restic and pg_dump are not Python and write nothing. The daemon runs
+on, so its share is the difference of its own utime + stime (/proc/PID/stat, children not included)
+between `watching` and the end of its catch-up pass (the pass backs up the container's globals too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import restore
+from bench.common import (
+    Report,
+    Row,
+    X,
+    fmt_mb,
+    fmt_ratio,
+    fmt_s,
+    median,
+    parse_ts,
+    repetitions,
+    rounded,
+    say_rep,
+    verdict,
+)
+from bench.data import BIG_DB, row_count
+from bench.pipelines import bare_backup, watcher_backup
+from bench.world import Daemon, Repo, World
+from tests.kit import PgContainer
+
+GB = 1_000_000_000
+HOOK_DIR = Path(__file__).resolve().parent / "selfcost"
+CPU_GOAL = 1.0  # CPU-seconds per GB
+WALL_GOAL = 1.03
+ROWS = [
+    Row("7a", "Watcher's own CPU (CLI + exec helpers) per GB dumped, one-shot `backup`; job wall time vs the bare "
+        "pipeline", goal=f"≤ {CPU_GOAL:g} CPU-s/GB, job ≤ {WALL_GOAL}{X}"),
+    Row("7b", "Watcher's own CPU (daemon + exec helpers) per GB dumped, a daemon backup; job wall time vs the bare "
+        "pipeline", goal=f"≤ {CPU_GOAL:g} CPU-s/GB, job ≤ {WALL_GOAL}{X}"),
+    Row("7c", "Watcher's own CPU (CLI + exec helpers) per GB restored, `restore`; wall time vs `restic dump | "
+        "pg_restore`", goal=f"≤ {CPU_GOAL:g} CPU-s/GB"),
+]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A code tree of the watcher: this one (cwd None) or an older commit's, extracted."""
+
+    label: str
+    cwd: Path | None = None
+
+
+@dataclass
+class Sample:
+    """One measured run: wall times, bytes, and the CPU and peak RSS of the watcher's processes."""
+
+    seconds: float  # the whole command (one-shot, restore) or the job (daemon)
+    job_seconds: float
+    nbytes: int
+    cpu_main: float  # the CLI or the daemon
+    cpu_helpers: float
+    rss_main_kib: int = 0  # peak RSS (0: the daemon, which runs on)
+    rss_helper_kib: int = 0
+
+    @property
+    def cpu_per_gb(self) -> float:
+        return (self.cpu_main + self.cpu_helpers) / (self.nbytes / GB) if self.nbytes else 0.0
+
+
+@dataclass
+class Usage:
+    """The getrusage lines the hook wrote for one run."""
+
+    main: list[dict[str, float]] = field(default_factory=list)
+    helpers: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> Usage:
+        usage = cls()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                item = json.loads(line)
+                is_helper = str(item["argv"][0]).endswith("dockerexec.py")
+                (usage.helpers if is_helper else usage.main).append(item)
+        return usage
+
+    @staticmethod
+    def cpu(items: list[dict[str, float]]) -> float:
+        return sum(i["utime"] + i["stime"] for i in items)
+
+    @staticmethod
+    def rss(items: list[dict[str, float]]) -> int:
+        return int(max((i["maxrss_kib"] for i in items), default=0))
+
+
+def extract(ref: str, workdir: Path) -> Tree:
+    """The watcher and alerting packages of commit `ref`, extracted under `workdir`; raises RuntimeError."""
+    target = workdir / "tree-before"
+    target.mkdir()
+    archive = subprocess.run(["git", "archive", ref, "watcher", "alerting"], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {ref}: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], capture_output=True, text=True, check=True)
+    return Tree(f"before ({ref} = {commit.stdout.strip()})", target)
+
+
+@contextlib.contextmanager
+def measured(tree: Tree) -> Iterator[Path]:
+    """Runs the watcher commands started inside from `tree` with the rusage hook; yields the hook's file."""
+    fd, name = tempfile.mkstemp(prefix="bwb-rusage-")
+    os.close(fd)
+    os.unlink(name)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "BW_BENCH_RUSAGE_FILE")}
+    os.environ["PYTHONPATH"] = str(HOOK_DIR)
+    os.environ["BW_BENCH_RUSAGE_FILE"] = name
+    # `python -m watcher` puts its working directory first on sys.path: the tree's packages win over the
+    # installed (editable) ones, also in the exec helper restic starts (it inherits the directory).
+    with contextlib.chdir(tree.cwd or Path.cwd()):
+        try:
+            yield Path(name)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
+def one_shot(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
+    """`watcher backup BIG` from `tree`; returns its sample."""
+    with measured(tree) as path:
+        result = watcher_backup(world, repo, big.name, [big.name], expect_ok=1)
+        usage = Usage.read(path)
+    return Sample(result.seconds, result.job_seconds[BIG_DB], result.bytes_processed, Usage.cpu(usage.main),
+                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers))
+
+
+def own_cpu(pid: int) -> float:
+    """utime + stime of process `pid` so far (its children not included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
+    """A daemon from `tree` against an empty repository: its catch-up pass backs BIG up (its database and its
+    globals); returns the sample of that pass. Raises RuntimeError when it fails or takes over an hour."""
+    with measured(tree) as path:
+        daemon = Daemon(world, repo, f"cost-{repo.path.name}", patterns=big.name)
+        try:
+            before = own_cpu(daemon.proc.pid)
+            deadline = time.monotonic() + 3600
+            while len(daemon.log.events("backup_succeeded")) < 2:
+                if daemon.log.events("backup_failed") or daemon.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon backup: {daemon.log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            cpu = own_cpu(daemon.proc.pid) - before
+        finally:
+            daemon.stop()
+        usage = Usage.read(path)
+    ends = daemon.log.events("backup_succeeded")
+    db = next(e for e in ends if e.get("database") == BIG_DB)
+    starts = [parse_ts(e["timestamp"]) for e in daemon.log.events("backup_started")]
+    pass_s = max(parse_ts(e["timestamp"]) for e in ends) - min(starts)
+    return Sample(pass_s, float(db["duration_s"]), int(db["bytes"]), cpu, Usage.cpu(usage.helpers),
+                  0, Usage.rss(usage.helpers))
+
+
+def restore_sample(world: World, big: PgContainer, repo: Repo, tree: Tree, nbytes: int) -> Sample:
+    """`watcher restore BIG latest --yes` from `tree`; returns its sample. Raises RuntimeError on a wrong count."""
+    expected = row_count(big)
+    with measured(tree) as path:
+        seconds, count, phases = restore.by_watcher(world, big, repo)
+        usage = Usage.read(path)
+    if count != expected:
+        raise RuntimeError(f"restore from {tree.label} gave {count} rows, expected {expected}")
+    return Sample(seconds, phases[1] if phases else seconds, nbytes, Usage.cpu(usage.main),
+                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers))
+
+
+def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps: int,
+        compare_ref: str | None) -> None:
+    """Measures 7a-7c on the big database, this tree (and the `compare_ref` commit's) against the bare pipeline."""
+    trees = [Tree("after (this tree)")]
+    if compare_ref:
+        trees.insert(0, extract(compare_ref, world.workdir))
+    kinds = ["bare", *(f"{mode}@{i}" for i in range(len(trees)) for mode in ("oneshot", "daemon"))]
+    bare: list[float] = []
+    samples: dict[str, list[Sample]] = {kind: [] for kind in kinds[1:]}
+    kept: Repo | None = None
+    for rep, kind in repetitions(kinds, reps):
+        repo = world.new_repo(f"cost-{kind.replace('@', '-')}-{rep}")
+        if kind == "bare":
+            seconds = bare_backup(repo, big.name, BIG_DB).seconds
+            bare.append(seconds)
+        else:
+            mode, index = kind.split("@")
+            run_one = one_shot if mode == "oneshot" else daemon_backup
+            sample = run_one(world, big, repo, trees[int(index)])
+            samples[kind].append(sample)
+            seconds = sample.seconds
+        if kept is None and kind.startswith("oneshot"):
+            kept = repo
+        else:
+            repo.remove()
+        say_rep("cost", rep, reps, kind, seconds)
+    assert kept is not None
+    nbytes = samples["oneshot@0"][0].nbytes
+    hand: list[float] = []
+    restored: dict[str, list[Sample]] = {f"restore@{i}": [] for i in range(len(trees))}
+    snapshot = str(max(kept.snapshots(), key=lambda s: str(s["time"]))["id"])
+    for rep, kind in repetitions(["hand", *restored], restore_reps):
+        if kind == "hand":
+            seconds, _ = restore.by_hand(big, kept, snapshot)
+            hand.append(seconds)
+        else:
+            sample = restore_sample(world, big, kept, trees[int(kind.split("@")[1])], nbytes)
+            restored[kind].append(sample)
+            seconds = sample.seconds
+        say_rep("cost restore", rep, restore_reps, kind, seconds)
+    kept.remove()
+    report_rows(report, trees, bare, samples, hand, restored, nbytes)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f} to {max(values):.2f}"
+
+
+def cost_cell(runs: list[Sample], reference: list[float], job: bool) -> tuple[str, float, float]:
+    """The table cell of one tree's runs: CPU-s/GB and the wall ratio (median, spread); returns it with
+    the two medians."""
+    cpu = [s.cpu_per_gb for s in runs]
+    ratios = [(s.job_seconds if job else s.seconds) / median(reference) for s in runs]
+    cell = (f"{median(cpu):.2f} CPU-s/GB ({spread(cpu)}); {'job' if job else 'wall'} "
+            f"{fmt_ratio(median(ratios), 3)} ({spread(ratios)})")
+    return cell, median(cpu), median(ratios)
+
+
+def report_rows(report: Report, trees: list[Tree], bare: list[float], samples: dict[str, list[Sample]],
+                hand: list[float], restored: dict[str, list[Sample]], nbytes: int) -> None:
+    after = len(trees) - 1
+    for key, kind, reference, job in (("7a", "oneshot", bare, True), ("7b", "daemon", bare, True),
+                                      ("7c", "restore", hand, False)):
+        runs = samples[f"{kind}@{after}"] if kind != "restore" else restored[f"restore@{after}"]
+        cell, cpu, ratio = cost_cell(runs, reference, job)
+        r = report.row(key)
+        r.watcher = cell
+        r.reference = f"{'bare pipeline' if kind != 'restore' else 'by hand'} {fmt_s(median(reference))}"
+        if after:
+            before_runs = samples[f"{kind}@0"] if kind != "restore" else restored["restore@0"]
+            r.reference += "; before: " + cost_cell(before_runs, reference, job)[0]
+        r.ratio = fmt_ratio(ratio, 3)
+        r.verdict = verdict(cpu <= CPU_GOAL and (ratio <= WALL_GOAL or kind == "restore"))
+    report.detail(f"7. Cost ({len(bare)} repetitions, kinds alternating, a fresh repository per backup; "
+                  f"{fmt_mb(nbytes)} dumped; CPU = utime + stime of the watcher's Python processes, exact "
+                  f"(getrusage at exit; the daemon's from /proc between `watching` and the end of its pass); "
+                  f"bare pipeline {rounded(bare)} s, restore by hand {rounded(hand)} s.")
+    for index, tree in enumerate(trees):
+        for kind in ("oneshot", "daemon", "restore"):
+            runs = samples[f"{kind}@{index}"] if kind != "restore" else restored[f"restore@{index}"]
+            main = "daemon" if kind == "daemon" else "CLI"
+            main_rss = "" if kind == "daemon" else f"CLI {max(s.rss_main_kib for s in runs) // 1024} MiB, "
+            report.detail(
+                f"7. {tree.label}, {kind}: wall {rounded(s.seconds for s in runs)} s, job "
+                f"{rounded(s.job_seconds for s in runs)} s; CPU {main} {rounded(s.cpu_main for s in runs)} s, "
+                f"exec helpers {rounded(s.cpu_helpers for s in runs)} s; peak RSS {main_rss}"
+                f"exec helper {max(s.rss_helper_kib for s in runs) // 1024} MiB.")
