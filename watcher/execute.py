@@ -130,8 +130,9 @@ class _LineTail:
         self._partial = b""
         self.lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
-    def feed(self, data: bytes) -> None:
-        """Takes the next piece; every line it completes is masked and kept."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Takes the next piece (copied: it may be a view of a buffer reused afterwards); every line it
+        completes is masked and kept."""
         *complete, self._partial = (self._partial + data).split(b"\n")
         self._partial = self._partial[:MAX_LINE_BYTES]
         for raw in complete:
