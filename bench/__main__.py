@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pg", choices=sorted(PG_IMAGES), default="15", help="PostgreSQL major (default 15)")
     parser.add_argument("--compare-ref", metavar="REF",
                         help="7 also measures the watcher of git commit REF, alternating with this tree's")
+    parser.add_argument("--after-ref", metavar="REF",
+                        help="7 measures the watcher of git commit REF instead of this tree's (this tree may change)")
     parser.add_argument("--cost-restore-reps", type=int, help="restores of 7 (default --reps)")
     parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma list of benchmarks to run (default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repositories, daemon logs)")
@@ -101,7 +103,8 @@ def big_database(world: World, report: Report, args: argparse.Namespace) -> None
         watcher_repo = storage.run(world, report, big, watcher_repo)
     if "7" in args.only:
         say("7. the watcher's own cost")
-        cost.run(world, report, big, args.reps, args.cost_restore_reps or args.reps, args.compare_ref)
+        cost.run(world, report, big, args.reps, args.cost_restore_reps or args.reps, args.compare_ref,
+                 args.after_ref)
     if "6" in args.only:
         say("6. restore")
         if watcher_repo is None:

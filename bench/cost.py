@@ -108,16 +108,16 @@ class Usage:
         return int(max((i["maxrss_kib"] for i in items), default=0))
 
 
-def extract(ref: str, workdir: Path) -> Tree:
+def extract(ref: str, workdir: Path, role: str) -> Tree:
     """The watcher and alerting packages of commit `ref`, extracted under `workdir`; raises RuntimeError."""
-    target = workdir / "tree-before"
+    target = workdir / f"tree-{role}"
     target.mkdir()
     archive = subprocess.run(["git", "archive", ref, "watcher", "alerting"], capture_output=True, check=False)
     if archive.returncode != 0:
         raise RuntimeError(f"git archive {ref}: {archive.stderr.decode(errors='replace')}")
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", ref], capture_output=True, text=True, check=True)
-    return Tree(f"before ({ref} = {commit.stdout.strip()})", target)
+    return Tree(f"{role} ({ref} = {commit.stdout.strip()})", target)
 
 
 @contextlib.contextmanager
@@ -197,11 +197,12 @@ def restore_sample(world: World, big: PgContainer, repo: Repo, tree: Tree, nbyte
 
 
 def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps: int,
-        compare_ref: str | None) -> None:
-    """Measures 7a-7c on the big database, this tree (and the `compare_ref` commit's) against the bare pipeline."""
-    trees = [Tree("after (this tree)")]
+        compare_ref: str | None, after_ref: str | None = None) -> None:
+    """Measures 7a-7c on the big database, this tree or the `after_ref` commit's (and the `compare_ref` commit's)
+    against the bare pipeline."""
+    trees = [extract(after_ref, world.workdir, "after") if after_ref else Tree("after (this tree)")]
     if compare_ref:
-        trees.insert(0, extract(compare_ref, world.workdir))
+        trees.insert(0, extract(compare_ref, world.workdir, "before"))
     kinds = ["bare", *(f"{mode}@{i}" for i in range(len(trees)) for mode in ("oneshot", "daemon"))]
     bare: list[float] = []
     samples: dict[str, list[Sample]] = {kind: [] for kind in kinds[1:]}
