@@ -103,8 +103,8 @@ def big_database(world: World, report: Report, args: argparse.Namespace) -> None
         watcher_repo = storage.run(world, report, big, watcher_repo)
     if "7" in args.only:
         say("7. the watcher's own cost")
-        cost.run(world, report, big, args.reps, args.cost_restore_reps or args.reps, args.compare_ref,
-                 args.after_ref)
+        restore_reps = args.reps if args.cost_restore_reps is None else args.cost_restore_reps
+        cost.run(world, report, big, args.reps, restore_reps, args.compare_ref, args.after_ref)
     if "6" in args.only:
         say("6. restore")
         if watcher_repo is None:

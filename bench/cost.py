@@ -227,8 +227,17 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
     nbytes = samples["oneshot@0"][0].nbytes
     hand: list[float] = []
     restored: dict[str, list[Sample]] = {f"restore@{i}": [] for i in range(len(trees))}
+    if restore_reps > 0:
+        restores(world, big, kept, trees, restore_reps, nbytes, hand, restored)
+    kept.remove()
+    report_rows(report, trees, bare, samples, hand, restored, nbytes)
+
+
+def restores(world: World, big: PgContainer, kept: Repo, trees: list[Tree], reps: int, nbytes: int,
+             hand: list[float], restored: dict[str, list[Sample]]) -> None:
+    """The restores of 7c, by hand and by each tree's watcher, alternating; appends to `hand` and `restored`."""
     snapshot = str(max(kept.snapshots(), key=lambda s: str(s["time"]))["id"])
-    for rep, kind in repetitions(["hand", *restored], restore_reps):
+    for rep, kind in repetitions(["hand", *restored], reps):
         if kind == "hand":
             seconds, _ = restore.by_hand(big, kept, snapshot)
             hand.append(seconds)
@@ -236,9 +245,7 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
             sample = restore_sample(world, big, kept, trees[int(kind.split("@")[1])], nbytes)
             restored[kind].append(sample)
             seconds = sample.seconds
-        say_rep("cost restore", rep, restore_reps, kind, seconds)
-    kept.remove()
-    report_rows(report, trees, bare, samples, hand, restored, nbytes)
+        say_rep("cost restore", rep, reps, kind, seconds)
 
 
 def spread(values: list[float]) -> str:
@@ -261,6 +268,8 @@ def report_rows(report: Report, trees: list[Tree], bare: list[float], samples: d
     for key, kind, reference, job in (("7a", "oneshot", bare, True), ("7b", "daemon", bare, True),
                                       ("7c", "restore", hand, False)):
         runs = samples[f"{kind}@{after}"] if kind != "restore" else restored[f"restore@{after}"]
+        if not runs:
+            continue
         cell, cpu, ratio = cost_cell(runs, reference, job)
         r = report.row(key)
         r.watcher = cell
@@ -277,6 +286,8 @@ def report_rows(report: Report, trees: list[Tree], bare: list[float], samples: d
     for index, tree in enumerate(trees):
         for kind in ("oneshot", "daemon", "restore"):
             runs = samples[f"{kind}@{index}"] if kind != "restore" else restored[f"restore@{index}"]
+            if not runs:
+                continue
             main = "daemon" if kind == "daemon" else "CLI"
             main_rss = "" if kind == "daemon" else f"CLI {max(s.rss_main_kib for s in runs) // 1024} MiB, "
             report.detail(
