@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import gc
 import http.client
 import json
 import os
@@ -84,17 +85,28 @@ class SealedOutput:
 
     def feed(self, data: bytes | memoryview) -> None:
         """Takes the next piece of the stream; writes what cannot be part of the seal."""
+        for piece in self.pass_on([data]):
+            self._write(piece)
+
+    def pass_on(self, pieces: list[memoryview | bytes]) -> list[memoryview | bytes]:
+        """Takes the next pieces of the stream; returns, in order, the part of the stream that can be written
+        now: what was held back before and the pieces, but for their last len(seal) bytes (held, copied)."""
         keep = len(self._seal)
-        if len(data) >= keep:
-            if self._held:
-                self._write(self._held)
-            self._write(memoryview(data)[: len(data) - keep])
-            self._held = bytes(data[len(data) - keep :])
-            return
-        joined = self._held + data
-        if len(joined) > keep:
-            self._write(joined[: len(joined) - keep])
-        self._held = joined[-keep:]
+        out: list[memoryview | bytes] = [self._held, *pieces] if self._held else list(pieces)
+        tail: list[bytes] = []
+        need = keep
+        while need and out:
+            last = out.pop()
+            if len(last) <= need:
+                tail.append(bytes(last))
+                need -= len(last)
+            else:
+                cut = len(last) - need
+                tail.append(bytes(last[cut:]))
+                out.append(memoryview(last)[:cut])
+                need = 0
+        self._held = b"".join(reversed(tail))
+        return out
 
     def sealed(self) -> bool:
         """True when the stream so far ends with the seal (which was not passed on)."""
@@ -105,24 +117,25 @@ class GatheredWrites:
     """Output gathered from one read of the exec stream and written to a file descriptor with one writev.
 
     The exec stream comes in frames of a few KiB (about 20,000 for a 230 MB dump): a write per frame, and
-    the seal's held-back bytes written apart, cost two system calls per frame, most of the helper's CPU.
-    Pieces may be views of the read buffer: `flush` must run before that buffer is read into again.
+    the seal's held-back bytes written apart, cost two system calls per frame, most of the helper's CPU; the
+    end mark is held back once per flush too, not per frame. Pieces are appended to `pieces` (its append is
+    the sink of the stream) and may be views of the read buffer: `flush` must run before that buffer is read
+    into again.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, sealer: SealedOutput | None = None) -> None:
         self._fd = fd
-        self._pieces: list[memoryview | bytes] = []
+        self._sealer = sealer
+        self.pieces: list[memoryview | bytes] = []
         self._max_pieces = max(1, min(os.sysconf("SC_IOV_MAX"), 1024)) if hasattr(os, "sysconf") else 16
 
-    def add(self, piece: memoryview | bytes) -> None:
-        """Takes a piece to write at the next flush (kept by reference: it must stay valid until then)."""
-        if len(piece):
-            self._pieces.append(piece)
-
     def flush(self) -> None:
-        """Writes every piece taken, in order, and forgets them; raises OSError (BrokenPipeError) as os.writev."""
-        pieces = self._pieces
-        self._pieces = []
+        """Writes every piece appended to `pieces`, in order (held back from the end: the seal, when there is
+        a sealer), and forgets them; raises OSError (BrokenPipeError) as os.writev."""
+        pieces = list(self.pieces)
+        self.pieces.clear()  # the same list: its append is the stream's sink
+        if self._sealer is not None:
+            pieces = self._sealer.pass_on(pieces)
         while pieces:
             batch = pieces[: self._max_pieces]
             written = os.writev(self._fd, batch)
@@ -575,6 +588,8 @@ def _widen_pipe(fd: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
     args = _parse_args(argv)
+    # The copy loop makes no reference cycles; collections would only walk the views and tuples of each read.
+    gc.disable()
     env = _exec_env(args.env)
     docker_host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
     stderr = sys.stderr.buffer
@@ -586,15 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Sequence[str] = args.cmd
     # The payload goes from the read buffer to our stdout in one writev per read, never through bytes objects.
     _widen_pipe(sys.stdout.fileno())
-    out = GatheredWrites(sys.stdout.fileno())
-    on_stdout: Callable[[memoryview], object] = out.add
     sealer: SealedOutput | None = None
     if args.seal:
         seal = secrets.token_hex(16)
         env[SEAL_VARIABLE] = seal
         cmd = sealed_command(args.cmd)
-        sealer = SealedOutput(seal.encode(), out.add)
-        on_stdout = sealer.feed
+        sealer = SealedOutput(seal.encode(), lambda _piece: None)  # only its pass_on, in the flush
+    out = GatheredWrites(sys.stdout.fileno(), sealer)
+    on_stdout: Callable[[memoryview], object] = out.pieces.append
     on_stderr: Callable[[memoryview], object] = write_err
     on_read: Callable[[], object] = out.flush
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
