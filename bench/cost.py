@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -28,6 +29,7 @@ from bench.common import (
     Report,
     Row,
     X,
+    bash,
     fmt_mb,
     fmt_ratio,
     fmt_s,
@@ -39,8 +41,8 @@ from bench.common import (
     verdict,
 )
 from bench.data import BIG_DB, row_count
-from bench.pipelines import bare_backup, watcher_backup
-from bench.world import Daemon, Repo, World
+from bench.pipelines import watcher_backup
+from bench.world import DB_USER, HOST, Daemon, Repo, World
 from tests.kit import PgContainer
 
 GB = 1_000_000_000
@@ -76,10 +78,15 @@ class Sample:
     cpu_helpers: float
     rss_main_kib: int = 0  # peak RSS (0: the daemon, which runs on)
     rss_helper_kib: int = 0
+    cpu_data_helper: float = 0.0  # the helper that carried the data (the most CPU), start-up included
 
     @property
     def cpu_per_gb(self) -> float:
         return (self.cpu_main + self.cpu_helpers) / (self.nbytes / GB) if self.nbytes else 0.0
+
+    @property
+    def data_per_gb(self) -> float:
+        return self.cpu_data_helper / (self.nbytes / GB) if self.nbytes else 0.0
 
 
 @dataclass
@@ -102,6 +109,10 @@ class Usage:
     @staticmethod
     def cpu(items: list[dict[str, float]]) -> float:
         return sum(i["utime"] + i["stime"] for i in items)
+
+    @staticmethod
+    def most(items: list[dict[str, float]]) -> float:
+        return max((i["utime"] + i["stime"] for i in items), default=0.0)
 
     @staticmethod
     def rss(items: list[dict[str, float]]) -> int:
@@ -144,13 +155,34 @@ def measured(tree: Tree) -> Iterator[Path]:
                 os.unlink(name)
 
 
+BARE_TIMED = """
+$BW_TIMER docker exec "$BW_DB" pg_dump -Fc -Z0 -U "$BW_USER" "$BW_DATABASE" \\
+    | restic backup --json --stdin --stdin-filename "$BW_DATABASE.pgdump" --host "$BW_HOST" --tag "container=$BW_DB"
+"""
+
+
+def bare_timed(big: PgContainer, repo: Repo) -> tuple[float, float | None]:
+    """The bare pipeline of 1a, its `docker exec` client timed by GNU time when there is one (the process that
+    does, in the bare pipeline, what the exec helper does for the watcher); returns (wall seconds, that
+    client's CPU-s or None)."""
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.NamedTemporaryFile(prefix="bwb-time-") as times:
+        env = {**repo.command_env(), "BW_DB": big.name, "BW_USER": DB_USER, "BW_DATABASE": BIG_DB,
+               "BW_HOST": HOST, "BW_TIMER": f"{timer} -f %U,%S -o {times.name}" if timer else ""}
+        seconds, _ = bash(BARE_TIMED, env)
+        if not timer:
+            return seconds, None
+        user, system = Path(times.name).read_text().split()[-1].split(",")
+    return seconds, float(user) + float(system)
+
+
 def one_shot(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
     """`watcher backup BIG` from `tree`; returns its sample."""
     with measured(tree) as path:
         result = watcher_backup(world, repo, big.name, [big.name], expect_ok=1)
         usage = Usage.read(path)
     return Sample(result.seconds, result.job_seconds[BIG_DB], result.bytes_processed, Usage.cpu(usage.main),
-                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers))
+                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers), Usage.most(usage.helpers))
 
 
 def own_cpu(pid: int) -> float:
@@ -181,7 +213,7 @@ def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sam
     starts = [parse_ts(e["timestamp"]) for e in daemon.log.events("backup_started")]
     pass_s = max(parse_ts(e["timestamp"]) for e in ends) - min(starts)
     return Sample(pass_s, float(db["duration_s"]), int(db["bytes"]), cpu, Usage.cpu(usage.helpers),
-                  0, Usage.rss(usage.helpers))
+                  0, Usage.rss(usage.helpers), Usage.most(usage.helpers))
 
 
 def restore_sample(world: World, big: PgContainer, repo: Repo, tree: Tree, nbytes: int) -> Sample:
@@ -193,7 +225,7 @@ def restore_sample(world: World, big: PgContainer, repo: Repo, tree: Tree, nbyte
     if count != expected:
         raise RuntimeError(f"restore from {tree.label} gave {count} rows, expected {expected}")
     return Sample(seconds, phases[1] if phases else seconds, nbytes, Usage.cpu(usage.main),
-                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers))
+                  Usage.cpu(usage.helpers), Usage.rss(usage.main), Usage.rss(usage.helpers), Usage.most(usage.helpers))
 
 
 def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps: int,
@@ -205,13 +237,16 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
         trees.insert(0, extract(compare_ref, world.workdir, "before"))
     kinds = ["bare", *(f"{mode}@{i}" for i in range(len(trees)) for mode in ("oneshot", "daemon"))]
     bare: list[float] = []
+    client_cpu: list[float] = []
     samples: dict[str, list[Sample]] = {kind: [] for kind in kinds[1:]}
     kept: Repo | None = None
     for rep, kind in repetitions(kinds, reps):
         repo = world.new_repo(f"cost-{kind.replace('@', '-')}-{rep}")
         if kind == "bare":
-            seconds = bare_backup(repo, big.name, BIG_DB).seconds
+            seconds, cpu = bare_timed(big, repo)
             bare.append(seconds)
+            if cpu is not None:
+                client_cpu.append(cpu)
         else:
             mode, index = kind.split("@")
             run_one = one_shot if mode == "oneshot" else daemon_backup
@@ -231,6 +266,10 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
         restores(world, big, kept, trees, restore_reps, nbytes, hand, restored)
     kept.remove()
     report_rows(report, trees, bare, samples, hand, restored, nbytes)
+    if client_cpu:
+        report.detail(f"7. For comparison, the bare pipeline's `docker exec` client (Go; it demultiplexes the same "
+                      f"stream into restic's pipe) used {median(client_cpu) / (nbytes / GB):.2f} CPU-s/GB "
+                      f"(median; {rounded(client_cpu)} s).")
 
 
 def restores(world: World, big: PgContainer, kept: Repo, trees: list[Tree], reps: int, nbytes: int,
@@ -256,8 +295,10 @@ def cost_cell(runs: list[Sample], reference: list[float], job: bool) -> tuple[st
     """The table cell of one tree's runs: CPU-s/GB and the wall ratio (median, spread); returns it with
     the two medians."""
     cpu = [s.cpu_per_gb for s in runs]
+    data = [s.data_per_gb for s in runs]
     ratios = [(s.job_seconds if job else s.seconds) / median(reference) for s in runs]
-    cell = (f"{median(cpu):.2f} CPU-s/GB ({spread(cpu)}); {'job' if job else 'wall'} "
+    cell = (f"{median(cpu):.2f} CPU-s/GB ({spread(cpu)}), of which the data's exec helper {median(data):.2f}; "
+            f"{'job' if job else 'wall'} "
             f"{fmt_ratio(median(ratios), 3)} ({spread(ratios)})")
     return cell, median(cpu), median(ratios)
 
