@@ -26,9 +26,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,10 @@ from tests.integration.conftest import (
     TEST_LABEL,
     DaemonProcess,
     PgContainer,
+    StartDaemon,
+    StartPg,
     docker,
+    free_port,
     process_command_lines,
     run_watcher,
     wait_for,
@@ -144,8 +149,6 @@ class RestServer:
 
 @pytest.fixture
 def rest_server(tmp_path: Path) -> Iterator[RestServer]:
-    from tests.integration.conftest import free_port
-
     server = RestServer(tmp_path / "rest", free_port()).start()
     yield server
     server.kill()
@@ -247,11 +250,26 @@ def _assert_clean_and_heals(source: Source, repository: str, before: int, env: d
     wait_for(lambda: not _leftovers(db, repository), 30, "no process of the dump left", interval=0.2)
     assert _restic(repository, "list", "locks", "--no-lock").stdout.strip() == "", "a lock was left"
     check = _restic(repository, "check")
-    assert check.returncode == 0 and "no errors were found" in check.stdout, check.stdout + check.stderr
+    restics = subprocess.run(["ps", "-C", "restic", "-o", "pid,lstart,args"], capture_output=True, text=True).stdout
+    assert check.returncode == 0 and "no errors were found" in check.stdout, check.stdout + check.stderr + restics
     healed = run_watcher(["backup", db.name], env, timeout=300)
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert len(_dumps(repository, db.name)) == before + 1
     assert _restic(repository, "list", "locks", "--no-lock").stdout.strip() == ""
+
+
+def _assert_failed_clearly_or_whole(returncode: int, output: str, repository: str, snapshots: list[dict[str, object]],
+                                    source: Source) -> None:
+    """A backup whose backend failed under it: a failure that says why and left no snapshot, or (restic held the
+    whole dump and its retries reached the backend once it was back) one snapshot of the whole dump."""
+    if returncode == 0:
+        assert len(snapshots) == 1, output
+        stats = _restic(repository, "stats", "--json", "--mode", "restore-size", str(snapshots[0]["id"]))
+        assert json.loads(stats.stdout)["total_size"] == source.dump_bytes, "the snapshot holds the whole dump"
+        return
+    assert returncode == 1, output
+    assert "no snapshot was written" in output and snapshots == [], output
+    assert "restic took no data from pg_dump for 4s: is the repository's storage or backend hanging?" in output, output
 
 
 def _case(fault: int, point: int) -> str:
@@ -324,15 +342,7 @@ def test_a_backend_killed_mid_upload_fails_clearly_or_completes_whole(
             rest_server.start()
         out, err = backup.communicate(timeout=180)
     snapshots = _dumps(repository, source.db.name)
-    if backup.returncode == 0:
-        # Completed: the snapshot holds the whole dump.
-        assert len(snapshots) == 1, out
-        stats = _restic(repository, "stats", "--json", "--mode", "restore-size", str(snapshots[0]["id"]))
-        assert json.loads(stats.stdout)["total_size"] == source.dump_bytes
-    else:
-        assert backup.returncode == 1, out + err
-        assert "no snapshot was written" in out and snapshots == [], out
-        assert "restic took no data from pg_dump for 4s" in out or "backend" in out, out
+    _assert_failed_clearly_or_whole(backup.returncode, out + err, repository, snapshots, source)
     _assert_clean_and_heals(source, repository, len(snapshots), env)
 
 
@@ -370,3 +380,119 @@ def test_a_watcher_killed_mid_dump_leaves_nothing_running_and_its_restart_redoes
     assert len(_dumps(repository, source.db.name)) == 1
     assert _restic(repository, "list", "locks", "--no-lock").stdout.strip() == "", "the stale lock was cleared"
     assert "no errors were found" in _restic(repository, "check").stdout
+
+
+# --- 2. the repository's filesystem full mid-upload -----------------------------------------------------
+@pytest.fixture(scope="module")
+def upload_bytes(sources: dict[str, Source], tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """What a whole first backup of each source puts into a repository, in bytes (a local one, measured)."""
+    sizes = {}
+    for major, source in sources.items():
+        repository = tmp_path_factory.mktemp(f"measure{major}") / "repo"
+        done = run_watcher(["backup", source.db.name], {**_env(str(repository), source)}, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        sizes[major] = sum(f.stat().st_size for f in repository.rglob("*") if f.is_file())
+    return sizes
+
+
+@contextlib.contextmanager
+def _small_filesystem(path: Path, size: int) -> Iterator[None]:
+    """A tmpfs of `size` bytes mounted on `path` for the block (the test ground runs as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True, check=False)
+    assert mounted.returncode == 0, f"cannot mount a small filesystem (root needed): {mounted.stderr}"
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@pytest.mark.parametrize(("point", "fraction"), CASES)
+def test_a_full_repository_filesystem_fails_clearly_or_completes_whole_once_space_is_freed(
+        point: int, fraction: float, sources: dict[str, Source], upload_bytes: dict[str, int], tmp_path: Path) -> None:
+    major = _case(2, point)
+    source = sources[major]
+    # Room for the repository's start (config, keys, the globals' snapshot) and `fraction` of the dump's upload.
+    size = int(upload_bytes[major] * fraction) + 512 * 1024
+    data = tmp_path / "data"
+    with _small_filesystem(data, size):
+        server = RestServer(data, free_port()).start()
+        try:
+            repository = server.new_repository()
+            env = _env(repository, source, WATCHER_STALL_TIMEOUT="4s")
+            with source.slowed():
+                backup = _start_backup(source, env)
+                try:
+                    _wait_for_point(source, 0.0, backup)  # under way; where it fills is the filesystem's size
+                    # Space is freed after the stall bound: restic, retrying its uploads, either was ended with
+                    # its stalled source or, holding the whole dump already, completes once it can write.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        backup.wait(timeout=15)
+                finally:
+                    subprocess.run(["mount", "-o", "remount,size=1g", str(data)], check=True)
+                out, err = backup.communicate(timeout=180)
+            snapshots = _dumps(repository, source.db.name)
+            _assert_failed_clearly_or_whole(backup.returncode, out + err, repository, snapshots, source)
+            _assert_clean_and_heals(source, repository, len(snapshots), env)
+        finally:
+            server.kill()
+
+
+# --- 7. a wrong password, then the repository deleted, while the daemon runs ----------------------------
+class Webhook:
+    """A JSON webhook on 127.0.0.1 that keeps the title of every notification Apprise posts to it."""
+
+    def __init__(self) -> None:
+        titles: list[str] = []
+        self.titles = titles
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                titles.append(str(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["title"]))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/"
+
+
+def test_a_wrong_password_and_a_deleted_repository_page_once_and_the_daemon_runs_on(
+        start_pg: StartPg, start_daemon: StartDaemon, tmp_path: Path) -> None:
+    hook = Webhook()
+    repository, password_file = tmp_path / "repo", tmp_path / "password"
+    password_file.write_text(REPO_PASSWORD)
+    prefix = f"bwt-f16b-repo{RUN}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "RESTIC_"))}
+    env.update({"RESTIC_REPOSITORY": str(repository), "RESTIC_PASSWORD_FILE": str(password_file),
+                "WATCHER_INIT_REPOSITORY": "true", "WATCHER_HOST": TEST_HOST, "WATCHER_APPRISE_URLS": hook.url,
+                "WATCHER_CONTAINER_PATTERNS": f"{prefix}-*", "WATCHER_SCHEDULE": "0 0 1 1 *",
+                "WATCHER_DRILL_SCHEDULE": "", "WATCHER_RECONCILE_INTERVAL": "5"})
+    daemon: DaemonProcess = start_daemon(env)
+    try:
+        # The password file now holds another password (a botched rotation): restic reads it at every command.
+        password_file.write_text("not-the-repository-password")
+        wrong: PgContainer = start_pg(f"{prefix}-a", "15")
+        failed = wait_for(lambda: daemon.events("backup_failed", target=wrong.name), 120, "the backup to fail")
+        assert isinstance(failed, list)
+        assert "wrong password" in str(failed[0]["error"]), failed
+        # The password is right again, and then the repository is gone.
+        password_file.write_text(REPO_PASSWORD)
+        shutil.rmtree(repository)
+        gone: PgContainer = start_pg(f"{prefix}-b", "17")
+        failed = wait_for(lambda: daemon.events("backup_failed", target=gone.name), 120, "the backup to fail")
+        assert isinstance(failed, list)
+        assert "does not exist" in str(failed[0]["error"]), failed
+        # Listings every 5 s fail meanwhile: warnings, no alert, no exit.
+        listings = len(daemon.events("snapshot_listing_failed"))
+        wait_for(lambda: len(daemon.events("snapshot_listing_failed")) >= listings + 2, 60, "two more listings")
+        assert daemon.proc.poll() is None and daemon.get("/healthz")[0] == 200, "the daemon runs on"
+    finally:
+        assert daemon.stop() == 0
+    failures = [title for title in hook.titles if "FAILED" in title]
+    assert sorted(failures) == sorted({*failures}), f"one alert per incident: {hook.titles}"
+    assert any(wrong.name in title for title in failures) and any(gone.name in title for title in failures), failures
