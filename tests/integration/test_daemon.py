@@ -197,10 +197,16 @@ def test_lifecycle_register_stop_restart_rename_destroy_and_dropped_database(
 
 
 @pytest.mark.alone  # restarts the shared engine
-def test_engine_restart_reconnects_and_registers_new_containers(start_daemon: StartDaemon, repo: Repo,
-                                                                watcher_env: dict[str, str]) -> None:
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": f"bwt-restart{RUN}-*"}
+def test_engine_restart_reconnects_and_registers_new_containers(start_pg: StartPg, start_daemon: StartDaemon,
+                                                                repo: Repo, watcher_env: dict[str, str]) -> None:
+    # A dump is streaming when the engine goes (fault 4 of the matrix, SPEC §11): it must fail without a
+    # snapshot and leave nothing running, and a next run must heal.
+    streaming: PgContainer = start_pg(f"bwt-restart{RUN}-big", "15")
+    streaming.psql(BIG_TABLE)
+    streaming_id = streaming.id
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": f"bwt-restart{RUN}-*", "WATCHER_DRILL_SCHEDULE": ""}
     daemon: DaemonProcess = start_daemon(env)
+    wait_for_copy(streaming)
     pidfile = Path(os.environ["BW_TEST_DOCKERD_PIDFILE"])
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGTERM)
@@ -220,9 +226,25 @@ def test_engine_restart_reconnects_and_registers_new_containers(start_daemon: St
         wait_for(lambda: _snapshot_count(repo, name) == 1, 150, "its backup")
     finally:
         docker("rm", "-f", name, check=False)
+    # (After the failed dump the job waits for PostgreSQL up to WATCHER_READY_TIMEOUT; the container is
+    # found stopped once the engine is back.)
+    failed = wait_for(lambda: daemon.events("backup_failed", target=streaming.name, database=streaming.database),
+                      150, "the streaming dump to fail")
+    assert isinstance(failed, list) and "no snapshot was written" in str(failed[0]["error"]), failed
+    assert _no_leftover_helpers(streaming_id), [line for line in process_command_lines() if streaming_id in line]
     assert daemon.stop() == 0
     assert len(daemon.events("event_stream_connected")) >= 2
     assert daemon.events("event_stream_ended") or daemon.events("event_stream_error")
+    assert repo.snapshots_of(streaming.name) == []
+    assert repo.restic("list", "locks", "--no-lock").stdout.strip() == "", "no lock left"
+    assert "no errors were found" in repo.restic("check").stdout
+    # The engine stopped the container with it; started again, its next run heals.
+    docker("start", streaming.name)
+    wait_ready(streaming.name, 90)
+    healed = subprocess.run([sys.executable, "-m", "watcher", "backup", streaming.name], env=env, capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert len(repo.snapshots_of(streaming.name)) == 1
 
 
 def test_passes_one_snapshot_per_slot_concurrency_and_prune_between(
