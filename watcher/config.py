@@ -37,6 +37,7 @@ from watcher.settings import (
     CRON_OR_OFF,
     DOCKER_HOST,
     FILE,
+    FRACTION,
     LIST,
     PATTERNS,
     SECRET_TEXT,
@@ -175,6 +176,10 @@ class Config:
         help="how long a backup waits for PostgreSQL in a container to accept connections")
     dump_timeout_s: float = setting(
         "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
+    shrink_threshold: float = setting(
+        "WATCHER_SHRINK_THRESHOLD", "0.5", FRACTION,
+        help="a dump smaller than this fraction of its history's previous normal one is kept but flagged, and "
+             "retention forgets nothing of that history until a normal dump follows or `backup-watcher ack`")
     lock_retry_s: float = setting(
         "WATCHER_LOCK_RETRY", "30m", duration(1),
         help="how long a restic command waits for a repository lock another live process holds (restic "

@@ -83,6 +83,8 @@ class JobContext:
     repository_verified: bool = True
     # Containers whose dump role may not read password hashes: their globals are dumped without them.
     globals_without_passwords: set[str] = field(default_factory=set)
+    # WATCHER_SHRINK_THRESHOLD: retention spares a history whose newest dump fell below this share (SPEC §11).
+    shrink_threshold: float = 0.5
 
 
 def new_run_id() -> str:

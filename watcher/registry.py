@@ -31,6 +31,8 @@ class DatabaseState:
     last_success: datetime | None = None
     last_failure: datetime | None = None
     last_error: str | None = None
+    # Its newest dump is a flagged shrunken dump (watcher.anomaly); None until the daemon has judged it.
+    size_anomaly: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,13 @@ class Registry:
             known = entry.databases.get(database, DatabaseState())
             databases = {**entry.databases, database: replace(known, last_snapshot=at, last_snapshot_id=snapshot_id)}
             return replace(entry, databases=databases)
+        self._change(container_id, change)
+
+    def record_size_anomaly(self, container_id: str, database: str, flagged: bool) -> None:
+        """One database's newest dump was judged by its size: flagged as shrunken, or not."""
+        def change(entry: TargetState) -> TargetState:
+            known = entry.databases.get(database, DatabaseState())
+            return replace(entry, databases={**entry.databases, database: replace(known, size_anomaly=flagged)})
         self._change(container_id, change)
 
     def drop_databases(self, container_id: str, names: Iterable[str]) -> None:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import structlog
 
 from watcher import commands
+from watcher.anomaly import flagged_histories
 from watcher.config import Retention
 from watcher.discovery import Target
 from watcher.execute import Completed
 from watcher.jobs import JobContext
-from watcher.restic import repository_lock_problem, restic_error_text
+from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 
 log = structlog.get_logger("watcher.retention")
 # How long forget or prune may run once it holds the lock (its wait for the lock, WATCHER_LOCK_RETRY, comes on top).
@@ -99,8 +100,39 @@ def clear_stale_locks(ctx: JobContext) -> None:
         log.warning("unlock_failed", error=done.describe_failure())
 
 
+def forget_scopes(targets: Sequence[Target], snapshots: Sequence[Snapshot],
+                  threshold: float) -> list[tuple[Retention, list[str], dict[str, set[str]]]]:
+    """Each retention class's containers, with the histories to forget among for those of its containers
+    that have a flagged shrunken dump (their other histories); classes left with nothing are dropped.
+
+    A history whose newest snapshot is flagged (watcher.anomaly) is spared whole: forget would otherwise
+    count the small dump among the keeps and drop the last good ones.
+    """
+    flagged = flagged_histories(snapshots, threshold)
+    histories: dict[str, set[str]] = {}
+    for snap in snapshots:
+        histories.setdefault(snap.container, set()).add(snap.database)
+    scopes = []
+    for retention, names in retention_classes(targets).items():
+        narrowed = {name: {db for db in histories.get(name, set()) if (name, db) not in flagged}
+                    for name in names if any(container == name for container, _ in flagged)}
+        kept = [name for name in names if narrowed.get(name, True)]
+        if kept:
+            scopes.append((retention, kept, {name: dbs for name, dbs in narrowed.items() if dbs}))
+    return scopes
+
+
+def _log_spared(snapshots: Sequence[Snapshot], threshold: float, run_id: str) -> None:
+    for (container, database), verdict in sorted(flagged_histories(snapshots, threshold).items()):
+        log.warning("retention_spared", target=container, database=database, run_id=run_id,
+                    snapshot_id=(verdict.snapshot_id or "")[:8], bytes=verdict.size, reference_bytes=verdict.reference,
+                    reason="its newest dump is a flagged shrunken dump: nothing of this history is forgotten until "
+                           f"a dump of normal size follows or `backup-watcher ack {container} --database {database}`")
+
+
 def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
-    """Forgets snapshots beyond each target's keeps and prunes the repository; never raises."""
+    """Forgets snapshots beyond each target's keeps, sparing histories flagged as shrunken, and prunes the
+    repository; never raises."""
     run_id = uuid.uuid4().hex[:12]
     bound = log.bind(run_id=run_id)
     started = time.monotonic()
@@ -114,9 +146,15 @@ def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
         return PruneResult(False, run_id, duration, removed, error)
 
     clear_stale_locks(ctx)
-    for retention, names in retention_classes(targets).items():
+    try:
+        snapshots = ctx.repository.snapshots(host=ctx.host, include_globals=True)
+    except ResticError as exc:
+        return failed("listing the snapshots", str(exc))
+    _log_spared(snapshots, ctx.shrink_threshold, run_id)
+    for retention, names, histories in forget_scopes(targets, snapshots, ctx.shrink_threshold):
         argv = commands.with_lock_wait(
-            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention),
+            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention,
+                                   histories=histories),
             ctx.bounds.lock_retry_s)
         done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
         if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:

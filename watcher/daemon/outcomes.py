@@ -15,6 +15,7 @@ from typing import Protocol, assert_never
 import structlog
 
 from alerting.policy import Alert, AlertPolicy, Concern, Observation, startup_summary
+from watcher.anomaly import SizeVerdict, describe
 from watcher.clock import Clock
 from watcher.daemon.messages import (
     BackupFinished,
@@ -28,6 +29,7 @@ from watcher.daemon.messages import (
     Removed,
     Renamed,
     RetagFinished,
+    SizeJudged,
 )
 from watcher.drill import DrillResult
 from watcher.execute import Masker
@@ -123,6 +125,7 @@ class Outcomes:
         self.events_connected = False
         self._disconnected_since: float | None = clock.monotonic()
         self._startup_stale: list[tuple[str, str]] | None = []  # None once the first reconcile is done
+        self._shrunken: dict[str, dict[str, SizeVerdict]] = {}  # target → its flagged histories
 
     def alert(self, subject: str, concern: Concern, ok: bool, detail: str = "") -> None:
         """Observes one outcome; a page goes out when the policy says so."""
@@ -152,15 +155,50 @@ class Outcomes:
             case Renamed(old_name=old_name, new_name=new_name):
                 self.metrics.forget_target(old_name)
                 self.policy.rename(old_name, new_name)
+                if old_name in self._shrunken:
+                    self._shrunken[new_name] = self._shrunken.pop(old_name)
             case Removed(name=name, destroyed=destroyed):
                 if name is not None:
                     self.metrics.forget_target(name)
                     if destroyed:
                         self.policy.forget(name)
+                        self._shrunken.pop(name, None)
+            case SizeJudged():
+                self.size_judged(change)
             case Registered(entry=entry, at=at):
                 self._judge_at_startup(entry, at)
             case _:
                 assert_never(change)
+
+    def size_judged(self, judged: SizeJudged) -> None:
+        """Logs a dump flagged as shrunken, or a history cleared of it, and pages the target's state: a
+        warning while any of its histories is flagged, a recovery once none is. A history flagged before a
+        restart was paged by the daemon that saw its dump: it is taken as paged."""
+        name, database, verdict, previous = judged.name, judged.database, judged.verdict, judged.previous
+        flagged = self._shrunken.setdefault(name, {})
+        if verdict.flagged:
+            flagged[database] = verdict
+            if previous is None or previous.snapshot_id != verdict.snapshot_id:
+                log.warning("backup_size_anomaly", target=name, database=database,
+                            snapshot_id=(verdict.snapshot_id or "")[:8], bytes=verdict.size,
+                            reference_bytes=verdict.reference, ratio=round(verdict.ratio or 0.0, 4),
+                            at_start=judged.at_start)
+        elif previous is not None and previous.flagged:
+            flagged.pop(database, None)
+            log.info("size_anomaly_cleared", target=name, database=database,
+                     snapshot_id=(verdict.snapshot_id or "")[:8], bytes=verdict.size,
+                     # `ack` rewrites the flagged snapshot under a new id, with its time.
+                     reason="acknowledged (`backup-watcher ack`)" if verdict.at == previous.at
+                     else "a dump of normal size")
+        else:
+            return
+        detail = "\n".join(describe(db, v) for db, v in sorted(flagged.items())) or (
+            f"{database}: snapshot {(verdict.snapshot_id or '?')[:8]}, {verdict.size} bytes, is of normal size "
+            "again or acknowledged")
+        if judged.at_start and verdict.flagged:
+            self.policy.assume_failing(name, Concern.SIZE, self.clock.now())
+        else:
+            self.alert(name, Concern.SIZE, not flagged, detail)
 
     def _judge_at_startup(self, entry: TargetState, at: datetime) -> None:
         stale, detail = staleness(entry, at)

@@ -25,6 +25,7 @@ from watcher.daemon.messages import (
     Rename,
     Renamed,
     RetagFinished,
+    SizeJudged,
 )
 from watcher.discovery import Target
 
@@ -121,7 +122,7 @@ class Book:
                 return replace(self, pending_retags={**self.pending_retags, container_id: renames})
             case Removed(container_id=container_id, destroyed=True):
                 return replace(self, pending_retags=_without(self.pending_retags, container_id))
-            case Removed() | Registered() | LabelsJudged():
+            case Removed() | Registered() | LabelsJudged() | SizeJudged():
                 return self
             case _:
                 assert_never(change)
