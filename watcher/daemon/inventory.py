@@ -136,7 +136,7 @@ class Inventory:
             if entry is not None and entry.target is not None and (
                     entry.target.all_databases or database in entry.target.databases or database == GLOBALS_DATABASE):
                 self.registry.record_size_anomaly(entry.container_id, database, verdict.flagged)
-            if previous is None or previous.flagged or verdict.flagged:
+            if verdict.flagged or (previous is not None and previous.flagged):
                 judged.append(SizeJudged(container, database, verdict, previous, at_start))
         return judged
 
