@@ -245,11 +245,17 @@ def restic_dump_globals(restic: str, snapshot_id: str) -> Command:
     return (restic, "dump", snapshot_id, "/" + GLOBALS_FILENAME)
 
 
+# restic forget's groups: by host and tags, each (container, database) history on its own; by host alone for
+# a call whose filter names one history (its snapshots' tags may differ: an acknowledged one's, ACK_TAG).
+GROUP_BY_HISTORY = "host,tags"
+GROUP_BY_HOST = "host"
+
+
 def restic_forget(restic: str, *, host: str, containers: Sequence[str], retention: Retention,
-                  histories: Mapping[str, Collection[str]] | None = None) -> Command:
+                  histories: Mapping[str, Collection[str]] | None = None, group_by: str = GROUP_BY_HISTORY) -> Command:
     """restic forget of the watcher's snapshots of `containers` on `host`, all with one retention.
 
-    Grouped by host and tags, so each (container, database) history keeps its own snapshots.
+    Grouped by host and tags (`group_by`), so each (container, database) history keeps its own snapshots.
     `histories` narrows a container to those of its histories named there (databases, GLOBALS_DATABASE for
     its globals), leaving its others alone (a flagged shrunken dump's, SPEC §11); a container mapped to
     none is left out. Raises ValueError when nothing is left to forget: without a tag filter restic would
@@ -264,7 +270,7 @@ def restic_forget(restic: str, *, host: str, containers: Sequence[str], retentio
             argv += ["--tag", ",".join(history_tags(container, database))]
     if "--tag" not in argv:
         raise ValueError("restic forget without a tag filter would forget among every snapshot of the host")
-    argv += ["--group-by", "host,tags",
+    argv += ["--group-by", group_by,
              "--keep-daily", str(retention.daily), "--keep-weekly", str(retention.weekly),
              "--keep-monthly", str(retention.monthly)]
     return tuple(argv)

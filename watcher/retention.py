@@ -100,25 +100,41 @@ def clear_stale_locks(ctx: JobContext) -> None:
         log.warning("unlock_failed", error=done.describe_failure())
 
 
-def forget_scopes(targets: Sequence[Target], snapshots: Sequence[Snapshot],
-                  threshold: float) -> list[tuple[Retention, list[str], dict[str, set[str]]]]:
-    """Each retention class's containers, with the histories to forget among for those of its containers
-    that have a flagged shrunken dump (their other histories); classes left with nothing are dropped.
+@dataclass(frozen=True)
+class ForgetScope:
+    """One `restic forget` call: containers with one retention, narrowed to some of their histories where
+    `histories` says so (commands.restic_forget), grouped by `group_by`."""
 
-    A history whose newest snapshot is flagged (watcher.anomaly) is spared whole: forget would otherwise
-    count the small dump among the keeps and drop the last good ones.
+    retention: Retention
+    containers: list[str]
+    histories: dict[str, set[str]]
+    group_by: str = commands.GROUP_BY_HISTORY
+
+
+def forget_scopes(targets: Sequence[Target], snapshots: Sequence[Snapshot], threshold: float) -> list[ForgetScope]:
+    """The forget calls that apply each target's retention to this host's `snapshots`.
+
+    A history whose newest snapshot is a flagged shrunken dump (watcher.anomaly) is spared whole: forget
+    would otherwise count the small dump among the keeps and drop the last good ones. A history with an
+    acknowledged snapshot is forgotten on its own, grouped by host only: restic groups by tags, and the
+    acknowledgement's tag would put that snapshot in a group of its own, kept beside the history's keeps.
+    Every other history is forgotten with its container's, one call per retention class.
     """
     flagged = flagged_histories(snapshots, threshold)
+    acked = {(snap.container, snap.database) for snap in snapshots if snap.acked} - set(flagged)
+    apart = set(flagged) | acked
     histories: dict[str, set[str]] = {}
     for snap in snapshots:
         histories.setdefault(snap.container, set()).add(snap.database)
     scopes = []
     for retention, names in retention_classes(targets).items():
-        narrowed = {name: {db for db in histories.get(name, set()) if (name, db) not in flagged}
-                    for name in names if any(container == name for container, _ in flagged)}
+        narrowed = {name: {db for db in histories.get(name, set()) if (name, db) not in apart}
+                    for name in names if any(container == name for container, _ in apart)}
         kept = [name for name in names if narrowed.get(name, True)]
         if kept:
-            scopes.append((retention, kept, {name: dbs for name, dbs in narrowed.items() if dbs}))
+            scopes.append(ForgetScope(retention, kept, {name: dbs for name, dbs in narrowed.items() if dbs}))
+        scopes += [ForgetScope(retention, [name], {name: {db}}, commands.GROUP_BY_HOST)
+                   for name, db in sorted(acked) if name in names]
     return scopes
 
 
@@ -151,10 +167,10 @@ def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
     except ResticError as exc:
         return failed("listing the snapshots", str(exc))
     _log_spared(snapshots, ctx.shrink_threshold, run_id)
-    for retention, names, histories in forget_scopes(targets, snapshots, ctx.shrink_threshold):
+    for scope in forget_scopes(targets, snapshots, ctx.shrink_threshold):
         argv = commands.with_lock_wait(
-            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention,
-                                   histories=histories),
+            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=scope.containers,
+                                   retention=scope.retention, histories=scope.histories, group_by=scope.group_by),
             ctx.bounds.lock_retry_s)
         done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
         if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:

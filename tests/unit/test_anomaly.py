@@ -24,7 +24,7 @@ from watcher.daemon.messages import Removed, SizeJudged
 from watcher.discovery import DiscoveryRules
 from watcher.execute import Masker
 from watcher.restic import Snapshot, parse_snapshots
-from watcher.retention import forget_scopes
+from watcher.retention import ForgetScope, forget_scopes
 
 NAME = "scalr-app-db"
 GLOBALS = commands.GLOBALS_DATABASE
@@ -99,15 +99,17 @@ def test_a_listing_gives_each_snapshot_its_size_and_acknowledgement() -> None:
 def test_retention_forgets_by_container_when_nothing_is_flagged() -> None:
     targets = [make_target(NAME), make_target("scalr-b-db")]
     scopes = forget_scopes(targets, [snap(1000, 0), snap(900, 1)], 0.5)
-    assert scopes == [(Retention(), [NAME, "scalr-b-db"], {})]
+    assert scopes == [ForgetScope(Retention(), [NAME, "scalr-b-db"], {})]
 
 
 def test_retention_spares_a_flagged_history_and_forgets_among_the_containers_others() -> None:
     targets = [make_target(NAME), make_target("scalr-b-db")]
     snapshots = [snap(1000, 0), snap(100, 1), snap(9, 0, GLOBALS), snap(9, 1, GLOBALS), snap(5, 0, "b")]
-    ((retention, names, histories),) = forget_scopes(targets, snapshots, 0.5)
-    assert names == [NAME, "scalr-b-db"] and histories == {NAME: {GLOBALS, "b"}}
-    argv = commands.restic_forget("restic", host="h", containers=names, retention=retention, histories=histories)
+    (scope,) = forget_scopes(targets, snapshots, 0.5)
+    assert scope.containers == [NAME, "scalr-b-db"] and scope.histories == {NAME: {GLOBALS, "b"}}
+    argv = commands.restic_forget("restic", host="h", containers=scope.containers, retention=scope.retention,
+                                  histories=scope.histories, group_by=scope.group_by)
+    assert argv[argv.index("--group-by") + 1] == "host,tags"
     filters = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--tag"]
     assert filters == [f"backup-watcher,container={NAME},globals", f"backup-watcher,container={NAME},database=b",
                        "backup-watcher,container=scalr-b-db"]
@@ -120,9 +122,14 @@ def test_retention_leaves_out_a_container_whose_every_history_is_flagged_and_a_c
         commands.restic_forget("restic", host="h", containers=[NAME], retention=Retention(), histories={NAME: set()})
 
 
-def test_an_acknowledged_history_is_forgotten_as_usual() -> None:
-    snapshots = [snap(1000, 0), snap(100, 1, acked=True)]
-    assert forget_scopes([make_target(NAME)], snapshots, 0.5) == [(Retention(), [NAME], {})]
+def test_an_acknowledged_history_is_forgotten_on_its_own_grouped_by_host_so_its_tag_makes_no_group() -> None:
+    snapshots = [snap(1000, 0), snap(100, 1, acked=True), snap(90, 2), snap(9, 0, GLOBALS)]
+    assert forget_scopes([make_target(NAME)], snapshots, 0.5) == [
+        ForgetScope(Retention(), [NAME], {NAME: {GLOBALS}}),
+        ForgetScope(Retention(), [NAME], {NAME: {"app"}}, group_by="host")]
+    # Its only history acknowledged: the container has no call of its own.
+    assert forget_scopes([make_target(NAME)], snapshots[:3], 0.5) == [
+        ForgetScope(Retention(), [NAME], {NAME: {"app"}}, group_by="host")]
 
 
 def test_the_ack_command_tags_one_snapshot() -> None:
