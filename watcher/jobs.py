@@ -47,6 +47,10 @@ class JobError(Exception):
     """A step of a job failed; the message is masked and says which step."""
 
 
+class NotReady(JobError):
+    """PostgreSQL in the container did not accept connections within the wait."""
+
+
 @dataclass(frozen=True)
 class BackupResult:
     """What one (container, database) backup did."""
@@ -66,6 +70,8 @@ class BackupResult:
     repository_unverified: bool = False
     snapshot_time: datetime | None = None  # the time restic gave the snapshot (whole seconds, UTC)
     note: str | None = None  # what a user should know about a snapshot that was written (globals without passwords)
+    # It failed because PostgreSQL did not accept connections within the wait: the daemon backs off.
+    not_ready: bool = False
 
 
 @dataclass
@@ -168,6 +174,9 @@ def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
         reason = str(exc)
         if "is not running" in reason or "No such container" in reason:
             raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
+        if "is paused" in reason:
+            # A paused container does not resume by itself: waiting for it would only hold the job.
+            raise NotReady(f"{target.name} is paused: {reason}") from exc
         return reason
     if done.ok:
         return None
@@ -179,13 +188,14 @@ def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
 
 def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
     """Waits until PostgreSQL in the container accepts connections (a container that just started
-    may still be running initdb); raises JobError naming the container when it does not in time."""
+    may still be running initdb); raises NotReady naming the container when it does not in time (at
+    once when it is paused; with `timeout` 0 after one probe), JobError when it is gone or stopped."""
     deadline = time.monotonic() + timeout
     while (last := _not_ready_reason(ctx, target)) is not None:
         if ctx.cancel.is_set():
             raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
         if time.monotonic() >= deadline:
-            raise JobError(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
+            raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
         ctx.cancel.wait(1.0)
 
 
@@ -406,22 +416,25 @@ class _OneWait:
     may_wait: bool = True
 
 
-def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
+def backup_target(ctx: JobContext, target: Target, *, ready: bool = False) -> list[BackupResult]:
     """Backs up every database of a target, one snapshot each; returns one result per database.
 
-    Never raises: a failure to even find the databases is returned as a failed result.
+    `ready`: PostgreSQL was just seen accepting connections (the daemon's probe), so the job does not
+    probe before its first dump, whatever the container's age. Never raises: a failure to even find the
+    databases is returned as a failed result (`not_ready` when PostgreSQL did not answer).
     """
     run_id = new_run_id()
     started_at, started = datetime.now(UTC), time.monotonic()
     uptime = None if target.started_at is None else max(0.0, time.time() - target.started_at)
-    plan = readiness_plan(uptime, ctx.bounds.ready_s)
+    plan = ReadinessPlan(False, ctx.bounds.ready_s) if ready else readiness_plan(uptime, ctx.bounds.ready_s)
     wait = _OneWait(plan.wait_s)
     try:
         databases = _databases_of(ctx, target, wait, plan.probe_first)
     except JobError as exc:
         duration = time.monotonic() - started
         # Every database the target is meant to have failed; "*" stands for "all" before they are known.
-        failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
+        failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc),
+                               not_ready=isinstance(exc, NotReady))
                   for database in target.databases or [ALL_DATABASES_PLACEHOLDER]]
         for result in failed:
             log_failed_backup(result)
@@ -473,7 +486,8 @@ def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id
     try:
         wait_until_ready(ctx, target, wait.wait_s)
     except JobError as exc:
-        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
+        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started,
+                         not_ready=isinstance(exc, NotReady))
         log_failed_backup(result)
         return result
     return attempt(True)

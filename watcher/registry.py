@@ -51,6 +51,10 @@ class TargetState:
     last_error: str | None = None
     consecutive_failures: int = 0
     registered_at: datetime | None = None
+    # Readiness of its PostgreSQL (SPEC §11): seen accepting connections since this registration, and how
+    # many probes in a row found it not accepting them (then it backs off until `next_run`).
+    ready_seen: bool = False
+    not_ready_streak: int = 0
 
     @property
     def state(self) -> str:
@@ -168,6 +172,15 @@ class Registry:
                     else replace(known, last_failure=result.started_at, last_error=result.error))
             return replace(entry, databases=databases, running_job=False, last_error=last_error,
                            consecutive_failures=consecutive_failures, next_run=next_run)
+        self._change(container_id, change)
+
+    def record_probe(self, container_id: str, *, ready: bool, not_ready_streak: int,
+                     next_run: datetime | None = None) -> None:
+        """A readiness probe ended: PostgreSQL accepted connections (the backup is due still), or it did
+        not, `not_ready_streak` times in a row, and the next attempt is at `next_run`."""
+        def change(entry: TargetState) -> TargetState:
+            return replace(entry, ready_seen=ready, not_ready_streak=not_ready_streak,
+                           next_run=next_run if next_run is not None else entry.next_run)
         self._change(container_id, change)
 
     def record_snapshot(self, container_id: str, database: str, at: datetime, snapshot_id: str) -> None:

@@ -25,6 +25,7 @@ from watcher.daemon.messages import (
     Change,
     DrillsFinished,
     Message,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     RefreshRequested,
@@ -173,7 +174,8 @@ class Daemon:
                 self.outcomes.stream_changed(False)
             case RefreshRequested():
                 self._refresh_wanted = True
-            case BackupFinished() | PruneFinished() | DrillsFinished() | RefreshFinished() | RetagFinished():
+            case (BackupFinished() | ProbeFinished() | PruneFinished() | DrillsFinished() | RefreshFinished()
+                  | RetagFinished()):
                 self.book = self.book.finished(message)
                 snapshots = self.outcomes.job_finished(message)
                 self.inventory.take_snapshots(snapshots)
@@ -196,7 +198,7 @@ class Daemon:
 
     def _start_planned_jobs(self) -> None:
         view = View(self.registry.view(), self.config.concurrency, self.config.timezone, self.config.drill_schedule,
-                    prune=self.config.prune)
+                    prune=self.config.prune, ready_timeout_s=self.config.ready_timeout_s)
         now = self.clock.now()
         for job in plan(view, self.book, now):
             self._start(job)

@@ -33,6 +33,15 @@ class BackupFinished:
 
 
 @dataclass(frozen=True)
+class ProbeFinished:
+    """The wait for a target's PostgreSQL ended: it accepts connections, or not (`reason`, masked)."""
+
+    container_id: str
+    ready: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class PruneFinished:
     """Retention ran (result), or its job crashed (error)."""
 
@@ -72,7 +81,7 @@ class RetagFinished:
     error: str | None = None
 
 
-JobFinished = BackupFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
+JobFinished = BackupFinished | ProbeFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
 Message = ContainerEvent | StreamConnected | StreamDisconnected | RefreshRequested | JobFinished
 
 

@@ -23,6 +23,7 @@ from watcher.daemon.messages import (
     DrillsFinished,
     JobFinished,
     LabelsJudged,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     Registered,
@@ -31,6 +32,7 @@ from watcher.daemon.messages import (
     RetagFinished,
     SizeJudged,
 )
+from watcher.daemon.scheduler import not_ready_delay
 from watcher.drill import DrillResult
 from watcher.execute import Masker
 from watcher.jobs import ALL_DATABASES_PLACEHOLDER, BackupResult
@@ -245,6 +247,8 @@ class Outcomes:
             case RefreshFinished(snapshots=snapshots, repository_snapshots=count):
                 self.repository_figures(None, count)
                 return snapshots or ()
+            case ProbeFinished():
+                self.probe_finished(finished)
             case RetagFinished():
                 self.retag_finished(finished)
             case DrillsFinished():
@@ -275,11 +279,58 @@ class Outcomes:
             last_error=error, consecutive_failures=failures,
             next_run=next_attempt(entry.target.schedule, self.timezone, now, failures, retry=not cancelled))
         if not cancelled:
+            self._follow_readiness(entry, results, now)
             # A backup we aborted ourselves at shutdown is not an incident to page about.
             done = next((r for r in results if r.ok and r.snapshot_id), None)
             self.alert(entry.name, Concern.BACKUP, ok,
                        error or (f"snapshot {done.snapshot_id[:8]} of {done.database}" if done and done.snapshot_id
                                  else ""))
+
+    def _follow_readiness(self, entry: TargetState, results: tuple[BackupResult, ...], now: datetime) -> None:
+        """A backup that found PostgreSQL not answering (after its one wait) backs the target off like a
+        failed probe; one that reached it clears the back-off."""
+        if any(r.not_ready for r in results):
+            self._back_off(entry, now, next((r.error for r in results if r.not_ready), None))
+        elif any(r.ok for r in results):
+            self.registry.record_probe(entry.container_id, ready=True, not_ready_streak=0)
+
+    def _back_off(self, entry: TargetState, now: datetime, reason: str | None) -> datetime:
+        """Counts one more failed probe of the target and returns when it is attempted next: a minute,
+        doubling, at most its schedule interval (and never after its next slot)."""
+        assert entry.target is not None
+        streak = entry.not_ready_streak + 1
+        until = min(next_run(entry.target.schedule, now, self.timezone),
+                    now + not_ready_delay(streak, entry.interval_s))
+        self.registry.record_probe(entry.container_id, ready=False, not_ready_streak=streak, next_run=until)
+        log.warning("postgres_not_ready", target=entry.name, error=reason, attempt=streak,
+                    backing_off_until=until.isoformat())
+        return until
+
+    def probe_finished(self, finished: ProbeFinished) -> None:
+        """A probe found PostgreSQL serving (the backup follows when a slot is free), or not: that counts as a
+        failed backup of every database (paged once) and the target backs off."""
+        entry = self.registry.get(finished.container_id)
+        if entry is None or entry.target is None:
+            return
+        if finished.ready:
+            self.registry.record_probe(entry.container_id, ready=True, not_ready_streak=0)
+            log.info("postgres_ready", target=entry.name)
+            return
+        if self.cancel.is_set():
+            return
+        now = self.clock.now()
+        until = self._back_off(entry, now, finished.reason)
+        error = (f"{finished.reason or 'PostgreSQL does not accept connections'}\nbacking off: next attempt at "
+                 f"{until:%Y-%m-%d %H:%M:%S} UTC")
+        placeholder = BackupResult(entry.name, ALL_DATABASES_PLACEHOLDER, False, "-", now, 0.0, error=error,
+                                   not_ready=True)
+        results = backup_results(entry, BackupFinished(entry.container_id, (placeholder,)), now)
+        for result in results:
+            self.metrics.observe_backup(entry.name, result.database, False, 0.0, 0, 0)
+        known = [r for r in results if r.database != ALL_DATABASES_PLACEHOLDER]
+        self.registry.record_results(entry.container_id, known, last_error=error,
+                                     consecutive_failures=entry.consecutive_failures + 1, next_run=until)
+        self.alert(entry.name, Concern.BACKUP, False, error)
 
     def _drop_gone_databases(self, entry: TargetState, results: tuple[BackupResult, ...]) -> None:
         # The job listed the container's databases: one dropped since is no longer this target's
