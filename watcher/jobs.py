@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands
+from watcher import commands, readiness
+from watcher.clock import SystemClock
 from watcher.config import Bounds
 from watcher.discovery import Target
 from watcher.durations import format_duration
@@ -197,6 +198,38 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
         if time.monotonic() >= deadline:
             raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
         ctx.cancel.wait(1.0)
+
+
+def _serving_answer(ctx: JobContext, target: Target) -> readiness.Answer | str:
+    """One probe of the container's PostgreSQL (readiness.PROBE_SQL): its Answer, or why none came. Raises
+    JobError when the container is gone or stopped, NotReady when it is paused."""
+    database = target.credentials.database
+    try:
+        done = run_on_live(ctx, target, commands.psql_query_command(readiness.probe_sql(database)), database,
+                           timeout=PROBE_TIMEOUT_SECONDS)
+    except ExecError as exc:
+        reason = str(exc)
+        if "is not running" in reason or "No such container" in reason:
+            raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
+        if "is paused" in reason:
+            raise NotReady(f"{target.name} is paused: {reason}") from exc
+        return reason
+    if not done.ok:
+        return done.stderr_tail.strip() or done.describe_failure()
+    output = done.stdout.decode(errors="replace")
+    return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+
+def wait_until_serving(ctx: JobContext, target: Target, timeout: float) -> None:
+    """Waits until the container's own, final PostgreSQL serves (not the temporary server an entrypoint
+    runs for initdb, which answers and then stops: see watcher.readiness); `timeout` 0 probes once.
+    Raises NotReady naming the container when it does not in time, JobError when it is gone or stopped."""
+    try:
+        readiness.wait_until_serving(lambda: _serving_answer(ctx, target), bound_s=timeout, clock=SystemClock(),
+                                     cancel=ctx.cancel)
+    except readiness.NotServing as exc:
+        raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: "
+                       f"{exc}") from exc
 
 
 @dataclass(frozen=True)

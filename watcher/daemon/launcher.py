@@ -25,7 +25,7 @@ from watcher.daemon.messages import (
 from watcher.daemon.running import BackupJob, DrillJob, Job, ProbeJob, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
-from watcher.jobs import JobContext, JobError, backup_target, wait_until_ready
+from watcher.jobs import JobContext, JobError, backup_target, wait_until_serving
 from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 from watcher.retention import apply_retention
 
@@ -89,10 +89,10 @@ class Launcher:
         future.add_done_callback(lambda done: self._deliver(done.result()))
 
     def _probe(self, job: ProbeJob) -> ProbeFinished:
-        """Waits for the target's PostgreSQL (pg_isready each second) up to the job's bound."""
+        """Waits for the target's PostgreSQL (a probe each second) up to the job's bound."""
         log.info("postgres_probe_started", target=job.target.name, wait_s=round(job.wait_s, 1))
         try:
-            wait_until_ready(self.ctx, job.target, job.wait_s)
+            wait_until_serving(self.ctx, job.target, job.wait_s)
         except JobError as exc:
             return ProbeFinished(job.container_id, False, str(exc))
         return ProbeFinished(job.container_id, True)

@@ -302,7 +302,7 @@ class Outcomes:
         until = min(next_run(entry.target.schedule, now, self.timezone),
                     now + not_ready_delay(streak, entry.interval_s))
         self.registry.record_probe(entry.container_id, ready=False, not_ready_streak=streak, next_run=until)
-        log.warning("postgres_not_ready", target=entry.name, error=reason, attempt=streak,
+        log.warning("postgres_backing_off", target=entry.name, error=reason, attempt=streak,
                     backing_off_until=until.isoformat())
         return until
 
