@@ -200,9 +200,13 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
         ctx.cancel.wait(1.0)
 
 
+SERVING_ANSWER = readiness.Answer(listening=True, database_exists=True)
+
+
 def _serving_answer(ctx: JobContext, target: Target) -> readiness.Answer | str:
-    """One probe of the container's PostgreSQL (readiness.PROBE_SQL): its Answer, or why none came. Raises
-    JobError when the container is gone or stopped, NotReady when it is paused."""
+    """One probe of the container's PostgreSQL (readiness.PROBE_SQL): its Answer, or why none came; a
+    server that accepts connections but not this session (a role or database that does not exist) counts as
+    serving. Raises JobError when the container is gone or stopped, NotReady when it is paused."""
     database = target.credentials.database
     try:
         done = run_on_live(ctx, target, commands.psql_query_command(readiness.probe_sql(database)), database,
@@ -215,7 +219,10 @@ def _serving_answer(ctx: JobContext, target: Target) -> readiness.Answer | str:
             raise NotReady(f"{target.name} is paused: {reason}") from exc
         return reason
     if not done.ok:
-        return done.stderr_tail.strip() or done.describe_failure()
+        # A server that refuses this role or database still serves (pg_isready says so): the dump's own
+        # error will name the problem, which waiting would not cure.
+        why_not = _not_ready_reason(ctx, target)
+        return SERVING_ANSWER if why_not is None else why_not
     output = done.stdout.decode(errors="replace")
     return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
 
