@@ -96,7 +96,7 @@ def test_failed_probes_back_off_page_once_and_say_until_when() -> None:
         waits.append((after.next_run - now).total_seconds())
         (row,) = status_rows(world.registry.view(), now)
         assert row["backing_off_until"] == after.next_run.isoformat() and row["state"] == "failing"
-        assert "backing off: next attempt at" in str(row["last_error"])
+        assert str(row["last_error"]).startswith("backing off until ")
         world.clock.set(after.next_run)
     # A minute, doubling, never past the next hourly slot.
     assert waits[:3] == [60.0, 120.0, 240.0] and max(waits) == HOUR

@@ -356,8 +356,9 @@ class ReadinessOutcomes:
             return
         now = self.clock.now()
         until = self.back_off(entry, now, finished.reason)
-        error = (f"{finished.reason or 'PostgreSQL does not accept connections'}\nbacking off: next attempt at "
-                 f"{until:%Y-%m-%d %H:%M:%S} UTC")
+        # The back-off first: `status` shows an error's first line.
+        error = (f"backing off until {until:%Y-%m-%d %H:%M:%S} UTC: "
+                 f"{finished.reason or 'PostgreSQL does not accept connections'}")
         placeholder = BackupResult(entry.name, ALL_DATABASES_PLACEHOLDER, False, "-", now, 0.0, error=error,
                                    not_ready=True)
         results = backup_results(entry, BackupFinished(entry.container_id, (placeholder,)), now)
