@@ -78,7 +78,8 @@ def test_a_90_percent_shrink_is_flagged_spared_by_retention_cleared_by_a_normal_
     db = start_pg(f"bwt-f16a-shrink{RUN}-db", "15")
     db.psql(f"CREATE TABLE items AS SELECT g AS id, repeat(md5(g::text), 4) AS payload "
             f"FROM generate_series(1, {ROWS}) AS g")
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_KEEP_DAILY": "1",
+    # The prunes are `backup-watcher prune`, as a maintenance host runs it; the daemon does not prune.
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_KEEP_DAILY": "1", "WATCHER_PRUNE": "false",
            "WATCHER_KEEP_WEEKLY": "0", "WATCHER_KEEP_MONTHLY": "0", "WATCHER_RECONCILE_INTERVAL": "5",
            "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *", "WATCHER_APPRISE_URLS": webhook.url}
     daemon = start_daemon(env)
@@ -126,8 +127,6 @@ def test_a_90_percent_shrink_is_flagged_spared_by_retention_cleared_by_a_normal_
     wait_for(lambda: daemon.events("size_anomaly_cleared", target=db.name,
                                    reason="acknowledged (`backup-watcher ack`)"), 30, "the ack to show", interval=0.5)
     wait_for(lambda: _anomaly_metric(daemon, db) == 0, 30, "the size metric at 0 after ack", interval=0.5)
-    again = run_watcher(["ack", db.name], env, timeout=300)
-    assert again.returncode == 0 and "nothing to acknowledge" in again.stdout, again.stdout + again.stderr
 
     pruned = run_watcher(["prune"], env, timeout=300)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
