@@ -4,10 +4,10 @@ served by restic's rest-server 0.13.
 Host B backs up with append-only credentials (rest-server --append-only) and WATCHER_PRUNE=false; host A has
 credentials that may delete and prunes (its daemon after each pass, and `backup-watcher prune`), keeping one
 snapshot a day. Three passes: the daemons' catch-up pass (A's daemon prunes after it), then one-shot backups
-of both hosts at once, each followed by A's `backup-watcher prune`. In the second pass B's dump is held in the middle (its container paused) while
-A's prune starts: the prune must wait for B's backup to end (restic's locks, WATCHER_LOCK_RETRY), not fail
-and not remove what B is writing. In the end every pass of B is there, A's newest pass is, the dumps read
-back, and `restic check --read-data` finds the repository whole.
+of both hosts at once, each followed by A's `backup-watcher prune`. In the second pass B's dump is held in
+the middle (its container paused) while A's prune starts: the prune must wait for B's backup to end
+(restic's locks, WATCHER_LOCK_RETRY), not fail and not remove what B is writing. In the end every pass of B
+is there, A's newest pass is, the dumps read back, and `restic check --read-data` finds the repository whole.
 """
 
 from __future__ import annotations
