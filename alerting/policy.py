@@ -27,6 +27,7 @@ class Concern(enum.StrEnum):
     LABEL = "label"
     EVENTS = "events"
     CONFIG = "config"
+    SIZE = "size"  # a dump far smaller than the previous one (a shrunken dump, SPEC §11)
 
 
 class Kind(enum.StrEnum):
@@ -46,8 +47,9 @@ class Severity(enum.StrEnum):
     FAILURE = "failure"
 
 
-# Concerns whose failure is a warning: a snapshot growing old is a reason to look, not a failed job.
-WARNING_CONCERNS = frozenset({Concern.STALE})
+# Concerns whose failure is a warning: a snapshot growing old, or a dump that shrank (kept, and its history
+# spared by retention), is a reason to look, not a failed job.
+WARNING_CONCERNS = frozenset({Concern.STALE, Concern.SIZE})
 
 
 def severity(kind: Kind, concern: Concern) -> Severity:
@@ -73,6 +75,10 @@ ADVICE = {
     Concern.EVENTS: "The watcher cannot follow the Docker event stream: new or renamed containers are only found "
                     "by periodic reconciliation. Check DOCKER_HOST or the socket proxy.",
     Concern.CONFIG: "The watcher did not start. Fix the configuration and restart it.",
+    Concern.SIZE: "The dump was kept, and retention forgets nothing of its history until a dump of normal size "
+                  "follows. Check whether data was lost (`backup-watcher restore TARGET --into OTHER` restores an "
+                  "older snapshot beside it); if the smaller size is right, `backup-watcher ack TARGET --database "
+                  "DB` accepts it and retention goes on as usual.",
 }
 
 
@@ -117,7 +123,7 @@ def _title(kind: Kind, subject: str, concern: Concern) -> str:
     what = {
         Concern.BACKUP: "backup", Concern.STALE: "snapshot stale", Concern.PRUNE: "retention",
         Concern.DRILL: "restore drill", Concern.LABEL: "labels", Concern.EVENTS: "Docker event stream",
-        Concern.CONFIG: "configuration",
+        Concern.CONFIG: "configuration", Concern.SIZE: "dump size",
     }[concern]
     return f"[backup-watcher] {kind.value.upper()}: {what} of {subject}"
 

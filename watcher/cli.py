@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the configuration and print it, secrets masked")
     sub.add_parser("run", help="the daemon: discovery, schedules, retention, metrics (stops on SIGTERM/SIGINT)")
     sub.add_parser("prune", help="apply retention now (restic forget by the keeps, then prune)")
+    ack = sub.add_parser(
+        "ack", help="accept a flagged shrunken dump as its history's new normal: retention goes on as usual",
+        description="Acknowledges the shrunken dumps flagged for TARGET (WATCHER_SHRINK_THRESHOLD): their newest "
+                    "snapshots get the tag size-anomaly-ack, the next dumps are compared with them, and retention "
+                    "forgets in their histories again. Needs credentials that may delete (restic rewrites the "
+                    "snapshot), like prune.")
+    ack.add_argument("target", metavar="TARGET", help="container name (when it was backed up)")
+    ack.add_argument("--database", help="only this database's history (`(globals)` for the roles); default: every "
+                                        "flagged history of TARGET")
     status = sub.add_parser("status", help="targets: state, last snapshot, age, next run, last error")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for command in sub.choices.values():
@@ -179,7 +188,8 @@ class App:
     def job_context(self) -> JobContext:
         """A JobContext for backups; raises DockerUnavailable."""
         return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel,
-                          bounds=self.config.bounds, progress=self.progress)
+                          bounds=self.config.bounds, progress=self.progress,
+                          shrink_threshold=self.config.shrink_threshold)
 
 
 def build_app(config: Config) -> App:
@@ -655,6 +665,54 @@ def cmd_prune(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ack(app: App, args: argparse.Namespace) -> int:
+    """Tags the newest snapshot of every flagged history of TARGET (or of --database) as acknowledged; returns
+    0 when each was tagged (or nothing was flagged), 1 when restic failed. Raises UsageError when TARGET or
+    the database has no snapshot of this host."""
+    from watcher.anomaly import describe, judge_all
+
+    ctx = app.job_context()
+    check_repository(ctx, init=False)
+    snapshots = app.repository.snapshots(host=ctx.host, container=args.target, include_globals=True)
+    verdicts = judge_all(snapshots, app.config.shrink_threshold)
+    known = sorted(database for _, database in verdicts)
+    if not verdicts:
+        raise UsageError(f"{args.target}: no snapshots of that target from host {ctx.host} (`backup-watcher "
+                         "snapshots` lists them; WATCHER_HOST names the host)")
+    if args.database is not None and args.database not in known:
+        raise UsageError(f"{args.target}: no history of database {args.database!r}; it has {', '.join(known)}")
+    chosen = [(database, verdict) for (_, database), verdict in sorted(verdicts.items())
+              if verdict.flagged and args.database in (None, database)]
+    if not chosen:
+        print(f"nothing to acknowledge: no shrunken dump is flagged for {args.target}"
+              + (f" {args.database}" if args.database else ""))
+        return EXIT_OK
+    code = EXIT_OK
+    for database, verdict in chosen:
+        if not _acknowledge(app, ctx, args.target, database, verdict.snapshot_id or ""):
+            code = EXIT_FAILED
+            continue
+        print(f"acknowledged {describe(database, verdict)}: it is the new normal of {args.target} {database}")
+    _ask_daemon_to_refresh(app)
+    return code
+
+
+def _acknowledge(app: App, ctx: JobContext, target: str, database: str, snapshot_id: str) -> bool:
+    """Adds the acknowledgement tag to one snapshot; returns whether restic did, printing why not."""
+    from watcher import commands
+    from watcher.retention import PRUNE_TIMEOUT_SECONDS, step_problem
+
+    argv = commands.with_lock_wait(commands.restic_add_tag(app.repository.binary, snapshot_id, commands.ACK_TAG),
+                                   ctx.bounds.lock_retry_s)
+    done = app.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=app.cancel)
+    problem = step_problem(done, ctx.bounds.lock_retry_s)
+    if problem is not None:
+        print(f"ack FAILED for {target} {database}: {problem}")
+        return False
+    log.info("size_anomaly_acknowledged", target=target, database=database, snapshot_id=snapshot_id[:8])
+    return True
+
+
 def _daemon_url(app: App, path: str) -> str:
     """The URL of `path` on this host's daemon (WATCHER_METRICS_ADDRESS, a wildcard read as loopback)."""
     host = app.config.metrics_host
@@ -713,6 +771,7 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run,
     "prune": cmd_prune,
+    "ack": cmd_ack,
     "status": cmd_status,
     "backup": cmd_backup,
     "snapshots": cmd_snapshots,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 from watcher.config import Retention
@@ -26,6 +26,9 @@ GLOBALS_FILENAME = "globals.sql"
 # How the globals stand among a target's databases in results, status, metrics (label `database`) and
 # listings: a name no restore takes for a database (parentheses), so a database named "globals" stays apart.
 GLOBALS_DATABASE = "(globals)"
+# Added by `backup-watcher ack` to a snapshot flagged as a shrunken dump: the operator accepts its size as
+# the history's new normal (SPEC §11).
+ACK_TAG = "size-anomaly-ack"
 
 
 def encode_name(name: str) -> str:
@@ -46,6 +49,11 @@ def snapshot_tags(container: str, database: str) -> tuple[str, ...]:
 def globals_tags(container: str) -> tuple[str, ...]:
     """The tags that identify a container's globals snapshots."""
     return (SNAPSHOT_TAG, CONTAINER_TAG + container, GLOBALS_TAG)
+
+
+def history_tags(container: str, database: str) -> tuple[str, ...]:
+    """The tags of one history: a database's (snapshot_tags), or the globals' for GLOBALS_DATABASE."""
+    return globals_tags(container) if database == GLOBALS_DATABASE else snapshot_tags(container, database)
 
 
 def dump_filename(database: str) -> str:
@@ -241,15 +249,32 @@ def restic_dump_globals(restic: str, snapshot_id: str) -> Command:
     return (restic, "dump", snapshot_id, "/" + GLOBALS_FILENAME)
 
 
-def restic_forget(restic: str, *, host: str, containers: Sequence[str], retention: Retention) -> Command:
+# restic forget's groups: by host and tags, each (container, database) history on its own; by host alone for
+# a call whose filter names one history (its snapshots' tags may differ: an acknowledged one's, ACK_TAG).
+GROUP_BY_HISTORY = "host,tags"
+GROUP_BY_HOST = "host"
+
+
+def restic_forget(restic: str, *, host: str, containers: Sequence[str], retention: Retention,
+                  histories: Mapping[str, Collection[str]] | None = None, group_by: str = GROUP_BY_HISTORY) -> Command:
     """restic forget of the watcher's snapshots of `containers` on `host`, all with one retention.
 
-    Grouped by host and tags, so each (container, database) history keeps its own snapshots.
+    Grouped by host and tags (`group_by`), so each (container, database) history keeps its own snapshots.
+    `histories` narrows a container to those of its histories named there (databases, GLOBALS_DATABASE for
+    its globals), leaving its others alone (a flagged shrunken dump's, SPEC §11); a container mapped to
+    none is left out. Raises ValueError when nothing is left to forget: without a tag filter restic would
+    forget among every snapshot of the host.
     """
     argv = [restic, "forget", "--json", "--host", host]
     for container in sorted(containers):
-        argv += ["--tag", f"{SNAPSHOT_TAG},{CONTAINER_TAG}{container}"]
-    argv += ["--group-by", "host,tags",
+        if histories is None or container not in histories:
+            argv += ["--tag", f"{SNAPSHOT_TAG},{CONTAINER_TAG}{container}"]
+            continue
+        for database in sorted(histories[container]):
+            argv += ["--tag", ",".join(history_tags(container, database))]
+    if "--tag" not in argv:
+        raise ValueError("restic forget without a tag filter would forget among every snapshot of the host")
+    argv += ["--group-by", group_by,
              "--keep-daily", str(retention.daily), "--keep-weekly", str(retention.weekly),
              "--keep-monthly", str(retention.monthly)]
     return tuple(argv)
@@ -269,6 +294,11 @@ def restic_retag(restic: str, *, host: str, old_name: str, new_name: str) -> Com
     """restic tag that moves a renamed container's history to its new name."""
     return (restic, "tag", "--host", host, "--tag", f"{SNAPSHOT_TAG},{CONTAINER_TAG}{old_name}",
             "--add", CONTAINER_TAG + new_name, "--remove", CONTAINER_TAG + old_name)
+
+
+def restic_add_tag(restic: str, snapshot_id: str, tag: str) -> Command:
+    """restic tag that adds `tag` to one snapshot (restic writes it anew, under a new id, same time)."""
+    return (restic, "tag", "--add", tag, snapshot_id)
 
 
 def restic_stats(restic: str) -> Command:

@@ -37,6 +37,7 @@ from watcher.settings import (
     CRON_OR_OFF,
     DOCKER_HOST,
     FILE,
+    FRACTION,
     LIST,
     PATTERNS,
     SECRET_TEXT,
@@ -184,6 +185,10 @@ class Config:
         "WATCHER_STALL_TIMEOUT", "15m", duration(1),
         help="a dump whose stream moves no data for this long is aborted (a paused container, a hung server, "
              "frozen storage; label backup-watcher.stall-timeout per container)")
+    shrink_threshold: float = setting(
+        "WATCHER_SHRINK_THRESHOLD", "0.5", FRACTION,
+        help="a dump smaller than this fraction of its history's previous normal one is kept but flagged, and "
+             "retention forgets nothing of that history until a normal dump follows or `backup-watcher ack`")
     lock_retry_s: float = setting(
         "WATCHER_LOCK_RETRY", "30m", duration(1),
         help="how long a restic command waits for a repository lock another live process holds (restic "

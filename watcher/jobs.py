@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands
+from watcher import commands, readiness
+from watcher.clock import SystemClock
 from watcher.config import Bounds
 from watcher.discovery import Target
 from watcher.durations import format_duration
@@ -49,6 +50,10 @@ class JobError(Exception):
     """A step of a job failed; the message is masked and says which step."""
 
 
+class NotReady(JobError):
+    """PostgreSQL in the container did not accept connections within the wait."""
+
+
 @dataclass(frozen=True)
 class BackupResult:
     """What one (container, database) backup did."""
@@ -68,6 +73,8 @@ class BackupResult:
     repository_unverified: bool = False
     snapshot_time: datetime | None = None  # the time restic gave the snapshot (whole seconds, UTC)
     note: str | None = None  # what a user should know about a snapshot that was written (globals without passwords)
+    # It failed because PostgreSQL did not accept connections within the wait: the daemon backs off.
+    not_ready: bool = False
 
 
 @dataclass
@@ -87,6 +94,8 @@ class JobContext:
     globals_without_passwords: set[str] = field(default_factory=set)
     # The running jobs' progress, read by the terminal, the log, the metrics and `status`.
     progress: ProgressBoard = field(default_factory=ProgressBoard)
+    # WATCHER_SHRINK_THRESHOLD: retention spares a history whose newest dump fell below this share (SPEC §11).
+    shrink_threshold: float = 0.5
 
 
 def new_run_id() -> str:
@@ -186,6 +195,9 @@ def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
         reason = str(exc)
         if "is not running" in reason or "No such container" in reason:
             raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
+        if "is paused" in reason:
+            # A paused container does not resume by itself: waiting for it would only hold the job.
+            raise NotReady(f"{target.name} is paused: {reason}") from exc
         return reason
     if done.ok:
         return None
@@ -197,14 +209,54 @@ def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
 
 def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
     """Waits until PostgreSQL in the container accepts connections (a container that just started
-    may still be running initdb); raises JobError naming the container when it does not in time."""
+    may still be running initdb); raises NotReady naming the container when it does not in time (at
+    once when it is paused; with `timeout` 0 after one probe), JobError when it is gone or stopped."""
     deadline = time.monotonic() + timeout
     while (last := _not_ready_reason(ctx, target)) is not None:
         if ctx.cancel.is_set():
             raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
         if time.monotonic() >= deadline:
-            raise JobError(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
+            raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
         ctx.cancel.wait(1.0)
+
+
+SERVING_ANSWER = readiness.Answer(listening=True, database_exists=True)
+
+
+def _serving_answer(ctx: JobContext, target: Target) -> readiness.Answer | str:
+    """One probe of the container's PostgreSQL (readiness.PROBE_SQL): its Answer, or why none came; a
+    server that accepts connections but not this session (a role or database that does not exist) counts as
+    serving. Raises JobError when the container is gone or stopped, NotReady when it is paused."""
+    database = target.credentials.database
+    try:
+        done = run_on_live(ctx, target, commands.psql_query_command(readiness.probe_sql(database)), database,
+                           timeout=PROBE_TIMEOUT_SECONDS)
+    except ExecError as exc:
+        reason = str(exc)
+        if "is not running" in reason or "No such container" in reason:
+            raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
+        if "is paused" in reason:
+            raise NotReady(f"{target.name} is paused: {reason}") from exc
+        return reason
+    if not done.ok:
+        # A server that refuses this role or database still serves (pg_isready says so): the dump's own
+        # error will name the problem, which waiting would not cure.
+        why_not = _not_ready_reason(ctx, target)
+        return SERVING_ANSWER if why_not is None else why_not
+    output = done.stdout.decode(errors="replace")
+    return readiness.parse_probe(output) or f"unexpected answer {output[:80]!r}"
+
+
+def wait_until_serving(ctx: JobContext, target: Target, timeout: float) -> None:
+    """Waits until the container's own, final PostgreSQL serves (not the temporary server an entrypoint
+    runs for initdb, which answers and then stops: see watcher.readiness); `timeout` 0 probes once.
+    Raises NotReady naming the container when it does not in time, JobError when it is gone or stopped."""
+    try:
+        readiness.wait_until_serving(lambda: _serving_answer(ctx, target), bound_s=timeout, clock=SystemClock(),
+                                     cancel=ctx.cancel)
+    except readiness.NotServing as exc:
+        raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: "
+                       f"{exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -438,22 +490,25 @@ class _OneWait:
     may_wait: bool = True
 
 
-def backup_target(ctx: JobContext, target: Target) -> list[BackupResult]:
+def backup_target(ctx: JobContext, target: Target, *, ready: bool = False) -> list[BackupResult]:
     """Backs up every database of a target, one snapshot each; returns one result per database.
 
-    Never raises: a failure to even find the databases is returned as a failed result.
+    `ready`: PostgreSQL was just seen accepting connections (the daemon's probe), so the job does not
+    probe before its first dump, whatever the container's age. Never raises: a failure to even find the
+    databases is returned as a failed result (`not_ready` when PostgreSQL did not answer).
     """
     run_id = new_run_id()
     started_at, started = datetime.now(UTC), time.monotonic()
     uptime = None if target.started_at is None else max(0.0, time.time() - target.started_at)
-    plan = readiness_plan(uptime, ctx.bounds.ready_s)
+    plan = ReadinessPlan(False, ctx.bounds.ready_s) if ready else readiness_plan(uptime, ctx.bounds.ready_s)
     wait = _OneWait(plan.wait_s)
     try:
         databases = _databases_of(ctx, target, wait, plan.probe_first)
     except JobError as exc:
         duration = time.monotonic() - started
         # Every database the target is meant to have failed; "*" stands for "all" before they are known.
-        failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc))
+        failed = [BackupResult(target.name, database, False, run_id, started_at, duration, error=str(exc),
+                               not_ready=isinstance(exc, NotReady))
                   for database in target.databases or [ALL_DATABASES_PLACEHOLDER]]
         for result in failed:
             log_failed_backup(result)
@@ -505,7 +560,8 @@ def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id
     try:
         wait_until_ready(ctx, target, wait.wait_s)
     except JobError as exc:
-        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started)
+        result = replace(result, error=f"{result.error}\n{exc}", duration_s=time.monotonic() - started,
+                         not_ready=isinstance(exc, NotReady))
         log_failed_backup(result)
         return result
     return attempt(True)

@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.progress import ProgressBoard
-from watcher.registry import STATES, Registry
+from watcher.registry import STATES, DatabaseState, Registry
 
 PREFIX = "backup_watcher_"
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
@@ -59,6 +59,9 @@ class TargetCollector(Collector):
                                      "Unix time of the next scheduled backup", labels=["target"])
         failures = GaugeMetricFamily(PREFIX + "consecutive_failures",
                                      "Backups failed in a row (0 when the last one succeeded)", labels=["target"])
+        anomaly = GaugeMetricFamily(PREFIX + "size_anomaly",
+                                    "1 while the newest dump is a flagged shrunken dump (WATCHER_SHRINK_THRESHOLD)",
+                                    labels=per_db)
         states = GaugeMetricFamily(PREFIX + "targets", "Watched containers by state", labels=["state"])
         counts = dict.fromkeys(STATES, 0)
         for entry in self._targets.view():
@@ -71,17 +74,26 @@ class TargetCollector(Collector):
                 next_run.add_metric([entry.name], entry.next_run.timestamp())
             failures.add_metric([entry.name], entry.consecutive_failures)
             for database, db in sorted(entry.databases.items()):
-                labels = [entry.name, database]
-                if db.last_success is not None:
-                    success.add_metric(labels, db.last_success.timestamp())
-                if db.last_failure is not None:
-                    failure.add_metric(labels, db.last_failure.timestamp())
-                if db.last_snapshot is not None:
-                    snapshot.add_metric(labels, db.last_snapshot.timestamp())
-                    age.add_metric(labels, max(0.0, now - db.last_snapshot.timestamp()))
+                _add_database_series([entry.name, database], db, now, success=success, failure=failure,
+                                     snapshot=snapshot, age=age, anomaly=anomaly)
         for state, count in counts.items():
             states.add_metric([state], count)
-        yield from (success, failure, snapshot, age, interval, next_run, failures, states)
+        yield from (success, failure, snapshot, age, interval, next_run, failures, anomaly, states)
+
+
+def _add_database_series(labels: list[str], db: DatabaseState, now: float, *, success: GaugeMetricFamily,
+                         failure: GaugeMetricFamily, snapshot: GaugeMetricFamily, age: GaugeMetricFamily,
+                         anomaly: GaugeMetricFamily) -> None:
+    """Adds one database's samples to the per-database families, where it has a value for them."""
+    if db.last_success is not None:
+        success.add_metric(labels, db.last_success.timestamp())
+    if db.last_failure is not None:
+        failure.add_metric(labels, db.last_failure.timestamp())
+    if db.last_snapshot is not None:
+        snapshot.add_metric(labels, db.last_snapshot.timestamp())
+        age.add_metric(labels, max(0.0, now - db.last_snapshot.timestamp()))
+    if db.size_anomaly is not None:
+        anomaly.add_metric(labels, 1 if db.size_anomaly else 0)
 
 
 class RunningJobCollector(Collector):

@@ -32,6 +32,8 @@ class DatabaseState:
     last_failure: datetime | None = None
     last_error: str | None = None
     note: str | None = None  # what a user should know about its last snapshot (globals without passwords)
+    # Its newest dump is a flagged shrunken dump (watcher.anomaly); None until the daemon has judged it.
+    size_anomaly: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class TargetState:
     last_error: str | None = None
     consecutive_failures: int = 0
     registered_at: datetime | None = None
+    # Readiness of its PostgreSQL (SPEC §11): seen accepting connections since this registration, and how
+    # many probes in a row found it not accepting them (then it backs off until `next_run`).
+    ready_seen: bool = False
+    not_ready_streak: int = 0
 
     @property
     def state(self) -> str:
@@ -169,12 +175,28 @@ class Registry:
                            consecutive_failures=consecutive_failures, next_run=next_run)
         self._change(container_id, change)
 
+    def record_probe(self, container_id: str, *, ready: bool, not_ready_streak: int,
+                     next_run: datetime | None = None) -> None:
+        """A readiness probe ended: PostgreSQL accepted connections (the backup is due still), or it did
+        not, `not_ready_streak` times in a row, and the next attempt is at `next_run`."""
+        def change(entry: TargetState) -> TargetState:
+            return replace(entry, ready_seen=ready, not_ready_streak=not_ready_streak,
+                           next_run=next_run if next_run is not None else entry.next_run)
+        self._change(container_id, change)
+
     def record_snapshot(self, container_id: str, database: str, at: datetime, snapshot_id: str) -> None:
         """The repository holds a newer snapshot of one database of this target."""
         def change(entry: TargetState) -> TargetState:
             known = entry.databases.get(database, DatabaseState())
             databases = {**entry.databases, database: replace(known, last_snapshot=at, last_snapshot_id=snapshot_id)}
             return replace(entry, databases=databases)
+        self._change(container_id, change)
+
+    def record_size_anomaly(self, container_id: str, database: str, flagged: bool) -> None:
+        """One database's newest dump was judged by its size: flagged as shrunken, or not."""
+        def change(entry: TargetState) -> TargetState:
+            known = entry.databases.get(database, DatabaseState())
+            return replace(entry, databases={**entry.databases, database: replace(known, size_anomaly=flagged)})
         self._change(container_id, change)
 
     def drop_databases(self, container_id: str, names: Iterable[str]) -> None:

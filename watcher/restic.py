@@ -82,6 +82,8 @@ class Snapshot:
     bytes: int | None
     # A container's globals (roles), not a database: `database` is then commands.GLOBALS_DATABASE.
     globals: bool = False
+    # `backup-watcher ack` accepted this snapshot's size as its history's new normal (commands.ACK_TAG).
+    acked: bool = False
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
@@ -106,6 +108,7 @@ class Snapshot:
             database=commands.decode_name(database),
             bytes=int(size) if isinstance(size, int) else None,
             globals=is_globals,
+            acked=commands.ACK_TAG in tags,
         )
 
 

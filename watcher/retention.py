@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import structlog
 
 from watcher import commands
+from watcher.anomaly import flagged_histories
 from watcher.config import Retention
 from watcher.discovery import Target
 from watcher.execute import Completed
 from watcher.jobs import JobContext
-from watcher.restic import repository_lock_problem, restic_error_text
+from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 
 log = structlog.get_logger("watcher.retention")
 # How long forget or prune may run once it holds the lock (its wait for the lock, WATCHER_LOCK_RETRY, comes on top).
@@ -99,8 +100,55 @@ def clear_stale_locks(ctx: JobContext) -> None:
         log.warning("unlock_failed", error=done.describe_failure())
 
 
+@dataclass(frozen=True)
+class ForgetScope:
+    """One `restic forget` call: containers with one retention, narrowed to some of their histories where
+    `histories` says so (commands.restic_forget), grouped by `group_by`."""
+
+    retention: Retention
+    containers: list[str]
+    histories: dict[str, set[str]]
+    group_by: str = commands.GROUP_BY_HISTORY
+
+
+def forget_scopes(targets: Sequence[Target], snapshots: Sequence[Snapshot], threshold: float) -> list[ForgetScope]:
+    """The forget calls that apply each target's retention to this host's `snapshots`.
+
+    A history whose newest snapshot is a flagged shrunken dump (watcher.anomaly) is spared whole: forget
+    would otherwise count the small dump among the keeps and drop the last good ones. A history with an
+    acknowledged snapshot is forgotten on its own, grouped by host only: restic groups by tags, and the
+    acknowledgement's tag would put that snapshot in a group of its own, kept beside the history's keeps.
+    Every other history is forgotten with its container's, one call per retention class.
+    """
+    flagged = flagged_histories(snapshots, threshold)
+    acked = {(snap.container, snap.database) for snap in snapshots if snap.acked} - set(flagged)
+    apart = set(flagged) | acked
+    histories: dict[str, set[str]] = {}
+    for snap in snapshots:
+        histories.setdefault(snap.container, set()).add(snap.database)
+    scopes = []
+    for retention, names in retention_classes(targets).items():
+        narrowed = {name: {db for db in histories.get(name, set()) if (name, db) not in apart}
+                    for name in names if any(container == name for container, _ in apart)}
+        kept = [name for name in names if narrowed.get(name, True)]
+        if kept:
+            scopes.append(ForgetScope(retention, kept, {name: dbs for name, dbs in narrowed.items() if dbs}))
+        scopes += [ForgetScope(retention, [name], {name: {db}}, commands.GROUP_BY_HOST)
+                   for name, db in sorted(acked) if name in names]
+    return scopes
+
+
+def _log_spared(snapshots: Sequence[Snapshot], threshold: float, run_id: str) -> None:
+    for (container, database), verdict in sorted(flagged_histories(snapshots, threshold).items()):
+        log.warning("retention_spared", target=container, database=database, run_id=run_id,
+                    snapshot_id=(verdict.snapshot_id or "")[:8], bytes=verdict.size, reference_bytes=verdict.reference,
+                    reason="its newest dump is a flagged shrunken dump: nothing of this history is forgotten until "
+                           f"a dump of normal size follows or `backup-watcher ack {container} --database {database}`")
+
+
 def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
-    """Forgets snapshots beyond each target's keeps and prunes the repository; never raises."""
+    """Forgets snapshots beyond each target's keeps, sparing histories flagged as shrunken, and prunes the
+    repository; never raises."""
     run_id = uuid.uuid4().hex[:12]
     bound = log.bind(run_id=run_id)
     started = time.monotonic()
@@ -114,9 +162,15 @@ def apply_retention(ctx: JobContext, targets: Sequence[Target]) -> PruneResult:
         return PruneResult(False, run_id, duration, removed, error)
 
     clear_stale_locks(ctx)
-    for retention, names in retention_classes(targets).items():
+    try:
+        snapshots = ctx.repository.snapshots(host=ctx.host, include_globals=True)
+    except ResticError as exc:
+        return failed("listing the snapshots", str(exc))
+    _log_spared(snapshots, ctx.shrink_threshold, run_id)
+    for scope in forget_scopes(targets, snapshots, ctx.shrink_threshold):
         argv = commands.with_lock_wait(
-            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=names, retention=retention),
+            commands.restic_forget(ctx.repository.binary, host=ctx.host, containers=scope.containers,
+                                   retention=scope.retention, histories=scope.histories, group_by=scope.group_by),
             ctx.bounds.lock_retry_s)
         done = ctx.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
         if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:

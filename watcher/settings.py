@@ -230,6 +230,20 @@ def whole(minimum: int) -> Kind[int]:
     return Kind(parse)
 
 
+def _parse_fraction(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise Invalid("not a number: write a fraction between 0 and 1, such as 0.5") from None
+    if not 0 < value < 1:
+        raise Invalid("must lie strictly between 0 and 1 (0.5: a dump below half of the previous one is flagged)")
+    return value
+
+
+# A fraction strictly between 0 and 1 (WATCHER_SHRINK_THRESHOLD).
+FRACTION = Kind(_parse_fraction)
+
+
 def duration(minimum: float = 0) -> Kind[float]:
     """Durations in seconds, written 90s, 15m, 6h, 1d or a plain number of seconds (SPEC §4)."""
     def parse(raw: str) -> float:

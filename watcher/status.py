@@ -32,6 +32,8 @@ def status_rows(entries: Iterable[TargetState], now: datetime,
             "age_s": round((now - newest).total_seconds()) if newest is not None else None,
             "next_run": _iso(entry.next_run) if entry.target is not None and not entry.stopped else None,
             "consecutive_failures": entry.consecutive_failures,
+            # PostgreSQL did not answer: no attempt before then (the next run), SPEC §11.
+            "backing_off_until": _iso(entry.next_run) if entry.not_ready_streak and entry.target is not None else None,
             "last_error": error,
             "databases": [
                 {"database": name, "last_snapshot": _iso(db.last_snapshot),

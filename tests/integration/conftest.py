@@ -84,6 +84,7 @@ XDIST_GROUPS = {
     "test_secrets.py": "scalr-names",
     # The second engine (a session fixture) is started once per worker that needs it: one worker.
     "test_disaster_recovery.py": "second-engine",
+    "test_fleet.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
     # Its database containers (a module fixture) serve every case: one worker creates them once.

@@ -5,6 +5,10 @@ and dumps again, and a PostgreSQL that stays down fails the job within that brie
 PostgreSQL is taken "down" for real by moving its socket away inside the container (what a
 restarting server looks like to a client: pg_isready says "no response"); the container's start
 time is the one input set by hand, so that a container started a second ago counts as settled.
+
+The daemon probes a container whose PostgreSQL is not known to serve outside the concurrency slots and
+backs off when it does not answer: a container that never serves (it runs `sleep infinity`)
+beside a live one, with one slot, never delays the live one's backup.
 """
 
 from __future__ import annotations
@@ -14,12 +18,25 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import PgContainer, Repo, StartPg, docker
+from tests.integration.conftest import (
+    PG_IMAGES,
+    TEST_LABEL,
+    PgContainer,
+    Repo,
+    StartDaemon,
+    StartPg,
+    docker,
+    event_time,
+    wait_for,
+)
 from watcher.cli import build_app, select_targets
 from watcher.config import load_config
 from watcher.discovery import Target
@@ -134,3 +151,40 @@ def test_settled_container_whose_postgres_stays_down_fails_after_the_wait(
     assert f"did not accept connections within {ready_timeout:.0f}s" in result.error
     assert "no response" in result.error, "pg_isready's verdict names the cause"
     assert repo.snapshots_of(db.name) == []
+
+
+def test_a_container_that_never_serves_backs_off_and_never_delays_a_live_one(
+        start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str]) -> None:
+    # A database container whose PostgreSQL never starts: it runs `sleep infinity` instead.
+    dead = f"bwt-f16a-dead{uuid.uuid4().hex[:6]}-db"
+    live = f"bwt-f16a-live{uuid.uuid4().hex[:6]}-db"
+    docker("run", "-d", "--network", "none", "--name", dead, "--label", TEST_LABEL, "-e", "POSTGRES_USER=app",
+           "-e", "POSTGRES_DB=appdb", "-e", "POSTGRES_PASSWORD=db-pw", "--entrypoint", "sleep", PG_IMAGES["17"],
+           "infinity")
+    try:
+        # One slot, and the dead one is due first: a probe that held the slot would keep the live one waiting
+        # for the whole WATCHER_READY_TIMEOUT.
+        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": f"{dead},{live}", "WATCHER_CONCURRENCY": "1",
+               "WATCHER_READY_TIMEOUT": "30s", "WATCHER_RECONCILE_INTERVAL": "5",
+               "WATCHER_SCHEDULE": f"0 {(datetime.now(UTC).hour + 12) % 24} * * *"}
+        daemon = start_daemon(env)
+        wait_for(lambda: daemon.events("postgres_probe_started", target=dead), 30, "the dead one's probe",
+                 interval=0.2)
+        db = start_pg(live, "17")
+        wait_for(lambda: daemon.events("backup_succeeded", target=live, database=db.database), 60,
+                 "the live one's backup", interval=0.2)
+        assert not daemon.events("postgres_backing_off", target=dead), \
+            "the live one was backed up while the dead one's PostgreSQL was still waited for"
+        wait_for(lambda: daemon.events("postgres_backing_off", target=dead), 60, "the dead one's verdict",
+                 interval=0.5)
+        (verdict,) = daemon.events("postgres_backing_off", target=dead)
+        assert verdict["attempt"] == 1 and "did not accept connections within 30s" in str(verdict["error"])
+        backing_off_until = datetime.fromisoformat(str(verdict["backing_off_until"]))
+        assert backing_off_until - event_time(verdict) == pytest.approx(timedelta(minutes=1), abs=timedelta(seconds=2))
+        row = daemon.row(dead)
+        assert row is not None and row["state"] == "failing"
+        assert row["backing_off_until"] == backing_off_until.isoformat()
+        assert str(row["last_error"]).startswith("backing off until ")
+        assert daemon.stop() == 0
+    finally:
+        docker("rm", "-f", "-v", dead, check=False)

@@ -147,15 +147,16 @@ def _alerts_of(concern: Concern) -> dict[Kind, Severity]:
     return {alert.kind: alert.severity for alert in alerts if alert is not None}
 
 
-@pytest.mark.parametrize("concern", [c for c in Concern if c is not Concern.STALE])
+@pytest.mark.parametrize("concern", [c for c in Concern if c not in (Concern.STALE, Concern.SIZE)])
 def test_a_failure_is_typed_failure_its_reminder_warning_its_recovery_success(concern: Concern) -> None:
     assert _alerts_of(concern) == {Kind.FAILED: Severity.FAILURE, Kind.REMINDER: Severity.WARNING,
                                    Kind.RECOVERED: Severity.SUCCESS}
 
 
-def test_a_stale_snapshot_is_a_warning_and_its_recovery_a_success() -> None:
-    assert _alerts_of(Concern.STALE) == {Kind.FAILED: Severity.WARNING, Kind.REMINDER: Severity.WARNING,
-                                         Kind.RECOVERED: Severity.SUCCESS}
+@pytest.mark.parametrize("concern", [Concern.STALE, Concern.SIZE])
+def test_a_stale_snapshot_or_a_shrunken_dump_is_a_warning_and_its_recovery_a_success(concern: Concern) -> None:
+    assert _alerts_of(concern) == {Kind.FAILED: Severity.WARNING, Kind.REMINDER: Severity.WARNING,
+                                   Kind.RECOVERED: Severity.SUCCESS}
     assert startup_summary("db-host", [("a-db", "3 days old")], T0).severity is Severity.WARNING
 
 

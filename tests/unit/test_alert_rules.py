@@ -18,6 +18,7 @@ EXPECTED_ALERTS = {
     "BackupWatcherPruneFailing", "BackupWatcherDown", "BackupWatcherMetricsAbsent",
     "BackupWatcherEventStreamDisconnected", "BackupWatcherInvalidLabels",
     "BackupWatcherRestoreDrillFailing", "BackupWatcherRestoreDrillOverdue", "BackupWatcherJobRunningLong",
+    "BackupWatcherDumpShrunk",
 }
 
 

@@ -14,9 +14,10 @@ from typing import Protocol
 
 import structlog
 
+from watcher.anomaly import History, SizeVerdict, follow, judge_all
 from watcher.clock import Clock
 from watcher.commands import GLOBALS_DATABASE
-from watcher.daemon.messages import Change, LabelsJudged, Registered, Removed, Renamed
+from watcher.daemon.messages import Change, LabelsJudged, Registered, Removed, Renamed, SizeJudged
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.docker_source import DockerUnavailable
 from watcher.events import ContainerEvent
@@ -40,7 +41,8 @@ def newest_by_database(snapshots: Iterable[Snapshot]) -> Newest:
     return newest
 
 
-def known_databases(target: Target, newest: Newest, timezone: str) -> dict[str, DatabaseState]:
+def known_databases(target: Target, newest: Newest, timezone: str,
+                    sizes: dict[History, SizeVerdict] | None = None) -> dict[str, DatabaseState]:
     """The databases of a target being registered, with the newest snapshot of each in the repository.
 
     For `databases=all`, only those of the latest pass, which began at or after the slot before its
@@ -55,8 +57,36 @@ def known_databases(target: Target, newest: Newest, timezone: str) -> dict[str, 
     if not target.all_databases and GLOBALS_DATABASE in cached:
         # Judged like a database once the repository has them (a repository from before globals has none).
         names.append(GLOBALS_DATABASE)
+    judged = sizes or {}
     return {db: DatabaseState(last_snapshot=cached[db].time if db in cached else None,
-                              last_snapshot_id=cached[db].id if db in cached else None) for db in names}
+                              last_snapshot_id=cached[db].id if db in cached else None,
+                              size_anomaly=judged[(target.name, db)].flagged if (target.name, db) in judged else None)
+            for db in names}
+
+
+def size_changes(known: dict[History, SizeVerdict], snapshots: Iterable[Snapshot], threshold: float, *,
+                 complete: bool) -> dict[History, SizeVerdict]:
+    """The histories whose verdict `snapshots` change, with their new verdicts.
+
+    `complete`: they are a full listing of the host's snapshots (an `ack` rewrote one, a one-shot backup
+    added some): each history's verdict is judged anew from it, unless the daemon knows a newer snapshot of
+    it than the listing has (a backup that ended while it was listed). Otherwise they are new snapshots
+    (a backup's), each following the history's verdict.
+    """
+    changed: dict[History, SizeVerdict] = {}
+    if complete:
+        for key, verdict in judge_all(snapshots, threshold).items():
+            before = known.get(key)
+            stale = before is not None and before.at is not None and verdict.at is not None and verdict.at < before.at
+            if not stale and verdict != before:
+                changed[key] = verdict
+        return changed
+    for snap in sorted(snapshots, key=lambda s: s.time):
+        key = (snap.container, snap.database)
+        before = changed.get(key, known.get(key))
+        if before is None or before.at is None or snap.time > before.at:
+            changed[key] = follow(before or SizeVerdict(), snap, threshold)
+    return changed
 
 
 class Containers(Protocol):
@@ -75,7 +105,7 @@ class Inventory:
     """Keeps the registry in line with the containers; only the loop's thread calls it."""
 
     def __init__(self, docker: Containers, rules: DiscoveryRules, registry: Registry, clock: Clock,
-                 timezone: str, masker: Masker) -> None:
+                 timezone: str, masker: Masker, shrink_threshold: float = 0.5) -> None:
         self.docker = docker
         self.rules = rules
         self.registry = registry
@@ -84,12 +114,31 @@ class Inventory:
         self.masker = masker
         self._ignored: dict[str, str] = {}  # id → name of running containers that are not selected
         self._newest: Newest = {}
+        self._sizes: dict[History, SizeVerdict] = {}
+        self.shrink_threshold = shrink_threshold
 
     # --- the repository's side ------------------------------------------------------------
     def load(self, snapshots: Iterable[Snapshot]) -> int:
         """Takes the repository's listing as the newest snapshots known; returns how many histories."""
         self._newest = newest_by_database(snapshots)
         return len(self._newest)
+
+    def judge_sizes(self, snapshots: Iterable[Snapshot], *, complete: bool, at_start: bool = False) -> list[Change]:
+        """Judges the dumps' sizes (see `size_changes`); records each changed verdict in the registry and
+        returns them as changes."""
+        changed = size_changes(self._sizes, list(snapshots), self.shrink_threshold, complete=complete)
+        by_name = {entry.name: entry for entry in self.registry.view() if entry.target is not None}
+        judged: list[Change] = []
+        for (container, database), verdict in sorted(changed.items()):
+            previous = self._sizes.get((container, database))
+            self._sizes[(container, database)] = verdict
+            entry = by_name.get(container)
+            if entry is not None and entry.target is not None and (
+                    entry.target.all_databases or database in entry.target.databases or database == GLOBALS_DATABASE):
+                self.registry.record_size_anomaly(entry.container_id, database, verdict.flagged)
+            if verdict.flagged or (previous is not None and previous.flagged):
+                judged.append(SizeJudged(container, database, verdict, previous, at_start))
+        return judged
 
     def take_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
         """Takes newer snapshots (never older ones) into the cache and the registry."""
@@ -221,12 +270,15 @@ class Inventory:
         for container, database in list(self._newest):
             if container == old_name:
                 self._newest[(new_name, database)] = self._newest.pop((container, database))
+        for container, database in list(self._sizes):
+            if container == old_name:
+                self._sizes[(new_name, database)] = self._sizes.pop((container, database))
         self.registry.rename(container_id, new_name)
         return Renamed(container_id, old_name, new_name)
 
     def _add(self, info: ContainerInfo, found: Target, existing: TargetState | None) -> Change:
         now = self.clock.now()
-        databases = known_databases(found, self._newest, self.timezone)
+        databases = known_databases(found, self._newest, self.timezone, self._sizes)
         when = first_run(found.schedule, self.timezone, judged_snapshot_time(found.all_databases, databases), now)
         entry = self.registry.register(TargetState(
             container_id=info.id, name=info.name, target=found, next_run=when,

@@ -17,20 +17,24 @@ from watcher.daemon.messages import (
     BackupFinished,
     DrillsFinished,
     JobFinished,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     RetagFinished,
 )
-from watcher.daemon.running import BackupJob, DrillJob, Job, PruneJob, RefreshJob, RetagJob
+from watcher.daemon.running import BackupJob, DrillJob, Job, ProbeJob, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
-from watcher.jobs import JobContext, backup_target
+from watcher.jobs import JobContext, JobError, backup_target, wait_until_serving
 from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 from watcher.retention import apply_retention
 
 log = structlog.get_logger("watcher.daemon")
 # How long a retag may run once it holds the lock (its wait for the lock, WATCHER_LOCK_RETRY, comes on top).
 RETAG_TIMEOUT_SECONDS = 3600
+# Probes of PostgreSQL run on a pool of their own, beside the backups' slots: this many wait at once (a
+# probe mostly sleeps between pg_isready execs); more queue there without delaying any backup.
+PROBE_WORKERS = 4
 
 
 class Launcher:
@@ -42,6 +46,7 @@ class Launcher:
         self.driller = Driller(ctx, docker)
         self._deliver = deliver
         self._pool = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="job")
+        self._probes = ThreadPoolExecutor(max_workers=PROBE_WORKERS, thread_name_prefix="probe")
 
     def launch(self, job: Job) -> None:
         """Starts one job on the pool (a drill slot with no target to drill starts nothing)."""
@@ -49,6 +54,9 @@ class Launcher:
             case BackupJob(container_id=container_id):
                 self._submit("backup", lambda: self._backup(job), lambda error: BackupFinished(container_id,
                                                                                                  error=error))
+            case ProbeJob(container_id=container_id):
+                self._submit("probe", lambda: self._probe(job), lambda error: ProbeFinished(container_id, False, error),
+                             pool=self._probes)
             case RetagJob(container_id=container_id, renames=renames):
                 self._submit("retag", lambda: self._retag(job), lambda error: RetagFinished(container_id, renames,
                                                                                               error=error))
@@ -66,8 +74,10 @@ class Launcher:
     def shutdown(self) -> None:
         """Waits for every running job to end."""
         self._pool.shutdown(wait=True)
+        self._probes.shutdown(wait=True)
 
-    def _submit(self, kind: str, work: Callable[[], JobFinished], crashed: Callable[[str], JobFinished]) -> None:
+    def _submit(self, kind: str, work: Callable[[], JobFinished], crashed: Callable[[str], JobFinished],
+                pool: ThreadPoolExecutor | None = None) -> None:
         def guarded() -> JobFinished:
             try:
                 return work()
@@ -75,11 +85,20 @@ class Launcher:
                 log.exception("job_crashed", kind=kind)
                 return crashed(self.ctx.masker(f"{type(exc).__name__}: {exc}"))
 
-        future: Future[JobFinished] = self._pool.submit(guarded)
+        future: Future[JobFinished] = (pool or self._pool).submit(guarded)
         future.add_done_callback(lambda done: self._deliver(done.result()))
 
+    def _probe(self, job: ProbeJob) -> ProbeFinished:
+        """Waits for the target's PostgreSQL (a probe each second) up to the job's bound."""
+        log.info("postgres_probe_started", target=job.target.name, wait_s=round(job.wait_s, 1))
+        try:
+            wait_until_serving(self.ctx, job.target, job.wait_s)
+        except JobError as exc:
+            return ProbeFinished(job.container_id, False, str(exc))
+        return ProbeFinished(job.container_id, True)
+
     def _backup(self, job: BackupJob) -> BackupFinished:
-        results = backup_target(self.ctx, job.target)
+        results = backup_target(self.ctx, job.target, ready=job.ready)
         # What the repository now holds follows from the results (the watcher sets each snapshot's
         # time): no listing, which would open the repository a second time per backup.
         snapshots = tuple(

@@ -25,6 +25,7 @@ from watcher.daemon.messages import (
     Change,
     DrillsFinished,
     Message,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     RefreshRequested,
@@ -61,7 +62,8 @@ class Daemon:
         self.config, self.docker, self.ctx, self.registry, self.clock = config, docker, ctx, registry, clock
         self._queue: queue.Queue[Message] = queue.Queue()
         rules = DiscoveryRules(config.container_patterns, config.schedule, config.retention)
-        self.inventory = Inventory(docker, rules, registry, clock, config.timezone, ctx.masker)
+        self.inventory = Inventory(docker, rules, registry, clock, config.timezone, ctx.masker,
+                                   shrink_threshold=config.shrink_threshold)
         self.outcomes = Outcomes(registry=registry, metrics=metrics, clock=clock, timezone=config.timezone,
                                  policy=policy or AlertPolicy(), masker=ctx.masker, host=ctx.host,
                                  docker_host=ctx.docker_host, cancel=ctx.cancel, notifier=notifier)
@@ -172,9 +174,13 @@ class Daemon:
                 self.outcomes.stream_changed(False)
             case RefreshRequested():
                 self._refresh_wanted = True
-            case BackupFinished() | PruneFinished() | DrillsFinished() | RefreshFinished() | RetagFinished():
+            case (BackupFinished() | ProbeFinished() | PruneFinished() | DrillsFinished() | RefreshFinished()
+                  | RetagFinished()):
                 self.book = self.book.finished(message)
-                self.inventory.take_snapshots(self.outcomes.job_finished(message))
+                snapshots = self.outcomes.job_finished(message)
+                self.inventory.take_snapshots(snapshots)
+                # A listing is the whole of this host's snapshots (an `ack` shows there); a backup's are new ones.
+                self._note(self.inventory.judge_sizes(snapshots, complete=isinstance(message, RefreshFinished)))
             case _:
                 assert_never(message)
 
@@ -192,7 +198,7 @@ class Daemon:
 
     def _start_planned_jobs(self) -> None:
         view = View(self.registry.view(), self.config.concurrency, self.config.timezone, self.config.drill_schedule,
-                    prune=self.config.prune)
+                    prune=self.config.prune, ready_timeout_s=self.config.ready_timeout_s)
         now = self.clock.now()
         for job in plan(view, self.book, now):
             self._start(job)
@@ -215,4 +221,5 @@ class Daemon:
             log.error("snapshot_listing_failed", error=str(exc))
             return
         log.info("repository_read", snapshots=len(snapshots), histories=self.inventory.load(snapshots))
+        self._note(self.inventory.judge_sizes(snapshots, complete=True, at_start=True))
         self.outcomes.repository_figures(*repository_figures(self.ctx))

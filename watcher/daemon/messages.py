@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from watcher.anomaly import SizeVerdict
 from watcher.drill import DrillResult
 from watcher.events import ContainerEvent, StreamConnected, StreamDisconnected
 from watcher.jobs import BackupResult
@@ -29,6 +30,15 @@ class BackupFinished:
     results: tuple[BackupResult, ...] = ()
     snapshots: tuple[Snapshot, ...] = ()
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeFinished:
+    """The wait for a target's PostgreSQL ended: it accepts connections, or not (`reason`, masked)."""
+
+    container_id: str
+    ready: bool
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class RetagFinished:
     error: str | None = None
 
 
-JobFinished = BackupFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
+JobFinished = BackupFinished | ProbeFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
 Message = ContainerEvent | StreamConnected | StreamDisconnected | RefreshRequested | JobFinished
 
 
@@ -109,4 +119,17 @@ class LabelsJudged:
     problem: str | None
 
 
-Change = Registered | Renamed | Removed | LabelsJudged
+@dataclass(frozen=True)
+class SizeJudged:
+    """A history's newest dump was judged by its size (watcher.anomaly) and its verdict changed: a new
+    snapshot, or the repository listed anew (an `ack`). `previous` is None for the first verdict of this
+    process; `at_start` when it comes from the listing the daemon starts with."""
+
+    name: str
+    database: str
+    verdict: SizeVerdict
+    previous: SizeVerdict | None
+    at_start: bool = False
+
+
+Change = Registered | Renamed | Removed | LabelsJudged | SizeJudged

@@ -8,6 +8,7 @@ The decisions are pure functions of their inputs (`backup_results`, `next_attemp
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol, assert_never
@@ -22,13 +23,17 @@ from watcher.daemon.messages import (
     DrillsFinished,
     JobFinished,
     LabelsJudged,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     Registered,
     Removed,
     Renamed,
     RetagFinished,
+    SizeJudged,
 )
+from watcher.daemon.scheduler import not_ready_delay
+from watcher.daemon.shrinkage import ShrunkenDumps
 from watcher.drill import DrillResult
 from watcher.execute import Masker
 from watcher.jobs import ALL_DATABASES_PLACEHOLDER, BackupResult
@@ -123,6 +128,9 @@ class Outcomes:
         self.events_connected = False
         self._disconnected_since: float | None = clock.monotonic()
         self._startup_stale: list[tuple[str, str]] | None = []  # None once the first reconcile is done
+        self.shrunken = ShrunkenDumps(policy, clock, self.alert)
+        self.readiness = ReadinessOutcomes(registry=registry, metrics=metrics, clock=clock, timezone=timezone,
+                                           cancel=cancel, alert=self.alert)
 
     def alert(self, subject: str, concern: Concern, ok: bool, detail: str = "") -> None:
         """Observes one outcome; a page goes out when the policy says so."""
@@ -152,11 +160,15 @@ class Outcomes:
             case Renamed(old_name=old_name, new_name=new_name):
                 self.metrics.forget_target(old_name)
                 self.policy.rename(old_name, new_name)
+                self.shrunken.renamed(old_name, new_name)
             case Removed(name=name, destroyed=destroyed):
                 if name is not None:
                     self.metrics.forget_target(name)
                     if destroyed:
                         self.policy.forget(name)
+                        self.shrunken.forget(name)
+            case SizeJudged():
+                self.shrunken.judged(change)
             case Registered(entry=entry, at=at):
                 self._judge_at_startup(entry, at)
             case _:
@@ -207,6 +219,8 @@ class Outcomes:
             case RefreshFinished(snapshots=snapshots, repository_snapshots=count):
                 self.repository_figures(None, count)
                 return snapshots or ()
+            case ProbeFinished():
+                self.readiness.probe_finished(finished)
             case RetagFinished():
                 self.retag_finished(finished)
             case DrillsFinished():
@@ -237,6 +251,7 @@ class Outcomes:
             last_error=error, consecutive_failures=failures,
             next_run=next_attempt(entry.target.schedule, self.timezone, now, failures, retry=not cancelled))
         if not cancelled:
+            self.readiness.follow(entry, results, now)
             # A backup we aborted ourselves at shutdown is not an incident to page about.
             done = next((r for r in results if r.ok and r.snapshot_id), None)
             self.alert(entry.name, Concern.BACKUP, ok,
@@ -297,3 +312,59 @@ class Outcomes:
         if count is not None:
             self.metrics.repository_snapshots.set(count)
 
+
+class ReadinessOutcomes:
+    """Probes of PostgreSQL and backups that found it not answering → the target's back-off (SPEC §11):
+    registry transitions, metrics, pages and log lines. Only the daemon's loop thread calls it."""
+
+    def __init__(self, *, registry: Registry, metrics: Metrics, clock: Clock, timezone: str,
+                 cancel: threading.Event, alert: Callable[[str, Concern, bool, str], None]) -> None:
+        self.registry, self.metrics, self.clock, self.timezone, self.cancel = registry, metrics, clock, timezone, cancel
+        self._alert = alert
+
+    def follow(self, entry: TargetState, results: tuple[BackupResult, ...], now: datetime) -> None:
+        """A backup that found PostgreSQL not answering (after its one wait) backs the target off like a
+        failed probe; one that reached it clears the back-off."""
+        if any(r.not_ready for r in results):
+            self.back_off(entry, now, next((r.error for r in results if r.not_ready), None))
+        elif any(r.ok for r in results):
+            self.registry.record_probe(entry.container_id, ready=True, not_ready_streak=0)
+
+    def back_off(self, entry: TargetState, now: datetime, reason: str | None) -> datetime:
+        """Counts one more failed probe of the target and returns when it is attempted next: a minute,
+        doubling, at most its schedule interval (and never after its next slot)."""
+        assert entry.target is not None
+        streak = entry.not_ready_streak + 1
+        until = min(next_run(entry.target.schedule, now, self.timezone),
+                    now + not_ready_delay(streak, entry.interval_s))
+        self.registry.record_probe(entry.container_id, ready=False, not_ready_streak=streak, next_run=until)
+        log.warning("postgres_backing_off", target=entry.name, error=reason, attempt=streak,
+                    backing_off_until=until.isoformat())
+        return until
+
+    def probe_finished(self, finished: ProbeFinished) -> None:
+        """A probe found PostgreSQL serving (the backup follows when a slot is free), or not: that counts as a
+        failed backup of every database (paged once) and the target backs off."""
+        entry = self.registry.get(finished.container_id)
+        if entry is None or entry.target is None:
+            return
+        if finished.ready:
+            self.registry.record_probe(entry.container_id, ready=True, not_ready_streak=0)
+            log.info("postgres_ready", target=entry.name)
+            return
+        if self.cancel.is_set():
+            return
+        now = self.clock.now()
+        until = self.back_off(entry, now, finished.reason)
+        # The back-off first: `status` shows an error's first line.
+        error = (f"backing off until {until:%Y-%m-%d %H:%M:%S} UTC: "
+                 f"{finished.reason or 'PostgreSQL does not accept connections'}")
+        placeholder = BackupResult(entry.name, ALL_DATABASES_PLACEHOLDER, False, "-", now, 0.0, error=error,
+                                   not_ready=True)
+        results = backup_results(entry, BackupFinished(entry.container_id, (placeholder,)), now)
+        for result in results:
+            self.metrics.observe_backup(entry.name, result.database, False, 0.0, 0, 0)
+        known = [r for r in results if r.database != ALL_DATABASES_PLACEHOLDER]
+        self.registry.record_results(entry.container_id, known, last_error=error,
+                                     consecutive_failures=entry.consecutive_failures + 1, next_run=until)
+        self._alert(entry.name, Concern.BACKUP, False, error)

@@ -18,6 +18,7 @@ from watcher.daemon.messages import (
     DrillsFinished,
     JobFinished,
     LabelsJudged,
+    ProbeFinished,
     PruneFinished,
     RefreshFinished,
     Registered,
@@ -25,6 +26,7 @@ from watcher.daemon.messages import (
     Rename,
     Renamed,
     RetagFinished,
+    SizeJudged,
 )
 from watcher.discovery import Target
 
@@ -35,6 +37,16 @@ class BackupJob:
 
     container_id: str
     target: Target
+    ready: bool = False  # its PostgreSQL was just seen serving: no probe before the first dump
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """Wait up to `wait_s` for a target's PostgreSQL to accept connections (0: one probe); takes no slot."""
+
+    container_id: str
+    target: Target
+    wait_s: float
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class RefreshJob:
     """List the repository again: snapshots made outside the daemon count too."""
 
 
-Job = BackupJob | RetagJob | DrillJob | PruneJob | RefreshJob
+Job = BackupJob | ProbeJob | RetagJob | DrillJob | PruneJob | RefreshJob
 
 
 def _without(mapping: Mapping[str, tuple[Rename, ...]], key: str) -> dict[str, tuple[Rename, ...]]:
@@ -77,6 +89,7 @@ class Book:
     """What runs (backups by container id, retags, the drill, the prune, the refresh) and what waits."""
 
     backups: frozenset[str] = frozenset()
+    probes: frozenset[str] = frozenset()  # containers whose PostgreSQL is being waited for (no slot)
     retags: Mapping[str, tuple[Rename, ...]] = field(default_factory=dict)
     pending_retags: Mapping[str, tuple[Rename, ...]] = field(default_factory=dict)
     drill: bool = False
@@ -98,11 +111,11 @@ class Book:
     @property
     def idle(self) -> bool:
         """Nothing runs at all."""
-        return not self.backups and not self.others
+        return not self.backups and not self.others and not self.probes
 
     def busy(self, container_id: str) -> bool:
-        """A backup or a retag of this container runs."""
-        return container_id in self.backups or container_id in self.retags
+        """A backup, a probe or a retag of this container runs."""
+        return container_id in self.backups or container_id in self.retags or container_id in self.probes
 
     def held_names(self) -> frozenset[str]:
         """Old names whose history has still to move: a newcomer under such a name must wait."""
@@ -121,7 +134,7 @@ class Book:
                 return replace(self, pending_retags={**self.pending_retags, container_id: renames})
             case Removed(container_id=container_id, destroyed=True):
                 return replace(self, pending_retags=_without(self.pending_retags, container_id))
-            case Removed() | Registered() | LabelsJudged():
+            case Removed() | Registered() | LabelsJudged() | SizeJudged():
                 return self
             case _:
                 assert_never(change)
@@ -131,6 +144,8 @@ class Book:
         match job:
             case BackupJob(container_id=container_id):
                 return replace(self, backups=self.backups | {container_id})
+            case ProbeJob(container_id=container_id):
+                return replace(self, probes=self.probes | {container_id})
             case RetagJob(container_id=container_id, renames=renames):
                 return replace(self, retags={**self.retags, container_id: renames},
                                pending_retags=_without(self.pending_retags, container_id))
@@ -148,6 +163,8 @@ class Book:
         match message:
             case BackupFinished(container_id=container_id):
                 return replace(self, backups=self.backups - {container_id}, backed_up_since_prune=True)
+            case ProbeFinished(container_id=container_id):
+                return replace(self, probes=self.probes - {container_id})
             case RetagFinished(container_id=container_id):
                 return replace(self, retags=_without(self.retags, container_id))
             case DrillsFinished():

@@ -10,6 +10,10 @@ returns. The rules, in the order they are applied:
 - due backups start, most overdue first, while slots are free, never two of one target at once, and
   never for a container that took a renamed container's old name before that history has moved
   (it would move the newcomer's first snapshots into the other history);
+- a due target whose PostgreSQL is not known to serve (a container that started moments ago, or one
+  whose probes failed) is probed first, outside the slots: waiting for a server that may never answer
+  never holds a slot a live target needs. After a failed probe it backs off, a minute doubling up to
+  its schedule interval, with one quick probe per attempt (`not_ready_delay`, `probe_wait`);
 - the prune starts after a pass: something was backed up since the last prune, nothing runs and
   nothing is due; never where pruning is off (WATCHER_PRUNE=false: another host prunes).
 """
@@ -18,11 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from watcher.daemon.running import BackupJob, Book, DrillJob, Job, PruneJob, RetagJob
+from watcher.daemon.running import BackupJob, Book, DrillJob, Job, ProbeJob, PruneJob, RetagJob
 from watcher.registry import TargetState
 from watcher.schedule import next_run
+
+# A container up this long has finished its start-up (initdb, init scripts): it is dumped at once.
+SETTLED_AFTER_SECONDS = 120.0
+# The least a container that started recently is waited for, however long ago it started.
+MIN_READY_WAIT_SECONDS = 30.0
+NOT_READY_BASE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,40 @@ class View:
     timezone: str
     drill_schedule: str | None = None
     prune: bool = True
+    ready_timeout_s: float = 120.0  # WATCHER_READY_TIMEOUT
+
+
+def not_ready_delay(streak: int, interval_s: float | None) -> timedelta:
+    """How long a target whose PostgreSQL did not answer `streak` probes in a row waits for its next
+    attempt: a minute, doubling, at most its schedule interval (a day when unknown)."""
+    cap = interval_s if interval_s is not None else 86400.0
+    return timedelta(seconds=min(NOT_READY_BASE_SECONDS * 2 ** max(0, streak - 1), max(cap, NOT_READY_BASE_SECONDS)))
+
+
+def uptime(entry: TargetState, now: datetime) -> float | None:
+    """Seconds since the target's container started, None when unknown."""
+    started = entry.target.started_at if entry.target is not None else None
+    return None if started is None else max(0.0, now.timestamp() - started)
+
+
+def needs_probe(entry: TargetState, now: datetime) -> bool:
+    """Whether a due target is probed before its backup: its PostgreSQL has not been seen serving since it
+    was registered, and its container started moments ago (initdb may still run) or a probe failed.
+    A container of unknown age is left to the job, which probes it itself."""
+    if entry.ready_seen:
+        return False
+    age = uptime(entry, now)
+    return entry.not_ready_streak > 0 or (age is not None and age < SETTLED_AFTER_SECONDS)
+
+
+def probe_wait(entry: TargetState, now: datetime, ready_timeout_s: float) -> float:
+    """How long the probe of a target waits for its PostgreSQL: what is left of WATCHER_READY_TIMEOUT since
+    its start (MIN_READY_WAIT_SECONDS at least, never more than the bound), or 0 (one probe) once it backs
+    off after failed probes."""
+    if entry.not_ready_streak > 0:
+        return 0.0
+    left = ready_timeout_s - (uptime(entry, now) or 0.0)
+    return max(min(MIN_READY_WAIT_SECONDS, ready_timeout_s), left)
 
 
 def due(entries: Iterable[TargetState], now: datetime) -> list[TargetState]:
@@ -72,10 +116,12 @@ def _drill(view: View, book: Book, now: datetime) -> Job | None:
 def _backup(view: View, book: Book, now: datetime) -> Job | None:
     names = book.held_names()
     for entry in due(view.entries, now):
-        if book.slots_in_use >= view.concurrency:
-            return None
-        if entry.target is not None and not book.busy(entry.container_id) and entry.name not in names:
-            return BackupJob(entry.container_id, entry.target)
+        if entry.target is None or book.busy(entry.container_id) or entry.name in names:
+            continue
+        if needs_probe(entry, now):
+            return ProbeJob(entry.container_id, entry.target, probe_wait(entry, now, view.ready_timeout_s))
+        if book.slots_in_use < view.concurrency:
+            return BackupJob(entry.container_id, entry.target, ready=entry.ready_seen)
     return None
 
 
