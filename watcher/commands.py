@@ -298,3 +298,16 @@ def pg_restore_database_entries_command() -> Command:
     own entries (owner, settings, ACL, comment), which only `--create` includes. It reads just the
     archive's table of contents (at the start) and exits: the writer before it sees a closed pipe."""
     return ("pg_restore", "--create", "--schema-only", "--file=-")
+
+
+def restic_copy(restic: str, snapshot_ids: Sequence[str]) -> Command:
+    """restic copy of the snapshots `snapshot_ids` from the source repository (RESTIC_FROM_REPOSITORY and its
+    password, from the environment) into the repository (RESTIC_REPOSITORY). Copied snapshots keep their
+    time, host, tags and paths, and name their source in `original`."""
+    return (restic, "copy", *snapshot_ids)
+
+
+def restic_init_copy_chunker_params(restic: str) -> Command:
+    """restic init of a copy with the chunker parameters of the source repository (RESTIC_FROM_REPOSITORY), so
+    that copied data deduplicates against what the copy already holds."""
+    return (restic, "init", "--copy-chunker-params")

@@ -1,0 +1,188 @@
+"""The copy job (SPEC §12): bring one copy up to date with the primary repository, then apply its retention.
+
+One run: open the copy (initialised on first use with the primary's chunker parameters, when
+WATCHER_INIT_REPOSITORY allows, so that copied data deduplicates), list this host's snapshots in both,
+`restic copy` the ones the copy lacks (`watcher.copies.missing`), then forget by the copy's own keeps and
+prune it, unless WATCHER_COPY_<NAME>_PRUNE=false (an append-only copy). Never raises: every outcome is a
+CopyResult.
+
+Environments: every restic process on the copy alone gets the copy's environment only
+(`watcher.copyconfig.copy_env`); `restic copy` and `init --copy-chunker-params`, which open both, get the
+copy's plus the primary's under restic's RESTIC_FROM_* names (`transfer_env`). No secret reaches argv.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from watcher import commands
+from watcher.config import Retention
+from watcher.copies import History, HistoryProgress, missing, progress
+from watcher.copyconfig import CopySpec, copy_env, transfer_env
+from watcher.jobs import JobContext
+from watcher.restic import EXIT_NO_REPOSITORY, Repository, ResticError, Snapshot
+from watcher.retention import PRUNE_TIMEOUT_SECONDS, count_removed, step_problem
+from watcher.settings import mask_url
+
+log = structlog.get_logger("watcher.copies")
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """What one run of a copy did: the snapshots it copied, each history's progress as it left it (None when the
+    copy could not even be listed), and why it failed, if it did."""
+
+    copy: str
+    ok: bool
+    run_id: str
+    duration_s: float
+    copied: tuple[Snapshot, ...] = ()
+    progress: Mapping[History, HistoryProgress] | None = None
+    error: str | None = None
+    forgotten: int = 0
+    initialised: bool = False
+
+
+@dataclass
+class CopyTarget:
+    """One copy as jobs use it: its settings and the restic runners of its two environments."""
+
+    spec: CopySpec
+    repository: Repository  # the copy alone
+    transfer: Repository  # the copy, with the primary as restic's source (RESTIC_FROM_*)
+    label: str = field(default="")
+
+    @classmethod
+    def of(cls, spec: CopySpec, primary: Repository, restic_env: Mapping[str, str]) -> CopyTarget:
+        """The runners of `spec`, with the primary's binary and masker (which masks every copy's secrets too)."""
+        label = f"copy {spec.name} ({mask_url(spec.repository)})"
+        return cls(spec, Repository(primary.binary, copy_env(restic_env, spec), primary.masker, label),
+                   Repository(primary.binary, transfer_env(restic_env, spec), primary.masker, label), label)
+
+
+class CopyFailed(Exception):
+    """A step of a copy run failed; the message is masked and names the copy and the step."""
+
+
+def _open(ctx: JobContext, target: CopyTarget, init: bool) -> bool:
+    """Opens the copy within its open bound (a backend that is down fails here, not after restic's 15 minutes
+    of retries); initialises it when it does not exist and `init`. Returns True when initialised now; raises
+    CopyFailed."""
+    bound = target.spec.open_timeout_s
+    done = target.repository.run(commands.restic_cat_config(target.repository.binary), timeout=bound,
+                                 cancel=ctx.cancel)
+    if done.ok:
+        return False
+    if done.returncode == EXIT_NO_REPOSITORY and init:
+        created = target.transfer.run(commands.restic_init_copy_chunker_params(target.repository.binary),
+                                      timeout=max(bound, 300.0), cancel=ctx.cancel)
+        if not created.ok:
+            raise CopyFailed(target.repository.failure("initialising", created))
+        return True
+    if done.timed_out:
+        raise CopyFailed(f"opening {target.label} failed: no answer within {bound:.0f}s "
+                         f"({target.spec.prefix}OPEN_TIMEOUT); is its backend up?")
+    if done.returncode == EXIT_NO_REPOSITORY:
+        raise CopyFailed(f"{target.label} does not exist: create it with `restic init --copy-chunker-params "
+                         "--from-repo PRIMARY`, or set WATCHER_INIT_REPOSITORY=true")
+    raise CopyFailed(target.repository.failure("opening", done))
+
+
+def _listings(ctx: JobContext, target: CopyTarget,
+              only: frozenset[str] | None) -> tuple[list[Snapshot], list[Snapshot]]:
+    """This host's snapshots (globals included) in the primary and in the copy, of the containers `only` names
+    (None: of every container); raises CopyFailed."""
+    try:
+        primary = ctx.repository.snapshots(host=ctx.host, include_globals=True)
+        copy = target.repository.snapshots(host=ctx.host, include_globals=True,
+                                           timeout=max(target.spec.open_timeout_s, 60.0))
+    except ResticError as exc:
+        raise CopyFailed(str(exc)) from exc
+    if only is not None:
+        primary = [snap for snap in primary if snap.container in only]
+    return primary, copy
+
+
+def _transfer(ctx: JobContext, target: CopyTarget, todo: list[Snapshot]) -> None:
+    """`restic copy` of `todo` from the primary into the copy; raises CopyFailed."""
+    argv = commands.with_lock_wait(commands.restic_copy(target.repository.binary, [s.id for s in todo]),
+                                   ctx.bounds.lock_retry_s)
+    done = target.transfer.run(argv, timeout=ctx.bounds.dump_s + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
+    if not done.ok:
+        raise CopyFailed(target.repository.failure("copying snapshots to", done))
+
+
+def forget_and_prune(ctx: JobContext, target: CopyTarget, copy_snapshots: list[Snapshot]) -> int:
+    """Forgets this host's snapshots of the copy beyond the copy's keeps, per history, then prunes it; returns
+    how many it forgot. Raises CopyFailed."""
+    containers = sorted({snap.container for snap in copy_snapshots})
+    if not containers:
+        return 0
+    repository = target.repository
+    forget = commands.restic_forget(repository.binary, host=ctx.host, containers=containers,
+                                    retention=Retention(*target.spec.keeps))
+    timeout = PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s
+    done = repository.run(commands.with_lock_wait(forget, ctx.bounds.lock_retry_s), timeout=timeout, cancel=ctx.cancel)
+    if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:
+        raise CopyFailed(f"restic forget on {target.label} failed: {problem}")
+    forgotten = count_removed(done.stdout.decode(errors="replace"))
+    done = repository.run(commands.with_lock_wait(commands.restic_prune(repository.binary), ctx.bounds.lock_retry_s),
+                          timeout=timeout, cancel=ctx.cancel)
+    if (problem := step_problem(done, ctx.bounds.lock_retry_s)) is not None:
+        raise CopyFailed(f"restic prune on {target.label} failed: {problem}")
+    return forgotten
+
+
+@dataclass
+class _Run:
+    """What a run has learnt so far, for its result when a later step fails."""
+
+    initialised: bool = False
+    progress: Mapping[History, HistoryProgress] | None = None
+    copied: tuple[Snapshot, ...] = ()
+    forgotten: int = 0
+
+
+def _steps(ctx: JobContext, target: CopyTarget, init: bool, only: frozenset[str] | None, run: _Run) -> None:
+    """Open, list, copy, forget and prune, noting in `run` what each step found; raises CopyFailed."""
+    run.initialised = _open(ctx, target, init)
+    primary, copy = _listings(ctx, target, only)
+    run.progress = progress(primary, copy)
+    todo = missing(primary, copy)
+    if todo:
+        _transfer(ctx, target, todo)
+        copy = [*copy, *todo]
+        run.copied = tuple(todo)
+        run.progress = progress(primary, copy)
+    if target.spec.prune and todo:
+        run.forgotten = forget_and_prune(ctx, target, copy)
+
+
+def run_copy(ctx: JobContext, target: CopyTarget, *, init: bool, only: frozenset[str] | None = None) -> CopyResult:
+    """Brings one copy up to date with this host's snapshots (of the containers `only` names; None: all) and
+    applies its retention; returns the result, never raises."""
+    run_id = uuid.uuid4().hex[:12]
+    bound = log.bind(copy=target.spec.name, run_id=run_id)
+    started = time.monotonic()
+    bound.info("copy_started")
+    run = _Run()
+    try:
+        _steps(ctx, target, init, only, run)
+    except CopyFailed as exc:
+        duration = time.monotonic() - started
+        error = ctx.masker(str(exc))
+        bound.error("copy_failed", error=error, duration_s=round(duration, 3))
+        return CopyResult(target.spec.name, False, run_id, duration, run.copied, run.progress, error,
+                          run.forgotten, run.initialised)
+    duration = time.monotonic() - started
+    if run.initialised:
+        bound.info("copy_repository_initialised", repository=target.label)
+    bound.info("copy_succeeded", snapshots_copied=len(run.copied), snapshots_forgotten=run.forgotten,
+               duration_s=round(duration, 3))
+    return CopyResult(target.spec.name, True, run_id, duration, run.copied, run.progress, None, run.forgotten,
+                      run.initialised)
