@@ -27,6 +27,7 @@ class Concern(enum.StrEnum):
     LABEL = "label"
     EVENTS = "events"
     CONFIG = "config"
+    COPY = "copy"  # a copy to a further repository (subject: the copy's name) is behind
 
 
 class Kind(enum.StrEnum):
@@ -47,7 +48,7 @@ class Severity(enum.StrEnum):
 
 
 # Concerns whose failure is a warning: a snapshot growing old is a reason to look, not a failed job.
-WARNING_CONCERNS = frozenset({Concern.STALE})
+WARNING_CONCERNS = frozenset({Concern.STALE, Concern.COPY})
 
 
 def severity(kind: Kind, concern: Concern) -> Severity:
@@ -73,6 +74,9 @@ ADVICE = {
     Concern.EVENTS: "The watcher cannot follow the Docker event stream: new or renamed containers are only found "
                     "by periodic reconciliation. Check DOCKER_HOST or the socket proxy.",
     Concern.CONFIG: "The watcher did not start. Fix the configuration and restart it.",
+    Concern.COPY: "The copy lacks snapshots the primary repository holds, for longer than 1.5x the schedule "
+                  "interval: is its backend reachable, its password right? The watcher keeps retrying; "
+                  "`backup-watcher copy` runs it now and says why it fails.",
 }
 
 
@@ -114,6 +118,9 @@ class Alert:
 
 
 def _title(kind: Kind, subject: str, concern: Concern) -> str:
+    if concern is Concern.COPY:
+        state = "caught up" if kind is Kind.RECOVERED else "is behind"
+        return f"[backup-watcher] {kind.value.upper()}: copy {subject} {state}"
     what = {
         Concern.BACKUP: "backup", Concern.STALE: "snapshot stale", Concern.PRUNE: "retention",
         Concern.DRILL: "restore drill", Concern.LABEL: "labels", Concern.EVENTS: "Docker event stream",
