@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from watcher import __version__, logs
-from watcher.config import SETTINGS, Config, ConfigError, effective_config, flags, load_config
+from watcher.config import SETTINGS, Config, ConfigError, effective_config, effective_copies, flags, load_config
 from watcher.discovery import (
     LABEL_PREFIX,
     ContainerInfo,
@@ -567,7 +567,7 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
             message = ""
         if message:
             problems.append(message)
-    for key, value in effective_config(app.config).items():
+    for key, value in {**effective_config(app.config), **effective_copies(app.config)}.items():
         print(f"{key}={value}")
     if problems:
         print("\nproblems:", file=sys.stderr)

@@ -316,9 +316,13 @@ def load_config(environ: Mapping[str, str]) -> Config:
 
 def effective_config(config: Config) -> dict[str, str]:
     """The configuration as an operator reads it, by variable, every secret masked."""
-    shown = {name: row.show(getattr(config, _FIELDS[name]), config.secret_sources.get(name, name))
-             for name, row in SETTINGS.items()}
-    shown["WATCHER_COPY_TO"] = ",".join(spec.name for spec in config.copies) or "(none)"
+    return {name: row.show(getattr(config, _FIELDS[name]), config.secret_sources.get(name, name))
+            for name, row in SETTINGS.items()}
+
+
+def effective_copies(config: Config) -> dict[str, str]:
+    """The copies' settings (SPEC §12) as an operator reads them, every secret masked."""
+    shown = {"WATCHER_COPY_TO": ",".join(spec.name for spec in config.copies) or "(none)"}
     for spec in config.copies:
         shown.update(copy_settings_shown(spec))
     return shown

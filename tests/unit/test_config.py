@@ -430,7 +430,7 @@ def test_every_config_field_but_the_derived_ones_is_a_row_of_the_table() -> None
     derived = {"restic_env", "secrets", "secret_sources", "copies"}
     fields = {f.name for f in dataclasses.fields(Config)}
     assert {name for name, _ in rows(Config)} == fields - derived
-    assert set(effective_config(load_config(BASE))) == {*SETTINGS, "WATCHER_COPY_TO"}
+    assert set(effective_config(load_config(BASE))) == set(SETTINGS)
 
 
 def test_every_secret_of_the_table_is_shown_masked_and_kept_out_of_repr() -> None:
