@@ -44,7 +44,8 @@ def snap(container: str, database: str, hours: float, host: str = "h") -> Snapsh
 
 def test_a_copy_takes_its_own_repository_password_keeps_and_schedule(tmp_path: Path) -> None:
     env_file = tmp_path / "offsite.env"
-    env_file.write_text("# the off-site account\nexport RESTIC_REST_USERNAME=bob\nRESTIC_REST_PASSWORD='s3cret-rest-pw'\n")
+    env_file.write_text("# the off-site account\nexport RESTIC_REST_USERNAME=bob\n"
+                        "RESTIC_REST_PASSWORD='s3cret-rest-pw'\n")
     config = load_config({**PRIMARY, **OFFSITE, "WATCHER_COPY_OFFSITE_KEEP_DAILY": "0",
                           "WATCHER_COPY_OFFSITE_KEEP_WEEKLY": "8", "WATCHER_COPY_OFFSITE_KEEP_MONTHLY": "0",
                           "WATCHER_COPY_OFFSITE_SCHEDULE": "0 4 * * 0", "WATCHER_COPY_OFFSITE_PRUNE": "false",
@@ -143,7 +144,7 @@ def test_lag_counts_from_the_oldest_snapshot_the_copy_lacks() -> None:
     assert caught_up.with_new_snapshot(T0 + timedelta(hours=1)) == caught_up  # an older one: held or forgotten
 
 
-def test_a_copy_is_behind_once_its_newest_copy_is_older_than_one_and_a_half_intervals_and_something_is_missing() -> None:
+def test_a_copy_is_behind_when_its_newest_copy_is_older_than_1_5_intervals_and_it_lacks_one() -> None:
     clock = FakeClock(T0)
     hourly = 3600.0
     lacking = HistoryProgress(T0, T0 + timedelta(hours=1))
