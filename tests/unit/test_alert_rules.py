@@ -17,7 +17,7 @@ EXPECTED_ALERTS = {
     "BackupWatcherBackupFailing", "BackupWatcherSnapshotStale", "BackupWatcherNoSnapshot",
     "BackupWatcherPruneFailing", "BackupWatcherDown", "BackupWatcherMetricsAbsent",
     "BackupWatcherEventStreamDisconnected", "BackupWatcherInvalidLabels",
-    "BackupWatcherRestoreDrillFailing", "BackupWatcherRestoreDrillOverdue",
+    "BackupWatcherRestoreDrillFailing", "BackupWatcherRestoreDrillOverdue", "BackupWatcherCopyBehind",
 }
 
 
