@@ -184,5 +184,5 @@ def test_a_copy_backend_down_for_three_passes_holds_up_no_backup_is_paged_once_a
     newest_copy = max(str(s["time"]) for s in copied)
     assert {s["id"] for s in primary if str(s["time"]) <= newest_copy} == {s["original"] for s in copied}
     assert len(copied) >= 2 * 4  # database + globals of the first pass and of the three passes it missed
-    metrics_text = daemon.log_path.read_text()
-    assert f"offsite-pw-{RUN}" not in metrics_text and offsite.password not in metrics_text
+    for text in (daemon.log_path.read_text(), metrics, json.dumps(webhook.received)):
+        assert f"offsite-pw-{RUN}" not in text and offsite.password not in text
