@@ -567,6 +567,7 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
             message = ""
         if message:
             problems.append(message)
+    problems.extend(_copy_problems(app))
     for key, value in {**effective_config(app.config), **effective_copies(app.config)}.items():
         print(f"{key}={value}")
     if problems:
@@ -576,6 +577,21 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print("\nconfiguration OK", file=sys.stderr)
     return EXIT_OK
+
+
+def _copy_problems(app: App) -> list[str]:
+    """Why each copy that cannot be opened cannot (check-config); nothing is created."""
+    from watcher.copyjob import CopyTarget, copy_problem
+
+    if not app.config.copies:
+        return []
+    try:
+        ctx = app.job_context()
+    except DockerUnavailable:
+        return []  # reported with the engine's own problem
+    return [problem for spec in app.config.copies
+            if (problem := copy_problem(ctx, CopyTarget.of(spec, app.repository, app.config.restic_env),
+                                        init=app.config.init_repository)) is not None]
 
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from watcher.config import Retention
 from watcher.copies import History, HistoryProgress, missing, progress
 from watcher.copyconfig import CopySpec, copy_env, transfer_env
 from watcher.jobs import JobContext
-from watcher.restic import EXIT_NO_REPOSITORY, Repository, ResticError, Snapshot
+from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, ResticError, Snapshot
 from watcher.retention import PRUNE_TIMEOUT_SECONDS, count_removed, step_problem
 from watcher.settings import mask_url
 
@@ -87,10 +87,27 @@ def _open(ctx: JobContext, target: CopyTarget, init: bool) -> bool:
     if done.timed_out:
         raise CopyFailed(f"opening {target.label} failed: no answer within {bound:.0f}s "
                          f"({target.spec.prefix}OPEN_TIMEOUT); is its backend up?")
+    if done.returncode == EXIT_WRONG_PASSWORD:
+        raise CopyFailed(f"opening {target.label} failed: wrong password (check {target.spec.prefix}PASSWORD / "
+                         f"{target.spec.prefix}PASSWORD_FILE: it is not this copy's password)")
     if done.returncode == EXIT_NO_REPOSITORY:
         raise CopyFailed(f"{target.label} does not exist: create it with `restic init --copy-chunker-params "
                          "--from-repo PRIMARY`, or set WATCHER_INIT_REPOSITORY=true")
     raise CopyFailed(target.repository.failure("opening", done))
+
+
+def copy_problem(ctx: JobContext, target: CopyTarget, *, init: bool) -> str | None:
+    """Why the copy cannot be opened (masked), or None when it opens, or does not exist yet and `init` allows
+    creating it at its first run (check-config: nothing is created here)."""
+    done = target.repository.run(commands.restic_cat_config(target.repository.binary),
+                                 timeout=target.spec.open_timeout_s, cancel=ctx.cancel)
+    if done.ok or (done.returncode == EXIT_NO_REPOSITORY and init):
+        return None
+    try:
+        _open(ctx, target, init=False)
+    except CopyFailed as exc:
+        return ctx.masker(str(exc))
+    return None
 
 
 def _listings(ctx: JobContext, target: CopyTarget,

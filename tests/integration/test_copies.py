@@ -140,6 +140,11 @@ def test_copies_get_only_new_snapshots_keep_their_own_retention_and_restore_with
     assert dbs[1].psql(CHECKSUM) == checksum
     drilled = run_watcher(["drill", dbs[1].name, "--from", "offsite"], env)
     assert drilled.returncode == 0 and drilled.stdout.startswith("ok "), drilled.stdout + drilled.stderr
+    wrong = {key: value for key, value in env.items() if key != "WATCHER_COPY_OFFSITE_PASSWORD_FILE"}
+    checked = run_watcher(["check-config"], {**wrong, "WATCHER_COPY_OFFSITE_PASSWORD": f"not-the-pw-{RUN}"})
+    assert checked.returncode == 2 and "wrong password (check WATCHER_COPY_OFFSITE_PASSWORD" in checked.stderr, \
+        checked.stderr
+    assert f"not-the-pw-{RUN}" not in checked.stdout + checked.stderr
     unknown = run_watcher(["snapshots", "--from", "attic"], env)
     assert unknown.returncode == 2 and "--from attic: no copy of that name (WATCHER_COPY_TO names: offsite, vault)" \
         in unknown.stderr
