@@ -28,21 +28,27 @@ def history_of(snapshot: Snapshot) -> History:
     return snapshot.container, snapshot.database
 
 
+def taken_at(snapshot: Snapshot) -> datetime:
+    """A snapshot's time to the second: what a streamed copy keeps of it (`restic backup --time`)."""
+    return snapshot.time.replace(microsecond=0)
+
+
 def newest_times(snapshots: Iterable[Snapshot]) -> dict[History, datetime]:
-    """The time of the newest snapshot of each history."""
+    """The time (to the second) of the newest snapshot of each history."""
     newest: dict[History, datetime] = {}
     for snap in snapshots:
         key = history_of(snap)
-        if key not in newest or snap.time > newest[key]:
-            newest[key] = snap.time
+        if key not in newest or taken_at(snap) > newest[key]:
+            newest[key] = taken_at(snap)
     return newest
 
 
 def missing(primary: Iterable[Snapshot], copy: Iterable[Snapshot]) -> list[Snapshot]:
-    """The primary's snapshots the copy lacks, oldest first: per history, those newer than the newest the copy
-    holds of it (every one when it holds none)."""
+    """The primary's snapshots the copy lacks, oldest first: per history, those newer (to the second) than the
+    newest the copy holds of it (every one when it holds none)."""
     held = newest_times(copy)
-    lacking = [snap for snap in primary if (newest := held.get(history_of(snap))) is None or snap.time > newest]
+    lacking = [snap for snap in primary
+               if (newest := held.get(history_of(snap))) is None or taken_at(snap) > newest]
     return sorted(lacking, key=lambda snap: (snap.time, snap.container, snap.database))
 
 
@@ -71,7 +77,7 @@ def progress(primary: Iterable[Snapshot], copy: Iterable[Snapshot]) -> dict[Hist
     copied = newest_times(copy)
     oldest: dict[History, datetime] = {}
     for snap in missing(primary, copy):
-        oldest.setdefault(history_of(snap), snap.time)
+        oldest.setdefault(history_of(snap), taken_at(snap))
     return {key: HistoryProgress(copied.get(key), oldest.get(key))
             for key in sorted({*newest_times(primary), *copied})}
 

@@ -6,8 +6,10 @@ backend credentials (its ENV_FILE: a different storage account's AWS_*/B2_*/REST
 environment of its own: `copy_env` holds the copy's credentials and none of the primary's.
 
 `restic copy` opens both repositories in one process with one set of backend variables: where the
-copy's ENV_FILE and the primary's environment set the same variable to different values, that process
-cannot be given both, and the copy is refused here with the fix (credentials in the repository URL).
+copy's ENV_FILE and the primary's environment set the same variable to different values (two rest-servers
+with different RESTIC_REST_USERNAME, two S3 accounts), that process cannot be given both. Such a copy is
+`streamed`: each snapshot is dumped from the primary by one restic process and backed up into the copy by
+another, each with its own environment (`watcher.copyjob`, `watcher.copyrelay`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class CopySpec:
     open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S
     password: str = field(default="", repr=False)
     backend_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Backend variables set differently for the primary and the copy: `restic copy` cannot carry both, each
+    # snapshot is streamed from one restic process into another instead.
+    clashes: tuple[str, ...] = ()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether its snapshots are streamed (dump | backup) rather than copied by `restic copy`."""
+        return bool(self.clashes)
 
     @property
     def prefix(self) -> str:
@@ -103,7 +113,7 @@ def transfer_env(restic_env: Mapping[str, str], spec: CopySpec) -> dict[str, str
         if key in FROM_NAMES:
             env[FROM_NAMES[key]] = value
         elif is_backend_variable(key) and not key.startswith("RESTIC_FROM_"):
-            env.setdefault(key, value)
+            env.setdefault(key, value)  # never over the copy's own: a copy with clashes is streamed instead
     return env
 
 
@@ -151,16 +161,17 @@ def _backend_env(environ: Mapping[str, str], prefix: str, restic_env: Mapping[st
         problems.append(f"{prefix}ENV_FILE: {path}: {exc}")
         return {}
     for key in sorted(values):
-        if key.startswith(_OWN_SETTINGS) or key.startswith("WATCHER_"):
+        if key.startswith((*_OWN_SETTINGS, "WATCHER_")):
             problems.append(f"{prefix}ENV_FILE: {key} does not belong there: the copy's repository and password are "
                             f"{prefix}REPOSITORY and {prefix}PASSWORD(_FILE); the file holds its backend's "
                             "credentials only (AWS_*, B2_*, RESTIC_REST_*, ...)")
-        elif is_backend_variable(key) and key in restic_env and restic_env[key] != values[key]:
-            problems.append(
-                f"{prefix}ENV_FILE: {key} differs from the primary's {key}: `restic copy` opens both repositories "
-                "in one process with one set of backend variables. Give the copy a backend whose credentials do "
-                "not clash (a rest-server takes them in the URL: rest:https://user:password@host/repo)")
     return values
+
+
+def clashing(restic_env: Mapping[str, str], backend_env: Mapping[str, str]) -> tuple[str, ...]:
+    """The backend variables that the primary's environment and a copy's ENV_FILE set to different values."""
+    return tuple(sorted(key for key, value in backend_env.items()
+                        if is_backend_variable(key) and key in restic_env and restic_env[key] != value))
 
 
 def _read_one(name: str, environ: Mapping[str, str], restic_env: Mapping[str, str],
@@ -186,7 +197,8 @@ def _read_one(name: str, environ: Mapping[str, str], restic_env: Mapping[str, st
     if len(problems) > before:
         return None
     return CopySpec(name, repository, (keeps[0], keeps[1], keeps[2]), schedule, bool(prune),
-                    float(open_timeout or DEFAULT_OPEN_TIMEOUT_S), password or "", backend)
+                    float(open_timeout or DEFAULT_OPEN_TIMEOUT_S), password or "", backend,
+                    clashing(restic_env, backend))
 
 
 def _value(environ: Mapping[str, str], variable: str, kind: Kind[Any], default: str, problems: list[str]) -> Any:

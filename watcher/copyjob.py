@@ -13,10 +13,15 @@ copy's plus the primary's under restic's RESTIC_FROM_* names (`transfer_env`). N
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -24,6 +29,7 @@ from watcher import commands
 from watcher.config import Retention
 from watcher.copies import History, HistoryProgress, missing, progress
 from watcher.copyconfig import CopySpec, copy_env, transfer_env
+from watcher.execute import Completed
 from watcher.jobs import JobContext
 from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, ResticError, Snapshot
 from watcher.retention import PRUNE_TIMEOUT_SECONDS, count_removed, step_problem
@@ -55,14 +61,17 @@ class CopyTarget:
     spec: CopySpec
     repository: Repository  # the copy alone
     transfer: Repository  # the copy, with the primary as restic's source (RESTIC_FROM_*)
+    store: Repository  # the copy alone, reading --time as UTC (the backup of a streamed copy)
     label: str = field(default="")
 
     @classmethod
     def of(cls, spec: CopySpec, primary: Repository, restic_env: Mapping[str, str]) -> CopyTarget:
         """The runners of `spec`, with the primary's binary and masker (which masks every copy's secrets too)."""
         label = f"copy {spec.name} ({mask_url(spec.repository)})"
-        return cls(spec, Repository(primary.binary, copy_env(restic_env, spec), primary.masker, label),
-                   Repository(primary.binary, transfer_env(restic_env, spec), primary.masker, label), label)
+        alone = copy_env(restic_env, spec)
+        return cls(spec, Repository(primary.binary, alone, primary.masker, label),
+                   Repository(primary.binary, transfer_env(restic_env, spec), primary.masker, label),
+                   Repository(primary.binary, {**alone, **commands.RESTIC_TIME_ENV}, primary.masker, label), label)
 
 
 class CopyFailed(Exception):
@@ -79,8 +88,10 @@ def _open(ctx: JobContext, target: CopyTarget, init: bool) -> bool:
     if done.ok:
         return False
     if done.returncode == EXIT_NO_REPOSITORY and init:
-        created = target.transfer.run(commands.restic_init_copy_chunker_params(target.repository.binary),
-                                      timeout=max(bound, 300.0), cancel=ctx.cancel)
+        # A streamed copy's data all enters by `restic backup`, chunked by its own parameters: plain init.
+        runner, argv = ((target.repository, commands.restic_init(target.repository.binary)) if target.spec.streamed
+                        else (target.transfer, commands.restic_init_copy_chunker_params(target.repository.binary)))
+        created = runner.run(argv, timeout=max(bound, 300.0), cancel=ctx.cancel)
         if not created.ok:
             raise CopyFailed(target.repository.failure("initialising", created))
         return True
@@ -126,12 +137,69 @@ def _listings(ctx: JobContext, target: CopyTarget,
 
 
 def _transfer(ctx: JobContext, target: CopyTarget, todo: list[Snapshot]) -> None:
-    """`restic copy` of `todo` from the primary into the copy; raises CopyFailed."""
+    """`restic copy` of `todo` from the primary into the copy (streamed one by one where `restic copy` cannot
+    carry both repositories' credentials); raises CopyFailed."""
+    if target.spec.streamed:
+        for snapshot in todo:
+            _stream(ctx, target, snapshot)
+        return
     argv = commands.with_lock_wait(commands.restic_copy(target.repository.binary, [s.id for s in todo]),
                                    ctx.bounds.lock_retry_s)
     done = target.transfer.run(argv, timeout=ctx.bounds.dump_s + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
     if not done.ok:
         raise CopyFailed(target.repository.failure("copying snapshots to", done))
+
+
+def _poke(fifo: Path, flags: int) -> None:
+    """Opens and closes one end of the FIFO without waiting: the process blocked opening (or using) the other
+    end then goes on, to an end of stream (a reader) or a broken pipe (a writer)."""
+    with contextlib.suppress(OSError):  # ENXIO: no reader has opened its end yet
+        os.close(os.open(fifo, flags | os.O_NONBLOCK))
+
+
+def _both(fifo: Path, dump: Callable[[], Completed], store: Callable[[], Completed]) -> tuple[Completed, Completed]:
+    """Runs the dump into the FIFO and the backup out of it side by side, each bounded by its own run; when one
+    ends while the other still waits on the FIFO for it, the FIFO's other end is poked so that it ends too (a
+    short stream fails the relay: the copy keeps nothing)."""
+    results: dict[str, Completed] = {}
+    dumping = threading.Thread(target=lambda: results.update(dumped=dump()), name="copy-dump")
+    storing = threading.Thread(target=lambda: results.update(stored=store()), name="copy-store")
+    dumping.start()
+    storing.start()
+    while dumping.is_alive() or storing.is_alive():
+        if not dumping.is_alive() and not results["dumped"].ok:
+            _poke(fifo, os.O_WRONLY)
+        elif not storing.is_alive():
+            _poke(fifo, os.O_RDONLY)
+        dumping.join(0.1)
+        storing.join(0.1 if not dumping.is_alive() else 0)
+    return results["dumped"], results["stored"]
+
+
+def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot) -> None:
+    """One snapshot streamed from the primary into the copy: `restic dump --target FIFO` with the primary's
+    environment, `restic backup --stdin-from-command` of the relay (watcher.copyrelay) with the copy's, keeping
+    the snapshot's host, tags, file name and time. Raises CopyFailed."""
+    if snapshot.bytes is None:
+        raise CopyFailed(f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database} states no "
+                         "size (made by restic < 0.17?): it cannot be streamed with its integrity checked")
+    binary, timeout = target.repository.binary, ctx.bounds.dump_s + ctx.bounds.lock_retry_s
+    filename = commands.GLOBALS_FILENAME if snapshot.globals else commands.dump_filename(snapshot.database)
+    with tempfile.TemporaryDirectory(prefix="backup-watcher-copy-") as private:  # mode 0700
+        fifo = Path(private, "stream")
+        os.mkfifo(fifo, 0o600)
+        backup = commands.with_lock_wait(commands.restic_backup_copied(
+            binary, host=snapshot.host, container=snapshot.container, database=snapshot.database,
+            is_globals=snapshot.globals, source=commands.copy_relay(str(fifo), snapshot.bytes),
+            snapshot_time=snapshot.time), ctx.bounds.lock_retry_s)
+        dump = commands.restic_dump_to(binary, snapshot.id, "/" + filename, str(fifo))
+        dumped, stored = _both(fifo, lambda: ctx.repository.run(dump, timeout=timeout, cancel=ctx.cancel),
+                               lambda: target.store.run(backup, timeout=timeout, cancel=ctx.cancel))
+    what = f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database}"
+    if not dumped.ok:
+        raise CopyFailed(ctx.repository.failure(f"dumping {what} for {target.label} from", dumped))
+    if not stored.ok:
+        raise CopyFailed(f"streaming {what} into {target.label}: {target.repository.failure('storing', stored)}")
 
 
 def forget_and_prune(ctx: JobContext, target: CopyTarget, copy_snapshots: list[Snapshot]) -> int:

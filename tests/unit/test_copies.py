@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from watcher.copies import (
     started,
 )
 from watcher.copyconfig import copy_env, read_env_file, transfer_env
+from watcher.copyrelay import relay
 from watcher.daemon.running import Book, CopyJob
 from watcher.daemon.scheduler import View, plan
 from watcher.restic import Snapshot
@@ -81,15 +83,27 @@ def test_every_problem_of_every_copy_is_reported_together() -> None:
     assert "pw-archive-99" not in text
 
 
-def test_a_copy_env_file_may_not_clash_with_the_primarys_backend_variables(tmp_path: Path) -> None:
+def test_a_copy_whose_backend_variables_clash_with_the_primarys_is_streamed(tmp_path: Path) -> None:
     env_file = tmp_path / "b.env"
-    env_file.write_text("AWS_ACCESS_KEY_ID=other-account\nRESTIC_PASSWORD=nope\n")
+    env_file.write_text("AWS_ACCESS_KEY_ID=other-account\nAWS_SECRET_ACCESS_KEY=other-secret-key-1\n")
+    config = load_config({**PRIMARY, **OFFSITE, "AWS_ACCESS_KEY_ID": "primary-account",
+                          "AWS_SECRET_ACCESS_KEY": "primary-secret-key",
+                          "WATCHER_COPY_OFFSITE_ENV_FILE": str(env_file)})
+    (spec,) = config.copies
+    assert spec.streamed and spec.clashes == ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    assert copy_env(config.restic_env, spec)["AWS_ACCESS_KEY_ID"] == "other-account"
+    same = load_config({**PRIMARY, **OFFSITE, "AWS_ACCESS_KEY_ID": "other-account",
+                        "AWS_SECRET_ACCESS_KEY": "other-secret-key-1", "WATCHER_COPY_OFFSITE_ENV_FILE": str(env_file)})
+    assert not same.copies[0].streamed
+
+
+def test_a_copy_env_file_holds_backend_credentials_only(tmp_path: Path) -> None:
+    env_file = tmp_path / "b.env"
+    env_file.write_text("RESTIC_PASSWORD=nope\nWATCHER_KEEP_DAILY=1\n")
     with pytest.raises(ConfigError) as caught:
-        load_config({**PRIMARY, **OFFSITE, "AWS_ACCESS_KEY_ID": "primary-account",
-                     "WATCHER_COPY_OFFSITE_ENV_FILE": str(env_file)})
+        load_config({**PRIMARY, **OFFSITE, "WATCHER_COPY_OFFSITE_ENV_FILE": str(env_file)})
     text = str(caught.value)
-    assert "AWS_ACCESS_KEY_ID differs from the primary's" in text and "rest:https://user:password@host" in text
-    assert "RESTIC_PASSWORD does not belong there" in text
+    assert "RESTIC_PASSWORD does not belong there" in text and "WATCHER_KEEP_DAILY does not belong there" in text
 
 
 def test_an_env_file_line_that_is_no_assignment_is_named(tmp_path: Path) -> None:
@@ -114,6 +128,28 @@ def test_the_copys_processes_see_its_credentials_and_never_the_primarys() -> Non
 def test_copy_commands_carry_no_secret() -> None:
     assert commands.restic_copy("restic", ["a1", "b2"]) == ("restic", "copy", "a1", "b2")
     assert commands.restic_init_copy_chunker_params("restic") == ("restic", "init", "--copy-chunker-params")
+    assert commands.restic_dump_to("restic", "a1", "/app.pgdump", "/tmp/x/stream") == (
+        "restic", "dump", "--target", "/tmp/x/stream", "a1", "/app.pgdump")
+    relay = commands.copy_relay("/tmp/x/stream", 42)
+    assert relay[1:] == ("-m", "watcher.copyrelay", "/tmp/x/stream", "42")
+    assert commands.restic_backup_copied("restic", host="h", container="c", database="(globals)", is_globals=True,
+                                         source=relay, snapshot_time=T0) == (
+        "restic", "backup", "--json", "--host", "h", "--stdin-filename", "globals.sql", "--tag", "backup-watcher",
+        "--tag", "container=c", "--tag", "globals", "--time", "2026-03-01 03:00:00", "--stdin-from-command", "--",
+        *relay)
+
+
+def test_the_relay_passes_a_whole_stream_and_fails_a_short_one() -> None:
+    sink = io.BytesIO()
+    assert relay(io.BytesIO(b"x" * 3000000), sink, 3000000) is None and sink.getvalue() == b"x" * 3000000
+    assert relay(io.BytesIO(b"x" * 10), io.BytesIO(), 11) == (
+        "the snapshot's stream ended after 10 of 11 bytes: restic dump from the primary failed")
+
+
+def test_a_streamed_copy_matches_snapshots_to_the_second() -> None:
+    exact = Snapshot("p1", "p1", T0.replace(microsecond=654321), "h", "a", "app", 1)
+    streamed = Snapshot("c1", "c1", T0, "h", "a", "app", 1)
+    assert missing([exact], [streamed]) == []
 
 
 # --- which snapshots a copy lacks, and how far it trails ---------------------------------------------------------
