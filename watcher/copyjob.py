@@ -2,7 +2,8 @@
 
 One run: open the copy (initialised on first use with the primary's chunker parameters, when
 WATCHER_INIT_REPOSITORY allows, so that copied data deduplicates), list this host's snapshots in both,
-`restic copy` the ones the copy lacks (`watcher.copies.missing`), then forget by the copy's own keeps and
+`restic copy` the ones the copy lacks (`watcher.copies.missing`; streamed one by one, `restic dump | restic
+backup`, where the two repositories' backend variables clash), then forget by the copy's own keeps and
 prune it, unless WATCHER_COPY_<NAME>_PRUNE=false (an append-only copy). Never raises: every outcome is a
 CopyResult.
 
@@ -268,6 +269,6 @@ def run_copy(ctx: JobContext, target: CopyTarget, *, init: bool, only: frozenset
     if run.initialised:
         bound.info("copy_repository_initialised", repository=target.label)
     bound.info("copy_succeeded", snapshots_copied=len(run.copied), snapshots_forgotten=run.forgotten,
-               duration_s=round(duration, 3))
+               method="streamed" if target.spec.streamed else "restic copy", duration_s=round(duration, 3))
     return CopyResult(target.spec.name, True, run_id, duration, run.copied, run.progress, None, run.forgotten,
                       run.initialised)

@@ -191,3 +191,42 @@ def test_a_copy_backend_down_for_three_passes_holds_up_no_backup_is_paged_once_a
     assert len(copied) >= 2 * 4  # database + globals of the first pass and of the three passes it missed
     for text in (daemon.log_path.read_text(), metrics, json.dumps(webhook.received)):
         assert f"offsite-pw-{RUN}" not in text and offsite.password not in text
+
+
+def test_a_copy_whose_backend_user_clashes_with_the_primarys_is_streamed_whole_and_restores(
+        start_pg: StartPg, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    db = start_pg(f"bwt-c17-stream{RUN}-db", "15")
+    db.psql(ROWS)
+    checksum = db.psql(CHECKSUM)
+    # Two rest-servers, each with a user of its own: restic copy could carry only one RESTIC_REST_USERNAME.
+    primary = RestServer(tmp_path / "primary", "primary-user", f"primary-rest-pw-{RUN}")
+    offsite = RestServer(tmp_path / "offsite", "offsite-user", f"offsite-rest-pw-{RUN}")
+    env = {**watcher_env, "RESTIC_REPOSITORY": primary.url, "RESTIC_REST_USERNAME": primary.user,
+           "RESTIC_REST_PASSWORD": primary.password, "WATCHER_CONTAINER_PATTERNS": db.name,
+           "WATCHER_COPY_TO": "offsite", **_copy_env(tmp_path, "offsite", offsite, f"offsite-pw-{RUN}")}
+    for _ in range(2):
+        done = run_watcher(["backup"], env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    copied = run_watcher(["copy"], env)
+    assert copied.returncode == 0 and "ok      offsite: 4 snapshot(s) copied" in copied.stdout, \
+        copied.stdout + copied.stderr
+    assert '"method": "streamed"' in copied.stderr
+    again = run_watcher(["copy"], env)
+    assert "ok      offsite: 0 snapshot(s) copied" in again.stdout, again.stdout + again.stderr
+
+    in_primary = _snapshots(primary.url, env["RESTIC_PASSWORD"], {"RESTIC_REST_USERNAME": primary.user,
+                                                                   "RESTIC_REST_PASSWORD": primary.password})
+    in_copy = _snapshots(offsite.url, f"offsite-pw-{RUN}", {"RESTIC_REST_USERNAME": offsite.user,
+                                                            "RESTIC_REST_PASSWORD": offsite.password})
+
+    def kept(snapshots: list[dict[str, object]]) -> set[tuple[object, ...]]:
+        return {(str(s["time"])[:19], s["hostname"], tuple(s["tags"]), tuple(s["paths"]),  # type: ignore[arg-type]
+                 s["summary"]["total_bytes_processed"]) for s in snapshots}  # type: ignore[index]
+
+    # Time (to the second), host, tags, file name and size of each snapshot are kept.
+    assert kept(in_copy) == kept(in_primary)
+    primary.stop()  # the primary's backend is gone: the copy restores alone
+    db.psql("DELETE FROM t WHERE id % 3 = 0;")
+    restored = run_watcher(["restore", db.name, "latest", "--from", "offsite", "--yes"], env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert db.psql(CHECKSUM) == checksum
