@@ -28,6 +28,7 @@ class Concern(enum.StrEnum):
     EVENTS = "events"
     CONFIG = "config"
     SIZE = "size"  # a dump far smaller than the previous one (a shrunken dump, SPEC §11)
+    COPY = "copy"  # a copy to a further repository (subject: the copy's name) is behind
 
 
 class Kind(enum.StrEnum):
@@ -47,9 +48,9 @@ class Severity(enum.StrEnum):
     FAILURE = "failure"
 
 
-# Concerns whose failure is a warning: a snapshot growing old, or a dump that shrank (kept, and its history
-# spared by retention), is a reason to look, not a failed job.
-WARNING_CONCERNS = frozenset({Concern.STALE, Concern.SIZE})
+# Concerns whose failure is a warning: a snapshot growing old, a dump that shrank (kept, and its history
+# spared by retention), or a copy that lags is a reason to look, not a failed job.
+WARNING_CONCERNS = frozenset({Concern.STALE, Concern.SIZE, Concern.COPY})
 
 
 def severity(kind: Kind, concern: Concern) -> Severity:
@@ -79,6 +80,9 @@ ADVICE = {
                   "follows. Check whether data was lost (`backup-watcher restore TARGET --into OTHER` restores an "
                   "older snapshot beside it); if the smaller size is right, `backup-watcher ack TARGET --database "
                   "DB` accepts it and retention goes on as usual.",
+    Concern.COPY: "The copy lacks snapshots the primary repository holds, for longer than 1.5x the schedule "
+                  "interval: is its backend reachable, its password right? The watcher keeps retrying; "
+                  "`backup-watcher copy` runs it now and says why it fails.",
 }
 
 
@@ -120,6 +124,9 @@ class Alert:
 
 
 def _title(kind: Kind, subject: str, concern: Concern) -> str:
+    if concern is Concern.COPY:
+        state = "caught up" if kind is Kind.RECOVERED else "is behind"
+        return f"[backup-watcher] {kind.value.upper()}: copy {subject} {state}"
     what = {
         Concern.BACKUP: "backup", Concern.STALE: "snapshot stale", Concern.PRUNE: "retention",
         Concern.DRILL: "restore drill", Concern.LABEL: "labels", Concern.EVENTS: "Docker event stream",

@@ -229,3 +229,65 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RestServer:
+    """restic's rest-server on 127.0.0.1 with one htpasswd user of its own (a copy's backend, SPEC §12), over
+    `path`; `stop` and `start` again keep its port and data (a backend that goes down and comes back)."""
+
+    def __init__(self, path: Path, user: str, password: str, *, append_only: bool = False) -> None:
+        import base64
+        import hashlib
+        import shutil
+
+        binary = shutil.which("rest-server")
+        assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
+        self.binary, self.path, self.user, self.password = binary, path, user, password
+        self.append_only = append_only
+        self.port = free_port()
+        path.mkdir(parents=True, exist_ok=True)
+        digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+        self.htpasswd = path.parent / f"{path.name}.htpasswd"
+        self.htpasswd.write_text(f"{user}:{{SHA}}{digest}\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The restic repository URL (no credentials in it: they travel in RESTIC_REST_USERNAME/_PASSWORD)."""
+        return f"rest:http://127.0.0.1:{self.port}/repo"
+
+    def start(self) -> None:
+        """Starts serving and waits until it listens."""
+        import socket
+
+        argv = [self.binary, "--path", str(self.path), "--listen", f"127.0.0.1:{self.port}",
+                "--htpasswd-file", str(self.htpasswd), *(["--append-only"] if self.append_only else [])]
+        with (self.path.parent / f"{self.path.name}.log").open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(lambda: self.proc is None or self.proc.poll() is not None or listening(), 30, "rest-server")
+        assert self.proc.poll() is None, "rest-server did not start"
+
+    def stop(self) -> None:
+        """Stops serving (the data stays)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def size(self) -> int:
+        """Bytes of the repository's files on disk."""
+        return sum(file.stat().st_size for file in self.path.rglob("*") if file.is_file())
+
+    def env_file(self, where: Path) -> Path:
+        """A WATCHER_COPY_<NAME>_ENV_FILE with this server's user and password."""
+        where.write_text(f"RESTIC_REST_USERNAME={self.user}\nRESTIC_REST_PASSWORD={self.password}\n")
+        return where

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from watcher import __version__, logs
-from watcher.config import SETTINGS, Config, ConfigError, effective_config, flags, load_config
+from watcher.config import SETTINGS, Config, ConfigError, effective_config, effective_copies, flags, load_config
 from watcher.discovery import (
     LABEL_PREFIX,
     ContainerInfo,
@@ -125,6 +125,16 @@ def _add_backup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     snapshots.add_argument("target", nargs="?", metavar="TARGET")
     snapshots.add_argument("--json", action="store_true", help="print JSON instead of a table")
     snapshots.add_argument("--host", help="only snapshots from this host (default: every host)")
+    _add_from(snapshots)
+    copy = sub.add_parser("copy", help="copy the snapshots the copies (WATCHER_COPY_TO) lack to them now, then apply "
+                                       "each copy's retention")
+    copy.add_argument("targets", nargs="*", metavar="TARGET", help="only this container's snapshots (default: all)")
+
+
+def _add_from(parser: argparse.ArgumentParser) -> None:
+    """--from COPY: read a copy (WATCHER_COPY_TO) instead of the primary repository."""
+    parser.add_argument("--from", dest="from_copy", metavar="COPY",
+                        help="read this copy (a name of WATCHER_COPY_TO) instead of the primary repository")
 
 
 def _add_restore_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -145,10 +155,12 @@ def _add_restore_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                          help="whole-host recovery: every database --host OLD backed up, into the containers of the "
                               "same names on this engine (roles first, one confirmation, a table of results)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_from(restore)
     drill = sub.add_parser("drill", help="restore drill now: restore the latest snapshot into a throwaway "
                                          "container and check it")
     drill.add_argument("targets", nargs="*", metavar="TARGET", help="container name (default: every target "
                                                                     "without backup-watcher.drill=false)")
+    _add_from(drill)
 
 
 @dataclass
@@ -581,7 +593,8 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
             message = ""
         if message:
             problems.append(message)
-    for key, value in effective_config(app.config).items():
+    problems.extend(_copy_problems(app))
+    for key, value in {**effective_config(app.config), **effective_copies(app.config)}.items():
         print(f"{key}={value}")
     if problems:
         print("\nproblems:", file=sys.stderr)
@@ -590,6 +603,21 @@ def cmd_check_config(app: App, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print("\nconfiguration OK", file=sys.stderr)
     return EXIT_OK
+
+
+def _copy_problems(app: App) -> list[str]:
+    """Why each copy that cannot be opened cannot (check-config); nothing is created."""
+    from watcher.copyjob import CopyTarget, copy_problem
+
+    if not app.config.copies:
+        return []
+    try:
+        ctx = app.job_context()
+    except DockerUnavailable:
+        return []  # reported with the engine's own problem
+    return [problem for spec in app.config.copies
+            if (problem := copy_problem(ctx, CopyTarget.of(spec, app.repository, app.config.restic_env),
+                                        init=app.config.init_repository)) is not None]
 
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:
@@ -768,8 +796,47 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_copy(app: App, args: argparse.Namespace) -> int:
+    """Brings every copy up to date now (only the snapshots of the containers named, if any); returns 0 when
+    every copy succeeded. Raises UsageError when no copy is configured or a name has no snapshot."""
+    from watcher.copyjob import CopyTarget, run_copy
+
+    if not app.config.copies:
+        raise UsageError("copy: no copy is configured: name them in WATCHER_COPY_TO (README, Copies)")
+    ctx = app.job_context()
+    check_repository(ctx, init=False)
+    only = frozenset(args.targets) if args.targets else None
+    if only is not None:
+        known = {snap.container for snap in ctx.repository.snapshots(host=ctx.host, include_globals=True)}
+        if unknown := sorted(only - known):
+            raise UsageError(f"{', '.join(unknown)}: no snapshots of that name from host {ctx.host} in the primary "
+                             "repository (`backup-watcher snapshots` lists them)")
+    results = [run_copy(ctx, CopyTarget.of(spec, app.repository, app.config.restic_env),
+                        init=app.config.init_repository, only=only) for spec in app.config.copies]
+    for result in results:
+        if result.ok:
+            print(f"ok      {result.copy}: {len(result.copied)} snapshot(s) copied, {result.forgotten} forgotten "
+                  f"by its retention, in {result.duration_s:.1f}s")
+        else:
+            print(f"FAILED  {result.copy}: {result.error}")
+    return EXIT_OK if all(result.ok for result in results) else EXIT_FAILED
+
+
+def read_from_copy(app: App, name: str) -> None:
+    """Points `app` at the copy `name` instead of the primary repository (--from); raises UsageError when there
+    is no copy of that name."""
+    from watcher.copyjob import CopyTarget
+
+    spec = next((spec for spec in app.config.copies if spec.name == name.lower()), None)
+    if spec is None:
+        names = ", ".join(spec.name for spec in app.config.copies) or "none"
+        raise UsageError(f"--from {name}: no copy of that name (WATCHER_COPY_TO names: {names})")
+    app.repository = CopyTarget.of(spec, app.repository, app.config.restic_env).repository
+
+
 COMMANDS = {
     "run": cmd_run,
+    "copy": cmd_copy,
     "prune": cmd_prune,
     "ack": cmd_ack,
     "status": cmd_status,
@@ -849,6 +916,8 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
         if args.command == "restore" and (problem := restore_usage_problem(args)) is not None:
             raise UsageError(problem)
         app = build_app(config)
+        if getattr(args, "from_copy", None):
+            read_from_copy(app, args.from_copy)
         if args.command != "run":  # the daemon handles its signals itself
             _interrupt_on_signals(app)
         return COMMANDS[args.command](app, args)

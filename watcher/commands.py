@@ -332,3 +332,36 @@ def pg_restore_database_entries_command() -> Command:
     own entries (owner, settings, ACL, comment), which only `--create` includes. It reads just the
     archive's table of contents (at the start) and exits: the writer before it sees a closed pipe."""
     return ("pg_restore", "--create", "--schema-only", "--file=-")
+
+
+def restic_copy(restic: str, snapshot_ids: Sequence[str]) -> Command:
+    """restic copy of the snapshots `snapshot_ids` from the source repository (RESTIC_FROM_REPOSITORY and its
+    password, from the environment) into the repository (RESTIC_REPOSITORY). Copied snapshots keep their
+    time, host, tags and paths, and name their source in `original`."""
+    return (restic, "copy", *snapshot_ids)
+
+
+def restic_init_copy_chunker_params(restic: str) -> Command:
+    """restic init of a copy with the chunker parameters of the source repository (RESTIC_FROM_REPOSITORY), so
+    that copied data deduplicates against what the copy already holds."""
+    return (restic, "init", "--copy-chunker-params")
+
+
+def restic_dump_to(restic: str, snapshot_id: str, path: str, target: str) -> Command:
+    """restic dump of the file `path` of a snapshot into the file (or FIFO) `target`."""
+    return (restic, "dump", "--target", target, snapshot_id, path)
+
+
+def copy_relay(fifo: str, size: int) -> Command:
+    """The streamed copy's source: relays `fifo` to stdout, failing unless exactly `size` bytes arrive."""
+    return (sys.executable, "-m", "watcher.copyrelay", fifo, str(size))
+
+
+def restic_backup_copied(restic: str, *, host: str, container: str, database: str, is_globals: bool,
+                         source: Command, snapshot_time: datetime) -> Command:
+    """restic backup into a copy of one snapshot streamed by `source`, with the host, tags, file name and time
+    (whole seconds, RESTIC_TIME_ENV) of the snapshot it copies."""
+    if is_globals:
+        return _restic_backup(restic, host, GLOBALS_FILENAME, globals_tags(container), source, snapshot_time)
+    return _restic_backup(restic, host, dump_filename(database), snapshot_tags(container, database), source,
+                          snapshot_time)

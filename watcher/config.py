@@ -30,6 +30,8 @@ from typing import Any
 
 from alerting.notify import url_secret_parts
 from alerting.notify import validate as validate_apprise
+from watcher.copyconfig import CopySpec, is_secret_name, read_copies
+from watcher.durations import format_duration
 from watcher.settings import (
     ADDRESS,
     BOOL,
@@ -49,6 +51,7 @@ from watcher.settings import (
     choice,
     duration,
     flag_name,
+    mask_url,
     read_secret,
     rows,
     setting,
@@ -115,6 +118,8 @@ class Config:
     restic_env: Mapping[str, str] = field(repr=False)
     secrets: tuple[str, ...] = field(default=(), repr=False)
     secret_sources: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The copies (SPEC §12), read from WATCHER_COPY_TO and WATCHER_COPY_<NAME>_* (watcher.copyconfig).
+    copies: tuple[CopySpec, ...] = ()
 
     docker_host: str | None = setting(
         "DOCKER_HOST", None, DOCKER_HOST, unset="unix:///var/run/docker.sock",
@@ -313,14 +318,39 @@ def load_config(environ: Mapping[str, str]) -> Config:
     restic_env, backend_secrets = _restic_environment(environ, problems)
     for check in CHECKS:
         problems += check(values, environ)
+    keeps = (values["keep_daily"] or 0, values["keep_weekly"] or 0, values["keep_monthly"] or 0)
+    copies = read_copies(environ, restic_env, keeps, problems)
     if problems:
         raise ConfigError(problems)
     sources = {name: row.source(environ) for name, row in SETTINGS.items() if row.secret}
-    return Config(**values, restic_env=restic_env, secrets=(*_secret_strings(values), *backend_secrets),
-                  secret_sources=sources)
+    copy_secrets = [secret for spec in copies for secret in spec.secrets()]
+    return Config(**values, restic_env=restic_env, secrets=(*_secret_strings(values), *backend_secrets, *copy_secrets),
+                  secret_sources=sources, copies=copies)
 
 
 def effective_config(config: Config) -> dict[str, str]:
     """The configuration as an operator reads it, by variable, every secret masked."""
     return {name: row.show(getattr(config, _FIELDS[name]), config.secret_sources.get(name, name))
             for name, row in SETTINGS.items()}
+
+
+def effective_copies(config: Config) -> dict[str, str]:
+    """The copies' settings (SPEC §12) as an operator reads them, every secret masked."""
+    shown = {"WATCHER_COPY_TO": ",".join(spec.name for spec in config.copies) or "(none)"}
+    for spec in config.copies:
+        shown.update(copy_settings_shown(spec))
+    return shown
+
+
+def copy_settings_shown(spec: CopySpec) -> dict[str, str]:
+    """A copy's settings as check-config prints them: its password and backend secrets masked."""
+    prefix = spec.prefix
+    backend = ", ".join(f"{key}=***" if is_secret_name(key) else f"{key}={value}"
+                        for key, value in sorted(spec.backend_env.items()))
+    return {f"{prefix}REPOSITORY": mask_url(spec.repository), f"{prefix}PASSWORD": "***",
+            f"{prefix}KEEP_DAILY": str(spec.keeps[0]), f"{prefix}KEEP_WEEKLY": str(spec.keeps[1]),
+            f"{prefix}KEEP_MONTHLY": str(spec.keeps[2]),
+            f"{prefix}SCHEDULE": spec.schedule or "(after every backup pass)",
+            f"{prefix}PRUNE": "true" if spec.prune else "false",
+            f"{prefix}OPEN_TIMEOUT": format_duration(spec.open_timeout_s),
+            f"{prefix}ENV_FILE": backend or "(none)"}

@@ -12,7 +12,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -119,6 +119,31 @@ class RunningJobCollector(Collector):
         yield from (running, done, started)
 
 
+# One history of one copy: (copy, target, database, Unix time of the newest snapshot it holds or None, lag in s).
+CopyRow = tuple[str, str, str, float | None, float]
+
+
+class CopyCollector(Collector):
+    """Renders the copies' gauges (SPEC §12) at scrape time from the rows its source gives (cached state)."""
+
+    def __init__(self, rows: Callable[[], Iterable[CopyRow]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        """Yields the copies' gauge families."""
+        labels = ["copy", "target", "database"]
+        newest = GaugeMetricFamily(PREFIX + "copy_last_success_timestamp_seconds",
+                                   "Unix time of the newest snapshot of the history the copy holds", labels=labels)
+        lag = GaugeMetricFamily(PREFIX + "copy_lag_seconds",
+                                "Seconds the oldest snapshot the copy lacks has waited (0: it holds every one)",
+                                labels=labels)
+        for copy, target, database, copied, lag_s in self._rows():
+            if copied is not None:
+                newest.add_metric([copy, target, database], copied)
+            lag.add_metric([copy, target, database], lag_s)
+        yield from (newest, lag)
+
+
 class Metrics:
     """Every metric of the watcher, registered on one CollectorRegistry."""
 
@@ -157,13 +182,27 @@ class Metrics:
                                      registry=registry)
         self.build_info = Gauge(PREFIX + "build_info", "Versions of the watcher and of restic",
                                 ["version", "restic_version"], registry=registry)
+        self.copies = Counter(PREFIX + "copies", "Runs of a copy (SPEC §12) by result", ["copy", "result"],
+                              registry=registry)
         for result in ("success", "failure"):
             self.prunes.labels(result)
             self.notifications.labels(result)
         self._version = version
         self._series: dict[str, set[str]] = {}
+        self._copy_rows: Callable[[], Iterable[CopyRow]] = tuple
         registry.register(TargetCollector(targets, clock))
         registry.register(RunningJobCollector(progress or ProgressBoard()))
+        registry.register(CopyCollector(self._current_copy_rows))
+
+    def _current_copy_rows(self) -> Iterable[CopyRow]:
+        return self._copy_rows()
+
+    def watch_copies(self, names: Iterable[str], rows: Callable[[], Iterable[CopyRow]]) -> None:
+        """Publishes the copies `names` (their runs counted from 0) and their histories' gauges from `rows`."""
+        for name in names:
+            for result in ("success", "failure"):
+                self.copies.labels(name, result)
+        self._copy_rows = rows
 
     def set_restic_version(self, restic_version: str) -> None:
         """Publishes build_info{version,restic_version} = 1."""

@@ -189,10 +189,12 @@ class Repository:
         return f"{head} ({advice})" if advice else head
 
     def snapshots(self, *, host: str | None = None, container: str | None = None,
-                  database: str | None = None, include_globals: bool = False) -> list[Snapshot]:
+                  database: str | None = None, include_globals: bool = False,
+                  timeout: float = QUERY_TIMEOUT_SECONDS) -> list[Snapshot]:
         """Lists the watcher's database snapshots (and, with `include_globals`, the containers' globals
-        snapshots), oldest first; raises ResticError when restic fails."""
-        done = self.run(commands.restic_snapshots(self.binary, host=host, container=container, database=database))
+        snapshots), oldest first, within `timeout` seconds; raises ResticError when restic fails."""
+        done = self.run(commands.restic_snapshots(self.binary, host=host, container=container, database=database),
+                        timeout=timeout)
         if not done.ok:
             raise ResticError(self.failure("listing the snapshots of", done))
         return parse_snapshots(done.stdout, include_globals=include_globals and database is None)

@@ -260,7 +260,10 @@ def test_prometheus_dashboard_alerts_logs_and_restart(start_pg: StartPg, start_d
     # a. Two real targets, backed up at once (no snapshot yet), then every minute.
     start_pg(TARGETS[0], "15")
     start_pg(TARGETS[1], "17")
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-obs-*", "WATCHER_SCHEDULE": "* * * * *"}
+    # One copy (SPEC §12) on a local path, for the dashboard's and the alert rules' copy series.
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-obs-*", "WATCHER_SCHEDULE": "* * * * *",
+           "WATCHER_COPY_TO": "offsite", "WATCHER_COPY_OFFSITE_REPOSITORY": str(repo.path.parent / "offsite"),
+           "WATCHER_COPY_OFFSITE_PASSWORD": "offsite-copy-password"}
     daemon: DaemonProcess = start_daemon(env)
     # Some container events for backup_watcher_docker_events_total (a name the patterns do not select).
     docker("run", "--rm", "--network", "none", "--label", TEST_LABEL, "--name", "bwt-evt-obs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import PgContainer, Repo, StartPg, docker, process_command_lines
+from tests.kit import RestServer
 
 pytestmark = pytest.mark.engine
 
@@ -125,3 +127,78 @@ def test_no_role_password_or_hash_leaks_from_globals_or_whole_host_recovery(
             assert secret not in output
         assert secret not in events
         assert json.dumps(secret)[1:-1] not in events
+
+
+def _restic_environments() -> list[tuple[str, dict[str, str]]]:
+    """(command line, environment) of every restic process on the machine right now."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            if not argv or not argv[0].endswith(b"restic"):
+                continue
+            raw = Path(entry.path, "environ").read_bytes()
+        except OSError:
+            continue
+        pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+        found.append((b" ".join(argv).decode(errors="replace"), {key: value for key, _, value in pairs}))
+    return found
+
+
+class EnvironmentSampler(ArgvSampler):
+    """Also samples the environment of every restic process (ours: the same user may read it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.restic: dict[str, tuple[str, dict[str, str]]] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.seen.update(process_command_lines())
+            for line, environ in _restic_environments():
+                self.restic.setdefault(f"{line}|{environ.get('RESTIC_REPOSITORY')}", (line, environ))
+            time.sleep(0.005)
+
+
+def test_copy_secrets_stay_out_of_argv_output_and_the_primarys_restic_and_the_other_way_round(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    db: PgContainer = start_pg(f"bwt-c17-secret{uuid.uuid4().hex[:6]}-db", "15", password=DB_PASSWORD)
+    db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
+    copy_password = f"copy-s3cret-{uuid.uuid4().hex[:12]} 'q' $(id)"
+    rest = RestServer(tmp_path / "offsite", "offsite-user", f"rest-s3cret-{uuid.uuid4().hex[:12]}")
+    secret_file = tmp_path / "offsite.password"
+    secret_file.write_text(copy_password + "\n")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_COPY_TO": "offsite",
+           "WATCHER_COPY_OFFSITE_REPOSITORY": rest.url, "WATCHER_COPY_OFFSITE_PASSWORD_FILE": str(secret_file),
+           "WATCHER_COPY_OFFSITE_ENV_FILE": str(rest.env_file(tmp_path / "offsite.env"))}
+    copy_secrets = [copy_password, rest.password]
+    sampler = EnvironmentSampler()
+    sampler.start()
+    outputs = []
+    try:
+        for args in (["backup"], ["copy"], ["snapshots", "--from", "offsite"],
+                     ["restore", db.name, "latest", "--from", "offsite", "--yes"], ["check-config"]):
+            done = subprocess.run([sys.executable, "-m", "watcher", *args], env=env, capture_output=True,
+                                  text=True, stdin=subprocess.DEVNULL, timeout=300)
+            assert done.returncode == 0, [*args, done.stdout + done.stderr]
+            outputs.append(done.stdout + done.stderr)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    assert "WATCHER_COPY_OFFSITE_PASSWORD=***" in outputs[-1] and "RESTIC_REST_PASSWORD=***" in outputs[-1]
+    for secret in [*copy_secrets, repo.password, DB_PASSWORD]:
+        assert not [line for line in sampler.seen if secret in line], "secret in argv"
+        assert not [output for output in outputs if secret in output], "secret in output"
+    primary = [environ for _, environ in sampler.restic.values()
+               if environ.get("RESTIC_REPOSITORY") == str(repo.path)]
+    copy_alone = [environ for _, environ in sampler.restic.values()
+                  if environ.get("RESTIC_REPOSITORY") == rest.url and "RESTIC_FROM_REPOSITORY" not in environ]
+    transfer = [environ for _, environ in sampler.restic.values() if "RESTIC_FROM_REPOSITORY" in environ]
+    # The sampler saw restic working on each: the primary alone, the copy alone, and copying between them.
+    assert primary and copy_alone and transfer, sorted(sampler.restic)
+    for environ in primary:
+        assert not set(copy_secrets) & set(environ.values()) and "RESTIC_REST_USERNAME" not in environ
+    for environ in copy_alone:
+        assert repo.password not in environ.values() and environ["RESTIC_REST_PASSWORD"] == rest.password

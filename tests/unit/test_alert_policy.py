@@ -81,7 +81,7 @@ def test_fail_recover_fail_pages_again() -> None:
     assert [a.kind if a else None for a in kinds] == [Kind.FAILED, None, Kind.RECOVERED, Kind.FAILED, Kind.RECOVERED]
 
 
-@pytest.mark.parametrize("concern", list(Concern))
+@pytest.mark.parametrize("concern", [c for c in Concern if c is not Concern.COPY])
 def test_every_concern_has_a_title_and_advice(concern: Concern) -> None:
     _, alert = transition(None, obs(False, concern=concern, subject="x"))
     assert alert is not None
@@ -147,7 +147,7 @@ def _alerts_of(concern: Concern) -> dict[Kind, Severity]:
     return {alert.kind: alert.severity for alert in alerts if alert is not None}
 
 
-@pytest.mark.parametrize("concern", [c for c in Concern if c not in (Concern.STALE, Concern.SIZE)])
+@pytest.mark.parametrize("concern", [c for c in Concern if c not in (Concern.STALE, Concern.SIZE, Concern.COPY)])
 def test_a_failure_is_typed_failure_its_reminder_warning_its_recovery_success(concern: Concern) -> None:
     assert _alerts_of(concern) == {Kind.FAILED: Severity.FAILURE, Kind.REMINDER: Severity.WARNING,
                                    Kind.RECOVERED: Severity.SUCCESS}
@@ -158,6 +158,17 @@ def test_a_stale_snapshot_or_a_shrunken_dump_is_a_warning_and_its_recovery_a_suc
     assert _alerts_of(concern) == {Kind.FAILED: Severity.WARNING, Kind.REMINDER: Severity.WARNING,
                                    Kind.RECOVERED: Severity.SUCCESS}
     assert startup_summary("db-host", [("a-db", "3 days old")], T0).severity is Severity.WARNING
+
+
+def test_a_lagging_copy_is_paged_once_as_behind_a_warning_and_once_when_it_caught_up() -> None:
+    policy = AlertPolicy(reminder_after=timedelta(hours=24))
+    alerts = [policy.observe(obs(ok, minutes, concern=Concern.COPY, subject="offsite"))
+              for ok, minutes in ((False, 0), (False, 1), (False, 2), (True, 3), (True, 4))]
+    sent = [alert for alert in alerts if alert is not None]
+    assert [(a.kind, a.title, a.severity) for a in sent] == [
+        (Kind.FAILED, "[backup-watcher] FAILED: copy offsite is behind", Severity.WARNING),
+        (Kind.RECOVERED, "[backup-watcher] RECOVERED: copy offsite caught up", Severity.SUCCESS)]
+    assert ADVICE[Concern.COPY] in sent[0].body
 
 
 def test_a_configuration_error_at_start_is_a_failure() -> None:

@@ -19,6 +19,7 @@ EXPECTED_ALERTS = {
     "BackupWatcherEventStreamDisconnected", "BackupWatcherInvalidLabels",
     "BackupWatcherRestoreDrillFailing", "BackupWatcherRestoreDrillOverdue", "BackupWatcherJobRunningLong",
     "BackupWatcherDumpShrunk",
+    "BackupWatcherCopyBehind",
 }
 
 

@@ -427,7 +427,7 @@ def test_patterns_are_comma_separated_with_blanks_around_ignored() -> None:
 
 
 def test_every_config_field_but_the_derived_ones_is_a_row_of_the_table() -> None:
-    derived = {"restic_env", "secrets", "secret_sources"}
+    derived = {"restic_env", "secrets", "secret_sources", "copies"}
     fields = {f.name for f in dataclasses.fields(Config)}
     assert {name for name, _ in rows(Config)} == fields - derived
     assert set(effective_config(load_config(BASE))) == set(SETTINGS)

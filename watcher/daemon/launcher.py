@@ -6,15 +6,17 @@ A job never raises into the loop: whatever it returns or raises becomes its own 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import assert_never
 
 import structlog
 
 from watcher import commands
+from watcher.copyjob import CopyTarget, run_copy
 from watcher.daemon.messages import (
     BackupFinished,
+    CopyFinished,
     DrillsFinished,
     JobFinished,
     ProbeFinished,
@@ -22,7 +24,7 @@ from watcher.daemon.messages import (
     RefreshFinished,
     RetagFinished,
 )
-from watcher.daemon.running import BackupJob, DrillJob, Job, ProbeJob, PruneJob, RefreshJob, RetagJob
+from watcher.daemon.running import BackupJob, CopyJob, DrillJob, Job, ProbeJob, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
 from watcher.jobs import JobContext, JobError, backup_target, wait_until_serving
@@ -41,12 +43,17 @@ class Launcher:
     """Starts jobs; `deliver` receives each job's finished-message, on the job's thread."""
 
     def __init__(self, ctx: JobContext, docker: DockerSource, concurrency: int,
-                 deliver: Callable[[JobFinished], None]) -> None:
+                 deliver: Callable[[JobFinished], None], *, copies: Mapping[str, CopyTarget] | None = None,
+                 init_copies: bool = False) -> None:
         self.ctx = ctx
         self.driller = Driller(ctx, docker)
         self._deliver = deliver
         self._pool = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="job")
         self._probes = ThreadPoolExecutor(max_workers=PROBE_WORKERS, thread_name_prefix="probe")
+        self.copies = dict(copies or {})
+        self._init_copies = init_copies
+        # Copies run on threads of their own: one waiting on an unreachable backend holds no backup's thread.
+        self._copy_pool = ThreadPoolExecutor(max_workers=max(1, len(self.copies)), thread_name_prefix="copy")
 
     def launch(self, job: Job) -> None:
         """Starts one job on the pool (a drill slot with no target to drill starts nothing)."""
@@ -68,6 +75,10 @@ class Launcher:
                              lambda error: PruneFinished(error=error))
             case RefreshJob():
                 self._submit("refresh", self._refresh, lambda error: RefreshFinished(error=error))
+            case CopyJob(copy=copy):
+                self._submit("copy", lambda: CopyFinished(copy, run_copy(self.ctx, self.copies[copy],
+                                                                         init=self._init_copies)),
+                             lambda error: CopyFinished(copy, error=error), pool=self._copy_pool)
             case _:
                 assert_never(job)
 
@@ -75,6 +86,7 @@ class Launcher:
         """Waits for every running job to end."""
         self._pool.shutdown(wait=True)
         self._probes.shutdown(wait=True)
+        self._copy_pool.shutdown(wait=True)
 
     def _submit(self, kind: str, work: Callable[[], JobFinished], crashed: Callable[[str], JobFinished],
                 pool: ThreadPoolExecutor | None = None) -> None:

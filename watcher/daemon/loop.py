@@ -18,11 +18,14 @@ import structlog
 from alerting.policy import AlertPolicy
 from watcher.clock import Clock
 from watcher.config import Config
+from watcher.copies import CopyTurn, after_backup, after_copy, first_turn, started
+from watcher.copyjob import CopyTarget
 from watcher.daemon.inventory import Inventory
 from watcher.daemon.launcher import Launcher
 from watcher.daemon.messages import (
     BackupFinished,
     Change,
+    CopyFinished,
     DrillsFinished,
     Message,
     ProbeFinished,
@@ -32,7 +35,7 @@ from watcher.daemon.messages import (
     RetagFinished,
 )
 from watcher.daemon.outcomes import Outcomes, Pager
-from watcher.daemon.running import BackupJob, Book, Job, RefreshJob, RetagJob
+from watcher.daemon.running import BackupJob, Book, CopyJob, Job, RefreshJob, RetagJob
 from watcher.daemon.scheduler import View, held, plan
 from watcher.discovery import DiscoveryRules
 from watcher.docker_source import DockerSource
@@ -66,8 +69,12 @@ class Daemon:
                                    shrink_threshold=config.shrink_threshold)
         self.outcomes = Outcomes(registry=registry, metrics=metrics, clock=clock, timezone=config.timezone,
                                  policy=policy or AlertPolicy(), masker=ctx.masker, host=ctx.host,
-                                 docker_host=ctx.docker_host, cancel=ctx.cancel, notifier=notifier)
-        self.launcher = Launcher(ctx, docker, config.concurrency, self._queue.put)
+                                 docker_host=ctx.docker_host, cancel=ctx.cancel, notifier=notifier,
+                                 copies=config.copies)
+        copies = {spec.name: CopyTarget.of(spec, ctx.repository, config.restic_env) for spec in config.copies}
+        self.launcher = Launcher(ctx, docker, config.concurrency, self._queue.put, copies=copies,
+                                 init_copies=config.init_repository)
+        self.copy_turns: dict[str, CopyTurn] = {spec.name: first_turn(clock.now()) for spec in config.copies}
         self._events = EventStream(docker.docker_host, self._queue.put)
         self.book = Book()
         self._stop_signals = 0
@@ -175,14 +182,26 @@ class Daemon:
             case RefreshRequested():
                 self._refresh_wanted = True
             case (BackupFinished() | ProbeFinished() | PruneFinished() | DrillsFinished() | RefreshFinished()
-                  | RetagFinished()):
+                  | RetagFinished() | CopyFinished()):
                 self.book = self.book.finished(message)
+                self._turn_copies(message)
                 snapshots = self.outcomes.job_finished(message)
                 self.inventory.take_snapshots(snapshots)
                 # A listing is the whole of this host's snapshots (an `ack` shows there); a backup's are new ones.
                 self._note(self.inventory.judge_sizes(snapshots, complete=isinstance(message, RefreshFinished)))
             case _:
                 assert_never(message)
+
+    def _turn_copies(self, message: Message) -> None:
+        """When each copy runs next, after a backup (the pass's snapshots are to reach it) or its own run."""
+        now = self.clock.now()
+        for spec in self.config.copies:
+            turn = self.copy_turns[spec.name]
+            if isinstance(message, BackupFinished) and message.snapshots:
+                self.copy_turns[spec.name] = after_backup(turn, spec.schedule, now)
+            elif isinstance(message, CopyFinished) and message.copy == spec.name:
+                ok = message.result is not None and message.result.ok
+                self.copy_turns[spec.name] = after_copy(turn, ok, spec.schedule, self.config.timezone, now)
 
     def _note(self, changes: list[Change]) -> None:
         for change in changes:
@@ -198,7 +217,8 @@ class Daemon:
 
     def _start_planned_jobs(self) -> None:
         view = View(self.registry.view(), self.config.concurrency, self.config.timezone, self.config.drill_schedule,
-                    prune=self.config.prune, ready_timeout_s=self.config.ready_timeout_s)
+                    prune=self.config.prune, ready_timeout_s=self.config.ready_timeout_s,
+                    copy_turns=dict(self.copy_turns))
         now = self.clock.now()
         for job in plan(view, self.book, now):
             self._start(job)
@@ -211,6 +231,8 @@ class Daemon:
         self.book = self.book.started(job)
         if isinstance(job, BackupJob | RetagJob):
             self.registry.mark_running(job.container_id)
+        if isinstance(job, CopyJob):
+            self.copy_turns[job.copy] = started(self.copy_turns[job.copy])
         self.launcher.launch(job)
 
     def _read_repository(self) -> None:

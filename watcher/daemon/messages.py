@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from watcher.anomaly import SizeVerdict
+from watcher.copyjob import CopyResult
 from watcher.drill import DrillResult
 from watcher.events import ContainerEvent, StreamConnected, StreamDisconnected
 from watcher.jobs import BackupResult
@@ -81,7 +82,17 @@ class RetagFinished:
     error: str | None = None
 
 
-JobFinished = BackupFinished | ProbeFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
+@dataclass(frozen=True)
+class CopyFinished:
+    """A run of one copy ended (result), or its job crashed (error)."""
+
+    copy: str
+    result: CopyResult | None = None
+    error: str | None = None
+
+
+JobFinished = (BackupFinished | ProbeFinished | PruneFinished | DrillsFinished | RefreshFinished | RetagFinished
+               | CopyFinished)
 Message = ContainerEvent | StreamConnected | StreamDisconnected | RefreshRequested | JobFinished
 
 

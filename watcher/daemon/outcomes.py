@@ -17,9 +17,12 @@ import structlog
 
 from alerting.policy import Alert, AlertPolicy, Concern, Observation, startup_summary
 from watcher.clock import Clock
+from watcher.copyconfig import CopySpec
+from watcher.daemon.copywatch import CopyWatch
 from watcher.daemon.messages import (
     BackupFinished,
     Change,
+    CopyFinished,
     DrillsFinished,
     JobFinished,
     LabelsJudged,
@@ -117,7 +120,7 @@ class Outcomes:
 
     def __init__(self, *, registry: Registry, metrics: Metrics, clock: Clock, timezone: str, policy: AlertPolicy,
                  masker: Masker, host: str, docker_host: str, cancel: threading.Event,
-                 notifier: Pager | None = None) -> None:
+                 notifier: Pager | None = None, copies: tuple[CopySpec, ...] = ()) -> None:
         self.masker, self.host, self.docker_host, self.cancel = masker, host, docker_host, cancel
         self.registry = registry
         self.metrics = metrics
@@ -131,6 +134,8 @@ class Outcomes:
         self.shrunken = ShrunkenDumps(policy, clock, self.alert)
         self.readiness = ReadinessOutcomes(registry=registry, metrics=metrics, clock=clock, timezone=timezone,
                                            cancel=cancel, alert=self.alert)
+        self.copies = CopyWatch(copies, registry=registry, metrics=metrics, clock=clock, timezone=timezone,
+                                alert=self.alert)
 
     def alert(self, subject: str, concern: Concern, ok: bool, detail: str = "") -> None:
         """Observes one outcome; a page goes out when the policy says so."""
@@ -205,6 +210,7 @@ class Outcomes:
             if stale is not None:
                 stale_count += stale
                 self.alert(entry.name, Concern.STALE, not stale, detail)
+        self.copies.check()
         log.debug("health_checked", stale=stale_count, events_connected=down is None)
 
     # --- finished jobs ------------------------------------------------------------------------
@@ -213,7 +219,10 @@ class Outcomes:
         match finished:
             case BackupFinished(snapshots=snapshots):
                 self.backup_finished(finished)
+                self.copies.snapshots_taken(snapshots)
                 return snapshots
+            case CopyFinished():
+                self.copies.finished(finished)
             case RefreshFinished(snapshots=None, error=error):
                 log.warning("snapshot_listing_failed", error=error)
             case RefreshFinished(snapshots=snapshots, repository_snapshots=count):

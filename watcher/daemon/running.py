@@ -15,6 +15,7 @@ from typing import assert_never
 from watcher.daemon.messages import (
     BackupFinished,
     Change,
+    CopyFinished,
     DrillsFinished,
     JobFinished,
     LabelsJudged,
@@ -77,7 +78,14 @@ class RefreshJob:
     """List the repository again: snapshots made outside the daemon count too."""
 
 
-Job = BackupJob | ProbeJob | RetagJob | DrillJob | PruneJob | RefreshJob
+@dataclass(frozen=True)
+class CopyJob:
+    """Bring one copy (a name of WATCHER_COPY_TO) up to date, then apply its retention."""
+
+    copy: str
+
+
+Job = BackupJob | ProbeJob | RetagJob | DrillJob | PruneJob | RefreshJob | CopyJob
 
 
 def _without(mapping: Mapping[str, tuple[Rename, ...]], key: str) -> dict[str, tuple[Rename, ...]]:
@@ -97,6 +105,9 @@ class Book:
     refresh: bool = False
     backed_up_since_prune: bool = False
     next_drill: datetime | None = None
+    # Copies running, by name: they take no backup slot (a copy never holds up the primary's backups), and
+    # the prune waits for them (it would wait for their lock on the primary anyway).
+    copies: frozenset[str] = frozenset()
 
     @property
     def slots_in_use(self) -> int:
@@ -105,8 +116,8 @@ class Book:
 
     @property
     def others(self) -> int:
-        """Running jobs that are not backups: retags, the drill, the prune, the refresh."""
-        return len(self.retags) + sum((self.drill, self.prune, self.refresh))
+        """Running jobs that are not backups: retags, the drill, the prune, the refresh, copies."""
+        return len(self.retags) + sum((self.drill, self.prune, self.refresh)) + len(self.copies)
 
     @property
     def idle(self) -> bool:
@@ -155,6 +166,8 @@ class Book:
                 return replace(self, prune=True, backed_up_since_prune=False)
             case RefreshJob():
                 return replace(self, refresh=True)
+            case CopyJob(copy=copy):
+                return replace(self, copies=self.copies | {copy})
             case _:
                 assert_never(job)
 
@@ -173,5 +186,7 @@ class Book:
                 return replace(self, prune=False)
             case RefreshFinished():
                 return replace(self, refresh=False)
+            case CopyFinished(copy=copy):
+                return replace(self, copies=self.copies - {copy})
             case _:
                 assert_never(message)

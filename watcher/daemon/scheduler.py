@@ -14,17 +14,21 @@ returns. The rules, in the order they are applied:
   whose probes failed) is probed first, outside the slots: waiting for a server that may never answer
   never holds a slot a live target needs. After a failed probe it backs off, a minute doubling up to
   its schedule interval, with one quick probe per attempt (`not_ready_delay`, `probe_wait`);
+- due copies start (`watcher.copies.due_copies`: after a pass, at their schedule's slot, or to retry),
+  one run per copy at a time, outside the backup slots, so a slow or unreachable copy never holds up a
+  backup; before the prune, so that a pass's snapshots reach the copies before the primary forgets any;
 - the prune starts after a pass: something was backed up since the last prune, nothing runs and
   nothing is due; never where pruning is off (WATCHER_PRUNE=false: another host prunes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from watcher.daemon.running import BackupJob, Book, DrillJob, Job, ProbeJob, PruneJob, RetagJob
+from watcher.copies import CopyTurn, due_copies
+from watcher.daemon.running import BackupJob, Book, CopyJob, DrillJob, Job, ProbeJob, PruneJob, RetagJob
 from watcher.registry import TargetState
 from watcher.schedule import next_run
 
@@ -45,6 +49,7 @@ class View:
     drill_schedule: str | None = None
     prune: bool = True
     ready_timeout_s: float = 120.0  # WATCHER_READY_TIMEOUT
+    copy_turns: Mapping[str, CopyTurn] = field(default_factory=dict)
 
 
 def not_ready_delay(streak: int, interval_s: float | None) -> timedelta:
@@ -125,13 +130,18 @@ def _backup(view: View, book: Book, now: datetime) -> Job | None:
     return None
 
 
+def _copy(view: View, book: Book, now: datetime) -> Job | None:
+    due = due_copies(view.copy_turns, book.copies, now)
+    return CopyJob(due[0]) if due else None
+
+
 def _prune(view: View, book: Book, now: datetime) -> Job | None:
     if not view.prune or not book.backed_up_since_prune or not book.idle or due(view.entries, now):
         return None
     return PruneJob(tuple(e.target for e in view.entries if e.target is not None))
 
 
-_STEPS: tuple[Callable[[View, Book, datetime], Job | None], ...] = (_retag, _drill, _backup, _prune)
+_STEPS: tuple[Callable[[View, Book, datetime], Job | None], ...] = (_retag, _drill, _backup, _copy, _prune)
 
 
 def plan(view: View, running: Book, now: datetime) -> list[Job]:
