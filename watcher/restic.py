@@ -82,6 +82,7 @@ class Snapshot:
     bytes: int | None
     # A container's globals (roles), not a database: `database` is then commands.GLOBALS_DATABASE.
     globals: bool = False
+    engine: str = "postgres"  # the engine that wrote it (tag engine=…); older snapshots without the tag: postgres
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
@@ -89,6 +90,7 @@ class Snapshot:
         tags = [str(tag) for tag in item.get("tags") or []]  # type: ignore[attr-defined]
         container = next((t[len(commands.CONTAINER_TAG):] for t in tags if t.startswith(commands.CONTAINER_TAG)), None)
         database = next((t[len(commands.DATABASE_TAG):] for t in tags if t.startswith(commands.DATABASE_TAG)), None)
+        engine = next((t[len(commands.ENGINE_TAG):] for t in tags if t.startswith(commands.ENGINE_TAG)), "postgres")
         is_globals = database is None and commands.GLOBALS_TAG in tags
         if is_globals:
             database = commands.encode_name(commands.GLOBALS_DATABASE)
@@ -106,6 +108,7 @@ class Snapshot:
             database=commands.decode_name(database),
             bytes=int(size) if isinstance(size, int) else None,
             globals=is_globals,
+            engine=engine,
         )
 
 

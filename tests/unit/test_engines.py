@@ -1,0 +1,113 @@
+"""Engines (SPEC §13): discovery's choice of engine, MariaDB credentials from the env contract, the
+MariaDB and command engines' in-container commands (no secret in them), snapshot tags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from watcher import engines
+from watcher.config import Retention
+from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
+from watcher.engines.command import shell_command
+from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, user_databases
+from watcher.restic import parse_snapshots
+
+RULES = DiscoveryRules(patterns=("shop-*",), retention=Retention(7, 4, 6))
+SECRET = "it's $(a) \"secret\""
+MARIADB_ENV = {"MARIADB_ROOT_PASSWORD": SECRET, "MARIADB_DATABASE": "shop", "MARIADB_USER": "app",
+               "MARIADB_PASSWORD": "app-secret"}
+
+
+def target_of(env: dict[str, str], labels: dict[str, str] | None = None) -> Target:
+    found = discover(ContainerInfo("id1", "shop-db", "mariadb:11", labels or {}, env), RULES)
+    assert isinstance(found, Target), found
+    return found
+
+
+def rejected_of(env: dict[str, str], labels: dict[str, str]) -> Rejected:
+    found = discover(ContainerInfo("id1", "shop-db", "mariadb:11", labels, env), RULES)
+    assert isinstance(found, Rejected), found
+    return found
+
+
+@pytest.mark.parametrize(("env", "engine"), [
+    ({"POSTGRES_PASSWORD": "x"}, "postgres"),
+    (MARIADB_ENV, "mariadb"),
+    ({"MYSQL_ROOT_PASSWORD": "x", "MYSQL_DATABASE": "d"}, "mysql"),
+    ({"PATH": "/bin"}, "postgres"),  # as before engines: a matching name without any contract
+])
+def test_the_env_contract_decides_the_engine(env: dict[str, str], engine: str) -> None:
+    assert target_of(env).engine == engine
+
+
+def test_the_engine_label_overrides_the_env() -> None:
+    assert target_of(MARIADB_ENV, {"backup-watcher.engine": "mysql"}).engine == "mysql"
+
+
+def test_mariadb_dumps_as_root_with_the_password_variable_and_the_env_database() -> None:
+    target = target_of(MARIADB_ENV)
+    assert (target.credentials.user, target.credentials.password_env) == ("root", "MARIADB_ROOT_PASSWORD")
+    assert target.credentials.password == SECRET  # known, so that every message masks it
+    assert target.databases == ("shop",)
+
+
+def test_mariadb_password_file_and_app_user() -> None:
+    target = target_of({"MARIADB_USER": "app", "MARIADB_PASSWORD_FILE": "/run/secrets/pw", "MARIADB_DATABASE": "s"})
+    assert (target.credentials.user, target.credentials.password_env) == ("app", "MARIADB_PASSWORD")
+    assert target.credentials.password is None  # in a file inside the container: never read out
+
+
+def test_mariadb_without_a_database_backs_up_all() -> None:
+    assert target_of({"MYSQL_ROOT_PASSWORD": "x"}).all_databases
+
+
+def test_system_schemas_and_scratch_copies_are_no_databases() -> None:
+    listing = "information_schema\nmysql\nperformance_schema\nshop\nshop_bw_restore\nsys\nwiki\n"
+    assert user_databases(listing) == ["shop", "wiki"]
+
+
+def test_no_secret_reaches_a_mariadb_command() -> None:
+    target = target_of(MARIADB_ENV)
+    argv = MariaDBEngine().client(target, ("mariadb-dump", "mysqldump"), dump_arguments("root", "shop"))
+    assert SECRET not in json.dumps(argv)
+    assert argv[:2] == ("sh", "-c") and argv[4:7] == ("MARIADB_ROOT_PASSWORD", "mariadb-dump", "mysqldump")
+    for option in ("--single-transaction", "--routines", "--events", "--triggers"):
+        assert option in argv
+    assert client_command(None, ("a", "b"), ())[4] == ""
+
+
+def test_mysql_prefers_mysqldump_and_has_no_globals() -> None:
+    mysql = MariaDBEngine("mysql")
+    assert mysql.dump_programs[0] == "mysqldump"
+    assert not mysql.has_globals(target_of({"MYSQL_ROOT_PASSWORD": "x"}))
+    assert MariaDBEngine().has_globals(target_of(MARIADB_ENV))
+    assert not MariaDBEngine().has_globals(target_of(MARIADB_ENV, {"backup-watcher.user": "app"}))
+
+
+def test_command_engine_from_its_label() -> None:
+    target = target_of({}, {"backup-watcher.dump-command": "redis-cli --rdb -",
+                            "backup-watcher.restore-command": "cat > /data/dump.rdb"})
+    assert target.engine == "command"
+    assert target.databases == (engines.COMMAND_DATABASE,)
+    assert (target.dump_command, target.restore_command) == ("redis-cli --rdb -", "cat > /data/dump.rdb")
+    assert shell_command("redis-cli --rdb -") == ("sh", "-c", "redis-cli --rdb -")
+
+
+@pytest.mark.parametrize(("labels", "culprit"), [
+    ({"backup-watcher.engine": "mongodb"}, "backup-watcher.engine='mongodb'"),
+    ({"backup-watcher.engine": "command"}, "needs backup-watcher.dump-command"),
+    ({"backup-watcher.dump-command": "x", "backup-watcher.databases": "a"}, "backup-watcher.databases"),
+    ({"backup-watcher.engine": "mariadb", "backup-watcher.dump-command": "x"}, "backup-watcher.dump-command"),
+])
+def test_bad_engine_labels_name_the_culprit(labels: dict[str, str], culprit: str) -> None:
+    assert culprit in rejected_of(MARIADB_ENV, labels).reason
+
+
+def test_snapshots_carry_their_engine() -> None:
+    item = {"id": "a" * 64, "time": "2026-11-26T03:00:00Z", "hostname": "h",
+            "tags": ["backup-watcher", "container=shop-db", "database=shop", "engine=mariadb"]}
+    old = {**item, "tags": ["backup-watcher", "container=pg", "database=app"]}
+    snaps = parse_snapshots(json.dumps([item, old]).encode())
+    assert sorted(snap.engine for snap in snaps) == ["mariadb", "postgres"]
