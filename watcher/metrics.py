@@ -43,7 +43,9 @@ class TargetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yields the gauge families; reads only cached state."""
         now = self._clock()
-        per_db = ["target", "database"]
+        # `engine` (SPEC §13) on the per-target gauges: one engine per target, so the rules' and dashboards'
+        # joins on (job, instance, target) stay one-to-one.
+        per_db = ["target", "database", "engine"]
         success = GaugeMetricFamily(PREFIX + "last_success_timestamp_seconds",
                                     "Unix time of the last successful backup", labels=per_db)
         failure = GaugeMetricFamily(PREFIX + "last_failure_timestamp_seconds",
@@ -53,24 +55,26 @@ class TargetCollector(Collector):
         age = GaugeMetricFamily(PREFIX + "snapshot_age_seconds",
                                 "Seconds since the newest snapshot in the repository", labels=per_db)
         interval = GaugeMetricFamily(PREFIX + "schedule_interval_seconds",
-                                     "Longest gap between two scheduled backups", labels=["target"])
+                                     "Longest gap between two scheduled backups", labels=["target", "engine"])
         next_run = GaugeMetricFamily(PREFIX + "next_run_timestamp_seconds",
-                                     "Unix time of the next scheduled backup", labels=["target"])
+                                     "Unix time of the next scheduled backup", labels=["target", "engine"])
         failures = GaugeMetricFamily(PREFIX + "consecutive_failures",
-                                     "Backups failed in a row (0 when the last one succeeded)", labels=["target"])
+                                     "Backups failed in a row (0 when the last one succeeded)",
+                                     labels=["target", "engine"])
         states = GaugeMetricFamily(PREFIX + "targets", "Watched containers by state", labels=["state"])
         counts = dict.fromkeys(STATES, 0)
         for entry in self._targets.view():
             counts[entry.state] += 1
             if entry.target is None:
                 continue
+            engine = entry.target.engine
             if entry.interval_s is not None:
-                interval.add_metric([entry.name], entry.interval_s)
+                interval.add_metric([entry.name, engine], entry.interval_s)
             if entry.next_run is not None and not entry.stopped:
-                next_run.add_metric([entry.name], entry.next_run.timestamp())
-            failures.add_metric([entry.name], entry.consecutive_failures)
+                next_run.add_metric([entry.name, engine], entry.next_run.timestamp())
+            failures.add_metric([entry.name, engine], entry.consecutive_failures)
             for database, db in sorted(entry.databases.items()):
-                labels = [entry.name, database]
+                labels = [entry.name, database, engine]
                 if db.last_success is not None:
                     success.add_metric(labels, db.last_success.timestamp())
                 if db.last_failure is not None:
