@@ -391,6 +391,10 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
 
         return recover_host(app, args)
     snapshot, listed = _restore_snapshot(app, args)
+    if snapshot.engine != "postgres":
+        from watcher.engines.restoring import restore_other_engine
+
+        return restore_other_engine(app, args, snapshot)
     destination_name = args.into or args.target
     destination = destination_of(app, destination_name)
     if destination is None:

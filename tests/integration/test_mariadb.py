@@ -179,3 +179,47 @@ def test_server_killed_mid_dump_leaves_no_snapshot(start_mariadb: StartMariaDB, 
     assert "no snapshot was written" in out, out
     assert repo.snapshots_of(name) == []
     assert "no errors were found" in repo.restic("check").stdout
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_backup_change_restore_returns_every_table_exactly(
+        suite: str, start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = f"bwt-e18-maria-rt-{suite}"
+    db = start_mariadb(name, suite)
+    db.sql(SEED, "shop")
+    before = db.sql(FINGERPRINT, "shop")
+    assert "invoices_audit" in before and "pay:" in before and "nightly:" in before
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    backup = _backup(env)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+
+    db.sql(CHANGE, "shop")
+    assert db.sql(FINGERPRINT, "shop") != before
+    restore = run_watcher(["restore", name, "latest", "--yes"], env)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    after = db.sql(FINGERPRINT, "shop")
+    assert after.splitlines() == before.splitlines()
+    # No scratch copy or tables moved aside are left; the restored trigger and procedure work.
+    assert db.sql("SHOW DATABASES LIKE 'shop\\_bw\\_%'") == ""
+    db.sql("CALL pay(2, 1.50);", "shop")
+    assert db.sql("SELECT COUNT(*) FROM audit WHERE what LIKE 'invoice %'", "shop") == "2"
+
+
+def test_restore_of_a_dump_that_does_not_load_leaves_the_database_untouched(
+        start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = "bwt-e18-maria-badload"
+    db = start_mariadb(name)
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);", "shop")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    assert _backup(env).returncode == 0
+    # The destination's restore user may create and drop databases but insert nowhere but its own:
+    # the load into the scratch copy fails at its first write.
+    into = start_mariadb(f"{name}-into", labels={"backup-watcher.user": "restorer"},
+                         extra_env={"MARIADB_USER": "restorer", "MARIADB_PASSWORD": "r-pw"})
+    into.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (7);", "shop")
+    into.sql("GRANT CREATE, DROP, SELECT ON *.* TO restorer;")
+    restore = run_watcher(["restore", name, "latest", "--into", into.name, "--yes"], env)
+    assert restore.returncode == 1, restore.stdout + restore.stderr
+    assert "was left untouched" in restore.stderr and "denied" in restore.stderr, restore.stderr
+    assert into.sql("SELECT GROUP_CONCAT(id) FROM t", "shop") == "7"
+    assert into.sql("SHOW DATABASES LIKE 'shop\\_bw\\_%'") == ""

@@ -12,6 +12,14 @@ from watcher.config import Retention
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.engines.command import shell_command
 from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, user_databases
+from watcher.engines.mariadb_restore import (
+    Objects,
+    move_aside_script,
+    move_back_script,
+    parse_objects,
+    quote_string,
+    suffixed,
+)
 from watcher.restic import parse_snapshots
 
 RULES = DiscoveryRules(patterns=("shop-*",), retention=Retention(7, 4, 6))
@@ -111,3 +119,17 @@ def test_snapshots_carry_their_engine() -> None:
     old = {**item, "tags": ["backup-watcher", "container=pg", "database=app"]}
     snaps = parse_snapshots(json.dumps([item, old]).encode())
     assert sorted(snap.engine for snap in snaps) == ["mariadb", "postgres"]
+
+
+def test_mariadb_swap_scripts_quote_every_name() -> None:
+    objects = parse_objects("table\tpeo`ple\ntable\tinvoices\nview\trich\ntrigger\ttrg\nPROCEDURE\tpay\n"
+                            "event\tnightly\n")
+    assert objects.tables == ("peo`ple", "invoices") and objects.routines == (("PROCEDURE", "pay"),)
+    script = move_aside_script("shop", suffixed("shop", "_bw_previous"), objects)
+    assert "RENAME TABLE `shop`.`peo``ple` TO `shop_bw_previous`.`peo``ple`, `shop`.`invoices` TO" in script
+    assert script.index("DROP TRIGGER `shop`.`trg`") < script.index("RENAME TABLE")
+    assert "DROP PROCEDURE `shop`.`pay`;" in script and "DROP EVENT `shop`.`nightly`;" in script
+    back = move_back_script("shop", "shop_bw_previous", Objects(tables=("new",)), objects.tables)
+    assert "DROP TABLE IF EXISTS `shop`.`new`;" in back and back.endswith("DROP DATABASE `shop_bw_previous`;\n")
+    assert len(suffixed("x" * 64, "_bw_restore")) == 64
+    assert quote_string("it's \\ ok") == "'it\\'s \\\\ ok'"

@@ -23,9 +23,9 @@ MARIADB = "mariadb"
 MYSQL = "mysql"
 COMMAND = "command"
 ENGINES = (POSTGRES, MARIADB, MYSQL, COMMAND)
-# An engine=command target has one backup, not databases: it stands under this name where a database
-# would (tags, metrics, status), in parentheses like the globals, so that no database name collides.
-COMMAND_DATABASE = "(dump)"
+# An engine=command target has one backup, not databases: the dump command's stdout. It stands under this
+# name where a database would (tag database=stdout, file /stdout.dump, metrics, status).
+COMMAND_DATABASE = "stdout"
 
 
 def engine_from_env(env: Mapping[str, str]) -> str:
