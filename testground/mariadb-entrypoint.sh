@@ -38,7 +38,8 @@ if [ ! -d "$DATADIR/mysql" ]; then
         echo "error: MARIADB_ROOT_PASSWORD (or MYSQL_ROOT_PASSWORD, or a *_FILE of one) is not set" >&2
         exit 1
     fi
-    mariadb-install-db --datadir="$DATADIR" --auth-root-authentication-method=normal --skip-test-db \
+    # --rpm, as the official image: no host name check, which fails where Docker writes no /etc/hosts.
+    mariadb-install-db --datadir="$DATADIR" --rpm --auth-root-authentication-method=normal --skip-test-db \
         --skip-name-resolve >/dev/null
     mariadbd --skip-networking --socket=/run/mysqld/init.sock --datadir="$DATADIR" &
     server=$!

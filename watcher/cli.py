@@ -314,6 +314,10 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
     targets, _ = select_targets(app, args.targets)
     if not args.targets:
         targets = [t for t in targets if t.drill]
+    for target in (t for t in targets if t.engine == "command"):
+        print(f"{target.name}: engine=command has no restore drill (its backup is opaque to the watcher)",
+              file=sys.stderr)
+    targets = [t for t in targets if t.engine != "command"]
     if not targets:
         print("no targets to drill", file=sys.stderr)
         return EXIT_OK

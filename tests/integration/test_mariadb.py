@@ -223,3 +223,35 @@ def test_restore_of_a_dump_that_does_not_load_leaves_the_database_untouched(
     assert "was left untouched" in restore.stderr and "denied" in restore.stderr, restore.stderr
     assert into.sql("SELECT GROUP_CONCAT(id) FROM t", "shop") == "7"
     assert into.sql("SHOW DATABASES LIKE 'shop\\_bw\\_%'") == ""
+
+
+def _drill_containers() -> list[str]:
+    return docker("ps", "-a", "--filter", "label=backup-watcher.role=drill", "--filter",
+                  "label=backup-watcher.drill-source=bwt-e18-maria-drill", "--format", "{{.Names}}").stdout.split()
+
+
+def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
+        start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = "bwt-e18-maria-drill"
+    db = start_mariadb(name, "trixie")
+    db.sql(SEED, "shop")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    assert _backup(env).returncode == 0
+    db.sql("INSERT INTO invoices (person, amount) VALUES (3, 1);", "shop")  # after the backup: not counted
+
+    done = run_watcher(["drill", name], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for table, rows in {"people": 2000, "invoices": 501, "audit": 1}.items():
+        assert f"{table}: dump {rows}, restored {rows}\n" in done.stdout, done.stdout
+    assert f"ok      {name}/shop" in done.stdout
+    assert _drill_containers() == []
+
+    for pack in (p for p in (repo.path / "data").rglob("*") if p.is_file()):
+        pack.chmod(0o644)
+        data = bytearray(pack.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+        pack.write_bytes(bytes(data))
+    damaged = run_watcher(["drill", name], env)
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    assert f"FAILED  {name}/shop" in damaged.stdout and "restore of snapshot" in damaged.stdout, damaged.stdout
+    assert _drill_containers() == []

@@ -12,6 +12,7 @@ from watcher.config import Retention
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.engines.command import shell_command
 from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, user_databases
+from watcher.engines.mariadb_drill import InsertCounter, ready_probe_sql
 from watcher.engines.mariadb_restore import (
     Objects,
     move_aside_script,
@@ -133,3 +134,14 @@ def test_mariadb_swap_scripts_quote_every_name() -> None:
     assert "DROP TABLE IF EXISTS `shop`.`new`;" in back and back.endswith("DROP DATABASE `shop_bw_previous`;\n")
     assert len(suffixed("x" * 64, "_bw_restore")) == 64
     assert quote_string("it's \\ ok") == "'it\\'s \\\\ ok'"
+
+
+def test_drill_counts_one_insert_per_row_and_wants_the_end_line() -> None:
+    counter = InsertCounter()
+    for line in ["CREATE TABLE `a``b` (x int);", "INSERT INTO `a``b` VALUES (1,'VALUES (2)');",
+                 "INSERT INTO `a``b` VALUES (2,'x\\nINSERT INTO `c` VALUES (9)');", "INSERT INTO `c` VALUES (3);"]:
+        counter(line)
+    assert counter.counts == {"a`b": 2, "c": 1} and not counter.completed
+    counter("-- Dump completed")
+    assert counter.completed
+    assert "@@skip_networking" in ready_probe_sql("it's") and "'it\\'s'" in ready_probe_sql("it's")
