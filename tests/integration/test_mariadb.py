@@ -105,6 +105,7 @@ def test_backup_of_every_kind_of_object_with_a_nasty_password(
     db = start_mariadb(name, suite, password_file=suite == "trixie")
     db.sql(SEED, "shop")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    since = docker("system", "info", "--format", "{{.SystemTime}}").stdout.strip()
     seen: set[str] = set()
     backup = subprocess.Popen([sys.executable, "-m", "watcher", "backup"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -125,7 +126,11 @@ def test_backup_of_every_kind_of_object_with_a_nasty_password(
                  "VIEW `rich`", "-- Dump completed"):
         assert part in dump, part
     assert seen, "the dump ran (seen in the process list)"
-    for text in [*seen, out, err]:
+    until = docker("system", "info", "--format", "{{.SystemTime}}").stdout.strip()
+    events = docker("events", "--since", since, "--until", until, "--filter", f"container={name}",
+                    "--format", "{{json .}}").stdout
+    assert "exec_create: sh -c" in events and "MARIADB_ROOT_PASSWORD" in events, events[:2000]
+    for text in [*seen, out, err, events]:
         assert NASTY_PASSWORD not in text and "quoted" not in text
 
 

@@ -3,6 +3,7 @@ staleness and the pages they cause (real registry, real metrics, real alert poli
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -264,3 +265,14 @@ def test_drills_are_counted_per_database_and_paged_per_target() -> None:
                         database="app") == T0.timestamp()
     assert world.pages.titles() == ["[backup-watcher] FAILED: restore drill of b-db"]
     assert "9 rows restored" in world.pages.sent[0].body
+
+
+def test_the_per_target_gauges_carry_the_targets_engine() -> None:
+    world = World()
+    entry = make_entry(NAME)
+    assert entry.target is not None
+    world.registry.register(dataclasses.replace(entry, target=dataclasses.replace(entry.target, engine="mariadb")))
+    succeeded(world)
+    assert world.sample("backup_watcher_last_success_timestamp_seconds", target=NAME, database="app",
+                        engine="mariadb") == world.clock.now().timestamp()
+    assert world.sample("backup_watcher_consecutive_failures", target=NAME, engine="mariadb") == 0
