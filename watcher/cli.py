@@ -350,7 +350,7 @@ def _print_drill_result(result: DrillResult) -> None:
 def _snapshot_row(snap: Snapshot) -> dict[str, object]:
     return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
             "target": snap.container, "database": snap.database, "bytes": snap.bytes,
-            "kind": "globals" if snap.globals else "database"}
+            "kind": "globals" if snap.globals else "database", "engine": snap.engine}
 
 
 def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
