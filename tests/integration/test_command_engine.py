@@ -8,7 +8,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.conftest import TEST_LABEL, Repo, docker, run_watcher, wait_for
+from tests.integration.conftest import (
+    TEST_LABEL,
+    DaemonProcess,
+    Repo,
+    StartDaemon,
+    docker,
+    run_watcher,
+    wait_for,
+)
+from tests.integration.mariadb_kit import StartMariaDB
 
 pytestmark = pytest.mark.engine
 
@@ -98,3 +107,18 @@ def test_restore_says_clearly_when_no_restore_command_is_defined(start_redis: St
     assert "defines no restore command (label backup-watcher.restore-command" in restore.stderr, restore.stderr
     assert "nothing was changed" in restore.stderr
     assert _contents(name) == changed
+
+
+def test_the_daemon_backs_up_mariadb_and_redis_with_the_engine_in_metrics(
+        start_redis: StartRedis, start_mariadb: StartMariaDB, start_daemon: StartDaemon, repo: Repo,
+        watcher_env: dict[str, str]) -> None:
+    redis = start_redis("bwt-e18-daemon-redis", {"backup-watcher.dump-command": DUMP})
+    maria = start_mariadb("bwt-e18-daemon-maria").name
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-e18-daemon-*", "WATCHER_SCHEDULE": "* * * * *"}
+    daemon: DaemonProcess = start_daemon(env)
+    wait_for(lambda: daemon.events("backup_succeeded", target=redis) and daemon.events(
+        "backup_succeeded", target=maria, database="shop"), 150, "a backup of each")
+    wait_for(lambda: 'database="stdout",engine="command",target="bwt-e18-daemon-redis"' in daemon.metrics()
+             and 'database="shop",engine="mariadb",target="bwt-e18-daemon-maria"' in daemon.metrics(), 30,
+             "the engine label on the last success series")
+    assert daemon.stop() == 0
