@@ -11,7 +11,7 @@ from watcher import engines
 from watcher.config import Retention
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.engines.command import shell_command
-from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, user_databases
+from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, probe_verdict, user_databases
 from watcher.engines.mariadb_drill import InsertCounter, ready_probe_sql
 from watcher.engines.mariadb_restore import (
     Objects,
@@ -145,3 +145,10 @@ def test_drill_counts_one_insert_per_row_and_wants_the_end_line() -> None:
     counter("-- Dump completed")
     assert counter.completed
     assert "@@skip_networking" in ready_probe_sql("it's") and "'it\\'s'" in ready_probe_sql("it's")
+
+
+def test_mariadb_readiness_tells_the_final_server_from_the_entrypoints_temporary_one() -> None:
+    assert probe_verdict(True, "0\n", "") is None
+    assert probe_verdict(True, "1\n", "") == "the entrypoint's temporary server is still initialising"
+    assert probe_verdict(False, "", "ERROR 2002: Can't connect") == "ERROR 2002: Can't connect"
+    assert probe_verdict(False, "", "ERROR 1045 (28000): Access denied for user") is None

@@ -76,9 +76,19 @@ def list_arguments(user: str) -> Command:
     return (f"--user={user}", "--batch", "--skip-column-names", "--execute=SHOW DATABASES")
 
 
-def ping_arguments(user: str) -> Command:
-    """mariadb-admin's arguments for a ping (exit 0 once the server answers, also when it refuses the user)."""
-    return (f"--user={user}", "--connect-timeout=3", "ping")
+def probe_arguments(user: str) -> Command:
+    """The client's arguments for the readiness probe: it prints 0 from the final server, 1 from the official
+    entrypoint's temporary one (started with --skip-networking on the same socket while it initialises)."""
+    return (f"--user={user}", "--connect-timeout=3", "--batch", "--skip-column-names",
+            "--execute=SELECT @@skip_networking")
+
+
+def probe_verdict(ok: bool, stdout: str, failure: str) -> str | None:
+    """None when the probe's answer shows the final server, else why not. A server that refuses the user
+    serves: the dump then fails at once naming the credentials, rather than after the whole ready bound."""
+    if ok:
+        return None if stdout.strip() == "0" else "the entrypoint's temporary server is still initialising"
+    return None if "Access denied" in failure else failure
 
 
 def user_databases(listing: str) -> list[str]:
@@ -98,7 +108,6 @@ class MariaDBEngine:
         mysql_first = name == engines.MYSQL
         self.dump_programs = ("mysqldump", "mariadb-dump") if mysql_first else ("mariadb-dump", "mysqldump")
         self.client_programs = ("mysql", "mariadb") if mysql_first else ("mariadb", "mysql")
-        self.admin_programs = ("mysqladmin", "mariadb-admin") if mysql_first else ("mariadb-admin", "mysqladmin")
 
     def has_globals(self, target: Target) -> bool:
         """Users and grants when the dump user is root of a MariaDB (MySQL's mysqldump cannot dump them)."""
@@ -135,9 +144,10 @@ class MariaDBEngine:
         return names
 
     def not_ready_reason(self, ctx: JobContext, target: Target) -> str | None:
-        """One mariadb-admin ping; raises JobError when the container is gone or stopped."""
+        """One readiness probe (probe_arguments, probe_verdict); raises JobError when the container is gone
+        or stopped."""
         from watcher.jobs import JobError
-        argv = self.client(target, self.admin_programs, ping_arguments(target.credentials.user))
+        argv = self.client(target, self.client_programs, probe_arguments(target.credentials.user))
         try:
             done = run_in_container(ctx.docker_host, target.container_id, argv, masker=_masker(ctx, target),
                                     env={}, timeout=PROBE_TIMEOUT_SECONDS, cancel=ctx.cancel)
@@ -146,7 +156,7 @@ class MariaDBEngine:
             if "is not running" in reason or "No such container" in reason:
                 raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
             return reason
-        return None if done.ok else done.describe_failure()
+        return probe_verdict(done.ok, done.stdout.decode(errors="replace"), "" if done.ok else done.describe_failure())
 
 
 def _masker(ctx: JobContext, target: Target) -> Masker:
