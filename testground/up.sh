@@ -4,7 +4,8 @@
 # outside the clone, under $BW_TESTGROUND (default /var/lib/backup-watcher-test), so that
 # images and tools survive between runs; every step is skipped when its product is there.
 #
-#   eval "$(testground/up.sh)"          # engine + PostgreSQL 15/17 images + restic 0.18 + rest-server 0.13
+#   eval "$(testground/up.sh)"          # engine + PostgreSQL 15/17, MariaDB (bookworm 10.11, trixie 11.8) and
+#                                       # Redis images + restic 0.18 + rest-server 0.13
 #   BW_TESTGROUND_PARTS=engine,pg15 ... # only some parts (the demo needs no PG 17)
 #
 # Progress goes to stderr; only the export lines go to stdout.
@@ -12,7 +13,7 @@ set -euo pipefail
 
 TG=${BW_TESTGROUND:-/var/lib/backup-watcher-test}
 RUN=${BW_TESTGROUND_RUN:-/run/backup-watcher-test}
-PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,restserver,prometheus,pybase,proxy}
+PARTS=${BW_TESTGROUND_PARTS:-engine,pg15,pg17,restic,restserver,prometheus,pybase,proxy,mariadb,redis}
 MIRROR=${BW_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # BW_ENGINE_HOST: use this already running engine instead of starting a private one.
@@ -176,6 +177,65 @@ build_pg_image() {
         - "$tag" >/dev/null
 }
 
+# --- MariaDB and Redis images from Debian packages (engines beside PostgreSQL, SPEC §13) -----------
+# debootstrap_rootfs NAME SUITE PACKAGES: a minbase root file system under $TG/rootfs/NAME with PACKAGES,
+# made once (about two minutes each on a bare machine, mostly downloads; the three run at once).
+debootstrap_rootfs() {
+    local name=$1 suite=$2 packages=$3 root="$TG/rootfs/$1"
+    [ -f "$root/.complete" ] && return 0
+    log "debootstrap $suite with $packages (about two minutes)"
+    remove_rootfs "$root"
+    mkdir -p "$root"
+    debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$MIRROR" >"$TG/rootfs/$name.log" 2>&1 || {
+        tail -n 30 "$TG/rootfs/$name.log" >&2
+        exit 1
+    }
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    touch "$root/.complete"
+}
+
+have_image() { DOCKER_HOST="$ENGINE_HOST" docker image inspect "$1" >/dev/null 2>&1; }
+
+# MariaDB of Debian SUITE as backup-watcher-test/mariadb:SUITE, with the official image's env contract
+# (testground/mariadb-entrypoint.sh). Debian's postinst made a data directory: it goes, so that the
+# first start initialises one from the env as the official image does.
+build_mariadb_image() {
+    local suite=$1 tag="backup-watcher-test/mariadb:$1"
+    local image_version
+    image_version=$(sha256sum "$HERE/mariadb-entrypoint.sh" | cut -c1-12)
+    if DOCKER_HOST="$ENGINE_HOST" docker image inspect "$tag" \
+        --format '{{index .Config.Labels "backup-watcher-test.entrypoint"}}' 2>/dev/null | grep -qx "$image_version"; then
+        return 0
+    fi
+    local root="$TG/rootfs/mariadb-$suite"
+    debootstrap_rootfs "mariadb-$suite" "$suite" mariadb-server,mariadb-client,util-linux  # made already: a no-op
+    rm -rf "$root"/var/lib/mysql/*
+    install -m 0755 "$HERE/mariadb-entrypoint.sh" "$root/usr/local/bin/docker-entrypoint.sh"
+    mkdir -p "$root/docker-entrypoint-initdb.d"
+    log "importing $tag"
+    tar -C "$root" --exclude=./.complete -c . | DOCKER_HOST="$ENGINE_HOST" docker import \
+        -c 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' \
+        -c "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" -c 'ENV LANG=C.UTF-8' \
+        -c "LABEL backup-watcher-test.entrypoint=$image_version" \
+        - "$tag" >/dev/null
+}
+
+# Redis of Debian bookworm as backup-watcher-test/redis:bookworm: the official image's way of running
+# (redis-server in the foreground, data in /data), for the engine=command tests.
+build_redis_image() {
+    local tag="backup-watcher-test/redis:bookworm"
+    if DOCKER_HOST="$ENGINE_HOST" docker image inspect "$tag" >/dev/null 2>&1; then
+        return 0
+    fi
+    local root="$TG/rootfs/redis-bookworm"
+    debootstrap_rootfs redis-bookworm bookworm redis-server,redis-tools
+    mkdir -p "$root/data"
+    log "importing $tag"
+    tar -C "$root" --exclude=./.complete -c . | DOCKER_HOST="$ENGINE_HOST" docker import \
+        -c "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" -c 'ENV LANG=C.UTF-8' \
+        -c 'WORKDIR /data' -c 'CMD ["redis-server", "--dir", "/data"]' - "$tag" >/dev/null
+}
+
 # --- a Python base image from Debian packages, for building the watcher's image without a registry ---
 build_python_base() {
     local tag="backup-watcher-test/python-base:bookworm"
@@ -205,7 +265,7 @@ need=(ca-certificates)
 if want engine && { [ -z "${BW_ENGINE_HOST:-}" ] || ! command -v docker >/dev/null; }; then
     need+=(docker.io)
 fi
-{ want pg15 || want pg17 || want pybase; } && need+=(debootstrap)
+{ want pg15 || want pg17 || want pybase || want mariadb || want redis; } && need+=(debootstrap)
 want proxy && need+=(haproxy docker-compose)
 { want restic || want restserver; } && need+=(gnupg)
 want prometheus && need+=(prometheus)
@@ -219,6 +279,25 @@ if want engine; then
     want pg15 && build_pg_image 15 bookworm
     want pg17 && build_pg_image 17 trixie
     want pybase && build_python_base
+    if want mariadb || want redis; then
+        # The three root file systems download at once: about 2.5 minutes on a bare machine, not 6.
+        rootfs_jobs=()
+        for suite in bookworm trixie; do
+            if want mariadb && ! have_image "backup-watcher-test/mariadb:$suite"; then
+                debootstrap_rootfs "mariadb-$suite" "$suite" mariadb-server,mariadb-client,util-linux &
+                rootfs_jobs+=($!)
+            fi
+        done
+        if want redis && ! have_image backup-watcher-test/redis:bookworm; then
+            debootstrap_rootfs redis-bookworm bookworm redis-server,redis-tools &
+            rootfs_jobs+=($!)
+        fi
+        for job in "${rootfs_jobs[@]}"; do
+            wait "$job" || { log "a debootstrap failed (see $TG/rootfs/*.log)"; exit 1; }
+        done
+    fi
+    if want mariadb; then build_mariadb_image bookworm && build_mariadb_image trixie; fi
+    want redis && build_redis_image
 fi
 
 echo "export DOCKER_HOST=$ENGINE_HOST"

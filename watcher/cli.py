@@ -349,6 +349,10 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
     targets, _ = select_targets(app, args.targets)
     if not args.targets:
         targets = [t for t in targets if t.drill]
+    for target in (t for t in targets if t.engine == "command"):
+        print(f"{target.name}: engine=command has no restore drill (its backup is opaque to the watcher)",
+              file=sys.stderr)
+    targets = [t for t in targets if t.engine != "command"]
     if not targets:
         print("no targets to drill", file=sys.stderr)
         return EXIT_OK
@@ -382,7 +386,7 @@ def _print_drill_result(result: DrillResult) -> None:
 def _snapshot_row(snap: Snapshot) -> dict[str, object]:
     return {"id": snap.id, "short_id": snap.short_id, "time": snap.time.isoformat(), "host": snap.host,
             "target": snap.container, "database": snap.database, "bytes": snap.bytes,
-            "kind": "globals" if snap.globals else "database"}
+            "kind": "globals" if snap.globals else "database", "engine": snap.engine}
 
 
 def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
@@ -427,6 +431,10 @@ def cmd_restore(app: App, args: argparse.Namespace) -> int:
 
         return recover_host(app, args)
     snapshot, listed = _restore_snapshot(app, args)
+    if snapshot.engine != "postgres":
+        from watcher.engines.restoring import restore_other_engine
+
+        return restore_other_engine(app, args, snapshot)
     destination_name = args.into or args.target
     destination = destination_of(app, destination_name)
     if destination is None:

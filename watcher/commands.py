@@ -19,6 +19,10 @@ SNAPSHOT_TAG = "backup-watcher"
 CONTAINER_TAG = "container="
 DATABASE_TAG = "database="
 DUMP_SUFFIX = ".pgdump"
+# A snapshot of another engine than PostgreSQL says which wrote it (SPEC §13). PostgreSQL's carry no
+# engine tag, as before engines: restic forget groups snapshots by their tags, and a new tag on them would
+# start a second history beside the old one, whose snapshots retention would then never thin out.
+ENGINE_TAG = "engine="
 # A container's globals (roles, memberships, role settings) are a snapshot of their own, tagged
 # `globals` instead of `database=…`, under one constant file name (SPEC §6, §10).
 GLOBALS_TAG = "globals"
@@ -41,14 +45,15 @@ def decode_name(encoded: str) -> str:
     return urllib.parse.unquote(encoded)
 
 
-def snapshot_tags(container: str, database: str) -> tuple[str, ...]:
-    """The tags that identify a (container, database) pair's snapshots."""
-    return (SNAPSHOT_TAG, CONTAINER_TAG + container, DATABASE_TAG + encode_name(database))
+def snapshot_tags(container: str, database: str, engine: str = "postgres") -> tuple[str, ...]:
+    """The tags that identify a (container, database) pair's snapshots, and the engine that wrote them
+    (none for PostgreSQL: see ENGINE_TAG)."""
+    return (SNAPSHOT_TAG, CONTAINER_TAG + container, DATABASE_TAG + encode_name(database), *engine_tags(engine))
 
 
-def globals_tags(container: str) -> tuple[str, ...]:
-    """The tags that identify a container's globals snapshots."""
-    return (SNAPSHOT_TAG, CONTAINER_TAG + container, GLOBALS_TAG)
+def globals_tags(container: str, engine: str = "postgres") -> tuple[str, ...]:
+    """The tags that identify a container's globals snapshots, and the engine that wrote them."""
+    return (SNAPSHOT_TAG, CONTAINER_TAG + container, GLOBALS_TAG, *engine_tags(engine))
 
 
 def history_tags(container: str, database: str) -> tuple[str, ...]:
@@ -56,9 +61,16 @@ def history_tags(container: str, database: str) -> tuple[str, ...]:
     return globals_tags(container) if database == GLOBALS_DATABASE else snapshot_tags(container, database)
 
 
-def dump_filename(database: str) -> str:
-    """The constant, flat --stdin-filename of a database (restic 0.18.0 rejects directories)."""
-    return encode_name(database) + DUMP_SUFFIX
+
+def engine_tags(engine: str) -> tuple[str, ...]:
+    """The engine tag of a snapshot: none for PostgreSQL (see ENGINE_TAG), else `engine=NAME`."""
+    return () if engine == "postgres" else (ENGINE_TAG + engine,)
+
+
+def dump_filename(database: str, suffix: str = DUMP_SUFFIX) -> str:
+    """The constant, flat --stdin-filename of a database (restic 0.18.0 rejects directories); `suffix` is
+    the engine's (`.pgdump`, `.sql`, `.dump`)."""
+    return encode_name(database) + suffix
 
 
 def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[str] = (),
@@ -194,21 +206,22 @@ RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def restic_backup(restic: str, *, host: str, container: str, database: str, source: Command,
-                  snapshot_time: datetime | None = None) -> Command:
+                  snapshot_time: datetime | None = None, engine: str = "postgres",
+                  suffix: str = DUMP_SUFFIX) -> Command:
     """restic backup that runs `source` and stores its stdout as one snapshot.
 
     restic writes no snapshot unless `source` exits 0 (--stdin-from-command, restic >= 0.17).
     With `snapshot_time` (whole seconds are kept) the snapshot carries that time, written in UTC:
     restic reads --time in its local zone, so it must run with TZ=UTC (RESTIC_TIME_ENV).
     """
-    return _restic_backup(restic, host, dump_filename(database), snapshot_tags(container, database), source,
-                          snapshot_time)
+    return _restic_backup(restic, host, dump_filename(database, suffix), snapshot_tags(container, database, engine),
+                          source, snapshot_time)
 
 
 def restic_backup_globals(restic: str, *, host: str, container: str, source: Command,
-                          snapshot_time: datetime | None = None) -> Command:
+                          snapshot_time: datetime | None = None, engine: str = "postgres") -> Command:
     """restic backup of a container's globals (`source`'s stdout), as restic_backup does a database's."""
-    return _restic_backup(restic, host, GLOBALS_FILENAME, globals_tags(container), source, snapshot_time)
+    return _restic_backup(restic, host, GLOBALS_FILENAME, globals_tags(container, engine), source, snapshot_time)
 
 
 def _restic_backup(restic: str, host: str, filename: str, tags: Sequence[str], source: Command,
@@ -239,9 +252,9 @@ def restic_snapshots(restic: str, *, host: str | None = None, container: str | N
     return tuple(argv)
 
 
-def restic_dump(restic: str, snapshot_id: str, database: str) -> Command:
-    """restic dump of one database's dump file from a snapshot, to stdout."""
-    return (restic, "dump", snapshot_id, "/" + dump_filename(database))
+def restic_dump(restic: str, snapshot_id: str, database: str, suffix: str = DUMP_SUFFIX) -> Command:
+    """restic dump of one database's dump file (named with its engine's `suffix`) from a snapshot, to stdout."""
+    return (restic, "dump", snapshot_id, "/" + dump_filename(database, suffix))
 
 
 def restic_dump_globals(restic: str, snapshot_id: str) -> Command:

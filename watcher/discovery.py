@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TypeVar
 
+from watcher import engines
 from watcher.config import Retention
 from watcher.settings import BOOL, CRON, Invalid, Kind, duration, whole
 
@@ -22,7 +23,7 @@ ROLE_LABEL = "backup-watcher.role"
 KNOWN_LABELS = frozenset(
     {
         "enable", "schedule", "databases", "user", "keep-daily", "keep-weekly", "keep-monthly", "drill", "role",
-        "lock-wait-timeout", "stall-timeout",
+        "lock-wait-timeout", "stall-timeout", "engine", "dump-command", "restore-command",
     }
 )
 ALL_DATABASES = "all"
@@ -84,6 +85,9 @@ class Credentials:
     user: str
     database: str
     password: str | None = field(default=None, repr=False)
+    # MariaDB/MySQL: the container env variable that holds the password (or, with _FILE, names its file);
+    # the command in the container reads it there, so the password never crosses the exec API or argv.
+    password_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ class Target:
     lock_wait_timeout_s: float | None = None  # its own bound on lock waits; None: WATCHER_LOCK_WAIT_TIMEOUT
     stall_timeout_s: float | None = None  # its own bound on a silent dump stream; None: WATCHER_STALL_TIMEOUT
     init: bool = False  # runs an init process as PID 1; its drills do too
+    engine: str = engines.POSTGRES  # one of engines.ENGINES
+    dump_command: str | None = None  # engine=command: run inside the container, its stdout is the backup
+    restore_command: str | None = None  # engine=command: run inside the container, reads the backup on stdin
 
     @property
     def all_databases(self) -> bool:
@@ -152,6 +159,30 @@ def credentials_of(env: Mapping[str, str], user_label: str | None = None) -> Cre
     database = env.get("POSTGRES_DB") or env_user
     password = env.get("POSTGRES_PASSWORD") or None
     return Credentials(user=user, database=database, password=password if user == env_user else None)
+
+
+def mariadb_credentials_of(env: Mapping[str, str], user_label: str | None = None) -> Credentials:
+    """Reads the official MariaDB/MySQL images' variables: root with MARIADB_ROOT_PASSWORD or
+    MYSQL_ROOT_PASSWORD (or their _FILE), else MARIADB_USER / MYSQL_USER with its *_PASSWORD; the
+    database is MARIADB_DATABASE / MYSQL_DATABASE ("" when there is none). A user label overrides the
+    user; a password is known (by its variable's name) only for the user it belongs to.
+    """
+    def first(*names: str) -> str | None:
+        return next((name for name in names if env.get(name) or env.get(name + "_FILE")), None)
+
+    root_variable = first("MARIADB_ROOT_PASSWORD", "MYSQL_ROOT_PASSWORD")
+    env_user = env.get("MARIADB_USER") or env.get("MYSQL_USER")
+    database = env.get("MARIADB_DATABASE") or env.get("MYSQL_DATABASE") or ""
+    default_user = "root" if root_variable or not env_user else env_user
+    user = user_label or default_user
+    if user == "root":
+        variable = root_variable
+    elif user == env_user:
+        variable = first("MARIADB_PASSWORD", "MYSQL_PASSWORD")
+    else:
+        variable = None
+    password = (env.get(variable) or None) if variable else None
+    return Credentials(user=user, database=database, password=password, password_env=variable)
 
 
 def _label(labels: Mapping[str, str], key: str, kind: Kind[T], problems: list[str]) -> T | None:
@@ -213,10 +244,18 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
     schedule = _label(labels, "schedule", CRON, problems) or rules.schedule
     retention = _retention(labels, rules.retention, problems)
     drill = _label(labels, "drill", BOOL, problems) is not False
-    credentials = credentials_of(container.env, _user_label(labels, problems))
+    engine = _engine(container, labels, problems)
+    user = _user_label(labels, problems)
+    credentials = (mariadb_credentials_of(container.env, user) if engine in (engines.MARIADB, engines.MYSQL)
+                   else credentials_of(container.env, user))
     databases = _label(labels, "databases", DATABASES, problems)
     lock_wait = _label(labels, "lock-wait-timeout", LOCK_WAIT, problems)
     stall_timeout = _label(labels, "stall-timeout", STALL_TIMEOUT, problems)
+    if engine == engines.COMMAND:
+        databases = (engines.COMMAND_DATABASE,)
+    elif databases is None:
+        # No database named by env (a MariaDB without MARIADB_DATABASE): every database of the server.
+        databases = (credentials.database,) if credentials.database else ()
     if problems:
         return Rejected(container.id, container.name, tuple(problems))
     return Target(
@@ -224,7 +263,7 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
         name=container.name,
         image=container.image,
         credentials=credentials,
-        databases=(credentials.database,) if databases is None else databases,
+        databases=databases,
         schedule=schedule,
         retention=retention,
         drill=drill,
@@ -233,7 +272,42 @@ def _target(container: ContainerInfo, rules: DiscoveryRules, labels: Mapping[str
         lock_wait_timeout_s=lock_wait,
         stall_timeout_s=stall_timeout,
         init=container.init,
+        engine=engine,
+        dump_command=_command_label(labels, "dump-command"),
+        restore_command=_command_label(labels, "restore-command"),
     )
+
+
+def _command_label(labels: Mapping[str, str], key: str) -> str | None:
+    """The stripped value of a command label, None when absent or blank."""
+    return (labels.get(key) or "").strip() or None
+
+
+def _engine(container: ContainerInfo, labels: Mapping[str, str], problems: list[str]) -> str:
+    """The target's engine: the engine label, else command when a dump-command label is there, else the one
+    the env contract names. A command label on another engine, an engine=command without its dump command,
+    or databases/user labels on one are problems (appended)."""
+    raw = labels.get("engine")
+    dump_command = _command_label(labels, "dump-command")
+    if raw is None:
+        engine = engines.COMMAND if dump_command else engines.engine_from_env(container.env)
+    else:
+        engine = raw.strip().lower()
+        if engine not in engines.ENGINES:
+            problems.append(f"label {LABEL_PREFIX}engine={raw!r}: one of {', '.join(engines.ENGINES)}")
+            return engines.engine_from_env(container.env)
+    if engine == engines.COMMAND:
+        if dump_command is None:
+            problems.append(f"label {LABEL_PREFIX}engine=command needs {LABEL_PREFIX}dump-command (the command "
+                            "run inside the container whose stdout is the backup, e.g. redis-cli --rdb -)")
+        problems.extend(f"label {LABEL_PREFIX}{key}: not for engine=command (its backup is the dump command's "
+                        "output)" for key in ("databases", "user") if key in labels)
+        if "restore-command" in labels and _command_label(labels, "restore-command") is None:
+            problems.append(f"label {LABEL_PREFIX}restore-command: must not be empty")
+    else:
+        problems.extend(f"label {LABEL_PREFIX}{key}: only for engine=command (this container's engine is "
+                        f"{engine})" for key in ("dump-command", "restore-command") if key in labels)
+    return engine
 
 
 def _retention(labels: Mapping[str, str], default: Retention, problems: list[str]) -> Retention:

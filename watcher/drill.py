@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands, dbproperties, readiness, roles
+from watcher import commands, dbproperties, engines, readiness, roles
 from watcher.clock import SystemClock
 from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.engines.mariadb_drill import MariaDBDriller
 from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
 from watcher.jobs import (
     PROBE_TIMEOUT_SECONDS,
@@ -154,7 +155,11 @@ class Driller:
 
     def drill_target(self, target: Target,
                      on_result: Callable[[DrillResult], None] | None = None) -> list[DrillResult]:
-        """Drills the latest snapshot of every database of a target; never raises."""
+        """Drills the latest snapshot of every database of a target (none for engine=command, which has no
+        drill: its backup is opaque to the watcher); never raises."""
+        if target.engine == engines.COMMAND:
+            log.info("drill_not_available", target=target.name, engine=target.engine)
+            return []
         try:
             found = self.ctx.repository.snapshots(host=self.ctx.host, container=target.name, include_globals=True)
         except ResticError as exc:
@@ -191,6 +196,8 @@ class Driller:
                        globals_snapshot: Snapshot | None = None) -> DrillResult:
         """Restores one snapshot into a throwaway container, with the roles of `globals_snapshot` (the
         same pass's) created first as a recovery on a fresh host would, and checks it; never raises."""
+        if target.engine in (engines.MARIADB, engines.MYSQL):
+            return MariaDBDriller(self).drill_database(target, database, snapshot)
         run_id = new_run_id()
         started = time.monotonic()
         bound = log.bind(target=target.name, database=database, run_id=run_id, snapshot_id=snapshot.short_id)

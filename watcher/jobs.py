@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from watcher import commands, readiness
+from watcher import commands, engines, readiness
 from watcher.clock import SystemClock
 from watcher.config import Bounds
 from watcher.discovery import Target
@@ -163,7 +163,18 @@ def stall_problem(detail: str) -> tuple[str | None, str]:
     return None, detail
 
 
+def server_name(target: Target) -> str:
+    """The name of the target's server in messages: PostgreSQL, MariaDB, MySQL, or the container's own."""
+    names = {engines.POSTGRES: "PostgreSQL", engines.MARIADB: "MariaDB", engines.MYSQL: "MySQL"}
+    return names.get(target.engine, f"the server in {target.name}")
+
+
 def list_databases(ctx: JobContext, target: Target) -> list[str]:
+    """Asks the target's engine for every database a backup of `all` covers; raises JobError."""
+    return engines.engine_named(target.engine).list_databases(ctx, target)
+
+
+def pg_list_databases(ctx: JobContext, target: Target) -> list[str]:
     """Asks the container's PostgreSQL for every non-template database; raises JobError."""
     try:
         done = run_on_live(ctx, target, commands.list_databases_command(), target.credentials.database)
@@ -186,6 +197,12 @@ _PG_ISREADY_CODES = {1: "the server rejects connections (starting up?)", 2: "no 
 
 
 def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
+    """The engine's readiness probe, once: None when the server accepts connections, else why not.
+    Raises JobError naming the container when it is gone or stopped."""
+    return engines.engine_named(target.engine).not_ready_reason(ctx, target)
+
+
+def pg_not_ready_reason(ctx: JobContext, target: Target) -> str | None:
     """One pg_isready in the container; returns None when PostgreSQL accepts connections, else why
     not. Raises JobError naming the container when it is gone or stopped."""
     try:
@@ -214,9 +231,10 @@ def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (last := _not_ready_reason(ctx, target)) is not None:
         if ctx.cancel.is_set():
-            raise JobError(f"aborted by shutdown while waiting for PostgreSQL in {target.name}")
+            raise JobError(f"aborted by shutdown while waiting for {server_name(target)} in {target.name}")
         if time.monotonic() >= deadline:
-            raise NotReady(f"PostgreSQL in {target.name} did not accept connections within {timeout:.0f}s: {last}")
+            raise NotReady(f"{server_name(target)} in {target.name} did not accept connections within "
+                           f"{timeout:.0f}s: {last}")
         ctx.cancel.wait(1.0)
 
 
@@ -397,38 +415,48 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
 
 def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
                      role_passwords: bool) -> tuple[Command, dict[str, str]]:
-    """restic backup of the container's globals (through the exec helper, sealed) and its environment."""
+    """restic backup of the container's globals (the engine's sealed source) and its environment."""
+    engine = engines.engine_named(target.engine)
+    source, source_env = engine.globals_source(ctx, target, role_passwords)
+    argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
+                                          source=source, snapshot_time=snapshot_time, engine=engine.name)
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host, **source_env}
+    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
+
+
+def pg_globals_source(ctx: JobContext, target: Target, role_passwords: bool) -> tuple[Command, dict[str, str]]:
+    """pg_dumpall --globals-only through the exec helper (sealed), and PGPASSWORD for it when known."""
     creds = target.credentials
     source = commands.exec_helper(
         target.container_id, commands.pg_dumpall_globals_command(role_passwords=role_passwords),
         env_values=commands.pg_env(creds.user, creds.database),
         env_names=["PGPASSWORD"] if creds.password else [], seal=True, stall_timeout_s=stall_timeout_of(ctx, target),
     )
-    argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
-                                          source=source, snapshot_time=snapshot_time)
-    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
-    if creds.password:
-        env["PGPASSWORD"] = creds.password
-    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
+    return source, {"PGPASSWORD": creds.password} if creds.password else {}
 
 
 def _backup_command(ctx: JobContext, target: Target, database: str,
                     snapshot_time: datetime) -> tuple[Command, dict[str, str]]:
-    """restic backup of one database's dump (through the exec helper, sealed) and its environment."""
+    """restic backup of one database's dump (the engine's sealed source) and its environment."""
+    engine = engines.engine_named(target.engine)
+    source, source_env = engine.dump_source(ctx, target, database)
+    argv = commands.restic_backup(
+        ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
+        snapshot_time=snapshot_time, engine=engine.name, suffix=engine.dump_suffix,
+    )
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host, **source_env}
+    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
+
+
+def pg_dump_source(ctx: JobContext, target: Target, database: str) -> tuple[Command, dict[str, str]]:
+    """pg_dump of `database` through the exec helper (sealed), and PGPASSWORD for it when known."""
     creds = target.credentials
     source = commands.exec_helper(
         target.container_id, commands.pg_dump_command(lock_wait_of(ctx, target)),
         env_values=commands.pg_env(creds.user, database),
         env_names=["PGPASSWORD"] if creds.password else [], seal=True, stall_timeout_s=stall_timeout_of(ctx, target),
     )
-    argv = commands.restic_backup(
-        ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
-        snapshot_time=snapshot_time,
-    )
-    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host}
-    if creds.password:
-        env["PGPASSWORD"] = creds.password
-    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
+    return source, {"PGPASSWORD": creds.password} if creds.password else {}
 
 
 def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, started_at: datetime,
@@ -514,7 +542,8 @@ def backup_target(ctx: JobContext, target: Target, *, ready: bool = False) -> li
             log_failed_backup(result)
         return failed
     # The globals first: a restore on a fresh host takes the globals snapshot at or before a database's.
-    results = [_backup_with_one_wait(ctx, target, commands.GLOBALS_DATABASE, run_id, wait, started)]
+    results = ([_backup_with_one_wait(ctx, target, commands.GLOBALS_DATABASE, run_id, wait, started)]
+               if engines.engine_named(target.engine).has_globals(target) else [])
     for database in databases:
         if ctx.cancel.is_set():
             break
@@ -555,7 +584,8 @@ def _backup_with_one_wait(ctx: JobContext, target: Target, database: str, run_id
         log_failed_backup(result)
         return result
     wait.may_wait = False
-    log.warning("postgres_not_ready", target=target.name, database=database, run_id=run_id,
+    event = "postgres_not_ready" if target.engine == engines.POSTGRES else "server_not_ready"
+    log.warning(event, target=target.name, database=database, run_id=run_id,
                 error=result.error, wait_s=wait.wait_s)
     try:
         wait_until_ready(ctx, target, wait.wait_s)

@@ -44,7 +44,9 @@ class TargetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yields the gauge families; reads only cached state."""
         now = self._clock()
-        per_db = ["target", "database"]
+        # `engine` (SPEC §13) on the per-target gauges: one engine per target, so the rules' and dashboards'
+        # joins on (job, instance, target) stay one-to-one.
+        per_db = ["target", "database", "engine"]
         success = GaugeMetricFamily(PREFIX + "last_success_timestamp_seconds",
                                     "Unix time of the last successful backup", labels=per_db)
         failure = GaugeMetricFamily(PREFIX + "last_failure_timestamp_seconds",
@@ -54,27 +56,29 @@ class TargetCollector(Collector):
         age = GaugeMetricFamily(PREFIX + "snapshot_age_seconds",
                                 "Seconds since the newest snapshot in the repository", labels=per_db)
         interval = GaugeMetricFamily(PREFIX + "schedule_interval_seconds",
-                                     "Longest gap between two scheduled backups", labels=["target"])
+                                     "Longest gap between two scheduled backups", labels=["target", "engine"])
         next_run = GaugeMetricFamily(PREFIX + "next_run_timestamp_seconds",
-                                     "Unix time of the next scheduled backup", labels=["target"])
+                                     "Unix time of the next scheduled backup", labels=["target", "engine"])
         failures = GaugeMetricFamily(PREFIX + "consecutive_failures",
-                                     "Backups failed in a row (0 when the last one succeeded)", labels=["target"])
+                                     "Backups failed in a row (0 when the last one succeeded)",
+                                     labels=["target", "engine"])
         anomaly = GaugeMetricFamily(PREFIX + "size_anomaly",
                                     "1 while the newest dump is a flagged shrunken dump (WATCHER_SHRINK_THRESHOLD)",
-                                    labels=per_db)
+                                    labels=["target", "database"])
         states = GaugeMetricFamily(PREFIX + "targets", "Watched containers by state", labels=["state"])
         counts = dict.fromkeys(STATES, 0)
         for entry in self._targets.view():
             counts[entry.state] += 1
             if entry.target is None:
                 continue
+            engine = entry.target.engine
             if entry.interval_s is not None:
-                interval.add_metric([entry.name], entry.interval_s)
+                interval.add_metric([entry.name, engine], entry.interval_s)
             if entry.next_run is not None and not entry.stopped:
-                next_run.add_metric([entry.name], entry.next_run.timestamp())
-            failures.add_metric([entry.name], entry.consecutive_failures)
+                next_run.add_metric([entry.name, engine], entry.next_run.timestamp())
+            failures.add_metric([entry.name, engine], entry.consecutive_failures)
             for database, db in sorted(entry.databases.items()):
-                _add_database_series([entry.name, database], db, now, success=success, failure=failure,
+                _add_database_series([entry.name, database, engine], db, now, success=success, failure=failure,
                                      snapshot=snapshot, age=age, anomaly=anomaly)
         for state, count in counts.items():
             states.add_metric([state], count)
@@ -84,7 +88,8 @@ class TargetCollector(Collector):
 def _add_database_series(labels: list[str], db: DatabaseState, now: float, *, success: GaugeMetricFamily,
                          failure: GaugeMetricFamily, snapshot: GaugeMetricFamily, age: GaugeMetricFamily,
                          anomaly: GaugeMetricFamily) -> None:
-    """Adds one database's samples to the per-database families, where it has a value for them."""
+    """Adds one database's samples (`labels`: target, database, engine) to the per-database families, where it
+    has a value for them."""
     if db.last_success is not None:
         success.add_metric(labels, db.last_success.timestamp())
     if db.last_failure is not None:
@@ -93,7 +98,7 @@ def _add_database_series(labels: list[str], db: DatabaseState, now: float, *, su
         snapshot.add_metric(labels, db.last_snapshot.timestamp())
         age.add_metric(labels, max(0.0, now - db.last_snapshot.timestamp()))
     if db.size_anomaly is not None:
-        anomaly.add_metric(labels, 1 if db.size_anomaly else 0)
+        anomaly.add_metric(labels[:2], 1 if db.size_anomaly else 0)  # (target, database): as SPEC §11 names it
 
 
 class RunningJobCollector(Collector):

@@ -88,6 +88,12 @@ def recover_host(app: App, args: argparse.Namespace) -> int:
 def _plan(app: App, name: str, snapshots: list[Snapshot], listed: list[Snapshot]) -> ContainerPlan:
     """What restoring one container's databases takes; a problem is kept in the plan, never raised."""
     plan = ContainerPlan(name, snapshots)
+    other = sorted({snap.engine for snap in snapshots} - {"postgres"})
+    if other:
+        # MariaDB/MySQL and engine=command restores (watcher.engines.restoring) know no roles step yet.
+        plan.problem = (f"its snapshots are {', '.join(other)}'s: restore --all restores PostgreSQL only; restore "
+                        f"them one by one with `backup-watcher restore {name} latest --database DB --host HOST`")
+        return plan
     destination = destination_of(app, name)
     if destination is None:
         plan.problem = (f"no running container named {name} on this engine: start it (same name, image and "

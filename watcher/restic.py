@@ -84,6 +84,7 @@ class Snapshot:
     globals: bool = False
     # `backup-watcher ack` accepted this snapshot's size as its history's new normal (commands.ACK_TAG).
     acked: bool = False
+    engine: str = "postgres"  # the engine that wrote it (tag engine=…); older snapshots without the tag: postgres
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
@@ -91,6 +92,7 @@ class Snapshot:
         tags = [str(tag) for tag in item.get("tags") or []]  # type: ignore[attr-defined]
         container = next((t[len(commands.CONTAINER_TAG):] for t in tags if t.startswith(commands.CONTAINER_TAG)), None)
         database = next((t[len(commands.DATABASE_TAG):] for t in tags if t.startswith(commands.DATABASE_TAG)), None)
+        engine = next((t[len(commands.ENGINE_TAG):] for t in tags if t.startswith(commands.ENGINE_TAG)), "postgres")
         is_globals = database is None and commands.GLOBALS_TAG in tags
         if is_globals:
             database = commands.encode_name(commands.GLOBALS_DATABASE)
@@ -109,6 +111,7 @@ class Snapshot:
             bytes=int(size) if isinstance(size, int) else None,
             globals=is_globals,
             acked=commands.ACK_TAG in tags,
+            engine=engine,
         )
 
 

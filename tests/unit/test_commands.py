@@ -282,3 +282,14 @@ def test_globals_are_forgotten_with_their_container_as_a_history_of_their_own() 
 def test_pg_dumpall_globals_command() -> None:
     assert commands.pg_dumpall_globals_command() == ("pg_dumpall", "--globals-only", "--no-password")
     assert commands.pg_dumpall_globals_command(role_passwords=False)[-1] == "--no-role-passwords"
+
+
+def test_snapshots_of_other_engines_say_which_and_postgres_keeps_its_tags() -> None:
+    # PostgreSQL's tags stay as they were, so that retention's groups (host, tags) go on unbroken.
+    assert commands.snapshot_tags("c", "d") == commands.snapshot_tags("c", "d", "postgres")
+    argv = commands.restic_backup("restic", host="h", container="c", database="shop", source=("true",),
+                                  engine="mariadb", suffix=".sql")
+    assert argv[argv.index("--stdin-filename") + 1] == "shop.sql"
+    assert "engine=mariadb" in argv
+    assert commands.restic_dump("restic", "1a2b", "shop", ".sql") == ("restic", "dump", "1a2b", "/shop.sql")
+    assert "engine=mariadb" in commands.globals_tags("c", "mariadb")

@@ -3,6 +3,7 @@ staleness and the pages they cause (real registry, real metrics, real alert poli
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -64,7 +65,7 @@ def test_a_failed_dump_is_retried_with_back_off_paged_once_and_recovered_once() 
     assert world.pages.kinds() == [Kind.FAILED]
     assert "role dumper does not exist" in world.pages.sent[0].body and SECRET not in world.pages.sent[0].body
     assert world.sample(BACKUPS, target=NAME, database="app", result="failure") == 3
-    assert world.sample("backup_watcher_consecutive_failures", target=NAME) == 3
+    assert world.sample("backup_watcher_consecutive_failures", target=NAME, engine="postgres") == 3
     succeeded(world)
     entry = world.registry.get(ID)
     assert entry is not None and entry.consecutive_failures == 0 and entry.state == "ok" and entry.last_error is None
@@ -74,8 +75,8 @@ def test_a_failed_dump_is_retried_with_back_off_paged_once_and_recovered_once() 
     succeeded(world)
     assert len(world.pages.sent) == 2, "successes after the recovery page nobody"
     assert world.sample(BACKUPS, target=NAME, database="app", result="success") == 2
-    assert world.sample("backup_watcher_last_success_timestamp_seconds", target=NAME, database="app") == (
-        world.clock.now().timestamp())
+    assert world.sample("backup_watcher_last_success_timestamp_seconds", target=NAME, database="app",
+                        engine="postgres") == world.clock.now().timestamp()
 
 
 def test_a_backup_aborted_at_shutdown_is_counted_but_neither_paged_nor_retried_early() -> None:
@@ -264,3 +265,14 @@ def test_drills_are_counted_per_database_and_paged_per_target() -> None:
                         database="app") == T0.timestamp()
     assert world.pages.titles() == ["[backup-watcher] FAILED: restore drill of b-db"]
     assert "9 rows restored" in world.pages.sent[0].body
+
+
+def test_the_per_target_gauges_carry_the_targets_engine() -> None:
+    world = World()
+    entry = make_entry(NAME)
+    assert entry.target is not None
+    world.registry.register(dataclasses.replace(entry, target=dataclasses.replace(entry.target, engine="mariadb")))
+    succeeded(world)
+    assert world.sample("backup_watcher_last_success_timestamp_seconds", target=NAME, database="app",
+                        engine="mariadb") == world.clock.now().timestamp()
+    assert world.sample("backup_watcher_consecutive_failures", target=NAME, engine="mariadb") == 0

@@ -1,0 +1,93 @@
+"""MariaDB containers for the engine tests: the test ground's images (Debian's MariaDB, the official
+image's env contract), started with --network none, passwords passed by name (never in our argv)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.kit import docker, wait_for
+
+MARIADB_IMAGES = {"bookworm": "backup-watcher-test/mariadb:bookworm",
+                  "trixie": "backup-watcher-test/mariadb:trixie"}
+TEST_LABEL = "backup-watcher-test.owner=pytest"
+# Quotes, a command substitution and a backslash: a password that breaks any careless quoting.
+NASTY_PASSWORD = "it's \"quoted\" $(touch /tmp/pwned) `id` \\ end ✓"
+
+
+@dataclass
+class MariaContainer:
+    """A running MariaDB container of the test engine."""
+
+    name: str
+    password: str
+
+    def sql(self, script: str, database: str = "", check: bool = True) -> str:
+        """Runs `script` as root in the container (password read from the container's env), returns the
+        tab-separated output without column names."""
+        argv = ["exec", "-i", self.name, "sh", "-c",
+                'MYSQL_PWD=$MARIADB_ROOT_PASSWORD; [ -n "$MYSQL_PWD" ] || '
+                'MYSQL_PWD=$(cat "$MARIADB_ROOT_PASSWORD_FILE"); export MYSQL_PWD; '
+                'exec mariadb -uroot --default-character-set=utf8mb4 --batch --skip-column-names "$@"', "sh"]
+        if database:
+            argv.append(database)
+        done = docker(*argv, input=script.encode(), check=False, timeout=300)
+        if check and done.returncode != 0:
+            raise AssertionError(f"mariadb in {self.name} failed: {done.stderr}")
+        return done.stdout.strip()
+
+    def ready(self) -> bool:
+        """Whether the final server (not the entrypoint's temporary one) answers."""
+        running = docker("inspect", "--format", "{{.State.Running}}", self.name, check=False).stdout.strip()
+        if running != "true":
+            raise AssertionError(f"{self.name} stopped: {docker('logs', self.name, check=False).stderr[-2000:]}")
+        probe = docker("exec", self.name, "sh", "-c", "test -S /run/mysqld/mysqld.sock && ! test -S "
+                       "/run/mysqld/init.sock", check=False)
+        return probe.returncode == 0 and self.sql("SELECT 1", check=False) == "1"
+
+
+StartMariaDB = Callable[..., MariaContainer]
+
+
+@pytest.fixture
+def start_mariadb(tmp_path: Path) -> Iterator[StartMariaDB]:
+    """Factory: starts a MariaDB container, waits until its final server answers, removes it after.
+
+    `password_file`: the root password in a file mounted into the container (MARIADB_ROOT_PASSWORD_FILE)
+    instead of the variable.
+    """
+    started: list[str] = []
+
+    def start(name: str, suite: str = "bookworm", *, password: str = NASTY_PASSWORD, database: str = "shop",
+              labels: dict[str, str] | None = None, password_file: bool = False,
+              extra_env: dict[str, str] | None = None) -> MariaContainer:
+        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+                "-e", f"MARIADB_DATABASE={database}"]
+        env = dict(extra_env or {})
+        if password_file:
+            secret = tmp_path / f"{name}.pw"
+            secret.write_text(password)
+            secret.chmod(0o644)
+            argv += ["-v", f"{secret}:/run/secrets/root-pw:ro", "-e", "MARIADB_ROOT_PASSWORD_FILE=/run/secrets/root-pw"]
+        else:
+            env["MARIADB_ROOT_PASSWORD"] = password
+        for key in env:
+            argv += ["-e", key]  # by name: the value never reaches our argv
+        for key, value in (labels or {}).items():
+            argv += ["--label", f"{key}={value}"]
+        started.append(name)
+        docker("rm", "-f", "-v", name, check=False)
+        subprocess.run(["docker", *argv, MARIADB_IMAGES[suite]], check=True, capture_output=True,
+                       env={**os.environ, **env})
+        container = MariaContainer(name, password)
+        wait_for(container.ready, 120, f"MariaDB in {name} to serve", interval=0.5)
+        return container
+
+    yield start
+    for name in started:
+        docker("rm", "-f", "-v", name, check=False)

@@ -1,0 +1,124 @@
+"""engine=command (SPEC §13) with Redis from Debian's packages: the dump command's stdout is the backup,
+through the same integrity gate; restore pipes it into the destination's restore command, or says that it
+has none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.integration.conftest import (
+    TEST_LABEL,
+    DaemonProcess,
+    Repo,
+    StartDaemon,
+    docker,
+    run_watcher,
+    wait_for,
+)
+from tests.integration.mariadb_kit import StartMariaDB
+
+pytestmark = pytest.mark.engine
+
+REDIS_IMAGE = "backup-watcher-test/redis:bookworm"
+DUMP = "redis-cli --rdb - 2>/dev/null"
+# Redis loads an RDB file only at start or on DEBUG RELOAD: the restore command writes it where the server
+# reads it, then reloads it without saving the current data over it first.
+RESTORE = "cat > /data/dump.rdb.new && mv /data/dump.rdb.new /data/dump.rdb && redis-cli debug reload nosave"
+
+StartRedis = Callable[..., str]
+
+
+@pytest.fixture
+def start_redis() -> Iterator[StartRedis]:
+    """Factory: starts a Redis container (--network none) with labels, waits for PONG, removes it after."""
+    started: list[str] = []
+
+    def start(name: str, labels: dict[str, str]) -> str:
+        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL]
+        for key, value in labels.items():
+            argv += ["--label", f"{key}={value}"]
+        started.append(name)
+        docker("rm", "-f", "-v", name, check=False)
+        docker(*argv, REDIS_IMAGE, "redis-server", "--dir", "/data", "--enable-debug-command", "local")
+        wait_for(lambda: docker("exec", name, "redis-cli", "ping", check=False).stdout.strip() == "PONG", 60,
+                 f"Redis in {name}")
+        return name
+
+    yield start
+    for name in started:
+        docker("rm", "-f", "-v", name, check=False)
+
+
+def _contents(name: str) -> tuple[int, str]:
+    """The number of keys and Redis's digest of every key and value (DEBUG DIGEST: equal data, equal digest)."""
+    keys = int(docker("exec", name, "redis-cli", "dbsize").stdout)
+    return keys, docker("exec", name, "redis-cli", "debug", "digest").stdout.strip()
+
+
+def test_redis_backed_up_and_restored_into_a_fresh_container(start_redis: StartRedis, repo: Repo,
+                                                             watcher_env: dict[str, str]) -> None:
+    source = start_redis("bwt-e18-redis-src", {"backup-watcher.engine": "command",
+                                               "backup-watcher.dump-command": DUMP})
+    script = "".join(f"SET key:{i} 'value {i} ✓ with spaces'\n" for i in range(500))
+    docker("exec", "-i", source, "redis-cli", input=script.encode())
+    docker("exec", source, "redis-cli", "set", "binary", "\x01\x02 end")
+    before = _contents(source)
+    assert before[0] == 501
+
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": source}
+    backup = run_watcher(["backup"], env)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    snapshots = repo.snapshots_of(source)
+    assert [s["paths"] for s in snapshots] == [["/stdout.dump"]]
+    assert "engine=command" in snapshots[0]["tags"]
+    assert repo.globals_of(source) == []
+
+    fresh = start_redis("bwt-e18-redis-new", {"backup-watcher.enable": "false",
+                                              "backup-watcher.restore-command": RESTORE})
+    assert _contents(fresh)[0] == 0
+    restore = run_watcher(["restore", source, "latest", "--into", fresh, "--yes"], env)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert _contents(fresh) == before
+
+
+def test_a_dump_command_that_fails_leaves_no_snapshot(start_redis: StartRedis, repo: Repo,
+                                                      watcher_env: dict[str, str]) -> None:
+    # The whole RDB reaches stdout, then the command exits 3: the exit status decides.
+    name = start_redis("bwt-e18-redis-fails", {"backup-watcher.dump-command": f"{DUMP}; exit 3"})
+    docker("exec", name, "redis-cli", "set", "a", "1")
+    backup = run_watcher(["backup"], {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name})
+    assert backup.returncode == 1, backup.stdout + backup.stderr
+    assert "no snapshot was written" in backup.stdout and "status 3" in backup.stdout, backup.stdout
+    assert repo.snapshots_of(name) == []
+
+
+def test_restore_says_clearly_when_no_restore_command_is_defined(start_redis: StartRedis, repo: Repo,
+                                                                 watcher_env: dict[str, str]) -> None:
+    name = start_redis("bwt-e18-redis-norestore", {"backup-watcher.dump-command": DUMP})
+    docker("exec", name, "redis-cli", "set", "kept", "yes")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    assert run_watcher(["backup"], env).returncode == 0
+    docker("exec", name, "redis-cli", "set", "kept", "changed")
+    changed = _contents(name)
+    restore = run_watcher(["restore", name, "latest", "--yes"], env)
+    assert restore.returncode == 1, restore.stdout + restore.stderr
+    assert "defines no restore command (label backup-watcher.restore-command" in restore.stderr, restore.stderr
+    assert "nothing was changed" in restore.stderr
+    assert _contents(name) == changed
+
+
+def test_the_daemon_backs_up_mariadb_and_redis_with_the_engine_in_metrics(
+        start_redis: StartRedis, start_mariadb: StartMariaDB, start_daemon: StartDaemon, repo: Repo,
+        watcher_env: dict[str, str]) -> None:
+    redis = start_redis("bwt-e18-daemon-redis", {"backup-watcher.dump-command": DUMP})
+    maria = start_mariadb("bwt-e18-daemon-maria").name
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-e18-daemon-*", "WATCHER_SCHEDULE": "* * * * *"}
+    daemon: DaemonProcess = start_daemon(env)
+    wait_for(lambda: daemon.events("backup_succeeded", target=redis) and daemon.events(
+        "backup_succeeded", target=maria, database="shop"), 150, "a backup of each")
+    wait_for(lambda: 'database="stdout",engine="command",target="bwt-e18-daemon-redis"' in daemon.metrics()
+             and 'database="shop",engine="mariadb",target="bwt-e18-daemon-maria"' in daemon.metrics(), 30,
+             "the engine label on the last success series")
+    assert daemon.stop() == 0
