@@ -102,3 +102,100 @@ def day_change(db: PgContainer, pattern: str) -> str:
                      + insert_sql(top + 1, top + append))
     tags = [line for line in output.split("\n") if line.strip()]
     return ", ".join(tags)
+
+
+# --- the realistic database of 2d-2f (issue 19): two tables where autovacuum has run ---------------
+REAL_DB = "realdb"
+UUID_DB = "uuiddb"
+
+REAL_SCHEMA = SCHEMA + """
+CREATE TABLE events (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id bigint NOT NULL,
+    kind text NOT NULL,
+    at timestamptz NOT NULL,
+    payload text NOT NULL
+);
+"""
+
+UUID_SCHEMA = """
+CREATE TABLE sessions (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    account_id integer NOT NULL,
+    started_at timestamptz NOT NULL,
+    last_seen timestamptz NOT NULL,
+    agent text NOT NULL
+);
+"""
+
+
+def events_sql(count: int, first_order: int) -> str:
+    return f"""
+INSERT INTO events (order_id, kind, at, payload)
+SELECT {first_order} + g, (ARRAY['created', 'paid', 'shipped', 'mailed'])[1 + g % 4],
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '26 seconds',
+       md5(g::text) || ' ' || md5(random()::text)
+FROM generate_series(1, {count}) AS g;
+"""
+
+
+def sessions_sql(count: int) -> str:
+    return f"""
+INSERT INTO sessions (account_id, started_at, last_seen, agent)
+SELECT (random() * 100000)::int, now() - random() * interval '300 days', now(),
+       md5(g::text) || ' ' || md5(random()::text)
+FROM generate_series(1, {count}) AS g;
+"""
+
+
+def fill_realistic(db: PgContainer, orders: int, events: int) -> None:
+    """Fills REAL_DB with `orders` orders and `events` events, and UUID_DB with `events` sessions (a random
+    UUIDv4 key), then ages them as weeks of use do: scattered rows deleted and updated (cancelled orders
+    purged, statuses changed), and VACUUM (what autovacuum does): every table has free space on pages
+    all over it, which the next day's inserts and updates reuse."""
+    sql(db, f"CREATE DATABASE {UUID_DB}")
+    sql(db, REAL_SCHEMA)
+    sql(db, UUID_SCHEMA, UUID_DB)
+    batch = 400_000
+    for first in range(1, orders + 1, batch):
+        sql(db, insert_sql(first, min(orders, first + batch - 1)))
+    sql(db, "ALTER TABLE orders ADD PRIMARY KEY (id);")
+    sql(db, events_sql(events, 0))
+    sql(db, sessions_sql(events), UUID_DB)
+    for table, key, database in (("orders", "id", None), ("events", "id", None), ("sessions", "account_id", UUID_DB)):
+        sql(db, f"DELETE FROM {table} WHERE {key} % 67 = 3;\nUPDATE {table} SET {touch(table)} WHERE {key} % 53 = 5;\n"
+                f"VACUUM ANALYZE {table};", database)
+    sql(db, "CHECKPOINT;")
+
+
+def touch(table: str) -> str:
+    """The SET clause of an update of `table`'s rows (a status change, a session seen again)."""
+    return {"orders": "status = 'changed', updated_at = now(), amount = amount + 1",
+            "events": "kind = 'retried', at = at + interval '1 minute'",
+            "sessions": "last_seen = now()"}[table]
+
+
+def realistic_change(db: PgContainer) -> str:
+    """The day-2 change of the realistic databases, per table: +0.5 % rows inserted, 0.1 % updated (one
+    range of recent rows), 0.1 % deleted (the oldest: a retention job), with the free space autovacuum
+    left all over each table reused by the inserts and the updated rows' new versions; returns psql's
+    command tags."""
+    tags = []
+    top = int(sql(db, "SELECT max(id) FROM orders"))
+    n = int(sql(db, "SELECT count(*) FROM orders"))
+    tags.append(sql(db, f"UPDATE orders SET {touch('orders')} WHERE id IN (SELECT id FROM orders WHERE id > {int(top * 0.9)} "
+                        f"ORDER BY id LIMIT {n // 1000});\n"
+                        f"DELETE FROM orders WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT {n // 1000});\n"
+                        + insert_sql(top + 1, top + n // 200)))
+    top = int(sql(db, "SELECT max(id) FROM events"))
+    n = int(sql(db, "SELECT count(*) FROM events"))
+    tags.append(sql(db, f"UPDATE events SET {touch('events')} WHERE id IN (SELECT id FROM events WHERE id > {int(top * 0.9)} "
+                        f"ORDER BY id LIMIT {n // 1000});\n"
+                        f"DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {n // 1000});\n"
+                        + events_sql(n // 200, top)))
+    n = int(sql(db, "SELECT count(*) FROM sessions", UUID_DB))
+    tags.append(sql(db, f"UPDATE sessions SET {touch('sessions')} WHERE id IN (SELECT id FROM sessions ORDER BY started_at "
+                        f"DESC LIMIT {n // 1000});\n"
+                        f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions ORDER BY started_at LIMIT {n // 1000});\n"
+                        + sessions_sql(n // 200), UUID_DB))
+    return ", ".join(line for tag in tags for line in tag.split("\n") if line.strip())
