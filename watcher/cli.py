@@ -167,7 +167,7 @@ class App:
     def job_context(self) -> JobContext:
         """A JobContext for backups; raises DockerUnavailable."""
         return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel,
-                          bounds=self.config.bounds)
+                          bounds=self.config.bounds, dump_order=self.config.dump_order)
 
 
 def build_app(config: Config) -> App:

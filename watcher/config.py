@@ -175,6 +175,10 @@ class Config:
         help="how long a backup waits for PostgreSQL in a container to accept connections")
     dump_timeout_s: float = setting(
         "WATCHER_DUMP_TIMEOUT", "6h", duration(1), help="how long one database's dump into restic may run in all")
+    dump_order: str = setting(
+        "WATCHER_DUMP_ORDER", "key", choice("key", "physical"),
+        help="key: the rows of tables of 1 MiB or more with a primary key (or unique not-null index) are dumped in "
+             "key order, so a day's change stores only the changed stretches anew; physical: pg_dump's own order")
     lock_retry_s: float = setting(
         "WATCHER_LOCK_RETRY", "30m", duration(1),
         help="how long a restic command waits for a repository lock another live process holds (restic "

@@ -83,6 +83,8 @@ class JobContext:
     repository_verified: bool = True
     # Containers whose dump role may not read password hashes: their globals are dumped without them.
     globals_without_passwords: set[str] = field(default_factory=set)
+    # WATCHER_DUMP_ORDER: "key" (watcher.keydump) or "physical" (pg_dump alone).
+    dump_order: str = "key"
 
 
 def new_run_id() -> str:
@@ -338,11 +340,15 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
                     snapshot_time: datetime) -> tuple[Command, dict[str, str]]:
     """restic backup of one database's dump (through the exec helper, sealed) and its environment."""
     creds = target.credentials
-    source = commands.exec_helper(
-        target.container_id, commands.pg_dump_command(lock_wait_of(ctx, target)),
-        env_values=commands.pg_env(creds.user, database),
-        env_names=["PGPASSWORD"] if creds.password else [], seal=True,
-    )
+    env_values = commands.pg_env(creds.user, database)
+    env_names = ["PGPASSWORD"] if creds.password else []
+    dump = commands.pg_dump_command(lock_wait_of(ctx, target))
+    if ctx.dump_order == "key":
+        source = commands.key_ordered_dump(target.container_id, dump, env_names=env_names, env_values=env_values,
+                                           lock_wait_s=lock_wait_of(ctx, target))
+    else:
+        source = commands.exec_helper(target.container_id, dump, env_values=env_values, env_names=env_names,
+                                      seal=True)
     argv = commands.restic_backup(
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
         snapshot_time=snapshot_time,

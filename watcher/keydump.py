@@ -330,7 +330,7 @@ class ArchiveFilter:
     _buf: bytearray = field(default_factory=bytearray)
     done_head: bool = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Takes the next piece of pg_dump's output; raises KeyDumpError when the key session fails."""
         if self.done_head:
             self.write(data)
