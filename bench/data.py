@@ -149,23 +149,33 @@ FROM generate_series(1, {count}) AS g;
 
 
 def fill_realistic(db: PgContainer, orders: int, events: int) -> None:
-    """Fills REAL_DB with `orders` orders and `events` events, and UUID_DB with `events` sessions (a random
-    UUIDv4 key), then ages them as weeks of use do: scattered rows deleted and updated (cancelled orders
-    purged, statuses changed), and VACUUM (what autovacuum does): every table has free space on pages
-    all over it, which the next day's inserts and updates reuse."""
-    sql(db, f"CREATE DATABASE {UUID_DB}")
+    """Fills the container's database with `orders` orders and `events` events, then ages it as weeks of
+    use do: scattered rows deleted and updated (cancelled orders purged, statuses changed), and VACUUM
+    (what autovacuum does): both tables have free space on pages all over them, which the next day's
+    inserts and updated rows' new versions reuse."""
     sql(db, REAL_SCHEMA)
-    sql(db, UUID_SCHEMA, UUID_DB)
     batch = 400_000
     for first in range(1, orders + 1, batch):
         sql(db, insert_sql(first, min(orders, first + batch - 1)))
     sql(db, "ALTER TABLE orders ADD PRIMARY KEY (id);")
     sql(db, events_sql(events, 0))
-    sql(db, sessions_sql(events), UUID_DB)
-    for table, key, database in (("orders", "id", None), ("events", "id", None), ("sessions", "account_id", UUID_DB)):
-        sql(db, f"DELETE FROM {table} WHERE {key} % 67 = 3;\nUPDATE {table} SET {touch(table)} WHERE {key} % 53 = 5;\n"
-                f"VACUUM ANALYZE {table};", database)
+    for table in ("orders", "events"):
+        age(db, table, "id")
     sql(db, "CHECKPOINT;")
+
+
+def fill_uuid(db: PgContainer, sessions: int) -> None:
+    """Fills the container's database with `sessions` rows keyed by random UUIDv4, aged as fill_realistic's."""
+    sql(db, UUID_SCHEMA)
+    sql(db, sessions_sql(sessions))
+    age(db, "sessions", "account_id")
+    sql(db, "CHECKPOINT;")
+
+
+def age(db: PgContainer, table: str, column: str) -> None:
+    """Scattered deletes (1.5 %) and updates (1.9 %) of `table`, then VACUUM ANALYZE: free space all over it."""
+    sql(db, f"DELETE FROM {table} WHERE {column} % 67 = 3;\n"
+            f"UPDATE {table} SET {touch(table)} WHERE {column} % 53 = 5;\nVACUUM ANALYZE {table};")
 
 
 def touch(table: str) -> str:
@@ -176,26 +186,29 @@ def touch(table: str) -> str:
 
 
 def realistic_change(db: PgContainer) -> str:
-    """The day-2 change of the realistic databases, per table: +0.5 % rows inserted, 0.1 % updated (one
-    range of recent rows), 0.1 % deleted (the oldest: a retention job), with the free space autovacuum
-    left all over each table reused by the inserts and the updated rows' new versions; returns psql's
+    """The day-2 change of fill_realistic's database, per table: +0.5 % rows inserted, 0.1 % updated (one
+    range of recent rows), 0.1 % deleted (the oldest: a retention job), the inserts and the updated
+    rows' new versions landing in the free space autovacuum left all over the table; returns psql's
     command tags."""
     tags = []
-    top = int(sql(db, "SELECT max(id) FROM orders"))
-    n = int(sql(db, "SELECT count(*) FROM orders"))
-    tags.append(sql(db, f"UPDATE orders SET {touch('orders')} WHERE id IN (SELECT id FROM orders WHERE id > {int(top * 0.9)} "
-                        f"ORDER BY id LIMIT {n // 1000});\n"
-                        f"DELETE FROM orders WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT {n // 1000});\n"
-                        + insert_sql(top + 1, top + n // 200)))
-    top = int(sql(db, "SELECT max(id) FROM events"))
-    n = int(sql(db, "SELECT count(*) FROM events"))
-    tags.append(sql(db, f"UPDATE events SET {touch('events')} WHERE id IN (SELECT id FROM events WHERE id > {int(top * 0.9)} "
-                        f"ORDER BY id LIMIT {n // 1000});\n"
-                        f"DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {n // 1000});\n"
-                        + events_sql(n // 200, top)))
-    n = int(sql(db, "SELECT count(*) FROM sessions", UUID_DB))
-    tags.append(sql(db, f"UPDATE sessions SET {touch('sessions')} WHERE id IN (SELECT id FROM sessions ORDER BY started_at "
-                        f"DESC LIMIT {n // 1000});\n"
-                        f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions ORDER BY started_at LIMIT {n // 1000});\n"
-                        + sessions_sql(n // 200), UUID_DB))
+    for table in ("orders", "events"):
+        top = int(sql(db, f"SELECT max(id) FROM {table}"))
+        n = int(sql(db, f"SELECT count(*) FROM {table}"))
+        insert = insert_sql(top + 1, top + n // 200) if table == "orders" else events_sql(n // 200, top)
+        tags.append(sql(db, f"UPDATE {table} SET {touch(table)} WHERE id IN (SELECT id FROM {table} "
+                            f"WHERE id > {int(top * 0.9)} ORDER BY id LIMIT {n // 1000});\n"
+                            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT {n // 1000});\n"
+                            + insert))
     return ", ".join(line for tag in tags for line in tag.split("\n") if line.strip())
+
+
+def uuid_change(db: PgContainer) -> str:
+    """The same amount of change on fill_uuid's table: the newest sessions seen again, the oldest purged,
+    new sessions (random keys) started; returns psql's command tags."""
+    n = int(sql(db, "SELECT count(*) FROM sessions"))
+    tags = sql(db, f"UPDATE sessions SET {touch('sessions')} WHERE id IN (SELECT id FROM sessions ORDER BY started_at "
+                   f"DESC LIMIT {n // 1000});\n"
+                   f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions ORDER BY started_at "
+                   f"LIMIT {n // 1000});\n"
+                   + sessions_sql(n // 200))
+    return ", ".join(line for line in tags.split("\n") if line.strip())

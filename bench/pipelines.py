@@ -21,6 +21,7 @@ class Backup:
     restic_seconds: float | None = None  # restic's own backup_start..backup_end
     phases: dict[str, float] = field(default_factory=dict)
     per_backup: float = 0.0  # mean duration_s of the watcher's backup_succeeded lines
+    per_backup_database: float = 0.0  # the same, of the databases' lines only (not the globals')
     output: str = ""
 
 
@@ -47,6 +48,8 @@ def watcher_backup(world: World, repo: Repo, patterns: str, targets: Sequence[st
     result.bytes_added = sum(int(e.get("bytes_added") or 0) for e in ends)
     if ends:
         result.per_backup = sum(float(e.get("duration_s") or 0) for e in ends) / len(ends)
+        databases = [float(e.get("duration_s") or 0) for e in ends if e.get("database") != "(globals)"]
+        result.per_backup_database = sum(databases) / max(len(databases), 1)
     if starts and ends:
         first_start = min(starts)
         last_end = max(parse_ts(e["timestamp"]) for e in ends)
