@@ -67,7 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "sessions: 4/15 of it)")
     parser.add_argument("--scrapes", type=int, default=100, help="/metrics scrapes (default 100)")
     parser.add_argument("--pg", choices=sorted(PG_IMAGES), default="15", help="PostgreSQL major (default 15)")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma list of benchmarks to run (default all; 2r: only 2d-2f)")
+    parser.add_argument("--only", default="1,2,3,4,5,6",
+                        help="comma list of benchmarks to run (default all; 2r: only 2d-2f)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repositories, daemon logs)")
     args = parser.parse_args(argv)
     q = args.quick

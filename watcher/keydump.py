@@ -150,7 +150,7 @@ class Chunker:
     rows before and after a change give the same chunks, their headers included. The rows are split,
     hashed and searched by C loops (bytes.split, map, list.index): no Python step per row."""
 
-    def __init__(self, head: archive.Head, write: Callable[[bytes | memoryview], object]) -> None:
+    def __init__(self, head: archive.Head, write: Callable[[bytes], object]) -> None:
         self._head = head
         self._write = write
         self._buf = bytearray()

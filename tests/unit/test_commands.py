@@ -282,3 +282,13 @@ def test_globals_are_forgotten_with_their_container_as_a_history_of_their_own() 
 def test_pg_dumpall_globals_command() -> None:
     assert commands.pg_dumpall_globals_command() == ("pg_dumpall", "--globals-only", "--no-password")
     assert commands.pg_dumpall_globals_command(role_passwords=False)[-1] == "--no-role-passwords"
+
+
+def test_key_ordered_dump_exact() -> None:
+    argv = commands.key_ordered_dump("abc123", ("pg_dump", "--format=custom"), env_names=["PGPASSWORD"],
+                                     env_values={"PGUSER": "scalr", "PGDATABASE": "app"}, lock_wait_s=2.5)
+    assert argv == (
+        sys.executable, "-m", "watcher.keydump", "--container", "abc123", "--lock-wait-ms", "2500",
+        "--env", "PGUSER=scalr", "--env", "PGDATABASE=app", "--env", "PGPASSWORD",
+        "--", "pg_dump", "--format=custom",
+    )
