@@ -14,7 +14,7 @@ and a zero length. Everything here is pure: bytes in, bytes out.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 MAGIC = b"PGDMP"
 FORMAT_CUSTOM = 1
@@ -200,7 +200,6 @@ class KeyedTable:
     name: str
     owner: str
     copy_stmt: str  # pg_dump's own: COPY schema.name (columns) FROM stdin;\n
-    foreign_keys: tuple[int, ...] = ()  # oids of the FK constraints that reference it
 
 
 def table_data_entry(head: Head, dump_id: int, table: KeyedTable, table_entry: Entry) -> Entry:
@@ -223,27 +222,21 @@ class Plan:
 
 def insert_keyed(head: Head, entries: list[Entry], tables: list[KeyedTable]) -> Plan:
     """pg_dump's TOC (dumped with --exclude-table-data for `tables`) with a TABLE DATA entry for each of
-    `tables`, placed before the first entry whose data pg_dump writes (so their blocks come first), the
-    FK constraints that reference them made to depend on them as pg_dump does (getTableDataFKConstraints).
-    Raises ArchiveError when a table's own entry is missing."""
+    `tables`, placed before the first entry whose data pg_dump writes (so their blocks come first).
+    Nothing else depends on a TABLE DATA entry in a dump with schema (pg_dump's getTableDataFKConstraints
+    adds FK constraints' dependencies on it only to data-only dumps). Raises ArchiveError when a table's
+    own entry is missing."""
     by_table = {int(e.oid): e for e in entries if e.desc == "TABLE" and e.tableoid == "1259"}
     next_id = max((e.dump_id for e in entries), default=0) + 1
     added: list[Entry] = []
-    fk_deps: dict[int, list[int]] = {}
     for table in tables:
         table_entry = by_table.get(table.oid)
         if table_entry is None:
             raise ArchiveError(f"pg_dump's table of contents has no TABLE entry for {table.schema}.{table.name}")
-        entry = table_data_entry(head, next_id, table, table_entry)
-        added.append(entry)
-        for constraint in table.foreign_keys:
-            fk_deps.setdefault(constraint, []).append(next_id)
+        added.append(table_data_entry(head, next_id, table, table_entry))
         next_id += 1
-    patched = [replace(e, deps=(*e.deps, *fk_deps[int(e.oid)]))
-               if e.desc == "FK CONSTRAINT" and e.tableoid == "2606" and int(e.oid) in fk_deps else e
-               for e in entries]
-    at = _insert_position(patched)
-    merged = [*patched[:at], *added, *patched[at:]]
+    at = _insert_position(entries)
+    merged = [*entries[:at], *added, *entries[at:]]
     return Plan(head.raw + write_toc(head, merged), tuple(e.dump_id for e in added))
 
 

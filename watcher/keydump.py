@@ -87,9 +87,7 @@ SELECT 'table ' || json_build_object(
          'qualified', quote_ident(n.nspname) || '.' || quote_ident(c.relname),
          'columns', (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
                       WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
-         'order_by', b.order_by,
-         'foreign_keys', (SELECT coalesce(json_agg(f.oid ORDER BY f.oid), '[]') FROM pg_constraint f
-                           WHERE f.contype = 'f' AND f.confrelid = c.oid))
+         'order_by', b.order_by)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN best b ON b.indrelid = c.oid
  WHERE c.relkind = 'r' AND c.relpersistence IN ('p', 'u')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
@@ -114,12 +112,11 @@ class Table:
     qualified: str
     columns: str
     order_by: str
-    foreign_keys: tuple[int, ...]
 
     def keyed(self, owner: str = "") -> archive.KeyedTable:
         columns = f"({self.columns})" if self.columns else ""
         return archive.KeyedTable(self.oid, self.schema, self.name, owner,
-                                  f"COPY {self.qualified} {columns} FROM stdin;\n", self.foreign_keys)
+                                  f"COPY {self.qualified} {columns} FROM stdin;\n")
 
     def copy_sql(self) -> str:
         # Every name here came quoted from the server (quote_ident): no value of a user is in the text.
@@ -131,7 +128,7 @@ def parse_table(line: str) -> Table:
     try:
         raw = json.loads(line[len("table "):])
         return Table(int(raw["oid"]), str(raw["schema"]), str(raw["name"]), str(raw["qualified"]),
-                     str(raw["columns"] or ""), str(raw["order_by"]), tuple(int(x) for x in raw["foreign_keys"]))
+                     str(raw["columns"] or ""), str(raw["order_by"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise KeyDumpError(f"unreadable table line from the key session: {line[:200]!r}") from exc
 

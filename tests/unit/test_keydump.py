@@ -70,12 +70,12 @@ def test_an_empty_table_is_a_block_with_no_chunk() -> None:
 
 TABLE_LINE = "table " + json.dumps({"oid": 16386, "schema": 'we"ird', "name": "Orders 1",
                                      "qualified": '"we""ird"."Orders 1"', "columns": 'id, "Note"',
-                                     "order_by": "id", "foreign_keys": [17000]})
+                                     "order_by": "id"})
 
 
 def test_a_table_line_becomes_its_copy_statements_and_pg_dump_pattern() -> None:
     table = keydump.parse_table(TABLE_LINE)
-    assert table == Table(16386, 'we"ird', "Orders 1", '"we""ird"."Orders 1"', 'id, "Note"', "id", (17000,))
+    assert table == Table(16386, 'we"ird', "Orders 1", '"we""ird"."Orders 1"', 'id, "Note"', "id")
     assert table.keyed("app").copy_stmt == 'COPY "we""ird"."Orders 1" (id, "Note") FROM stdin;\n'
     assert table.copy_sql() == 'COPY (SELECT id, "Note" FROM "we""ird"."Orders 1" ORDER BY id) TO STDOUT;\n'
     assert keydump.exclude_pattern(table) == '"we""ird"."Orders 1"'
