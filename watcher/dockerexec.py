@@ -315,13 +315,16 @@ def stream_exec(
     on_stderr: Callable[[bytes], object],
     user: str | None = None,
     abort: ExecAbort | None = None,
+    on_output_end: Callable[[], object] | None = None,
 ) -> ExecOutcome:
     """Runs `cmd` in `container`, feeding it from `stdin` and handing its output to the callbacks.
 
     Returns an ExecOutcome; `ok` is true only if the multiplexed stream ended on a frame boundary,
     the exec stopped, and its exit code is 0. With `abort`, another thread may end the stream early;
-    the outcome then says so and its exit code is unknown. Raises DockerExecError when the engine
-    cannot be reached or refuses the exec (nothing ran, or its outcome is unknown).
+    the outcome then says so and its exit code is unknown. `on_output_end` is called once the output
+    has ended (a `stdin` source that waits for more input to give can stop waiting then). Raises
+    DockerExecError when the engine cannot be reached or refuses the exec (nothing ran, or its outcome
+    is unknown).
     """
     exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
     sock, buffered = _start_hijacked(docker_host, exec_id, needs_stdin=stdin is not None)
@@ -335,6 +338,8 @@ def stream_exec(
         pump.start()
     try:
         stream_complete, problem = _read_frames(sock, buffered, on_stdout, on_stderr)
+        if on_output_end is not None:
+            on_output_end()
         if pump is not None and pump.is_alive():
             _stop_feeding_a_finished_exec(docker_host, exec_id, sock)
     finally:

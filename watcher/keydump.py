@@ -365,7 +365,8 @@ def _run_session(docker_host: str, container: str, env: dict[str, str], session:
     cmd = ("psql", "--no-psqlrc", "--no-password", "--quiet", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1")
     try:
         outcome = stream_exec(docker_host, container, cmd, env=env, stdin=session.read_stdin,
-                              on_stdout=session.feed, on_stderr=on_stderr)
+                              on_stdout=session.feed, on_stderr=on_stderr,
+                              on_output_end=lambda: session.commands.put(None))
     except (DockerExecError, KeyDumpError) as exc:
         session.end(None, str(exc))
         return
@@ -414,7 +415,7 @@ def _dump(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequen
     outcome = stream_exec(docker_host, container, sealed_command(argv), env={**env, SEAL_VARIABLE: seal},
                           on_stdout=sealer.feed, on_stderr=on_stderr)
     if not outcome.ok:
-        raise KeyDumpError(f"pg_dump failed: {outcome.problem or f'exit status {outcome.exit_code}'}")
+        raise KeyDumpError(outcome.problem or f"pg_dump exited with status {outcome.exit_code}")
     if not sealer.sealed() or not filt.done_head:
         raise KeyDumpError("pg_dump's output ended without the end mark of a successful run: the stream was cut short")
 
@@ -450,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lock_wait_ms, stdout.write, write_err)
         stdout.flush()
     except (KeyDumpError, DockerExecError) as exc:
-        print(f"backup-watcher: key-ordered dump in {args.container}: {exc}", file=sys.stderr)
+        print(f"backup-watcher: pg_dump in {args.container} (key order): {exc}", file=sys.stderr)
         return EXIT_ENGINE_ERROR
     except BrokenPipeError:
         print("backup-watcher: the reader of the dump went away", file=sys.stderr)
