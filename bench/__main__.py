@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cost, events, fleet, footprint, restore, storage, throughput
+from bench import cost, events, fleet, footprint, realistic, restore, storage, throughput
 from bench.common import MB, Report, command, fmt_mb, fmt_s, say
 from bench.data import BIG_DB, database_size, fill_database, sql
 from bench.pipelines import watcher_backup
@@ -29,8 +29,8 @@ from bench.world import Repo, World, api, enter_environment, remove_containers, 
 from tests.kit import PG_IMAGES, wait_ready
 
 # The table's rows in the order they are printed, each declared by its benchmark.
-ROWS = [*throughput.ROWS, *storage.ROWS, *events.ROWS, *fleet.ROWS, *footprint.ROWS, *restore.ROWS,
-        *cost.ROWS]
+ROWS = [*throughput.ROWS, *storage.ROWS, *realistic.ROWS, *events.ROWS, *fleet.ROWS, *footprint.ROWS,
+        *restore.ROWS, *cost.ROWS]
 
 
 def machine_facts(world: World) -> list[str]:
@@ -63,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--starts", type=int, help="one-at-a-time starts (default 50, quick 10)")
     parser.add_argument("--burst", type=int, help="containers started at once (default 100, quick 30)")
     parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 5)")
+    parser.add_argument("--real-orders", type=int,
+                        help="orders of the realistic database of 2d-2f (default 1500000, quick 20000; events and "
+                             "sessions: 4/15 of it)")
     parser.add_argument("--scrapes", type=int, default=100, help="/metrics scrapes (default 100)")
     parser.add_argument("--pg", choices=sorted(PG_IMAGES), default="15", help="PostgreSQL major (default 15)")
     parser.add_argument("--compare-ref", metavar="REF",
@@ -70,12 +73,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--after-ref", metavar="REF",
                         help="7 measures the watcher of git commit REF instead of this tree's (this tree may change)")
     parser.add_argument("--cost-restore-reps", type=int, help="restores of 7 (default --reps)")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma list of benchmarks to run (default all)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7",
+                        help="comma list of benchmarks to run (default all; 2r: only 2d-2f)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repositories, daemon logs)")
     args = parser.parse_args(argv)
     q = args.quick
     defaults = {"size_mb": (700, 30), "reps": (3, 1), "restore_reps": (2, 1), "fleet": (20, 6),
-                "fleet_size_mb": (12.0, 8.0), "starts": (50, 10), "burst": (100, 30), "idle_s": (30.0, 5.0)}
+                "fleet_size_mb": (12.0, 8.0), "starts": (50, 10), "burst": (100, 30), "idle_s": (30.0, 5.0),
+                "real_orders": (1_500_000, 20_000)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if q else full)
@@ -123,6 +128,9 @@ def benchmarks(world: World, report: Report, args: argparse.Namespace) -> None:
     say(report.facts[2])
     if args.only & {"1", "2", "6", "7"}:
         big_database(world, report, args)
+    if args.only & {"2", "2r"}:
+        say("2d-2f. storage on the realistic database")
+        realistic.run(world, report, args.real_orders, args.real_orders * 4 // 15)
     if "4" in args.only:
         say("4. fleet")
         fleet.run(world, report, args.fleet, int(args.fleet_size_mb * MB), args.reps)

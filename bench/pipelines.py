@@ -22,6 +22,7 @@ class Backup:
     phases: dict[str, float] = field(default_factory=dict)
     per_backup: float = 0.0  # mean duration_s of the watcher's backup_succeeded lines
     job_seconds: dict[str, float] = field(default_factory=dict)  # database → its backup_succeeded duration_s
+    per_backup_database: float = 0.0  # the same, of the databases' lines only (not the globals')
     output: str = ""
 
 
@@ -49,6 +50,8 @@ def watcher_backup(world: World, repo: Repo, patterns: str, targets: Sequence[st
     result.job_seconds = {str(e.get("database")): float(e.get("duration_s") or 0) for e in ends}
     if ends:
         result.per_backup = sum(float(e.get("duration_s") or 0) for e in ends) / len(ends)
+        databases = [float(e.get("duration_s") or 0) for e in ends if e.get("database") != "(globals)"]
+        result.per_backup_database = sum(databases) / max(len(databases), 1)
     if starts and ends:
         first_start = min(starts)
         last_end = max(parse_ts(e["timestamp"]) for e in ends)

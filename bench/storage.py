@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import Report, Row, X, fmt_mb, fmt_ratio, fmt_s, verdict
+from bench.common import Report, Row, X, fmt_mb, fmt_ratio, fmt_s
 from bench.data import BIG_DB, day_change
 from bench.pipelines import Backup, bare_backup, watcher_backup
 from bench.world import Repo, World
@@ -17,7 +17,7 @@ from tests.kit import PgContainer
 ROWS = [
     Row("2a", "Storage: day-2 repository growth, oldest rows deleted and a range of old rows updated (TESTING.md's "
         "reference: the seed design stores its dump again), watcher (-Z0, restic compresses) vs seed design "
-        "(`pg_dump -Fc | restic backup --stdin`)", goal=f"≤ 0.1{X}"),
+        "(`pg_dump -Fc | restic backup --stdin`)", goal="— (info; judged on the realistic 2d)"),
     Row("2b", "Storage: day-2 repository growth, the same change among recent rows (at 80 and 90 % of the table: the "
         "seed design's best case, it keeps its dump up to the first change), watcher vs seed design",
         goal="— (info: where the goal stops holding)"),
@@ -83,7 +83,7 @@ def day(report: Report, key: str, pattern: str, change: str, watcher: Design, se
     total_blobs = int(watcher.repo.raw_stats("latest").get("total_blob_count", 0))
     new_blobs = watcher.new_blobs()
     if key == "2a":
-        r.verdict = verdict(ratio <= 0.1)
+        r.verdict = f"info: {'within' if ratio <= 0.1 else 'beyond'} 0.1{X}"
     elif key == "2b":
         # The seed design stores again about the share of its dump after the first change, the
         # watcher about the same few chunks wherever the change falls: the goal holds while the

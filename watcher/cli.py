@@ -201,7 +201,7 @@ class App:
         """A JobContext for backups; raises DockerUnavailable."""
         return JobContext(self.docker_host, self.repository, self.host(), self.masker, cancel=self.cancel,
                           bounds=self.config.bounds, progress=self.progress,
-                          shrink_threshold=self.config.shrink_threshold)
+                          shrink_threshold=self.config.shrink_threshold, dump_order=self.config.dump_order)
 
 
 def build_app(config: Config) -> App:

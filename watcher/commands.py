@@ -97,6 +97,24 @@ def exec_helper(container_id: str, cmd: Sequence[str], *, env_names: Sequence[st
     return (*argv, "--", *cmd)
 
 
+def key_ordered_dump(container_id: str, pg_dump: Command, *, env_names: Sequence[str] = (),
+                     env_values: Mapping[str, str] | None = None, lock_wait_s: float,
+                     stall_timeout_s: float | None = None) -> Command:
+    """The `python -m watcher.keydump` command that runs `pg_dump` in a container with the rows of its large
+    keyed tables in key order (WATCHER_DUMP_ORDER=key); environment as for exec_helper (secrets by name).
+    `lock_wait_s` bounds the key session's wait for its tables' locks, as pg_dump's own; `stall_timeout_s`
+    ends the dump when its archive moves nothing for that long (WATCHER_STALL_TIMEOUT)."""
+    argv: list[str] = [sys.executable, "-m", "watcher.keydump", "--container", container_id,
+                       "--lock-wait-ms", str(milliseconds(lock_wait_s))]
+    if stall_timeout_s is not None:
+        argv += ["--stall-timeout", f"{stall_timeout_s:g}"]
+    for name, value in (env_values or {}).items():
+        argv += ["--env", f"{name}={value}"]
+    for name in env_names:
+        argv += ["--env", name]
+    return (*argv, "--", *pg_dump)
+
+
 def pg_dump_command(lock_wait_s: float) -> Command:
     """pg_dump in custom format without its own compression (restic compresses and deduplicates).
 

@@ -453,6 +453,7 @@ def stream_exec(
     user: str | None = None,
     abort: ExecAbort | None = None,
     gather: bool = False,
+    on_output_end: Callable[[], object] | None = None,
 ) -> ExecOutcome:
     """Runs `cmd` in `container`, feeding it from `stdin` (a function returning up to n bytes, b"" at the end,
     or a file descriptor, copied to the end without passing through Python objects) and handing its output
@@ -461,8 +462,10 @@ def stream_exec(
 
     Returns an ExecOutcome; `ok` is true only if the multiplexed stream ended on a frame boundary,
     the exec stopped, and its exit code is 0. With `abort`, another thread may end the stream early;
-    the outcome then says so and its exit code is unknown. Raises DockerExecError when the engine
-    cannot be reached or refuses the exec (nothing ran, or its outcome is unknown).
+    the outcome then says so and its exit code is unknown. `on_output_end` is called once the output
+    has ended (a `stdin` source that waits for more input to give can stop waiting then). Raises
+    DockerExecError when the engine cannot be reached or refuses the exec (nothing ran, or its outcome
+    is unknown).
     """
     exec_id = _create_exec(docker_host, container, cmd, env or {}, stdin is not None, user)
     sock, buffered = _start_hijacked(docker_host, exec_id, needs_stdin=stdin is not None)
@@ -477,6 +480,8 @@ def stream_exec(
     try:
         stream_complete, problem = _read_frames(sock, buffered, on_stdout, on_stderr, on_read,
                                                 gather_s=GATHER_S if gather else 0.0)
+        if on_output_end is not None:
+            on_output_end()
         if pump is not None and pump.is_alive():
             _stop_feeding_a_finished_exec(docker_host, exec_id, sock)
     finally:
@@ -565,7 +570,7 @@ def _exit_status(outcome: ExecOutcome, sealer: SealedOutput | None, program: str
     return EXIT_ENGINE_ERROR
 
 
-def _stall_watchdog(watch: stall.StallWatch | None, program: str) -> contextlib.AbstractContextManager[object]:
+def stall_watchdog(watch: stall.StallWatch | None, program: str) -> contextlib.AbstractContextManager[object]:
     """Nothing without a watch; else a watchdog that ends this program at once, with EXIT_STALLED, when the
     stream stalls (its main thread may be blocked in a write that only the reader could end)."""
     if watch is None:
@@ -617,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush_counted = watch.counting(lambda _read: out.flush())
         on_read, on_stderr = (lambda: flush_counted(None)), watch.counting(on_stderr)
     try:
-        with _stall_watchdog(watch, args.cmd[0]):
+        with stall_watchdog(watch, args.cmd[0]):
             outcome = stream_exec(
                 docker_host, args.container, cmd, env=env,
                 stdin=sys.stdin.fileno() if args.stdin else None,

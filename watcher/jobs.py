@@ -96,6 +96,8 @@ class JobContext:
     progress: ProgressBoard = field(default_factory=ProgressBoard)
     # WATCHER_SHRINK_THRESHOLD: retention spares a history whose newest dump fell below this share (SPEC §11).
     shrink_threshold: float = 0.5
+    # WATCHER_DUMP_ORDER: "key" (watcher.keydump) or "physical" (pg_dump alone).
+    dump_order: str = "key"
 
 
 def new_run_id() -> str:
@@ -451,11 +453,16 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
 def pg_dump_source(ctx: JobContext, target: Target, database: str) -> tuple[Command, dict[str, str]]:
     """pg_dump of `database` through the exec helper (sealed), and PGPASSWORD for it when known."""
     creds = target.credentials
-    source = commands.exec_helper(
-        target.container_id, commands.pg_dump_command(lock_wait_of(ctx, target)),
-        env_values=commands.pg_env(creds.user, database),
-        env_names=["PGPASSWORD"] if creds.password else [], seal=True, stall_timeout_s=stall_timeout_of(ctx, target),
-    )
+    env_values = commands.pg_env(creds.user, database)
+    env_names = ["PGPASSWORD"] if creds.password else []
+    dump = commands.pg_dump_command(lock_wait_of(ctx, target))
+    if ctx.dump_order == "key":
+        source = commands.key_ordered_dump(target.container_id, dump, env_names=env_names, env_values=env_values,
+                                           lock_wait_s=lock_wait_of(ctx, target),
+                                           stall_timeout_s=stall_timeout_of(ctx, target))
+    else:
+        source = commands.exec_helper(target.container_id, dump, env_values=env_values, env_names=env_names,
+                                      seal=True, stall_timeout_s=stall_timeout_of(ctx, target))
     return source, {"PGPASSWORD": creds.password} if creds.password else {}
 
 

@@ -367,10 +367,12 @@ INSERT INTO a_big SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 300
 
 
 def wait_for_copy(db: PgContainer, table: str = "a_big", timeout: float = 120) -> None:
-    """Waits until pg_dump is streaming `table`'s rows (its COPY is running)."""
-    wait_for(lambda: db.psql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.{table} %'",
-                             database="postgres", check=False) == "1", timeout, f"pg_dump to stream {table}",
-             interval=0.02)
+    """Waits until the dump is streaming `table`'s rows: pg_dump's COPY, or (WATCHER_DUMP_ORDER=key, a
+    large keyed table) the key session's COPY in key order."""
+    query = (f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY public.{table} %' "
+             f"OR query LIKE 'COPY (SELECT % FROM public.{table} ORDER BY %'")
+    wait_for(lambda: db.psql(query, database="postgres", check=False) == "1", timeout,
+             f"pg_dump to stream {table}", interval=0.02)
 
 
 def process_command_lines() -> list[str]:

@@ -27,12 +27,13 @@ def _kill_from_host(container: str, program: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("major", ["15", "17"])
-def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg: StartPg, repo: Repo,
+@pytest.mark.parametrize(("major", "order"), [("15", "physical"), ("17", "physical"), ("17", "key")])
+def test_dump_failing_part_way_leaves_no_snapshot(major: str, order: str, start_pg: StartPg, repo: Repo,
                                                   watcher_env: dict[str, str]) -> None:
-    # The dump role may read a_big but not the rows of z_secret: pg_dump streams a_big first,
-    # then fails on z_secret, part-way through the dump.
-    name = f"bwt-partway{major}-db"
+    # The dump role may read a_big but not the rows of z_secret: in physical order pg_dump streams a_big
+    # first, then fails on z_secret, part-way through the dump. In key order (a_big is keyed and large)
+    # pg_dump fails on z_secret before its table of contents is out, so before a_big is copied.
+    name = f"bwt-partway{major}{order[0]}-db"
     db: PgContainer = start_pg(name, major, labels={"backup-watcher.user": "dumper"})
     db.psql(BIG_TABLE + """
         CREATE TABLE z_secret (id int, secret text);
@@ -42,25 +43,29 @@ def test_dump_failing_part_way_leaves_no_snapshot(major: str, start_pg: StartPg,
         CREATE ROLE dumper LOGIN;
         GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
     """)
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_DUMP_ORDER": order}
     backup = _start_backup(env)
-    wait_for_copy(db)
+    if order == "physical":
+        wait_for_copy(db)
     out, err = backup.communicate(timeout=300)
     assert backup.returncode == 1, err
     assert "z_secret" in out and "no snapshot was written" in out, out
     assert repo.snapshots_of(name) == []
 
 
-@pytest.mark.parametrize("major", ["15", "17"])
-def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, start_pg: StartPg, repo: Repo,
-                                                      watcher_env: dict[str, str]) -> None:
-    name = f"bwt-killed{major}-db"
+@pytest.mark.parametrize(("major", "order", "streamer"), [
+    ("15", "key", "psql"), ("17", "key", "psql"), ("17", "physical", "pg_dump")])
+def test_pg_dump_killed_mid_stream_leaves_no_snapshot(major: str, order: str, streamer: str, start_pg: StartPg,
+                                                      repo: Repo, watcher_env: dict[str, str]) -> None:
+    """The process streaming a_big's rows is killed: pg_dump's COPY (physical order), or the key session's
+    psql (key order: pg_dump has long written the rest and exited by then)."""
+    name = f"bwt-killed{major}{order[0]}-db"
     db: PgContainer = start_pg(name, major)
     db.psql(BIG_TABLE)
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_DUMP_ORDER": order}
     backup = _start_backup(env)
     wait_for_copy(db)
-    _kill_from_host(name, "pg_dump")
+    _kill_from_host(name, streamer)
     out, err = backup.communicate(timeout=300)
     assert backup.returncode == 1, err
     assert "pg_dump" in out and "exited with status 137" in out, out

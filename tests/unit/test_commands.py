@@ -293,3 +293,13 @@ def test_snapshots_of_other_engines_say_which_and_postgres_keeps_its_tags() -> N
     assert "engine=mariadb" in argv
     assert commands.restic_dump("restic", "1a2b", "shop", ".sql") == ("restic", "dump", "1a2b", "/shop.sql")
     assert "engine=mariadb" in commands.globals_tags("c", "mariadb")
+
+
+def test_key_ordered_dump_exact() -> None:
+    argv = commands.key_ordered_dump("abc123", ("pg_dump", "--format=custom"), env_names=["PGPASSWORD"],
+                                     env_values={"PGUSER": "scalr", "PGDATABASE": "app"}, lock_wait_s=2.5)
+    assert argv == (
+        sys.executable, "-m", "watcher.keydump", "--container", "abc123", "--lock-wait-ms", "2500",
+        "--env", "PGUSER=scalr", "--env", "PGDATABASE=app", "--env", "PGPASSWORD",
+        "--", "pg_dump", "--format=custom",
+    )
