@@ -205,6 +205,8 @@ class KeySession:
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)
+        # Called as each piece of either exec's output arrives (the stall bound's count of progress).
+        self.on_piece: Callable[[], object] = lambda: None
         self.snapshot: str | None = None
         self.tables: list[Table] = []
         self.listed = threading.Event()
@@ -360,13 +362,22 @@ class ArchiveFilter:
         self.write(rest)
 
 
+def _counted(session: KeySession, sink: Callable[[memoryview], object]) -> Callable[[memoryview], None]:
+    """`sink`, telling the session's on_piece of each piece first."""
+    def each(view: memoryview) -> None:
+        session.on_piece()
+        sink(view)
+    return each
+
+
 def _run_session(docker_host: str, container: str, env: dict[str, str], session: KeySession,
                  on_stderr: Callable[[bytes], object]) -> None:
     """Runs the key session's psql to its end (in a thread of its own); records how it ended."""
     cmd = ("psql", "--no-psqlrc", "--no-password", "--quiet", "--tuples-only", "--no-align", "-v", "ON_ERROR_STOP=1")
     try:
         outcome = stream_exec(docker_host, container, cmd, env=env, stdin=session.read_stdin,
-                              on_stdout=session.feed, on_stderr=lambda view: on_stderr(bytes(view)),
+                              on_stdout=_counted(session, session.feed),
+                              on_stderr=lambda view: on_stderr(bytes(view)),
                               on_output_end=lambda: session.commands.put(None))
     except (DockerExecError, KeyDumpError) as exc:
         session.end(None, str(exc))
@@ -376,9 +387,13 @@ def _run_session(docker_host: str, container: str, env: dict[str, str], session:
 
 
 def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence[str], lock_wait_ms: int,
-        write: Callable[[bytes | memoryview], object], on_stderr: Callable[[bytes], object]) -> None:
-    """The whole key-ordered dump to `write`; raises KeyDumpError naming the part that failed."""
+        write: Callable[[bytes | memoryview], object], on_stderr: Callable[[bytes], object],
+        on_piece: Callable[[], object] | None = None) -> None:
+    """The whole key-ordered dump to `write` (`on_piece` called as each piece of the session's or pg_dump's
+    output arrives); raises KeyDumpError naming the part that failed."""
     session = KeySession()
+    if on_piece is not None:
+        session.on_piece = on_piece
     session.send(session_script(lock_wait_ms))
     session.send(f"\\echo {session.marker('tables').decode()}\n")
     thread = threading.Thread(target=_run_session, args=(docker_host, container, env, session, on_stderr),
@@ -414,7 +429,8 @@ def _dump(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequen
     filt = ArchiveFilter(session, write)
     sealer = SealedOutput(seal.encode(), filt.feed)
     outcome = stream_exec(docker_host, container, sealed_command(argv), env={**env, SEAL_VARIABLE: seal},
-                          on_stdout=sealer.feed, on_stderr=lambda view: on_stderr(bytes(view)))
+                          on_stdout=_counted(session, sealer.feed),
+                          on_stderr=lambda view: on_stderr(bytes(view)))
     if not outcome.ok:
         raise KeyDumpError(outcome.problem or f"pg_dump exited with status {outcome.exit_code}")
     if not sealer.sealed() or not filt.done_head:
@@ -450,14 +466,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stderr.flush()
 
     write: Callable[[bytes | memoryview], object] = stdout.write
+    on_piece: Callable[[], object] | None = None
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
-        # Every piece of the archive that reaches restic counts; a write blocked there is restic's stall.
+        # Each piece that arrives from the container counts (pg_dump's head is held until whole, and the
+        # session's rows until a chunk ends), and so does each write on to restic: one blocked there is
+        # restic's stall.
         write = watch.counting(stdout.write)
+        arrived = watch.counting(lambda _piece: None)
+        on_piece = lambda: arrived(None)  # noqa: E731
     try:
         with stall_watchdog(watch, f"pg_dump in {args.container} (key order)"):
             run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
-                args.lock_wait_ms, write, write_err)
+                args.lock_wait_ms, write, write_err, on_piece)
         stdout.flush()
     except (KeyDumpError, DockerExecError) as exc:
         print(f"backup-watcher: pg_dump in {args.container} (key order): {exc}", file=sys.stderr)

@@ -202,8 +202,9 @@ def _helper_of_the_dump(db: PgContainer) -> int | None:
             continue
         with contextlib.suppress(OSError):
             argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            if (b"watcher.dockerexec" in argv[:3] or argv[1:3] == [b"-m", b"watcher.dockerexec"]) and \
-                    container_id.encode() in argv and b"pg_dump" in argv:
+            # The exec helper, or under WATCHER_DUMP_ORDER=key (the default) the key-ordered dump.
+            helper = any(name in argv[:3] for name in (b"watcher.dockerexec", b"watcher.keydump"))
+            if helper and container_id.encode() in argv and b"pg_dump" in argv:
                 return int(entry.name)
     return None
 
