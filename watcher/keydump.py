@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arrived = watch.counting(lambda _piece: None)
         on_piece = lambda: arrived(None)  # noqa: E731
     try:
-        with stall_watchdog(watch, f"pg_dump in {args.container} (key order)"):
+        with stall_watchdog(watch, "pg_dump"):
             run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
                 args.lock_wait_ms, write, write_err, on_piece)
         stdout.flush()
