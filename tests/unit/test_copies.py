@@ -26,6 +26,7 @@ from watcher.copies import (
 )
 from watcher.copyconfig import copy_env, read_env_file, transfer_env
 from watcher.copyrelay import relay
+from watcher.daemon.messages import CopyFinished
 from watcher.daemon.running import Book, CopyJob
 from watcher.daemon.scheduler import View, plan
 from watcher.restic import Snapshot
@@ -234,4 +235,6 @@ def test_copies_start_outside_the_backup_slots_and_before_the_prune() -> None:
     assert plan(view, book, T0) == [CopyJob("offsite")]
     running = Book(backed_up_since_prune=True).started(CopyJob("offsite"))
     assert plan(View((), 1, "UTC"), running, T0) == []  # the prune waits for the copy
+    ended = running.finished(CopyFinished("offsite", error="crashed"))
+    assert not ended.copies and ended.idle and len(plan(View((), 1, "UTC"), ended, T0)) == 1  # now it prunes
     assert plan(view, Book(prune=True), T0) == []  # nothing starts while the primary is pruned
