@@ -129,8 +129,8 @@ def test_the_copys_processes_see_its_credentials_and_never_the_primarys() -> Non
 def test_copy_commands_carry_no_secret() -> None:
     assert commands.restic_copy("restic", ["a1", "b2"]) == ("restic", "copy", "a1", "b2")
     assert commands.restic_init_copy_chunker_params("restic") == ("restic", "init", "--copy-chunker-params")
-    assert commands.restic_dump_to("restic", "a1", "/app.pgdump", "/tmp/x/stream") == (
-        "restic", "dump", "--target", "/tmp/x/stream", "a1", "/app.pgdump")
+    assert commands.restic_dump_into("restic", "a1", "/app.pgdump", "/tmp/x/stream")[1:] == (
+        "-m", "watcher.copyrelay", "--into", "/tmp/x/stream", "--", "restic", "dump", "a1", "/app.pgdump")
     relay = commands.copy_relay("/tmp/x/stream", 42)
     assert relay[1:] == ("-m", "watcher.copyrelay", "/tmp/x/stream", "42")
     assert commands.restic_backup_copied("restic", host="h", container="c", database="(globals)", is_globals=True,
