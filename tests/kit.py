@@ -233,7 +233,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 class RestServer:
     """restic's rest-server on 127.0.0.1 with one htpasswd user of its own (a copy's backend, SPEC §12), over
-    `path`; `stop` and `start` again keep its port and data (a backend that goes down and comes back)."""
+    `path`; `stop` and `start` again keep its port and data (a backend that goes down and comes back). Every
+    server started is listed in `RestServer.running` until stopped (conftest stops them after each test)."""
+
+    running: list[RestServer] = []  # noqa: RUF012 - the one registry of live servers, shared on purpose
 
     def __init__(self, path: Path, user: str, password: str, *, append_only: bool = False) -> None:
         import base64
@@ -275,6 +278,7 @@ class RestServer:
 
         wait_for(lambda: self.proc is None or self.proc.poll() is not None or listening(), 30, "rest-server")
         assert self.proc.poll() is None, "rest-server did not start"
+        RestServer.running.append(self)
 
     def stop(self) -> None:
         """Stops serving (the data stays)."""
@@ -282,6 +286,8 @@ class RestServer:
             self.proc.terminate()
             self.proc.wait(timeout=30)
         self.proc = None
+        if self in RestServer.running:
+            RestServer.running.remove(self)
 
     def size(self) -> int:
         """Bytes of the repository's files on disk."""

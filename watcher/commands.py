@@ -378,9 +378,10 @@ def restic_init_copy_chunker_params(restic: str) -> Command:
     return (restic, "init", "--copy-chunker-params")
 
 
-def restic_dump_to(restic: str, snapshot_id: str, path: str, target: str) -> Command:
-    """restic dump of the file `path` of a snapshot into the file (or FIFO) `target`."""
-    return (restic, "dump", "--target", target, snapshot_id, path)
+def restic_dump_into(restic: str, snapshot_id: str, path: str, fifo: str) -> Command:
+    """restic dump of the file `path` of a snapshot into `fifo`, started once the FIFO's reader is there
+    (watcher.copyrelay --into)."""
+    return (sys.executable, "-m", "watcher.copyrelay", "--into", fifo, "--", restic, "dump", snapshot_id, path)
 
 
 def copy_relay(fifo: str, size: int) -> Command:

@@ -178,7 +178,7 @@ def _both(fifo: Path, dump: Callable[[], Completed], store: Callable[[], Complet
 
 
 def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot) -> None:
-    """One snapshot streamed from the primary into the copy: `restic dump --target FIFO` with the primary's
+    """One snapshot streamed from the primary into the copy: `restic dump` into a FIFO with the primary's
     environment, `restic backup --stdin-from-command` of the relay (watcher.copyrelay) with the copy's, keeping
     the snapshot's host, tags, file name and time. Raises CopyFailed."""
     if snapshot.bytes is None:
@@ -193,7 +193,7 @@ def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot) -> None:
             binary, host=snapshot.host, container=snapshot.container, database=snapshot.database,
             is_globals=snapshot.globals, source=commands.copy_relay(str(fifo), snapshot.bytes),
             snapshot_time=snapshot.time), ctx.bounds.lock_retry_s)
-        dump = commands.restic_dump_to(binary, snapshot.id, "/" + filename, str(fifo))
+        dump = commands.restic_dump_into(binary, snapshot.id, "/" + filename, str(fifo))
         dumped, stored = _both(fifo, lambda: ctx.repository.run(dump, timeout=timeout, cancel=ctx.cancel),
                                lambda: target.store.run(backup, timeout=timeout, cancel=ctx.cancel))
     what = f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database}"

@@ -387,3 +387,13 @@ def process_command_lines() -> list[str]:
             if raw:
                 lines.append(raw.replace(b"\0", b" ").decode(errors="replace"))
     return lines
+
+
+@pytest.fixture(autouse=True)
+def _stop_rest_servers() -> Iterator[None]:
+    """Every rest-server a test started (tests.kit.RestServer) is stopped after it."""
+    from tests.kit import RestServer
+
+    yield
+    for server in list(RestServer.running):
+        server.stop()

@@ -26,6 +26,7 @@ from watcher.copies import (
 )
 from watcher.copyconfig import copy_env, read_env_file, transfer_env
 from watcher.copyrelay import relay
+from watcher.daemon.messages import CopyFinished
 from watcher.daemon.running import Book, CopyJob
 from watcher.daemon.scheduler import View, plan
 from watcher.restic import Snapshot
@@ -128,8 +129,8 @@ def test_the_copys_processes_see_its_credentials_and_never_the_primarys() -> Non
 def test_copy_commands_carry_no_secret() -> None:
     assert commands.restic_copy("restic", ["a1", "b2"]) == ("restic", "copy", "a1", "b2")
     assert commands.restic_init_copy_chunker_params("restic") == ("restic", "init", "--copy-chunker-params")
-    assert commands.restic_dump_to("restic", "a1", "/app.pgdump", "/tmp/x/stream") == (
-        "restic", "dump", "--target", "/tmp/x/stream", "a1", "/app.pgdump")
+    assert commands.restic_dump_into("restic", "a1", "/app.pgdump", "/tmp/x/stream")[1:] == (
+        "-m", "watcher.copyrelay", "--into", "/tmp/x/stream", "--", "restic", "dump", "a1", "/app.pgdump")
     relay = commands.copy_relay("/tmp/x/stream", 42)
     assert relay[1:] == ("-m", "watcher.copyrelay", "/tmp/x/stream", "42")
     assert commands.restic_backup_copied("restic", host="h", container="c", database="(globals)", is_globals=True,
@@ -234,4 +235,6 @@ def test_copies_start_outside_the_backup_slots_and_before_the_prune() -> None:
     assert plan(view, book, T0) == [CopyJob("offsite")]
     running = Book(backed_up_since_prune=True).started(CopyJob("offsite"))
     assert plan(View((), 1, "UTC"), running, T0) == []  # the prune waits for the copy
+    ended = running.finished(CopyFinished("offsite", error="crashed"))
+    assert not ended.copies and ended.idle and len(plan(View((), 1, "UTC"), ended, T0)) == 1  # now it prunes
     assert plan(view, Book(prune=True), T0) == []  # nothing starts while the primary is pruned
