@@ -86,8 +86,6 @@ XDIST_GROUPS = {
     "test_disaster_recovery.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
-    # Its database containers (a module fixture) serve every case: one worker creates them once.
-    "test_fault_matrix.py": "fault-matrix",
 }
 
 
