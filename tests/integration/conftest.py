@@ -86,6 +86,9 @@ XDIST_GROUPS = {
     "test_disaster_recovery.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
+    # Its cases throttle database containers and time faults against the stall bound: side by side on
+    # several workers they starve each other (a throttled dump silent for longer than the bound).
+    "test_fault_matrix.py": "fault-matrix",
 }
 
 
