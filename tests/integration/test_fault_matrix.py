@@ -303,10 +303,14 @@ def _case(fault: int, point: int) -> str:
 
 
 CASES = [pytest.param(index, fraction, id=f"{fraction:.0%}") for index, fraction in enumerate(POINTS)]
+# `docker pause` lands a few hundred milliseconds after its point on a loaded machine: at 85 % the dump had
+# ended first in one run of nine minutes. The pause's last point is 75 %.
+PAUSE_CASES = [pytest.param(index, min(fraction, 0.75), id=f"{min(fraction, 0.75):.0%}")
+               for index, fraction in enumerate(POINTS)]
 
 
 # --- 5. the database container paused mid-dump: the stall bound ---------------------------------------
-@pytest.mark.parametrize(("point", "fraction"), CASES)
+@pytest.mark.parametrize(("point", "fraction"), PAUSE_CASES)
 def test_a_paused_container_fails_its_dump_at_the_stall_bound(
         point: int, fraction: float, sources: Sources, rest_server: RestServer) -> None:
     source = sources[_case(5, point)]
