@@ -89,7 +89,8 @@ XDIST_GROUPS = {
     "test_fleet.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
-    # Its database containers (a module fixture) serve every case: one worker creates them once.
+    # Its cases throttle database containers and time faults against the stall bound: side by side on
+    # several workers they starve each other (a throttled dump silent for longer than the bound).
     "test_fault_matrix.py": "fault-matrix",
 }
 

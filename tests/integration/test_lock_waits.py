@@ -17,7 +17,15 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.conftest import DaemonProcess, PgContainer, Repo, docker, run_watcher, wait_for
+from tests.integration.conftest import (
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    docker,
+    process_command_lines,
+    run_watcher,
+    wait_for,
+)
 from watcher.execute import Masker, run_in_container
 
 LOCK_WAIT = "3s"
@@ -134,5 +142,14 @@ def test_a_locked_table_fails_backup_and_drill_in_their_bound_while_the_daemon_g
             assert time.monotonic() - started < GRACE_S + 10, "SIGTERM ended the daemon within its grace"
         assert len(repo.snapshots_of(locked.name)) == 1, "no snapshot of any failed backup"
         assert daemon.events("daemon_stopped")
+        # Nothing left running or locked, a sound repository, and once the migration is over the next run
+        # heals (fault 6 of the matrix, SPEC §11).
+        locked_id = locked.id
+        assert not [line for line in process_command_lines() if "watcher.dockerexec" in line and locked_id in line]
+        assert repo.restic("list", "locks", "--no-lock").stdout.strip() == ""
+        assert "no errors were found" in repo.restic("check").stdout
+        healed = run_watcher(["backup", locked.name], env)
+        assert healed.returncode == 0, healed.stdout + healed.stderr
+        assert len(repo.snapshots_of(locked.name)) == 2
     finally:
         docker("rm", "-f", "-v", renamed, check=False)
