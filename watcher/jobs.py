@@ -22,7 +22,7 @@ from watcher.config import Bounds
 from watcher.discovery import Target
 from watcher.durations import format_duration
 from watcher.execute import Command, Completed, ExecError, Masker, run_in_container, run_pipeline
-from watcher.progress import RESTIC_PROGRESS_FPS, ProgressBoard, Tracker, restic_status_bytes
+from watcher.progress import STATUS_READ_SECONDS, ProgressBoard, Tracker, restic_status_bytes
 from watcher.restic import (
     EXIT_NO_REPOSITORY,
     EXIT_WRONG_PASSWORD,
@@ -386,7 +386,7 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
     try:
         with ctx.progress.track("backup", target.name, database) as tracker:
             done = run_pipeline(
-                [argv], env={**env, "RESTIC_PROGRESS_FPS": RESTIC_PROGRESS_FPS},
+                [argv], env=env,
                 masker=ctx.masker.with_secrets([target.credentials.password]),
                 timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
                 capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines, tracker),
@@ -506,14 +506,21 @@ def log_failed_backup(result: BackupResult) -> None:
 
 
 def _keep_summary_lines(sink: list[str], tracker: Tracker) -> Callable[[str], None]:
-    # restic --json prints a status line every second (RESTIC_PROGRESS_FPS): its bytes go to the
-    # progress board, every other line is kept for the summary.
+    # restic --json prints a status line 60 times a second. That rate stays: it is also what ends a restic
+    # whose watcher died (its next line meets a closed pipe), so a killed watcher's backup never goes on
+    # to a snapshot by itself. Only one line in STATUS_READ_SECONDS is parsed, for the progress board;
+    # every other line is kept for the summary.
+    last_read = 0.0
+
     def keep(line: str) -> None:
-        done = restic_status_bytes(line)
-        if done is not None:
-            tracker.set_bytes(done)
-        elif '"status"' not in line:
-            sink.append(line)
+        nonlocal last_read
+        if '"status"' in line:
+            now = time.monotonic()
+            if now - last_read >= STATUS_READ_SECONDS and (done := restic_status_bytes(line)) is not None:
+                tracker.set_bytes(done)
+                last_read = now
+            return
+        sink.append(line)
     return keep
 
 

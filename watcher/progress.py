@@ -6,10 +6,10 @@ terminal's progress lines (watcher/progress_display.py), the `*_progress` log li
 WATCHER_PROGRESS_LOG_INTERVAL when not on a terminal, the daemon's `job_*` metrics (rendered at scrape
 time, so a finished job's series are gone at once) and `status`.
 
-Where the bytes come from costs next to nothing: a backup reads restic's own `--json` status lines,
-which restic writes RESTIC_PROGRESS_FPS times a second (set low: at restic's default of 60 they are
-a cost of their own); a restore reads how much `restic dump` has written so far from the kernel's
-count (/proc/PID/io), sampled by the runner once a second.
+Where the bytes come from costs next to nothing: a backup parses one of restic's own `--json` status
+lines every STATUS_READ_SECONDS (restic writes 60 a second; the others are only matched, not parsed);
+a restore reads how much `restic dump` has written so far from the kernel's count (/proc/PID/io),
+sampled by the runner once a second.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-# restic's status lines per second while it backs up: one is plenty for a person and for metrics.
-RESTIC_PROGRESS_FPS = "1"
+# How often one of restic's status lines is parsed for the board: plenty for a person and for metrics.
+STATUS_READ_SECONDS = 1.0
 PROGRESS_LOG_SECONDS = 30.0
 KINDS = ("backup", "restore", "drill", "copy")
 
