@@ -37,6 +37,7 @@ from bench.common import (
     parse_ts,
     repetitions,
     rounded,
+    say,
     say_rep,
     verdict,
 )
@@ -253,6 +254,9 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
             sample = run_one(world, big, repo, trees[int(index)])
             samples[kind].append(sample)
             seconds = sample.seconds
+            say(f"    {kind}: job {fmt_s(sample.job_seconds)}, {sample.nbytes / GB:.2f} GB, CPU main "
+                f"{sample.cpu_main:.2f} s + helpers {sample.cpu_helpers:.2f} s = {sample.cpu_per_gb:.2f} CPU-s/GB, "
+                f"peak RSS main {sample.rss_main_kib // 1024} MiB, helper {sample.rss_helper_kib // 1024} MiB")
         if kept is None and kind.startswith("oneshot"):
             kept = repo
         else:
