@@ -16,7 +16,7 @@ from tests.kit import PgContainer, wait_ready
 
 ROWS = [
     Row("2d", "Storage, realistic: day-2 repository growth where autovacuum has run before the change (orders + "
-        "events, free space reused all over both tables), watcher (key order, the default) vs seed design "
+        "events, free space reused all over both tables), watcher (key order, `WATCHER_DUMP_ORDER=key`) vs seed design "
         "(`pg_dump -Fc | restic backup --stdin`)", goal=f"≤ 0.1{X}"),
     Row("2e", "Dump wall time on the realistic database: watcher backup in key order vs the same in physical order "
         "(`WATCHER_DUMP_ORDER=physical`, the watcher before issue 19)", goal=f"≤ 1.3{X}"),

@@ -96,8 +96,8 @@ class JobContext:
     progress: ProgressBoard = field(default_factory=ProgressBoard)
     # WATCHER_SHRINK_THRESHOLD: retention spares a history whose newest dump fell below this share (SPEC §11).
     shrink_threshold: float = 0.5
-    # WATCHER_DUMP_ORDER: "key" (watcher.keydump) or "physical" (pg_dump alone).
-    dump_order: str = "key"
+    # WATCHER_DUMP_ORDER: "physical" (pg_dump alone) or "key" (watcher.keydump).
+    dump_order: str = "physical"
 
 
 def new_run_id() -> str:

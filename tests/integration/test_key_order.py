@@ -100,8 +100,7 @@ def test_a_key_ordered_dump_restores_as_pg_dumps_own(major: str, start_pg: Start
     db = start_pg(f"bwt-d19-ko{major}-db", major)
     db.psql(SEED)
     assert int(db.psql("SELECT pg_relation_size('orders')")) >= 1 << 20
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
-    assert "WATCHER_DUMP_ORDER" not in env  # the default
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_DUMP_ORDER": "key"}
     backup = run_watcher(["backup"], env)
     assert backup.returncode == 0, backup.stderr
     ours = restic_dump(repo, repo.snapshots_of(db.name)[0]["id"], "/appdb.pgdump")
@@ -149,7 +148,8 @@ def test_rows_written_during_the_dump_are_in_it_exactly_when_its_snapshot_saw_th
     try:
         wait_for(lambda: int(db.psql("SELECT count(*) FROM log WHERE line LIKE 'writer %'")) >= 50, 60,
                  "the writer's first 50 commits")
-        backup = run_watcher(["backup"], {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name})
+        backup = run_watcher(["backup"], {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name,
+                                          "WATCHER_DUMP_ORDER": "key"})
         assert backup.returncode == 0, backup.stderr
         written = int(db.psql("SELECT count(*) FROM log WHERE line LIKE 'writer %'"))
     finally:
