@@ -204,6 +204,25 @@ def _not_ready_reason(ctx: JobContext, target: Target) -> str | None:
     return engines.engine_named(target.engine).not_ready_reason(ctx, target)
 
 
+def raise_if_gone(target: Target, exc: ExecError) -> str:
+    """The reason an exec into the target's container failed; raises JobError naming the container when it
+    is gone or stopped (no probe can succeed there)."""
+    reason = str(exc)
+    if "is not running" in reason or "No such container" in reason:
+        raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
+    return reason
+
+
+def probe_exec_problem(target: Target, exc: ExecError) -> str:
+    """Why a readiness probe's exec failed, as the reason to wait on; raises JobError naming the container
+    when it is gone or stopped, NotReady when it is paused (it does not resume by itself: waiting for it
+    would only hold the job)."""
+    reason = raise_if_gone(target, exc)
+    if "is paused" in reason:
+        raise NotReady(f"{target.name} is paused: {reason}") from exc
+    return reason
+
+
 def pg_not_ready_reason(ctx: JobContext, target: Target) -> str | None:
     """One pg_isready in the container; returns None when PostgreSQL accepts connections, else why
     not. Raises JobError naming the container when it is gone or stopped."""
@@ -211,13 +230,7 @@ def pg_not_ready_reason(ctx: JobContext, target: Target) -> str | None:
         done = run_on_live(ctx, target, commands.pg_isready_command(), target.credentials.database,
                            timeout=PROBE_TIMEOUT_SECONDS)
     except ExecError as exc:
-        reason = str(exc)
-        if "is not running" in reason or "No such container" in reason:
-            raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
-        if "is paused" in reason:
-            # A paused container does not resume by itself: waiting for it would only hold the job.
-            raise NotReady(f"{target.name} is paused: {reason}") from exc
-        return reason
+        return probe_exec_problem(target, exc)
     if done.ok:
         return None
     if done.timed_out or done.cancelled or done.problem:
@@ -252,12 +265,7 @@ def _serving_answer(ctx: JobContext, target: Target) -> readiness.Answer | str:
         done = run_on_live(ctx, target, commands.psql_query_command(readiness.probe_sql(database)), database,
                            timeout=PROBE_TIMEOUT_SECONDS)
     except ExecError as exc:
-        reason = str(exc)
-        if "is not running" in reason or "No such container" in reason:
-            raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
-        if "is paused" in reason:
-            raise NotReady(f"{target.name} is paused: {reason}") from exc
-        return reason
+        return probe_exec_problem(target, exc)
     if not done.ok:
         # A server that refuses this role or database still serves (pg_isready says so): the dump's own
         # error will name the problem, which waiting would not cure.

@@ -54,13 +54,10 @@ class CommandEngine:
     def not_ready_reason(self, ctx: JobContext, target: Target) -> str | None:
         """Whether the container runs commands (it knows no server to ask); raises JobError when the
         container is gone or stopped."""
-        from watcher.jobs import JobError
+        from watcher.jobs import raise_if_gone
         try:
             done = run_in_container(ctx.docker_host, target.container_id, ("sh", "-c", "exit 0"), env={},
                                     masker=ctx.masker, timeout=PROBE_TIMEOUT_SECONDS, cancel=ctx.cancel)
         except ExecError as exc:
-            reason = str(exc)
-            if "is not running" in reason or "No such container" in reason:
-                raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
-            return reason
+            return raise_if_gone(target, exc)
         return None if done.ok else done.describe_failure()

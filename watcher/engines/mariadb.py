@@ -146,16 +146,13 @@ class MariaDBEngine:
     def not_ready_reason(self, ctx: JobContext, target: Target) -> str | None:
         """One readiness probe (probe_arguments, probe_verdict); raises JobError when the container is gone
         or stopped."""
-        from watcher.jobs import JobError
+        from watcher.jobs import raise_if_gone
         argv = self.client(target, self.client_programs, probe_arguments(target.credentials.user))
         try:
             done = run_in_container(ctx.docker_host, target.container_id, argv, masker=_masker(ctx, target),
                                     env={}, timeout=PROBE_TIMEOUT_SECONDS, cancel=ctx.cancel)
         except ExecError as exc:
-            reason = str(exc)
-            if "is not running" in reason or "No such container" in reason:
-                raise JobError(f"{target.name} is gone or stopped: {reason}") from exc
-            return reason
+            return raise_if_gone(target, exc)
         return probe_verdict(done.ok, done.stdout.decode(errors="replace"), "" if done.ok else done.describe_failure())
 
 
