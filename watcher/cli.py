@@ -819,8 +819,9 @@ def cmd_copy(app: App, args: argparse.Namespace) -> int:
         if unknown := sorted(only - known):
             raise UsageError(f"{', '.join(unknown)}: no snapshots of that name from host {ctx.host} in the primary "
                              "repository (`backup-watcher snapshots` lists them)")
-    results = [run_copy(ctx, CopyTarget.of(spec, app.repository, app.config.restic_env),
-                        init=app.config.init_repository, only=only) for spec in app.config.copies]
+    with app.showing_progress():
+        results = [run_copy(ctx, CopyTarget.of(spec, app.repository, app.config.restic_env),
+                            init=app.config.init_repository, only=only) for spec in app.config.copies]
     for result in results:
         if result.ok:
             print(f"ok      {result.copy}: {len(result.copied)} snapshot(s) copied, {result.forgotten} forgotten "

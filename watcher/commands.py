@@ -254,6 +254,9 @@ def _restic_backup(restic: str, host: str, filename: str, tags: Sequence[str], s
 
 # The environment restic needs to read --time as UTC.
 RESTIC_TIME_ENV = {"TZ": "UTC"}
+# `restic copy` off a terminal reports its packs only once a snapshot is done, unless asked for a rate: once a
+# second is enough for a person and makes a `restic copy` whose watcher died end at its next line (broken pipe).
+RESTIC_COPY_PROGRESS_ENV = {"RESTIC_PROGRESS_FPS": "1"}
 
 
 def restic_snapshots(restic: str, *, host: str | None = None, container: str | None = None,

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from watcher.copies import History, HistoryProgress, missing, progress
 from watcher.copyconfig import CopySpec, copy_env, transfer_env
 from watcher.execute import Completed
 from watcher.jobs import JobContext
+from watcher.progress import CopyOutput, first_writer
 from watcher.restic import EXIT_NO_REPOSITORY, EXIT_WRONG_PASSWORD, Repository, ResticError, Snapshot
 from watcher.retention import PRUNE_TIMEOUT_SECONDS, count_removed, step_problem
 from watcher.settings import mask_url
@@ -71,7 +72,8 @@ class CopyTarget:
         label = f"copy {spec.name} ({mask_url(spec.repository)})"
         alone = copy_env(restic_env, spec)
         return cls(spec, Repository(primary.binary, alone, primary.masker, label),
-                   Repository(primary.binary, transfer_env(restic_env, spec), primary.masker, label),
+                   Repository(primary.binary, {**transfer_env(restic_env, spec), **commands.RESTIC_COPY_PROGRESS_ENV},
+                              primary.masker, label),
                    Repository(primary.binary, {**alone, **commands.RESTIC_TIME_ENV}, primary.masker, label), label)
 
 
@@ -139,14 +141,21 @@ def _listings(ctx: JobContext, target: CopyTarget,
 
 def _transfer(ctx: JobContext, target: CopyTarget, todo: list[Snapshot]) -> None:
     """`restic copy` of `todo` from the primary into the copy (streamed one by one where `restic copy` cannot
-    carry both repositories' credentials); raises CopyFailed."""
-    if target.spec.streamed:
-        for snapshot in todo:
-            _stream(ctx, target, snapshot)
-        return
-    argv = commands.with_lock_wait(commands.restic_copy(target.repository.binary, [s.id for s in todo]),
-                                   ctx.bounds.lock_retry_s)
-    done = target.transfer.run(argv, timeout=ctx.bounds.dump_s + ctx.bounds.lock_retry_s, cancel=ctx.cancel)
+    carry both repositories' credentials), on the progress board as one job (its size: the snapshots' sizes);
+    raises CopyFailed."""
+    total = sum(snapshot.bytes or 0 for snapshot in todo)
+    with ctx.progress.track("copy", target.spec.name, f"{len(todo)} snapshot(s)", total=total or None) as tracker:
+        if target.spec.streamed:
+            before = 0
+            for snapshot in todo:
+                _stream(ctx, target, snapshot, first_writer(tracker, before))
+                before += snapshot.bytes or 0
+            return
+        argv = commands.with_lock_wait(commands.restic_copy(target.repository.binary, [s.id for s in todo]),
+                                       ctx.bounds.lock_retry_s)
+        output = CopyOutput({snapshot.id: snapshot.bytes or 0 for snapshot in todo}, tracker)
+        done = target.transfer.run(argv, timeout=ctx.bounds.dump_s + ctx.bounds.lock_retry_s, cancel=ctx.cancel,
+                                   on_stdout_line=output.line)
     if not done.ok:
         raise CopyFailed(target.repository.failure("copying snapshots to", done))
 
@@ -177,10 +186,11 @@ def _both(fifo: Path, dump: Callable[[], Completed], store: Callable[[], Complet
     return results["dumped"], results["stored"]
 
 
-def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot) -> None:
+def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot,
+            on_tick: Callable[[Sequence[int]], None] | None = None) -> None:
     """One snapshot streamed from the primary into the copy: `restic dump` into a FIFO with the primary's
     environment, `restic backup --stdin-from-command` of the relay (watcher.copyrelay) with the copy's, keeping
-    the snapshot's host, tags, file name and time. Raises CopyFailed."""
+    the snapshot's host, tags, file name and time; `on_tick` samples the dump (progress). Raises CopyFailed."""
     if snapshot.bytes is None:
         raise CopyFailed(f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database} states no "
                          "size (made by restic < 0.17?): it cannot be streamed with its integrity checked")
@@ -194,7 +204,8 @@ def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot) -> None:
             is_globals=snapshot.globals, source=commands.copy_relay(str(fifo), snapshot.bytes),
             snapshot_time=snapshot.time), ctx.bounds.lock_retry_s)
         dump = commands.restic_dump_into(binary, snapshot.id, "/" + filename, str(fifo))
-        dumped, stored = _both(fifo, lambda: ctx.repository.run(dump, timeout=timeout, cancel=ctx.cancel),
+        dumped, stored = _both(fifo, lambda: ctx.repository.run(dump, timeout=timeout, cancel=ctx.cancel,
+                                                                on_tick=on_tick),
                                lambda: target.store.run(backup, timeout=timeout, cancel=ctx.cancel))
     what = f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database}"
     if not dumped.ok:

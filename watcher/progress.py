@@ -1,6 +1,6 @@
 """How far each running job has come: the board every job reports to and every output reads from.
 
-A job (backup, restore, drill) registers on the board while it runs and sets how many bytes of its
+A job (backup, restore, drill, copy) registers on the board while it runs and sets how many bytes of its
 stream have passed. The readers sample it at their own low rate, never on the data path: the
 terminal's progress lines (watcher/progress_display.py), the `*_progress` log lines every
 WATCHER_PROGRESS_LOG_INTERVAL when not on a terminal, the daemon's `job_*` metrics (rendered at scrape
@@ -9,13 +9,15 @@ time, so a finished job's series are gone at once) and `status`.
 Where the bytes come from costs next to nothing: a backup parses one of restic's own `--json` status
 lines every STATUS_READ_SECONDS (restic writes 60 a second; the others are only matched, not parsed);
 a restore reads how much `restic dump` has written so far from the kernel's count (/proc/PID/io),
-sampled by the runner once a second.
+sampled by the runner once a second; a copy counts the snapshots `restic copy` says it saved and its
+packs of the current one (a streamed copy: what its `restic dump` wrote, as a restore).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -159,6 +161,34 @@ def restic_status_bytes(line: str) -> int | None:
     return done if isinstance(done, int) else None
 
 
+# `restic copy` has no --json: it says which snapshot it copies, how far in packs, and when it is saved.
+_COPY_START = re.compile(r"^snapshot ([0-9a-f]{8,}) of \[")
+_COPY_PACKS = re.compile(r"^\[[0-9:]+\]\s+([0-9.]+)%")
+_COPY_SAVED = re.compile(r"^snapshot [0-9a-f]{8,} saved$")
+
+
+class CopyOutput:
+    """Reads `restic copy`'s stdout as it comes into the bytes done of the snapshots it copies: those already
+    saved in full, plus the current one's share by its packs copied (an estimate: packs are not bytes)."""
+
+    def __init__(self, sizes: Mapping[str, int], tracker: Tracker) -> None:
+        self._sizes = {short[:8]: size for short, size in sizes.items()}  # by short id, as restic prints it
+        self._tracker = tracker
+        self._saved = 0
+        self._current = 0
+
+    def line(self, line: str) -> None:
+        """One stdout line of `restic copy`; sets the tracker's bytes when it says something about progress."""
+        if started := _COPY_START.match(line):
+            self._current = self._sizes.get(started.group(1)[:8], 0)
+        elif packs := _COPY_PACKS.match(line):
+            self._tracker.set_bytes(self._saved + int(self._current * min(float(packs.group(1)), 100.0) / 100))
+        elif _COPY_SAVED.match(line):
+            self._saved += self._current
+            self._current = 0
+            self._tracker.set_bytes(self._saved)
+
+
 def written_bytes(pid: int) -> int | None:
     """How many bytes process `pid` has written so far (its `wchar` in /proc/PID/io); None when it
     cannot be read (gone, or not Linux)."""
@@ -198,11 +228,11 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-def first_writer(tracker: Tracker) -> Callable[[Sequence[int]], None]:
+def first_writer(tracker: Tracker, before: int = 0) -> Callable[[Sequence[int]], None]:
     """An on_tick for run_pipeline: the bytes written so far by the pipeline's first member (a
-    `restic dump`) are the job's bytes done."""
+    `restic dump`), after `before` bytes of earlier steps, are the job's bytes done."""
     def tick(pids: Sequence[int]) -> None:
         done = written_bytes(pids[0]) if pids else None
         if done is not None:
-            tracker.set_bytes(done)
+            tracker.set_bytes(before + done)
     return tick

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from watcher import commands
 from watcher.durations import format_duration
-from watcher.execute import Completed, Masker, run
+from watcher.execute import Completed, Masker, run_pipeline
 
 MIN_VERSION = (0, 17, 0)
 EXIT_NO_REPOSITORY = 10
@@ -134,10 +134,13 @@ class Repository:
         self.label = repository_label
 
     def run(self, argv: tuple[str, ...], timeout: float = QUERY_TIMEOUT_SECONDS,
-            cancel: threading.Event | None = None) -> Completed:
-        """Runs a restic command with the repository's environment; raises ResticError if restic is missing."""
+            cancel: threading.Event | None = None, *, on_stdout_line: Callable[[str], None] | None = None,
+            on_tick: Callable[[Sequence[int]], None] | None = None) -> Completed:
+        """Runs a restic command with the repository's environment (its stdout lines to `on_stdout_line` as they
+        come, its pid to `on_tick` about once a second, when given); raises ResticError if restic is missing."""
         try:
-            return run(argv, env=self.env, masker=self.masker, timeout=timeout, cancel=cancel)
+            return run_pipeline([argv], env=self.env, masker=self.masker, timeout=timeout, cancel=cancel,
+                                on_stdout_line=on_stdout_line, on_tick=on_tick)
         except FileNotFoundError as exc:
             raise ResticError(
                 f"restic not found (looked for {self.binary!r}; install restic >= 0.17 or set WATCHER_RESTIC_BINARY)"

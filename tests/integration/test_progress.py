@@ -95,8 +95,8 @@ def watch_it_move(term: Terminal, what: str) -> str:
                         interval=0.5))
 
 
-def test_backup_and_restore_show_a_moving_line_on_a_terminal_and_none_elsewhere(
-        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str],
+def test_backup_copy_and_restore_show_a_moving_line_on_a_terminal_and_none_elsewhere(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str], tmp_path: Path,
         terminal: Callable[[dict[str, str], list[str]], Terminal]) -> None:
     db: PgContainer = start_pg(f"bwt-progress-{uuid.uuid4().hex[:6]}", "17")
     db.psql(SEED)
@@ -105,6 +105,13 @@ def test_backup_and_restore_show_a_moving_line_on_a_terminal_and_none_elsewhere(
     end = watch_it_move(terminal(env, ["backup", db.name]), f"backup {db.name}/appdb")
     assert "EXIT=0" in end and f"ok      {db.name}/appdb  snapshot" in end, end
     assert progress_line(end, f"backup {db.name}/appdb") is None, end  # the line gave way to the result
+
+    # A copy to a further repository: one line for the run, its size the snapshots' (2: globals and appdb).
+    (tmp_path / "offsite.password").write_text("offsite-pw\n")
+    copying = {**env, "WATCHER_COPY_TO": "offsite", "WATCHER_COPY_OFFSITE_REPOSITORY": str(tmp_path / "offsite"),
+               "WATCHER_COPY_OFFSITE_PASSWORD_FILE": str(tmp_path / "offsite.password")}
+    end = watch_it_move(terminal(copying, ["copy"]), "copy offsite/2 snapshot(s)")
+    assert "EXIT=0" in end and "ok      offsite: 2 snapshot(s) copied" in end, end
 
     end = watch_it_move(terminal(env, ["restore", db.name, "latest", "--yes"]), f"restore {db.name}/appdb")
     assert "EXIT=0" in end and f"restored 'appdb' in {db.name}" in end, end

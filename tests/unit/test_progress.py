@@ -13,6 +13,7 @@ from tests.unit.daemon_kit import make_entry
 from watcher.execute import run_pipeline
 from watcher.metrics import Metrics
 from watcher.progress import (
+    CopyOutput,
     JobProgress,
     ProgressBoard,
     first_writer,
@@ -71,6 +72,34 @@ def test_restic_status_lines_give_bytes_done_and_nothing_else_does() -> None:
     assert restic_status_bytes('{"message_type":"summary","bytes_done":5}') is None
     assert restic_status_bytes('{"message_type":"status"') is None
     assert restic_status_bytes("Fatal: status") is None
+
+
+# What restic 0.18's `restic copy` printed off a terminal with RESTIC_PROGRESS_FPS set, for two snapshots.
+COPY_OUTPUT = """
+snapshot 812a7618 of [/d1] at 2026-11-26 19:40:02.796637065 +0000 UTC by root@vm
+  copy started, this may take a while...
+[0:00] 60.00%  3 / 5 packs copied
+[0:01] 100.00%  5 / 5 packs copied
+
+snapshot 37bd9d0f saved
+
+snapshot 03959302 of [/d2] at 2026-11-26 19:40:04.071329534 +0000 UTC by root@vm
+  copy started, this may take a while...
+[0:00] 25.00%  1 / 4 packs copied
+"""
+
+
+def test_a_copy_counts_the_snapshots_restic_saved_and_the_current_ones_packs() -> None:
+    board = ProgressBoard()
+    with board.track("copy", "offsite", "2 snapshot(s)", total=3000) as tracker:
+        output = CopyOutput({"812a7618" + "0" * 56: 1000, "03959302" + "1" * 56: 2000}, tracker)
+        seen = []
+        for line in COPY_OUTPUT.splitlines():
+            output.line(line)
+            seen.append(board.running()[0].bytes_done)
+        assert seen[3] == 600  # 60 % of the first snapshot's packs
+        assert seen[6] == 1000  # the first saved
+        assert seen[-1] == 1500 and board.running()[0].fraction() == 0.5  # and a quarter of the second
 
 
 def test_bytes_written_by_a_pipeline_member_are_read_from_the_kernel() -> None:
