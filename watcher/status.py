@@ -6,18 +6,31 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
+from watcher.copies import History, HistoryProgress
 from watcher.progress import JobProgress, progress_text
 from watcher.registry import TargetState
+
+CopyProgress = Mapping[str, Mapping[History, HistoryProgress]]
 
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def status_rows(entries: Iterable[TargetState], now: datetime,
-                running: Sequence[JobProgress] = ()) -> list[dict[str, object]]:
-    """One row per watched container: state, newest snapshot and its age, next run, last error, and
-    the jobs running on it now with their progress."""
+def _copies(copies: CopyProgress, history: History, now: datetime) -> dict[str, dict[str, object]]:
+    """How far each copy has come with one history: its newest snapshot there, and how long the oldest
+    snapshot it lacks has waited (0: it holds every one)."""
+    found: dict[str, dict[str, object]] = {}
+    for name, known in sorted(copies.items()):
+        if (state := known.get(history)) is not None:
+            found[name] = {"copied": _iso(state.copied), "lag_s": round(state.lag_s(now))}
+    return found
+
+
+def status_rows(entries: Iterable[TargetState], now: datetime, running: Sequence[JobProgress] = (),
+                copies: CopyProgress | None = None) -> list[dict[str, object]]:
+    """One row per watched container: state, newest snapshot and its age, next run, last error, the jobs
+    running on it now with their progress, and per database how far each copy has come (the daemon's)."""
     rows: list[dict[str, object]] = []
     moment = time.monotonic()
     for entry in entries:
@@ -39,7 +52,8 @@ def status_rows(entries: Iterable[TargetState], now: datetime,
                 {"database": name, "last_snapshot": _iso(db.last_snapshot),
                  "snapshot_id": db.last_snapshot_id[:8] if db.last_snapshot_id else None,
                  "last_success": _iso(db.last_success), "last_failure": _iso(db.last_failure),
-                 "last_error": db.last_error, "note": db.note}
+                 "last_error": db.last_error, "note": db.note,
+                 "copies": _copies(copies or {}, (entry.name, name), now)}
                 for name, db in sorted(entry.databases.items())
             ],
             "running": [job.fields(moment) for job in running if job.target == entry.name],
@@ -80,7 +94,7 @@ def render_table(rows: Sequence[Mapping[str, object]]) -> str:
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
-    return "\n".join(lines + _running(rows) + _notes(rows))
+    return "\n".join(lines + _running(rows) + _notes(rows) + _lagging(rows))
 
 
 def _running(rows: Sequence[Mapping[str, object]]) -> list[str]:
@@ -103,3 +117,18 @@ def _notes(rows: Sequence[Mapping[str, object]]) -> list[str]:
             if isinstance(db, Mapping) and db.get("note"):
                 notes.append(f"note: {row['target']} {db['database']}: {db['note']}")
     return ([""] if notes else []) + notes
+
+
+def _lagging(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """One line per (copy, database) that lacks a snapshot, under the table."""
+    found = []
+    for row in rows:
+        databases = row.get("databases")
+        for db in databases if isinstance(databases, list) else []:
+            copies = db.get("copies") if isinstance(db, Mapping) else None
+            for name, state in sorted(copies.items()) if isinstance(copies, Mapping) else ():
+                if isinstance(state, Mapping) and state.get("lag_s"):
+                    newest = str(state.get("copied") or "none")[:19].replace("T", " ")
+                    found.append(f"copy {name}: {row['target']} {db['database']} lacks snapshots for "
+                                 f"{human_age(state['lag_s'])} (newest there: {newest})")
+    return ([""] if found else []) + found

@@ -176,6 +176,12 @@ def test_a_copy_backend_down_for_three_passes_holds_up_no_backup_is_paged_once_a
     lag = re.search(r'backup_watcher_copy_lag_seconds\{copy="offsite",database="appdb",target="[^"]+"} (\S+)',
                     metrics)
     assert lag is not None and float(lag.group(1)) > 60, [line for line in metrics.splitlines() if "copy" in line]
+    status = run_watcher(["status", "--json"], daemon.env)  # the daemon's view, as an operator asks for it
+    row = next(r for r in json.loads(status.stdout) if r["target"] == db.name)
+    appdb = next(d for d in row["databases"] if d["database"] == "appdb")
+    assert appdb["copies"]["offsite"]["lag_s"] > 60 and appdb["copies"]["offsite"]["copied"], appdb
+    table = run_watcher(["status"], daemon.env).stdout
+    assert f"copy offsite: {db.name} appdb lacks snapshots for" in table, table
 
     offsite.start()
     wait_for(lambda: "[backup-watcher] RECOVERED: copy offsite caught up" in webhook.titles(), 180, "the recovery")

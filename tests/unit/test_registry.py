@@ -88,3 +88,23 @@ def test_a_snapshot_note_shows_in_status_until_a_snapshot_without_one() -> None:
     registry.record_results(cid, [backup_result("(globals)", at=NEW)], last_error=None, consecutive_failures=0,
                             next_run=NEW)
     assert "note:" not in render_table(status_rows(registry.view(), NEW))
+
+
+def test_status_says_how_far_each_copy_has_come_and_names_the_ones_lacking_snapshots() -> None:
+    from datetime import timedelta
+
+    from watcher.copies import HistoryProgress
+    from watcher.status import render_table, status_rows
+    registry, cid = _registry_with_target()
+    registry.record_results(cid, [backup_result("app", at=NEW)], last_error=None, consecutive_failures=0,
+                            next_run=NEW)
+    later = NEW + timedelta(hours=2)
+    copies = {"offsite": {("a-db", "app"): HistoryProgress(NEW, None)},
+              "vault": {("a-db", "app"): HistoryProgress(NEW - timedelta(days=1), NEW)}}
+    rows = status_rows(registry.view(), later, copies=copies)
+    app = next(db for db in rows[0]["databases"] if db["database"] == "app")  # type: ignore[attr-defined]
+    assert app["copies"] == {"offsite": {"copied": NEW.isoformat(), "lag_s": 0},
+                             "vault": {"copied": (NEW - timedelta(days=1)).isoformat(), "lag_s": 7200}}
+    table = render_table(rows)
+    assert "copy vault: a-db app lacks snapshots for 2h0m" in table and "copy offsite" not in table, table
+    assert "copy " not in render_table(status_rows(registry.view(), later))  # one-shot status: no copies known

@@ -103,7 +103,9 @@ class Daemon:
 
     def status(self) -> list[dict[str, object]]:
         """The status rows of every watched container (for /status)."""
-        return status_rows(self.registry.view(), self.clock.now(), self.ctx.progress.running())
+        copies = self.outcomes.copies
+        return status_rows(self.registry.view(), self.clock.now(), self.ctx.progress.running(),
+                           {name: copies.progress(name) for name in copies.specs})
 
     def run(self) -> int:
         """Runs until stopped by a signal; returns the exit code (0)."""
