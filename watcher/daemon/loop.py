@@ -246,4 +246,4 @@ class Daemon:
             return
         log.info("repository_read", snapshots=len(snapshots), histories=self.inventory.load(snapshots))
         self._note(self.inventory.judge_sizes(snapshots, complete=True, at_start=True))
-        self.outcomes.repository_figures(*repository_figures(self.ctx))
+        self.outcomes.upkeep.repository_figures(*repository_figures(self.ctx))

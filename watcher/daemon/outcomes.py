@@ -37,7 +37,7 @@ from watcher.daemon.messages import (
 )
 from watcher.daemon.scheduler import not_ready_delay
 from watcher.daemon.shrinkage import ShrunkenDumps
-from watcher.drill import DrillResult
+from watcher.daemon.upkeep import RepositoryUpkeep
 from watcher.execute import Masker
 from watcher.jobs import ALL_DATABASES_PLACEHOLDER, BackupResult
 from watcher.metrics import Metrics
@@ -136,6 +136,7 @@ class Outcomes:
                                            cancel=cancel, alert=self.alert)
         self.copies = CopyWatch(copies, registry=registry, metrics=metrics, clock=clock, timezone=timezone,
                                 alert=self.alert)
+        self.upkeep = RepositoryUpkeep(metrics=metrics, clock=clock, cancel=cancel, alert=self.alert)
 
     def alert(self, subject: str, concern: Concern, ok: bool, detail: str = "") -> None:
         """Observes one outcome; a page goes out when the policy says so."""
@@ -226,16 +227,16 @@ class Outcomes:
             case RefreshFinished(snapshots=None, error=error):
                 log.warning("snapshot_listing_failed", error=error)
             case RefreshFinished(snapshots=snapshots, repository_snapshots=count):
-                self.repository_figures(None, count)
+                self.upkeep.repository_figures(None, count)
                 return snapshots or ()
             case ProbeFinished():
                 self.readiness.probe_finished(finished)
             case RetagFinished():
                 self.retag_finished(finished)
             case DrillsFinished():
-                self.drills_finished(finished)
+                self.upkeep.drills_finished(finished)
             case PruneFinished():
-                self.prune_finished(finished)
+                self.upkeep.prune_finished(finished)
             case _:
                 assert_never(finished)
         return ()
@@ -282,45 +283,6 @@ class Outcomes:
         self.registry.mark_idle(finished.container_id)
         if finished.error:
             log.error("history_rename_failed", error=finished.error)
-
-    def drills_finished(self, finished: DrillsFinished) -> None:
-        """Counts every drill; one alert per target whose drills changed state."""
-        if finished.error:
-            log.error("drill_failed", error=finished.error)
-        by_target: dict[str, list[DrillResult]] = {}
-        for result in finished.results:
-            by_target.setdefault(result.target, []).append(result)
-            self.metrics.observe_drill(result.target, result.database, result.ok, result.duration_s,
-                                       result.finished_at.timestamp())
-        if self.cancel.is_set():
-            return
-        for target, results in by_target.items():
-            failed = [r for r in results if not r.ok]
-            detail = "\n".join(f"{r.database}: {r.error}" for r in failed) or ", ".join(
-                f"{r.database}: {len(r.tables)} tables, {sum(t.restored or 0 for t in r.tables)} rows" for r in results)
-            self.alert(target, Concern.DRILL, not failed, detail)
-
-    def prune_finished(self, finished: PruneFinished) -> None:
-        """Counts the prune, alerts on a change of state, publishes the repository's figures."""
-        result = finished.result
-        ok = result is not None and result.ok
-        self.metrics.prunes.labels("success" if ok else "failure").inc()
-        if not self.cancel.is_set():
-            self.alert("repository", Concern.PRUNE, ok,
-                       (result.error if result is not None else finished.error) or "retention applied")
-        if result is not None and result.ok:
-            self.metrics.prune_last_success.set(self.clock.now().timestamp())
-            self.repository_figures(result.repository_size, result.repository_snapshots)
-        elif finished.error:
-            log.error("prune_failed", error=finished.error)
-
-    def repository_figures(self, size: int | None, count: int | None) -> None:
-        """Publishes the repository's size and snapshot count, where restic told them."""
-        if size is not None:
-            self.metrics.repository_size.set(size)
-        if count is not None:
-            self.metrics.repository_snapshots.set(count)
-
 
 class ReadinessOutcomes:
     """Probes of PostgreSQL and backups that found it not answering → the target's back-off (SPEC §11):
