@@ -165,20 +165,24 @@ def test_drill_containers_are_never_targets(start_pg: StartPg, start_daemon: Sta
 
 
 
+def back_up_and_drill(db: PgContainer, watcher_env: dict[str, str]) -> None:
+    """Seeds `db`, backs it up and drills it: the drill passes with the seed's counts and leaves no container."""
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+    done = run_watcher(["drill", db.name], env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
+    assert drill_containers() == []
+
+
 @pytest.mark.parametrize("major", ["15", "17"])
 def test_drill_of_a_container_started_with_init_passes(major: str, start_pg: StartPg, repo: Repo,
                                                         watcher_env: dict[str, str]) -> None:
     """PID 1 of the source (and so of its drill container) is docker-init, not postgres."""
     db: PgContainer = start_pg(f"bwt-drillinit{major}-db", major, docker_args=("--init",))
     assert docker("exec", db.name, "cat", "/proc/1/comm").stdout.strip() != "postgres"
-    db.psql(SEED)
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
-    assert run_watcher(["backup"], env).returncode == 0
-
-    done = run_watcher(["drill", db.name], env, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
-    assert drill_containers() == []
+    back_up_and_drill(db, watcher_env)
 
 
 # Runs in the entrypoint's temporary server (listen_addresses=''), 20 s, then replaces the database: a
@@ -214,14 +218,7 @@ def test_drill_waits_out_an_initdb_script_of_20_seconds(start_pg: StartPg, repo:
                                                          watcher_env: dict[str, str]) -> None:
     image = build_slow_init_image("17")
     db: PgContainer = start_pg("bwt-drillslow-db", "17", image=image, extra_env={"BWT_FAST_INIT": "1"})
-    db.psql(SEED)
-    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
-    assert run_watcher(["backup"], env).returncode == 0
-
-    done = run_watcher(["drill", db.name], env, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "public.orders: dump 4321, restored 4321\n" in done.stdout, done.stdout
-    assert drill_containers() == []
+    back_up_and_drill(db, watcher_env)
 
 
 def _drill_events(stderr: str, event: str) -> list[dict[str, object]]:
