@@ -6,7 +6,7 @@ import json
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from watcher import commands
@@ -86,8 +86,9 @@ class Snapshot:
     acked: bool = False
     engine: str = "postgres"  # the engine that wrote it (tag engine=…); older snapshots without the tag: postgres
     # Every tag and the file's path as restic holds them: a streamed copy writes the same (watcher.copyjob).
-    tags: tuple[str, ...] = ()
-    path: str | None = None
+    # Not compared: they describe the snapshot that the fields above identify.
+    tags: tuple[str, ...] = field(default=(), compare=False)
+    path: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:

@@ -14,7 +14,7 @@ from watcher.engines.mariadb_users import (
 
 HASH = "*ACDF6C0E2DF0DB7715BCCCA8D349D8284F9C0874"
 ROOT_HASH = "*79D0CF9A6A052105DA1E1181406C34FC87AAC89D"
-DUMP = f"""/*M!999999\\- enable the sandbox mode */ 
+DUMP = f"""/*M!999999\\- enable the sandbox mode */
 -- MariaDB dump 10.19-11.8.3-MariaDB, for debian-linux-gnu (x86_64)
 /*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
 /*M!100616 SET @OLD_NOTE_VERBOSITY=@@NOTE_VERBOSITY, NOTE_VERBOSITY=0 */;
@@ -52,7 +52,7 @@ def test_statements_follow_what_mariadb_runs() -> None:
     found = statements(DUMP)
     assert "CREATE ROLE 'reader' WITH ADMIN mariadb_dump_import_role" in found
     assert not any("80001" in s or "ALTER USER" in s or "OLD_CHARACTER_SET" in s for s in found)
-    assert f"CREATE USER `o'neil;x`@`localhost` IDENTIFIED VIA ed25519 USING 'ed;hash\\'q'" in found
+    assert "CREATE USER `o'neil;x`@`localhost` IDENTIFIED VIA ed25519 USING 'ed;hash\\'q'" in found
 
 
 def test_the_accounts_grants_and_hashes_of_the_globals() -> None:

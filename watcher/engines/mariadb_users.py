@@ -156,27 +156,32 @@ def parse_user_globals(sql: str) -> UserGlobals:
     parsed = UserGlobals()
     for statement in statements(sql):
         words = [t for t in tokens(statement) if t.kind != "comment"]
-        heads = [t.text.upper() for t in words[:3] if t.kind == "word"]
         if "IDENTIFIED" in (t.text.upper() for t in words if t.kind == "word"):
             parsed.hashes += [t.text for t in words if t.kind == "string" and t.text]
-        if heads[:2] == ["CREATE", "USER"]:
-            account, _ = account_at(words, 2)
-            if account is not None:
-                parsed.accounts.setdefault(account, []).append(statement)
-        elif heads[:2] == ["CREATE", "ROLE"] and "IF" not in heads:
-            role, _ = account_at(words, 2)
-            if role is not None and role[0] != IMPORT_ROLE:
-                parsed.accounts.setdefault(role, []).append(f"CREATE ROLE {quoted(role)}")
-        elif heads[:1] == ["GRANT"]:
-            grant = _grant(words, statement)
-            if grant is not None and grant.grantee[0] != IMPORT_ROLE and grant.role != (IMPORT_ROLE, ""):
-                parsed.grants.append(grant)
-        elif heads[:3] == ["SET", "DEFAULT", "ROLE"]:
-            at = next((i for i, t in enumerate(words) if t.kind == "word" and t.text.upper() == "FOR"), None)
-            account = account_at(words, at + 1)[0] if at is not None else None
-            if account is not None:
-                parsed.defaults[account] = statement
+        _read_statement(parsed, words, statement)
     return parsed
+
+
+def _read_statement(parsed: UserGlobals, words: Sequence[Token], statement: str) -> None:
+    """Adds what one statement says about accounts to `parsed` (nothing for the dump's scaffolding)."""
+    heads = [t.text.upper() for t in words[:3] if t.kind == "word"]
+    if heads[:2] == ["CREATE", "USER"]:
+        account, _ = account_at(words, 2)
+        if account is not None:
+            parsed.accounts.setdefault(account, []).append(statement)
+    elif heads[:2] == ["CREATE", "ROLE"] and "IF" not in heads:
+        role, _ = account_at(words, 2)
+        if role is not None and role[0] != IMPORT_ROLE:
+            parsed.accounts.setdefault(role, []).append(f"CREATE ROLE {quoted(role)}")
+    elif heads[:1] == ["GRANT"]:
+        grant = _grant(words, statement)
+        if grant is not None and grant.grantee[0] != IMPORT_ROLE and grant.role != (IMPORT_ROLE, ""):
+            parsed.grants.append(grant)
+    elif heads[:3] == ["SET", "DEFAULT", "ROLE"]:
+        at = next((i for i, t in enumerate(words) if t.kind == "word" and t.text.upper() == "FOR"), None)
+        account = account_at(words, at + 1)[0] if at is not None else None
+        if account is not None:
+            parsed.defaults[account] = statement
 
 
 def _grant(words: Sequence[Token], statement: str) -> Grant | None:
