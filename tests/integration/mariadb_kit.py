@@ -26,6 +26,12 @@ class MariaContainer:
 
     name: str
     password: str
+    docker_host: str | None = None  # another engine than $DOCKER_HOST's (a second "host")
+
+    @property
+    def engine_env(self) -> dict[str, str]:
+        """The environment that points the docker CLI at the container's engine."""
+        return {"DOCKER_HOST": self.docker_host} if self.docker_host else {}
 
     def sql(self, script: str, database: str = "", check: bool = True) -> str:
         """Runs `script` as root in the container (password read from the container's env), returns the
@@ -36,18 +42,20 @@ class MariaContainer:
                 'exec mariadb -uroot --default-character-set=utf8mb4 --batch --skip-column-names "$@"', "sh"]
         if database:
             argv.append(database)
-        done = docker(*argv, input=script.encode(), check=False, timeout=300)
+        done = docker(*argv, input=script.encode(), check=False, timeout=300, env=self.engine_env)
         if check and done.returncode != 0:
             raise AssertionError(f"mariadb in {self.name} failed: {done.stderr}")
         return done.stdout.strip()
 
     def ready(self) -> bool:
         """Whether the final server (not the entrypoint's temporary one) answers."""
-        running = docker("inspect", "--format", "{{.State.Running}}", self.name, check=False).stdout.strip()
+        on = self.engine_env
+        running = docker("inspect", "--format", "{{.State.Running}}", self.name, check=False, env=on).stdout.strip()
         if running != "true":
-            raise AssertionError(f"{self.name} stopped: {docker('logs', self.name, check=False).stderr[-2000:]}")
+            logs = docker("logs", self.name, check=False, env=on).stderr[-2000:]
+            raise AssertionError(f"{self.name} stopped: {logs}")
         probe = docker("exec", self.name, "sh", "-c", "test -S /run/mysqld/mysqld.sock && ! test -S "
-                       "/run/mysqld/init.sock", check=False)
+                       "/run/mysqld/init.sock", check=False, env=on)
         return probe.returncode == 0 and self.sql("SELECT 1", check=False) == "1"
 
 
@@ -59,13 +67,13 @@ def start_mariadb(tmp_path: Path) -> Iterator[StartMariaDB]:
     """Factory: starts a MariaDB container, waits until its final server answers, removes it after.
 
     `password_file`: the root password in a file mounted into the container (MARIADB_ROOT_PASSWORD_FILE)
-    instead of the variable.
+    instead of the variable. `docker_host` starts it on another engine (the `second_engine` fixture's).
     """
-    started: list[str] = []
+    started: list[tuple[str, dict[str, str]]] = []
 
     def start(name: str, suite: str = "bookworm", *, password: str = NASTY_PASSWORD, database: str = "shop",
               labels: dict[str, str] | None = None, password_file: bool = False,
-              extra_env: dict[str, str] | None = None) -> MariaContainer:
+              extra_env: dict[str, str] | None = None, docker_host: str | None = None) -> MariaContainer:
         argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
                 "-e", f"MARIADB_DATABASE={database}"]
         env = dict(extra_env or {})
@@ -80,14 +88,15 @@ def start_mariadb(tmp_path: Path) -> Iterator[StartMariaDB]:
             argv += ["-e", key]  # by name: the value never reaches our argv
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
-        started.append(name)
-        docker("rm", "-f", "-v", name, check=False)
+        on = {"DOCKER_HOST": docker_host} if docker_host else {}
+        started.append((name, on))
+        docker("rm", "-f", "-v", name, check=False, env=on)
         subprocess.run(["docker", *argv, MARIADB_IMAGES[suite]], check=True, capture_output=True,
-                       env={**os.environ, **env})
-        container = MariaContainer(name, password)
+                       env={**os.environ, **env, **on})
+        container = MariaContainer(name, password, docker_host)
         wait_for(container.ready, 120, f"MariaDB in {name} to serve", interval=0.5)
         return container
 
     yield start
-    for name in started:
-        docker("rm", "-f", "-v", name, check=False)
+    for name, on in started:
+        docker("rm", "-f", "-v", name, check=False, env=on)

@@ -4,16 +4,19 @@ globals, restore into a scratch database then the swap, and drills in a throwawa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import Repo, docker, process_command_lines, run_watcher, wait_for
 from tests.integration.mariadb_kit import NASTY_PASSWORD, MariaContainer, StartMariaDB
+from tests.kit import RestServer
 
 pytestmark = pytest.mark.engine
 
@@ -261,3 +264,75 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
     assert damaged.returncode == 1, damaged.stdout + damaged.stderr
     assert f"FAILED  {name}/shop" in damaged.stdout and "restore of snapshot" in damaged.stdout, damaged.stdout
     assert _drill_containers() == []
+
+
+APP_PASSWORD = "app pw 'q' \"dq\" $(touch /tmp/x) ✓"
+APP_USERS = f"""
+CREATE TABLE items (id int PRIMARY KEY, name varchar(50)) ENGINE=InnoDB;
+INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_300;
+CREATE ROLE auditor;
+GRANT SELECT ON shop.* TO auditor;
+CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PASSWORD.replace("'", "''")}';
+GRANT INSERT, UPDATE ON shop.* TO 'app'@'%';
+GRANT DELETE ON shop.items TO 'app'@'%';
+GRANT auditor TO 'app'@'%';
+SET DEFAULT ROLE auditor FOR 'app'@'%';
+"""
+ITEMS = "SELECT COUNT(*), MD5(GROUP_CONCAT(CONCAT(id, name) ORDER BY id)) FROM items"
+
+
+def app_login(db: MariaContainer, password: str, sql: str) -> tuple[int, str]:
+    """The app user logs in to shop with `password` (passed by name) and runs `sql`."""
+    done = docker("exec", "-e", "MYSQL_PWD", db.name, "mariadb", "-uapp", "--batch", "--skip-column-names", "shop",
+                  "-e", sql, check=False, env={"MYSQL_PWD": password, **db.engine_env})
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def test_a_streamed_copy_restores_on_a_fresh_host_with_the_app_users_login(
+        start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    name = "h18-maria-copy"
+    db = start_mariadb(name)
+    db.sql(APP_USERS, "shop")
+    before = db.sql(ITEMS, "shop")
+    # Two rest-servers with a user each: restic copy could not carry both, each snapshot is streamed.
+    primary = RestServer(tmp_path / "primary", "primary-user", "primary-rest-pw-h18")
+    offsite = RestServer(tmp_path / "offsite", "offsite-user", "offsite-rest-pw-h18")
+    secret = tmp_path / "offsite.password"
+    secret.write_text("offsite-pw-h18\n")
+    env = {**watcher_env, "RESTIC_REPOSITORY": primary.url, "RESTIC_REST_USERNAME": primary.user,
+           "RESTIC_REST_PASSWORD": primary.password, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_HOST": "old-host",
+           "WATCHER_COPY_TO": "offsite", "WATCHER_COPY_OFFSITE_REPOSITORY": offsite.url,
+           "WATCHER_COPY_OFFSITE_PASSWORD_FILE": str(secret),
+           "WATCHER_COPY_OFFSITE_ENV_FILE": str(offsite.env_file(tmp_path / "offsite.env"))}
+    backup = _backup(env)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    copied = run_watcher(["copy"], env)
+    assert copied.returncode == 0 and "offsite: 2 snapshot(s) copied" in copied.stdout, copied.stdout + copied.stderr
+    assert '"method": "streamed"' in copied.stderr
+    listing = subprocess.run(["restic", "--no-lock", "snapshots", "--json"], capture_output=True, text=True,
+                             check=True, timeout=120, env={**os.environ, "RESTIC_REPOSITORY": offsite.url,
+                                                           "RESTIC_PASSWORD": "offsite-pw-h18",
+                                                           "RESTIC_REST_USERNAME": offsite.user,
+                                                           "RESTIC_REST_PASSWORD": offsite.password}).stdout
+    in_copy = sorted((tuple(s["paths"]), tuple(sorted(s["tags"]))) for s in json.loads(listing))
+    assert in_copy == [(("/globals.sql",), ("backup-watcher", f"container={name}", "engine=mariadb", "globals")),
+                       (("/shop.sql",), ("backup-watcher", f"container={name}", "database=shop", "engine=mariadb"))]
+    primary.stop()  # the old host and the primary's backend are gone: the copy restores alone
+
+    fresh = start_mariadb(name)  # a fresh container of the same name and env, without the app's user
+    assert fresh.sql("SELECT COUNT(*) FROM mysql.user WHERE User IN ('app', 'auditor')") == "0"
+    restore = run_watcher(["restore", name, "latest", "--host", "old-host", "--from", "offsite", "--yes"],
+                          {**env, "WATCHER_HOST": "new-host"})
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    said = next(line for line in restore.stderr.splitlines() if line.startswith("Users created"))
+    assert sorted(said.split("globals: ", 1)[1].split(";")[0].split(", ")) == ["app@%", "auditor"], said
+    assert fresh.sql(ITEMS, "shop") == before
+    # The app user logs in with its password, reads through its default role, deletes by its table grant.
+    assert app_login(fresh, APP_PASSWORD, ITEMS) == (0, before)
+    assert app_login(fresh, APP_PASSWORD, "DELETE FROM items WHERE id = 1") == (0, "")
+    code, said = app_login(fresh, "not the password", "SELECT 1")
+    assert code != 0 and "Access denied" in said
+    hashes = db.sql("SELECT authentication_string FROM mysql.user WHERE User = 'app'")
+    assert hashes.startswith("*")
+    for output in (backup.stdout + backup.stderr, copied.stdout + copied.stderr, restore.stdout + restore.stderr):
+        assert APP_PASSWORD not in output and hashes not in output
