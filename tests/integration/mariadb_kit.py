@@ -1,5 +1,6 @@
-"""MariaDB containers for the engine tests: the test ground's images (Debian's MariaDB, the official
-image's env contract), started with --network none, passwords passed by name (never in our argv)."""
+"""MariaDB and Redis containers for the engine tests: the test ground's images (Debian's MariaDB with the
+official image's env contract, Debian's Redis), started with --network none, passwords passed by name
+(never in our argv), on the test engine or another one (`docker_host`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,30 @@ class MariaContainer:
         return probe.returncode == 0 and self.sql("SELECT 1", check=False) == "1"
 
 
+# The application's own user (not the env contract's: a fresh container would make that one itself), with a
+# role as its default, rights on the database and on one table: restore must create them from the globals.
+APP_PASSWORD = "app pw 'q' \"dq\" $(touch /tmp/x) ✓"
+APP_USERS = f"""
+CREATE TABLE items (id int PRIMARY KEY, name varchar(50)) ENGINE=InnoDB;
+INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_300;
+CREATE ROLE auditor;
+GRANT SELECT ON shop.* TO auditor;
+CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PASSWORD.replace("'", "''")}';
+GRANT INSERT, UPDATE ON shop.* TO 'app'@'%';
+GRANT DELETE ON shop.items TO 'app'@'%';
+GRANT auditor TO 'app'@'%';
+SET DEFAULT ROLE auditor FOR 'app'@'%';
+"""
+ITEMS = "SELECT COUNT(*), MD5(GROUP_CONCAT(CONCAT(id, name) ORDER BY id)) FROM items"
+
+
+def app_login(db: MariaContainer, password: str, sql: str) -> tuple[int, str]:
+    """The app user logs in to shop with `password` (passed by name) and runs `sql`."""
+    done = docker("exec", "-e", "MYSQL_PWD", db.name, "mariadb", "-uapp", "--batch", "--skip-column-names", "shop",
+                  "-e", sql, check=False, env={"MYSQL_PWD": password, **db.engine_env})
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
 StartMariaDB = Callable[..., MariaContainer]
 
 
@@ -100,3 +125,40 @@ def start_mariadb(tmp_path: Path) -> Iterator[StartMariaDB]:
     yield start
     for name, on in started:
         docker("rm", "-f", "-v", name, check=False, env=on)
+
+
+REDIS_IMAGE = "backup-watcher-test/redis:bookworm"
+# Redis loads an RDB file only at start or on DEBUG RELOAD: the restore command writes it where the server
+# reads it, then reloads it without saving the current data over it first.
+RESTORE = "cat > /data/dump.rdb.new && mv /data/dump.rdb.new /data/dump.rdb && redis-cli debug reload nosave"
+StartRedis = Callable[..., str]
+
+
+@pytest.fixture
+def start_redis() -> Iterator[StartRedis]:
+    """Factory: starts a Redis container (--network none) with labels, on the engine of `docker_host` (default
+    $DOCKER_HOST's), waits for PONG, removes it after."""
+    started: list[tuple[str, dict[str, str]]] = []
+
+    def start(name: str, labels: dict[str, str], docker_host: str | None = None) -> str:
+        on = {"DOCKER_HOST": docker_host} if docker_host else {}
+        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL]
+        for key, value in labels.items():
+            argv += ["--label", f"{key}={value}"]
+        started.append((name, on))
+        docker("rm", "-f", "-v", name, check=False, env=on)
+        docker(*argv, REDIS_IMAGE, "redis-server", "--dir", "/data", "--enable-debug-command", "local", env=on)
+        wait_for(lambda: docker("exec", name, "redis-cli", "ping", check=False, env=on).stdout.strip() == "PONG", 60,
+                 f"Redis in {name}")
+        return name
+
+    yield start
+    for name, on in started:
+        docker("rm", "-f", "-v", name, check=False, env=on)
+
+
+def redis_contents(name: str, docker_host: str | None = None) -> tuple[int, str]:
+    """The number of keys and Redis's digest of every key and value (DEBUG DIGEST: equal data, equal digest)."""
+    on = {"DOCKER_HOST": docker_host} if docker_host else {}
+    keys = int(docker("exec", name, "redis-cli", "dbsize", env=on).stdout)
+    return keys, docker("exec", name, "redis-cli", "debug", "digest", env=on).stdout.strip()

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Repo, docker, process_command_lines, run_watcher, wait_for
-from tests.integration.mariadb_kit import NASTY_PASSWORD, MariaContainer, StartMariaDB
+from tests.integration.mariadb_kit import (
+    APP_PASSWORD,
+    APP_USERS,
+    ITEMS,
+    NASTY_PASSWORD,
+    MariaContainer,
+    StartMariaDB,
+    app_login,
+)
 from tests.kit import RestServer
 
 pytestmark = pytest.mark.engine
@@ -264,28 +272,6 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
     assert damaged.returncode == 1, damaged.stdout + damaged.stderr
     assert f"FAILED  {name}/shop" in damaged.stdout and "restore of snapshot" in damaged.stdout, damaged.stdout
     assert _drill_containers() == []
-
-
-APP_PASSWORD = "app pw 'q' \"dq\" $(touch /tmp/x) ✓"
-APP_USERS = f"""
-CREATE TABLE items (id int PRIMARY KEY, name varchar(50)) ENGINE=InnoDB;
-INSERT INTO items SELECT seq, CONCAT('item ', seq) FROM seq_1_to_300;
-CREATE ROLE auditor;
-GRANT SELECT ON shop.* TO auditor;
-CREATE USER 'app'@'%' IDENTIFIED BY '{APP_PASSWORD.replace("'", "''")}';
-GRANT INSERT, UPDATE ON shop.* TO 'app'@'%';
-GRANT DELETE ON shop.items TO 'app'@'%';
-GRANT auditor TO 'app'@'%';
-SET DEFAULT ROLE auditor FOR 'app'@'%';
-"""
-ITEMS = "SELECT COUNT(*), MD5(GROUP_CONCAT(CONCAT(id, name) ORDER BY id)) FROM items"
-
-
-def app_login(db: MariaContainer, password: str, sql: str) -> tuple[int, str]:
-    """The app user logs in to shop with `password` (passed by name) and runs `sql`."""
-    done = docker("exec", "-e", "MYSQL_PWD", db.name, "mariadb", "-uapp", "--batch", "--skip-column-names", "shop",
-                  "-e", sql, check=False, env={"MYSQL_PWD": password, **db.engine_env})
-    return done.returncode, (done.stdout + done.stderr).strip()
 
 
 def test_a_streamed_copy_restores_on_a_fresh_host_with_the_app_users_login(
