@@ -322,3 +322,37 @@ def test_a_streamed_copy_restores_on_a_fresh_host_with_the_app_users_login(
     assert hashes.startswith("*")
     for output in (backup.stdout + backup.stderr, copied.stdout + copied.stderr, restore.stdout + restore.stderr):
         assert APP_PASSWORD not in output and hashes not in output
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_a_locked_table_fails_the_dump_within_the_lock_wait_bound_naming_the_table(
+        suite: str, start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = f"h18-maria-lock-{suite}"
+    db = start_mariadb(name, suite, labels={"backup-watcher.lock-wait-timeout": "3s"})
+    db.sql("CREATE TABLE accounts (id int PRIMARY KEY); INSERT INTO accounts VALUES (1);"
+           "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1);", "shop")
+    # Another session holds orders with LOCK TABLES … WRITE for two minutes (as a long migration would).
+    holder = subprocess.Popen(["docker", "exec", "-i", name, "sh", "-c",
+                               'MYSQL_PWD=$MARIADB_ROOT_PASSWORD exec mariadb -uroot shop'],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert holder.stdin is not None
+    holder.stdin.write(b"LOCK TABLES orders WRITE; SELECT SLEEP(120);\n")
+    holder.stdin.close()
+    sleeping = "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(120)%'"
+    wait_for(lambda: db.sql(sleeping) != "", 30, "the lock to be held")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    try:
+        backup = _backup(env)
+        assert backup.returncode == 1, backup.stdout + backup.stderr
+        assert "mariadb-dump gave up waiting for a lock on table `orders` after 3s" in backup.stdout, backup.stdout
+        assert "no snapshot was written" in backup.stdout
+        assert repo.snapshots_of(name) == []
+        assert db.sql(sleeping) != "", "the lock was still held when the dump gave up"
+        # The interrupted dump left no query of its own waiting on the server.
+        assert db.sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT /*!40001%'") == "0"
+    finally:
+        db.sql(f"KILL {db.sql(sleeping) or 0};", check=False)
+        holder.wait(timeout=60)
+    healed = _backup(env)  # the lock gone, the next run succeeds
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert _paths(repo, name) == ["/shop.sql"]
