@@ -251,15 +251,18 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
         start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
     name = "bwt-e18-maria-drill"
     db = start_mariadb(name, "trixie")
-    db.sql(SEED, "shop")
+    db.sql(SEED + APP_USERS, "shop")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
     assert _backup(env).returncode == 0
     db.sql("INSERT INTO invoices (person, amount) VALUES (3, 1);", "shop")  # after the backup: not counted
 
     done = run_watcher(["drill", name], env)
     assert done.returncode == 0, done.stdout + done.stderr
-    for table, rows in {"people": 2000, "invoices": 501, "audit": 1}.items():
+    for table, rows in {"people": 2000, "invoices": 501, "audit": 1, "items": 300}.items():
         assert f"{table}: dump {rows}, restored {rows}\n" in done.stdout, done.stdout
+    # The drill rehearses a fresh host: the app's user and its role created from the globals first.
+    created = next(line for line in done.stderr.splitlines() if '"event": "users_created"' in line)
+    assert '"users": "app@%,auditor"' in created, created
     assert f"ok      {name}/shop" in done.stdout
     assert _drill_containers() == []
 
@@ -270,7 +273,9 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
         pack.write_bytes(bytes(data))
     damaged = run_watcher(["drill", name], env)
     assert damaged.returncode == 1, damaged.stdout + damaged.stderr
-    assert f"FAILED  {name}/shop" in damaged.stdout and "restore of snapshot" in damaged.stdout, damaged.stdout
+    # Whichever it reads first, the globals or the dump, fails the drill naming the snapshot.
+    assert f"FAILED  {name}/shop" in damaged.stdout, damaged.stdout
+    assert "restore of snapshot" in damaged.stdout or "reading globals snapshot" in damaged.stdout, damaged.stdout
     assert _drill_containers() == []
 
 
