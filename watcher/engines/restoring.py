@@ -118,7 +118,7 @@ def restore_one(app: App, args: argparse.Namespace, snapshot: Snapshot, listed: 
     try:
         step = step_for(app, name, [snapshot], listed)
     except StepFailed as exc:
-        raise UsageError(f"{name}: {exc}") from exc
+        raise UsageError(f"restore into {name}: {exc}") from exc
     try:
         preview = step.prepare()
     except StepFailed as exc:
