@@ -240,15 +240,20 @@ def plan_users(databases: Collection[str], existing: Iterable[Account], globals_
     have = set(existing)
     if globals_ is None:
         return UserPlan((), ())
-    known = set(globals_.accounts)
-    if every_account:
-        wanted = known
-    else:
-        wanted = _with_roles({g.grantee for g in globals_.grants if g.on in databases} & known, globals_)
+    wanted = wanted_accounts(databases, globals_, every_account=every_account)
     create = tuple(account for account in globals_.accounts if account in wanted - have)
     keep = tuple(sorted(wanted & have))
     before, after, left_out = _scripts(create, set(databases), globals_)
     return UserPlan(create, keep, before, after, tuple(globals_.hashes), left_out, source)
+
+
+def wanted_accounts(databases: Collection[str], globals_: UserGlobals, *, every_account: bool) -> set[Account]:
+    """The accounts of the globals a restore of `databases` wants: those with a grant on one of them and the
+    roles granted to those (transitively), or with `every_account` every one."""
+    known = set(globals_.accounts)
+    if every_account:
+        return known
+    return _with_roles({g.grantee for g in globals_.grants if g.on in databases} & known, globals_)
 
 
 def _with_roles(start: set[Account], globals_: UserGlobals) -> set[Account]:
@@ -335,10 +340,6 @@ class UserMaker:
         """The plan for restoring `databases` here from `globals_snapshot` (None: nothing is created); raises
         UsersError when the globals or the container's accounts cannot be read."""
         from watcher.engines.mariadb_restore import MariaDBRestoreError
-        try:
-            existing = parse_existing(self.restorer.sql(container_id, creds, EXISTING_SQL))
-        except MariaDBRestoreError as exc:
-            raise UsersError(f"listing the users of the container failed: {exc}") from exc
         if globals_snapshot is None:
             return UserPlan((), ())
         repository = self.restorer.repository
@@ -346,8 +347,17 @@ class UserMaker:
                               cancel=self.restorer.cancel)
         if not done.ok:
             raise UsersError(repository.failure(f"reading globals snapshot {globals_snapshot.short_id} from", done))
-        return plan_users(databases, existing, parse_user_globals(done.stdout.decode(errors="replace")),
-                          every_account=every_account, source=f"globals snapshot {globals_snapshot.short_id}")
+        globals_ = parse_user_globals(done.stdout.decode(errors="replace"))
+        existing: set[Account] = set()
+        # A restoring account that may not read mysql.user (not root) still restores a database that needs
+        # no account of the globals.
+        if wanted_accounts(databases, globals_, every_account=every_account):
+            try:
+                existing = parse_existing(self.restorer.sql(container_id, creds, EXISTING_SQL))
+            except MariaDBRestoreError as exc:
+                raise UsersError(f"listing the users of the container failed: {exc}") from exc
+        return plan_users(databases, existing, globals_, every_account=every_account,
+                          source=f"globals snapshot {globals_snapshot.short_id}")
 
     def create(self, plan: UserPlan, container_id: str, container_name: str, creds: Credentials) -> None:
         """Creates the plan's accounts with their grants; when that fails part-way, removes the ones it made (all
