@@ -419,53 +419,18 @@ def _human_bytes(size: int | None) -> str:
 
 
 def cmd_restore(app: App, args: argparse.Namespace) -> int:
-    """Restores a snapshot after confirmation, first creating the roles it needs that the destination lacks
-    (from the globals snapshot of the same pass); returns 0 when restored, 1 when the restore failed
-    (the live database untouched when the roles could not be had), 2 when not confirmed. Raises
-    UsageError for a snapshot or destination that is not there. With --all: whole-host recovery."""
-    from watcher.restore import RestoreError
-    from watcher.roles import RoleError
-
+    """Restores a snapshot after confirmation, first creating the roles (PostgreSQL) or users (MariaDB) it needs
+    that the destination lacks (from the globals snapshot of the same pass); returns 0 when restored, 1 when
+    the restore failed (the live database untouched when the roles could not be had), 2 when not confirmed.
+    Raises UsageError for a snapshot or destination that is not there. With --all: whole-host recovery."""
     if args.all:
         from watcher.recovery import recover_host
 
         return recover_host(app, args)
-    snapshot, listed = _restore_snapshot(app, args)
-    if snapshot.engine != "postgres":
-        from watcher.engines.restoring import restore_other_engine
+    from watcher.engines.restoring import restore_one
 
-        return restore_other_engine(app, args, snapshot)
-    destination_name = args.into or args.target
-    destination = destination_of(app, destination_name)
-    if destination is None:
-        raise UsageError(f"{destination_name}: no running container of that name to restore into")
-    database = snapshot.database
-    try:
-        exists = destination.restorer.prepare(destination.id, destination_name, destination.creds, database)
-        plan = destination.role_plan([snapshot], listed)
-    except (RestoreError, RoleError) as exc:
-        print(f"restore FAILED: {app.masker(str(exc))}; nothing was changed", file=sys.stderr)
-        return EXIT_FAILED
-    fate = "there will be DROPPED and replaced" if exists else "does not exist there yet: it will be created"
-    print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
-          f"of {snapshot.container}/{database}\n  into database {database!r} of container {destination_name}.\n"
-          f"  The database {database!r} {fate}.\n  {roles_sentence(plan, future=True)}", file=sys.stderr)
-    if not args.yes and not _confirmed(database):
-        print("not confirmed; nothing was changed", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        destination.roles.create(plan, destination.id, destination_name, destination.creds)
-        if plan.create:
-            print(roles_sentence(plan, future=False), file=sys.stderr)
-        with app.showing_progress():
-            result = destination.restorer.restore(snapshot, destination.id, destination_name, destination.creds,
-                                                  database)
-    except (RestoreError, RoleError) as exc:
-        print(f"restore FAILED: {app.masker(str(exc))}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"restored {database!r} in {destination_name} from snapshot {snapshot.short_id} "
-          f"in {result.duration_s:.1f}s")
-    return EXIT_OK
+    snapshot, listed = _restore_snapshot(app, args)
+    return restore_one(app, args, snapshot, listed)
 
 
 def restore_usage_problem(args: argparse.Namespace) -> str | None:

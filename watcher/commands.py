@@ -392,11 +392,9 @@ def copy_relay(fifo: str, size: int) -> Command:
     return (sys.executable, "-m", "watcher.copyrelay", fifo, str(size))
 
 
-def restic_backup_copied(restic: str, *, host: str, container: str, database: str, is_globals: bool,
-                         source: Command, snapshot_time: datetime) -> Command:
-    """restic backup into a copy of one snapshot streamed by `source`, with the host, tags, file name and time
-    (whole seconds, RESTIC_TIME_ENV) of the snapshot it copies."""
-    if is_globals:
-        return _restic_backup(restic, host, GLOBALS_FILENAME, globals_tags(container), source, snapshot_time)
-    return _restic_backup(restic, host, dump_filename(database), snapshot_tags(container, database), source,
-                          snapshot_time)
+def restic_backup_copied(restic: str, *, host: str, path: str, tags: Sequence[str], source: Command,
+                         snapshot_time: datetime) -> Command:
+    """restic backup into a copy of one snapshot streamed by `source`, with the host, tags, file `path` and time
+    (whole seconds, RESTIC_TIME_ENV) of the snapshot it copies: every tag, so that the copy's snapshot says the
+    same engine (restore reads it) and the same acknowledgement."""
+    return _restic_backup(restic, host, path.lstrip("/"), tags, source, snapshot_time)

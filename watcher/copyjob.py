@@ -26,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from watcher import commands
+from watcher import commands, engines
 from watcher.config import Retention
 from watcher.copies import History, HistoryProgress, missing, progress
 from watcher.copyconfig import CopySpec, copy_env, transfer_env
@@ -186,6 +186,19 @@ def _both(fifo: Path, dump: Callable[[], Completed], store: Callable[[], Complet
     return results["dumped"], results["stored"]
 
 
+def stored_as(snapshot: Snapshot) -> tuple[str, tuple[str, ...]]:
+    """The file path and tags a snapshot is stored under: as restic listed them, or else (a snapshot not read
+    from a listing) as its engine writes them. A copy that dropped the engine tag or the engine's file suffix
+    would be restored as a PostgreSQL dump (SPEC §13)."""
+    if snapshot.path is not None and snapshot.tags:
+        return snapshot.path, snapshot.tags
+    if snapshot.globals:
+        return "/" + commands.GLOBALS_FILENAME, commands.globals_tags(snapshot.container, snapshot.engine)
+    suffix = engines.engine_named(snapshot.engine).dump_suffix
+    return ("/" + commands.dump_filename(snapshot.database, suffix),
+            commands.snapshot_tags(snapshot.container, snapshot.database, snapshot.engine))
+
+
 def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot,
             on_tick: Callable[[Sequence[int]], None] | None = None) -> None:
     """One snapshot streamed from the primary into the copy: `restic dump` into a FIFO with the primary's
@@ -195,15 +208,15 @@ def _stream(ctx: JobContext, target: CopyTarget, snapshot: Snapshot,
         raise CopyFailed(f"snapshot {snapshot.short_id} of {snapshot.container}/{snapshot.database} states no "
                          "size (made by restic < 0.17?): it cannot be streamed with its integrity checked")
     binary, timeout = target.repository.binary, ctx.bounds.dump_s + ctx.bounds.lock_retry_s
-    filename = commands.GLOBALS_FILENAME if snapshot.globals else commands.dump_filename(snapshot.database)
+    path, tags = stored_as(snapshot)
     with tempfile.TemporaryDirectory(prefix="backup-watcher-copy-") as private:  # mode 0700
         fifo = Path(private, "stream")
         os.mkfifo(fifo, 0o600)
         backup = commands.with_lock_wait(commands.restic_backup_copied(
-            binary, host=snapshot.host, container=snapshot.container, database=snapshot.database,
-            is_globals=snapshot.globals, source=commands.copy_relay(str(fifo), snapshot.bytes),
-            snapshot_time=snapshot.time), ctx.bounds.lock_retry_s)
-        dump = commands.restic_dump_into(binary, snapshot.id, "/" + filename, str(fifo))
+            binary, host=snapshot.host, path=path, tags=tags,
+            source=commands.copy_relay(str(fifo), snapshot.bytes), snapshot_time=snapshot.time),
+            ctx.bounds.lock_retry_s)
+        dump = commands.restic_dump_into(binary, snapshot.id, path, str(fifo))
         dumped, stored = _both(fifo, lambda: ctx.repository.run(dump, timeout=timeout, cancel=ctx.cancel,
                                                                 on_tick=on_tick),
                                lambda: target.store.run(backup, timeout=timeout, cancel=ctx.cancel))

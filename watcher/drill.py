@@ -197,7 +197,7 @@ class Driller:
         """Restores one snapshot into a throwaway container, with the roles of `globals_snapshot` (the
         same pass's) created first as a recovery on a fresh host would, and checks it; never raises."""
         if target.engine in (engines.MARIADB, engines.MYSQL):
-            return MariaDBDriller(self).drill_database(target, database, snapshot)
+            return MariaDBDriller(self).drill_database(target, database, snapshot, globals_snapshot)
         run_id = new_run_id()
         started = time.monotonic()
         bound = log.bind(target=target.name, database=database, run_id=run_id, snapshot_id=snapshot.short_id)

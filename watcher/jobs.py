@@ -136,6 +136,9 @@ def run_on_live(ctx: JobContext, target: Target, argv: Command, database: str, *
 
 _DUMP_LOCK = re.compile(r"Query was: LOCK TABLE (.+?) IN ACCESS SHARE MODE")
 _LABELLED_QUERY = re.compile(r"^LINE \d+: SELECT '((?:[^']|'')*)',", re.MULTILINE)
+# What watcher.engines.mariadb's dump wrapper says when it interrupted a data query that waited too long.
+_MARIADB_LOCK = re.compile(r"^lock wait: gave up after \S+ waiting for a lock: SELECT .*? FROM (`(?:[^`]|``)+`)",
+                           re.MULTILINE)
 
 
 def lock_wait_problem(stderr: str, lock_wait_s: float) -> str | None:
@@ -147,6 +150,8 @@ def lock_wait_problem(stderr: str, lock_wait_s: float) -> str | None:
     dump_lock = _DUMP_LOCK.search(stderr)
     if dump_lock is not None and "statement timeout" in stderr:
         return f"pg_dump gave up waiting for a lock on table {dump_lock.group(1)} after {bound}: {why}"
+    if (mariadb_lock := _MARIADB_LOCK.search(stderr)) is not None:
+        return f"mariadb-dump gave up waiting for a lock on table {mariadb_lock.group(1)} after {bound}: {why}"
     if "due to lock timeout" in stderr:
         labelled = _LABELLED_QUERY.search(stderr)
         table = f" on table {labelled.group(1).replace(chr(39) * 2, chr(39))}" if labelled else ""

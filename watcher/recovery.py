@@ -1,11 +1,15 @@
-"""Whole-host recovery (SPEC §10): `restore --all --host OLD` rebuilds every database OLD backed up.
+"""Whole-host recovery (SPEC §10): `restore --all --host OLD` rebuilds every database OLD backed up, of every
+engine.
 
 For each container OLD backed up, the container of the same name on this engine (started by the user,
-from the same image and env) receives, first, every role of its globals that it lacks (from the
-globals snapshot of the pass of its newest database snapshot; existing roles are never altered), then
-the latest snapshot from OLD of each of its databases. Everything is planned and shown first, with
-one confirmation for the whole list; a container that is missing, not ready, or whose roles cannot be
-had is named in the result table, never skipped silently.
+from the same image and env) receives, first, every role (PostgreSQL) or user (MariaDB) of its globals that
+it lacks (from the globals snapshot of the pass of its newest database snapshot; existing ones are never
+altered), then the latest snapshot from OLD of each of its databases; an engine=command container receives
+its latest snapshot through its restore command. Everything is planned and shown first, with one
+confirmation for the whole list; a container that is missing, not ready, whose roles or users cannot be
+had, or (engine=command) that defines no restore command is named in the result table with what to do,
+never skipped silently, and makes the exit status 1. Each container's work is a watcher.engines.restoring
+Step, as for `restore` of one snapshot.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, Destination, UsageError, destination_of, roles_sentence
+from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, UsageError
+from watcher.engines.restoring import Preview, Step, StepFailed, step_for
 from watcher.restic import Snapshot
-from watcher.restore import RestoreError
-from watcher.roles import RoleError, RolePlan
 
 log = structlog.get_logger("watcher.recovery")
 
@@ -30,10 +33,9 @@ class ContainerPlan:
 
     name: str
     snapshots: list[Snapshot]
-    destination: Destination | None = None
-    roles: RolePlan | None = None
+    step: Step | None = None
+    preview: Preview | None = None
     problem: str | None = None
-    existing: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -88,23 +90,10 @@ def recover_host(app: App, args: argparse.Namespace) -> int:
 def _plan(app: App, name: str, snapshots: list[Snapshot], listed: list[Snapshot]) -> ContainerPlan:
     """What restoring one container's databases takes; a problem is kept in the plan, never raised."""
     plan = ContainerPlan(name, snapshots)
-    other = sorted({snap.engine for snap in snapshots} - {"postgres"})
-    if other:
-        # MariaDB/MySQL and engine=command restores (watcher.engines.restoring) know no roles step yet.
-        plan.problem = (f"its snapshots are {', '.join(other)}'s: restore --all restores PostgreSQL only; restore "
-                        f"them one by one with `backup-watcher restore {name} latest --database DB --host HOST`")
-        return plan
-    destination = destination_of(app, name)
-    if destination is None:
-        plan.problem = (f"no running container named {name} on this engine: start it (same name, image and "
-                        "environment as on the old host) and run this again")
-        return plan
-    plan.destination = destination
     try:
-        for snap in snapshots:
-            destination.restorer.prepare(destination.id, name, destination.creds, snap.database)
-        plan.roles = destination.role_plan(snapshots, listed, every_role=True)
-    except (RestoreError, RoleError) as exc:
+        plan.step = step_for(app, name, snapshots, listed, whole_host=True)
+        plan.preview = plan.step.prepare()
+    except StepFailed as exc:
         plan.problem = app.masker(str(exc))
     return plan
 
@@ -115,14 +104,14 @@ def _show(plans: list[ContainerPlan], host: str) -> None:
           file=sys.stderr)
     for plan in plans:
         print(f"  {plan.name}:", file=sys.stderr)
-        if plan.problem is not None:
+        if plan.problem is not None or plan.preview is None:
             print(f"    CANNOT be restored: {plan.problem}", file=sys.stderr)
             continue
-        if plan.roles is not None:
-            print(f"    {roles_sentence(plan.roles, future=True)}", file=sys.stderr)
-        for snap in plan.snapshots:
-            print(f"    database {snap.database!r} from snapshot {snap.short_id} ({snap.time:%Y-%m-%d %H:%M:%S} UTC): "
-                  "an existing database of that name is DROPPED and replaced", file=sys.stderr)
+        if plan.preview.accounts:
+            print(f"    {plan.preview.accounts}", file=sys.stderr)
+        for snap, fate in zip(plan.snapshots, plan.preview.fates, strict=True):
+            print(f"    {snap.database!r} from snapshot {snap.short_id} ({snap.time:%Y-%m-%d %H:%M:%S} UTC): {fate}",
+                  file=sys.stderr)
 
 
 def _confirmed(host: str) -> bool:
@@ -138,29 +127,10 @@ def _not_done(plan: ContainerPlan) -> list[Outcome]:
 
 
 def _recover(app: App, plan: ContainerPlan) -> list[Outcome]:
-    """Roles first, then every database of one container; one outcome per database."""
-    destination = plan.destination
-    assert destination is not None and plan.roles is not None
-    try:
-        destination.roles.create(plan.roles, destination.id, plan.name, destination.creds)
-    except RoleError as exc:
-        plan.problem = f"creating the roles failed, nothing restored: {app.masker(str(exc))}"
-        return _not_done(plan)
-    if plan.roles.create:
-        print(f"{plan.name}: {roles_sentence(plan.roles, future=False)}", file=sys.stderr)
-    outcomes = []
-    for snap in plan.snapshots:
-        if app.cancel.is_set():
-            outcomes.append(Outcome(plan.name, snap.database, snap.short_id, False, "interrupted"))
-            continue
-        try:
-            result = destination.restorer.restore(snap, destination.id, plan.name, destination.creds, snap.database)
-        except RestoreError as exc:
-            outcomes.append(Outcome(plan.name, snap.database, snap.short_id, False, app.masker(str(exc))))
-            continue
-        outcomes.append(Outcome(plan.name, snap.database, snap.short_id, True,
-                                f"restored in {result.duration_s:.1f}s"))
-    return outcomes
+    """Roles or users first, then every database of one container; one outcome per database."""
+    assert plan.step is not None
+    results = plan.step.run(lambda said: print(f"{plan.name}: {said}", file=sys.stderr))
+    return [Outcome(plan.name, r.snapshot.database, r.snapshot.short_id, r.ok, r.detail) for r in results]
 
 
 def _report(outcomes: list[Outcome]) -> int:

@@ -6,7 +6,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from watcher import commands
@@ -85,6 +85,10 @@ class Snapshot:
     # `backup-watcher ack` accepted this snapshot's size as its history's new normal (commands.ACK_TAG).
     acked: bool = False
     engine: str = "postgres"  # the engine that wrote it (tag engine=…); older snapshots without the tag: postgres
+    # Every tag and the file's path as restic holds them: a streamed copy writes the same (watcher.copyjob).
+    # Not compared: they describe the snapshot that the fields above identify.
+    tags: tuple[str, ...] = field(default=(), compare=False)
+    path: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, item: Mapping[str, object]) -> Snapshot | None:
@@ -101,6 +105,7 @@ class Snapshot:
         summary = item.get("summary")
         size = summary.get("total_bytes_processed") if isinstance(summary, dict) else None
         snapshot_id = str(item["id"])
+        paths = [str(path) for path in item.get("paths") or []]  # type: ignore[attr-defined]
         return cls(
             id=snapshot_id,
             short_id=str(item.get("short_id") or snapshot_id[:8]),
@@ -112,6 +117,8 @@ class Snapshot:
             globals=is_globals,
             acked=commands.ACK_TAG in tags,
             engine=engine,
+            tags=tuple(tags),
+            path=paths[0] if len(paths) == 1 else None,
         )
 
 

@@ -25,7 +25,7 @@ from xdist.scheduler import LoadGroupScheduling
 
 # The plain helpers live in tests/kit.py (the benchmark uses them too); re-exported here for the test
 # modules that import them from this file (__all__: an explicit re-export, as mypy --strict wants).
-from tests.integration.mariadb_kit import start_mariadb
+from tests.integration.mariadb_kit import start_mariadb, start_redis
 from tests.kit import (
     PG_IMAGES,
     REPO_PASSWORD,
@@ -57,6 +57,7 @@ __all__ = [
     "process_command_lines",
     "run_watcher",
     "start_mariadb",
+    "start_redis",
     "wait_for",
     "wait_for_copy",
     "wait_ready",

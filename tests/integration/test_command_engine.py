@@ -4,12 +4,9 @@ has none."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 
 from tests.integration.conftest import (
-    TEST_LABEL,
     DaemonProcess,
     Repo,
     StartDaemon,
@@ -17,46 +14,12 @@ from tests.integration.conftest import (
     run_watcher,
     wait_for,
 )
-from tests.integration.mariadb_kit import StartMariaDB
+from tests.integration.mariadb_kit import RESTORE, StartMariaDB, StartRedis
+from tests.integration.mariadb_kit import redis_contents as _contents
 
 pytestmark = pytest.mark.engine
 
-REDIS_IMAGE = "backup-watcher-test/redis:bookworm"
 DUMP = "redis-cli --rdb - 2>/dev/null"
-# Redis loads an RDB file only at start or on DEBUG RELOAD: the restore command writes it where the server
-# reads it, then reloads it without saving the current data over it first.
-RESTORE = "cat > /data/dump.rdb.new && mv /data/dump.rdb.new /data/dump.rdb && redis-cli debug reload nosave"
-
-StartRedis = Callable[..., str]
-
-
-@pytest.fixture
-def start_redis() -> Iterator[StartRedis]:
-    """Factory: starts a Redis container (--network none) with labels, waits for PONG, removes it after."""
-    started: list[str] = []
-
-    def start(name: str, labels: dict[str, str]) -> str:
-        argv = ["run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL]
-        for key, value in labels.items():
-            argv += ["--label", f"{key}={value}"]
-        started.append(name)
-        docker("rm", "-f", "-v", name, check=False)
-        docker(*argv, REDIS_IMAGE, "redis-server", "--dir", "/data", "--enable-debug-command", "local")
-        wait_for(lambda: docker("exec", name, "redis-cli", "ping", check=False).stdout.strip() == "PONG", 60,
-                 f"Redis in {name}")
-        return name
-
-    yield start
-    for name in started:
-        docker("rm", "-f", "-v", name, check=False)
-
-
-def _contents(name: str) -> tuple[int, str]:
-    """The number of keys and Redis's digest of every key and value (DEBUG DIGEST: equal data, equal digest)."""
-    keys = int(docker("exec", name, "redis-cli", "dbsize").stdout)
-    return keys, docker("exec", name, "redis-cli", "debug", "digest").stdout.strip()
-
-
 def test_redis_backed_up_and_restored_into_a_fresh_container(start_redis: StartRedis, repo: Repo,
                                                              watcher_env: dict[str, str]) -> None:
     source = start_redis("bwt-e18-redis-src", {"backup-watcher.engine": "command",

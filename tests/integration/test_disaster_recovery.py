@@ -11,6 +11,22 @@ import uuid
 import pytest
 
 from tests.integration.conftest import PgContainer, Repo, StartPg, docker, run_watcher
+from tests.integration.conftest import _copy_image as copy_image
+from tests.integration.mariadb_kit import APP_PASSWORD as MARIA_APP_PASSWORD
+from tests.integration.mariadb_kit import (
+    APP_USERS,
+    ITEMS,
+    MARIADB_IMAGES,
+    NASTY_PASSWORD,
+    REDIS_IMAGE,
+    StartMariaDB,
+    StartRedis,
+    app_login,
+    redis_contents,
+)
+from tests.integration.mariadb_kit import RESTORE as REDIS_RESTORE
+
+REDIS_DUMP = "redis-cli --rdb - 2>/dev/null"
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -170,3 +186,46 @@ def test_a_dump_role_that_may_not_read_password_hashes_still_keeps_the_roles(
     assert "CREATE ROLE owner_role;" in sql and "CREATE ROLE app_login;" in sql
     assert "ALTER ROLE app_login SET statement_timeout TO '7s';" in sql
     assert "PASSWORD" not in sql
+
+
+def test_restore_all_brings_back_mariadb_with_its_users_and_redis_and_names_what_it_cannot(
+        start_mariadb: StartMariaDB, start_redis: StartRedis, second_engine: str, repo: Repo,
+        watcher_env: dict[str, str]) -> None:
+    run = uuid.uuid4().hex[:6]
+    maria, redis, manual = f"h18-dr{run}-maria", f"h18-dr{run}-redis", f"h18-dr{run}-manual"
+    for image in (MARIADB_IMAGES["bookworm"], REDIS_IMAGE):
+        copy_image(image, second_engine)
+    on_a = start_mariadb(maria)
+    on_a.sql(APP_USERS, "shop")
+    items = on_a.sql(ITEMS, "shop")
+    redis_labels = {"backup-watcher.engine": "command", "backup-watcher.dump-command": REDIS_DUMP,
+                    "backup-watcher.restore-command": REDIS_RESTORE}
+    for name in (redis, manual):
+        start_redis(name, redis_labels)
+        docker("exec", "-i", name, "redis-cli", input="".join(f"SET k{i} v{i}\n" for i in range(200)).encode())
+    keys = redis_contents(redis)
+    env_a = {**watcher_env, "WATCHER_HOST": f"dr-a-{run}", "WATCHER_CONTAINER_PATTERNS": f"h18-dr{run}-*"}
+    backup = run_watcher(["backup"], env_a)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+
+    # Host B: fresh containers of the same names and env; `manual`'s defines no restore command there.
+    on_b = start_mariadb(maria, docker_host=second_engine)
+    start_redis(redis, redis_labels, docker_host=second_engine)
+    start_redis(manual, {"backup-watcher.dump-command": REDIS_DUMP}, docker_host=second_engine)
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": f"dr-b-{run}"}
+    done = run_watcher(["restore", "--all", "--host", f"dr-a-{run}", "--yes"], env_b)
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
+    assert rows[maria].split()[1] == "shop" and rows[maria].split()[3] == "ok", done.stdout
+    assert rows[redis].split()[1] == "stdout" and rows[redis].split()[3] == "ok", done.stdout
+    assert rows[manual].split()[3] == "FAILED" and "defines no restore command" in rows[manual], done.stdout
+    assert f"docker exec -i {manual}" in rows[manual]  # how to restore it by hand
+    said = next(line for line in done.stderr.splitlines() if line.startswith(f"{maria}: Users created"))
+    assert sorted(said.split("globals: ", 1)[1].split(";")[0].split(", ")) == ["app@%", "auditor"], said
+
+    assert on_b.sql(ITEMS, "shop") == items
+    assert app_login(on_b, MARIA_APP_PASSWORD, ITEMS) == (0, items)
+    assert redis_contents(redis, second_engine) == keys
+    assert redis_contents(manual, second_engine)[0] == 0
+    for output in (backup.stdout + backup.stderr, done.stdout + done.stderr):
+        assert MARIA_APP_PASSWORD not in output and NASTY_PASSWORD not in output

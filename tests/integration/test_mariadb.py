@@ -4,16 +4,27 @@ globals, restore into a scratch database then the swap, and drills in a throwawa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import Repo, docker, process_command_lines, run_watcher, wait_for
-from tests.integration.mariadb_kit import NASTY_PASSWORD, MariaContainer, StartMariaDB
+from tests.integration.mariadb_kit import (
+    APP_PASSWORD,
+    APP_USERS,
+    ITEMS,
+    NASTY_PASSWORD,
+    MariaContainer,
+    StartMariaDB,
+    app_login,
+)
+from tests.kit import RestServer
 
 pytestmark = pytest.mark.engine
 
@@ -240,15 +251,18 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
         start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
     name = "bwt-e18-maria-drill"
     db = start_mariadb(name, "trixie")
-    db.sql(SEED, "shop")
+    db.sql(SEED + APP_USERS, "shop")
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
     assert _backup(env).returncode == 0
     db.sql("INSERT INTO invoices (person, amount) VALUES (3, 1);", "shop")  # after the backup: not counted
 
     done = run_watcher(["drill", name], env)
     assert done.returncode == 0, done.stdout + done.stderr
-    for table, rows in {"people": 2000, "invoices": 501, "audit": 1}.items():
+    for table, rows in {"people": 2000, "invoices": 501, "audit": 1, "items": 300}.items():
         assert f"{table}: dump {rows}, restored {rows}\n" in done.stdout, done.stdout
+    # The drill rehearses a fresh host: the app's user and its role created from the globals first.
+    created = next(line for line in done.stderr.splitlines() if '"event": "users_created"' in line)
+    assert '"users": "app@%,auditor"' in created, created
     assert f"ok      {name}/shop" in done.stdout
     assert _drill_containers() == []
 
@@ -259,5 +273,91 @@ def test_drill_passes_and_reports_row_counts_and_fails_on_a_damaged_repository(
         pack.write_bytes(bytes(data))
     damaged = run_watcher(["drill", name], env)
     assert damaged.returncode == 1, damaged.stdout + damaged.stderr
-    assert f"FAILED  {name}/shop" in damaged.stdout and "restore of snapshot" in damaged.stdout, damaged.stdout
+    # Whichever it reads first, the globals or the dump, fails the drill naming the snapshot.
+    assert f"FAILED  {name}/shop" in damaged.stdout, damaged.stdout
+    assert "restore of snapshot" in damaged.stdout or "reading globals snapshot" in damaged.stdout, damaged.stdout
     assert _drill_containers() == []
+
+
+def test_a_streamed_copy_restores_on_a_fresh_host_with_the_app_users_login(
+        start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    name = "h18-maria-copy"
+    db = start_mariadb(name)
+    db.sql(APP_USERS, "shop")
+    before = db.sql(ITEMS, "shop")
+    # Two rest-servers with a user each: restic copy could not carry both, each snapshot is streamed.
+    primary = RestServer(tmp_path / "primary", "primary-user", "primary-rest-pw-h18")
+    offsite = RestServer(tmp_path / "offsite", "offsite-user", "offsite-rest-pw-h18")
+    secret = tmp_path / "offsite.password"
+    secret.write_text("offsite-pw-h18\n")
+    env = {**watcher_env, "RESTIC_REPOSITORY": primary.url, "RESTIC_REST_USERNAME": primary.user,
+           "RESTIC_REST_PASSWORD": primary.password, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_HOST": "old-host",
+           "WATCHER_COPY_TO": "offsite", "WATCHER_COPY_OFFSITE_REPOSITORY": offsite.url,
+           "WATCHER_COPY_OFFSITE_PASSWORD_FILE": str(secret),
+           "WATCHER_COPY_OFFSITE_ENV_FILE": str(offsite.env_file(tmp_path / "offsite.env"))}
+    backup = _backup(env)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    copied = run_watcher(["copy"], env)
+    assert copied.returncode == 0 and "offsite: 2 snapshot(s) copied" in copied.stdout, copied.stdout + copied.stderr
+    assert '"method": "streamed"' in copied.stderr
+    listing = subprocess.run(["restic", "--no-lock", "snapshots", "--json"], capture_output=True, text=True,
+                             check=True, timeout=120, env={**os.environ, "RESTIC_REPOSITORY": offsite.url,
+                                                           "RESTIC_PASSWORD": "offsite-pw-h18",
+                                                           "RESTIC_REST_USERNAME": offsite.user,
+                                                           "RESTIC_REST_PASSWORD": offsite.password}).stdout
+    in_copy = sorted((tuple(s["paths"]), tuple(sorted(s["tags"]))) for s in json.loads(listing))
+    assert in_copy == [(("/globals.sql",), ("backup-watcher", f"container={name}", "engine=mariadb", "globals")),
+                       (("/shop.sql",), ("backup-watcher", f"container={name}", "database=shop", "engine=mariadb"))]
+    primary.stop()  # the old host and the primary's backend are gone: the copy restores alone
+
+    fresh = start_mariadb(name)  # a fresh container of the same name and env, without the app's user
+    assert fresh.sql("SELECT COUNT(*) FROM mysql.user WHERE User IN ('app', 'auditor')") == "0"
+    restore = run_watcher(["restore", name, "latest", "--host", "old-host", "--from", "offsite", "--yes"],
+                          {**env, "WATCHER_HOST": "new-host"})
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    said = next(line for line in restore.stderr.splitlines() if line.startswith("Users created"))
+    assert sorted(said.split("globals: ", 1)[1].split(";")[0].split(", ")) == ["app@%", "auditor"], said
+    assert fresh.sql(ITEMS, "shop") == before
+    # The app user logs in with its password, reads through its default role, deletes by its table grant.
+    assert app_login(fresh, APP_PASSWORD, ITEMS) == (0, before)
+    assert app_login(fresh, APP_PASSWORD, "DELETE FROM items WHERE id = 1") == (0, "")
+    code, said = app_login(fresh, "not the password", "SELECT 1")
+    assert code != 0 and "Access denied" in said
+    hashes = db.sql("SELECT authentication_string FROM mysql.user WHERE User = 'app'")
+    assert hashes.startswith("*")
+    for output in (backup.stdout + backup.stderr, copied.stdout + copied.stderr, restore.stdout + restore.stderr):
+        assert APP_PASSWORD not in output and hashes not in output
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_a_locked_table_fails_the_dump_within_the_lock_wait_bound_naming_the_table(
+        suite: str, start_mariadb: StartMariaDB, repo: Repo, watcher_env: dict[str, str]) -> None:
+    name = f"h18-maria-lock-{suite}"
+    db = start_mariadb(name, suite, labels={"backup-watcher.lock-wait-timeout": "3s"})
+    db.sql("CREATE TABLE accounts (id int PRIMARY KEY); INSERT INTO accounts VALUES (1);"
+           "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1);", "shop")
+    # Another session holds orders with LOCK TABLES … WRITE for two minutes (as a long migration would).
+    holder = subprocess.Popen(["docker", "exec", "-i", name, "sh", "-c",
+                               'MYSQL_PWD=$MARIADB_ROOT_PASSWORD exec mariadb -uroot shop'],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert holder.stdin is not None
+    holder.stdin.write(b"LOCK TABLES orders WRITE; SELECT SLEEP(120);\n")
+    holder.stdin.close()
+    sleeping = "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(120)%'"
+    wait_for(lambda: db.sql(sleeping) != "", 30, "the lock to be held")
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name}
+    try:
+        backup = _backup(env)
+        assert backup.returncode == 1, backup.stdout + backup.stderr
+        assert "mariadb-dump gave up waiting for a lock on table `orders` after 3s" in backup.stdout, backup.stdout
+        assert "no snapshot was written" in backup.stdout
+        assert repo.snapshots_of(name) == []
+        assert db.sql(sleeping) != "", "the lock was still held when the dump gave up"
+        # The interrupted dump left no query of its own waiting on the server.
+        assert db.sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT /*!40001%'") == "0"
+    finally:
+        db.sql(f"KILL {db.sql(sleeping) or 0};", check=False)
+        holder.wait(timeout=60)
+    healed = _backup(env)  # the lock gone, the next run succeeds
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert _paths(repo, name) == ["/shop.sql"]

@@ -25,6 +25,7 @@ from watcher.copies import (
     started,
 )
 from watcher.copyconfig import copy_env, read_env_file, transfer_env
+from watcher.copyjob import stored_as
 from watcher.copyrelay import relay
 from watcher.daemon.messages import CopyFinished
 from watcher.daemon.running import Book, CopyJob
@@ -133,8 +134,8 @@ def test_copy_commands_carry_no_secret() -> None:
         "-m", "watcher.copyrelay", "--into", "/tmp/x/stream", "--", "restic", "dump", "a1", "/app.pgdump")
     relay = commands.copy_relay("/tmp/x/stream", 42)
     assert relay[1:] == ("-m", "watcher.copyrelay", "/tmp/x/stream", "42")
-    assert commands.restic_backup_copied("restic", host="h", container="c", database="(globals)", is_globals=True,
-                                         source=relay, snapshot_time=T0) == (
+    assert commands.restic_backup_copied("restic", host="h", path="/globals.sql",
+                                         tags=commands.globals_tags("c"), source=relay, snapshot_time=T0) == (
         "restic", "backup", "--json", "--host", "h", "--stdin-filename", "globals.sql", "--tag", "backup-watcher",
         "--tag", "container=c", "--tag", "globals", "--time", "2026-03-01 03:00:00", "--stdin-from-command", "--",
         *relay)
@@ -238,3 +239,18 @@ def test_copies_start_outside_the_backup_slots_and_before_the_prune() -> None:
     ended = running.finished(CopyFinished("offsite", error="crashed"))
     assert not ended.copies and ended.idle and len(plan(View((), 1, "UTC"), ended, T0)) == 1  # now it prunes
     assert plan(view, Book(prune=True), T0) == []  # nothing starts while the primary is pruned
+
+
+def test_a_streamed_copy_keeps_the_engine_tag_the_file_suffix_and_the_acknowledgement() -> None:
+    listed = Snapshot.from_json({
+        "id": "abc", "short_id": "abc", "time": "2026-03-01T03:00:00Z", "hostname": "h", "paths": ["/shop.sql"],
+        "tags": ["backup-watcher", "container=c", "database=shop", "engine=mariadb", commands.ACK_TAG]})
+    assert listed is not None
+    assert stored_as(listed) == ("/shop.sql", ("backup-watcher", "container=c", "database=shop", "engine=mariadb",
+                                               commands.ACK_TAG))
+    # A snapshot not read from a listing: as its engine writes it.
+    for engine, path in (("mariadb", "/shop.sql"), ("command", "/shop.dump"), ("postgres", "/shop.pgdump")):
+        made = Snapshot("i", "i", T0, "h", "c", "shop", 1, engine=engine)
+        assert stored_as(made) == (path, commands.snapshot_tags("c", "shop", engine))
+    made_globals = Snapshot("g", "g", T0, "h", "c", commands.GLOBALS_DATABASE, 1, globals=True, engine="mariadb")
+    assert stored_as(made_globals) == ("/globals.sql", ("backup-watcher", "container=c", "globals", "engine=mariadb"))

@@ -11,7 +11,14 @@ from watcher import engines
 from watcher.config import Retention
 from watcher.discovery import ContainerInfo, DiscoveryRules, Rejected, Target, discover
 from watcher.engines.command import shell_command
-from watcher.engines.mariadb import MariaDBEngine, client_command, dump_arguments, probe_verdict, user_databases
+from watcher.engines.mariadb import (
+    MariaDBEngine,
+    client_command,
+    dump_arguments,
+    dump_command,
+    probe_verdict,
+    user_databases,
+)
 from watcher.engines.mariadb_drill import InsertCounter, ready_probe_sql
 from watcher.engines.mariadb_restore import (
     Objects,
@@ -85,6 +92,15 @@ def test_no_secret_reaches_a_mariadb_command() -> None:
     for option in ("--single-transaction", "--routines", "--events", "--triggers"):
         assert option in argv
     assert client_command(None, ("a", "b"), ())[4] == ""
+
+
+def test_the_mariadb_dump_carries_its_lock_wait_bound_in_whole_seconds_and_no_secret() -> None:
+    argv = dump_command("MARIADB_ROOT_PASSWORD", ("mariadb-dump", "mysqldump"), ("mariadb", "mysql"), "root", 2.5,
+                        dump_arguments("root", "shop"))
+    assert argv[4:11] == ("MARIADB_ROOT_PASSWORD", "mariadb-dump", "mysqldump", "3", "mariadb", "mysql", "root")
+    assert argv[11:] == dump_arguments("root", "shop")
+    assert dump_command(None, ("a", "b"), ("c", "d"), "u", 0.2, ())[7] == "1"
+    assert SECRET not in json.dumps(argv)
 
 
 def test_mysql_prefers_mysqldump_and_has_no_globals() -> None:

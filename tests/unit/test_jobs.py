@@ -118,6 +118,17 @@ def test_a_lock_timeout_without_a_labelled_query_still_names_the_lock_wait() -> 
     assert problem.startswith("a query gave up waiting for a lock after 90s: ")
 
 
+def test_a_mariadb_dump_interrupted_on_a_table_lock_names_the_table_and_the_bound() -> None:
+    stderr = ("mariadb-dump: Couldn't execute 'SELECT /*!40001 SQL_NO_CACHE */ `x`, `y` FROM `order ``lines```': "
+              "Query execution was interrupted (1317)\n"
+              "lock wait: gave up after 3s waiting for a lock: SELECT /*!40001 SQL_NO_CACHE */ `x`, `y` FROM "
+              "`order ``lines```\n")
+    assert lock_wait_problem(stderr, 3.0) == (
+        "mariadb-dump gave up waiting for a lock on table `order ``lines``` after 3s: another session holds a "
+        "conflicting lock (a migration?); the bound is WATCHER_LOCK_WAIT_TIMEOUT or the label "
+        "backup-watcher.lock-wait-timeout")
+
+
 def test_other_failures_are_not_lock_waits() -> None:
     assert lock_wait_problem("pg_dump: error: connection to server failed", 300.0) is None
     assert lock_wait_problem("ERROR:  canceling statement due to statement timeout", 300.0) is None

@@ -9,6 +9,7 @@ import pytest
 
 from watcher.cli import build_parser, main
 from watcher.commands import GLOBALS_DATABASE
+from watcher.engines.restoring import by_hand, database_fate
 from watcher.recovery import latest_by_container
 from watcher.restic import Snapshot
 
@@ -51,3 +52,11 @@ def test_a_wrong_restore_command_line_is_a_usage_error_that_says_what_to_do(
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/nobody.sock")
     assert main(argv) == 2
     assert said in capsys.readouterr().err
+
+
+def test_what_a_restore_says_it_does_to_each_database_and_how_to_restore_a_command_target_by_hand() -> None:
+    assert database_fate("shop", True) == "The database 'shop' there will be DROPPED and replaced."
+    assert database_fate("shop", False) == "The database 'shop' does not exist there yet: it will be created."
+    redis = Snapshot("abcdef1234", "abcdef12", T0, "old", "cache", "stdout", 1, engine="command")
+    assert by_hand("cache", redis) == ("restic dump abcdef12 /stdout.dump | docker exec -i cache <the command that "
+                                      "reads the backup on stdin>")

@@ -5,6 +5,9 @@ the target's own image (no network, label backup-watcher.role=drill, a random ro
   error;
 - every table with rows in the dump exists after the load with exactly as many rows as the dump holds
   (one INSERT line per row: the dump is written with --skip-extended-insert).
+As a restore on a fresh host does, the users with grants on the database are created first from the
+globals snapshot of the same pass, and their grants on tables and routines given after the load
+(watcher.engines.mariadb_users): a globals snapshot that does not load fails the drill.
 The container is always removed, also on failure; one a crash left is removed at the next start as the
 PostgreSQL drills' are (watcher.drill.remove_leftovers: same labels).
 """
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from watcher import commands, engines
-from watcher.discovery import ROLE_LABEL, Target
+from watcher.discovery import ROLE_LABEL, Credentials, Target
 from watcher.docker_source import DockerUnavailable
 from watcher.engines.mariadb import MariaDBEngine, client_command
 from watcher.engines.mariadb_restore import quote_identifier, quote_string
@@ -28,6 +31,8 @@ from watcher.execute import ExecError, Masker, run_in_container
 
 if TYPE_CHECKING:
     from watcher.drill import Driller, DrillResult, TableCheck
+    from watcher.engines.mariadb_users import UserPlan
+    from watcher.jobs import JobContext
     from watcher.restic import Snapshot
 
 log = structlog.get_logger("watcher.engines.mariadb_drill")
@@ -70,8 +75,10 @@ class MariaDBDriller:
         self.driller = driller
         self.ctx = driller.ctx
 
-    def drill_database(self, target: Target, database: str, snapshot: Snapshot) -> DrillResult:
-        """Loads one snapshot into a throwaway container and checks it; never raises."""
+    def drill_database(self, target: Target, database: str, snapshot: Snapshot,
+                       globals_snapshot: Snapshot | None = None) -> DrillResult:
+        """Loads one snapshot into a throwaway container, the users of `globals_snapshot` (the same pass's)
+        created first, and checks it; never raises."""
         from watcher.drill import DrillResult
         from watcher.jobs import JobError, new_run_id
 
@@ -90,7 +97,10 @@ class MariaDBDriller:
                 labels=self._labels(target), init=target.init)
             self._wait_ready(engine, container_id, variable, database, masker)
             restore_started = time.monotonic()
+            users = _DrillUsers(self.ctx, target, container_id, Credentials("root", database, password, variable))
+            plan = users.create(database, globals_snapshot)
             counter = self._load(engine, container_id, variable, snapshot, database, masker)
+            users.grant_on_objects(plan)
             restore_s = time.monotonic() - restore_started
             tables = self._check(engine, container_id, variable, database, counter, masker)
         except (JobError, DockerUnavailable, ExecError) as exc:
@@ -182,3 +192,35 @@ class MariaDBDriller:
                         if "\t" in line)
         return tuple(TableCheck(table, rows, int(restored[table]) if table in restored else None, None)
                      for table, rows in sorted(counter.counts.items()))
+
+
+class _DrillUsers:
+    """The users step of a drill: what `restore` does on a fresh host, in the throwaway container."""
+
+    def __init__(self, ctx: JobContext, target: Target, container_id: str, creds: Credentials) -> None:
+        from watcher.engines.mariadb_restore import MariaDBRestorer
+        from watcher.engines.mariadb_users import UserMaker
+
+        restorer = MariaDBRestorer(ctx.docker_host, ctx.repository, ctx.masker, target.engine, ctx.bounds, ctx.cancel)
+        self.users, self.container_id, self.creds = UserMaker(restorer), container_id, creds
+        self.target = target.name
+
+    def create(self, database: str, globals_snapshot: Snapshot | None) -> UserPlan:
+        """Creates the users with grants on `database`; returns the plan, raises JobError."""
+        from watcher.engines.mariadb_users import UsersError
+        from watcher.jobs import JobError
+        try:
+            plan = self.users.plan(self.container_id, self.creds, {database}, globals_snapshot)
+            self.users.create(plan, self.container_id, f"drill of {self.target}", self.creds)
+        except UsersError as exc:
+            raise JobError(f"the users of the globals snapshot could not be created: {exc}") from exc
+        return plan
+
+    def grant_on_objects(self, plan: UserPlan) -> None:
+        """The created users' grants on restored tables and routines; raises JobError."""
+        from watcher.engines.mariadb_users import UsersError
+        from watcher.jobs import JobError
+        try:
+            self.users.grant_on_objects(plan, self.container_id, self.creds)
+        except UsersError as exc:
+            raise JobError(str(exc)) from exc

@@ -146,13 +146,14 @@ class MariaDBRestorer:
         self.bounds = bounds or Bounds()
         self.cancel = cancel
 
-    def _sql(self, container_id: str, creds: Credentials, script: str) -> str:
-        """Runs a script with the container's client; returns its output, raises MariaDBRestoreError."""
+    def sql(self, container_id: str, creds: Credentials, script: str, secrets: Sequence[str] = ()) -> str:
+        """Runs a script with the container's client (`secrets` it holds masked in what the client says);
+        returns its output, raises MariaDBRestoreError."""
         argv = client_command(creds.password_env, self.engine.client_programs,
                               (f"--user={creds.user}", "--batch", "--skip-column-names"))
         try:
             done = run_in_container(self.docker_host, container_id, argv, env={},
-                                    masker=self.masker.with_secrets([creds.password]),
+                                    masker=self.masker.with_secrets([creds.password, *secrets]),
                                     timeout=self.bounds.query_s, cancel=self.cancel, stdin=script.encode())
         except ExecError as exc:
             raise MariaDBRestoreError(str(exc)) from exc
@@ -166,7 +167,7 @@ class MariaDBRestorer:
         deadline = time.monotonic() + self.bounds.ready_s
         while True:
             try:
-                found = self._sql(container_id, creds, SCHEMA_EXISTS_SQL.format(db=quote_string(database)))
+                found = self.sql(container_id, creds, SCHEMA_EXISTS_SQL.format(db=quote_string(database)))
                 return found.strip() == "1"
             except MariaDBRestoreError as exc:
                 if time.monotonic() >= deadline or (self.cancel is not None and self.cancel.is_set()):
@@ -179,7 +180,7 @@ class MariaDBRestorer:
 
     def objects(self, container_id: str, creds: Credentials, database: str) -> Objects:
         """What `database` holds; raises MariaDBRestoreError."""
-        return parse_objects(self._sql(container_id, creds, OBJECTS_SQL.format(db=quote_string(database))))
+        return parse_objects(self.sql(container_id, creds, OBJECTS_SQL.format(db=quote_string(database))))
 
     def load(self, snapshot: Snapshot, container_id: str, creds: Credentials, database: str) -> None:
         """Streams the snapshot's dump into `database` (restic dump | the container's client); raises
@@ -201,7 +202,7 @@ class MariaDBRestorer:
         started = time.monotonic()
         bound = log.bind(target=container_name, database=database, snapshot_id=snapshot.short_id)
         scratch, previous = suffixed(database, SCRATCH_SUFFIX), suffixed(database, PREVIOUS_SUFFIX)
-        self._sql(container_id, creds, f"DROP DATABASE IF EXISTS {quote_identifier(scratch)};\n"
+        self.sql(container_id, creds, f"DROP DATABASE IF EXISTS {quote_identifier(scratch)};\n"
                   f"CREATE DATABASE {quote_identifier(scratch)} CHARACTER SET utf8mb4;\n")
         bound.info("restore_started", scratch_database=scratch)
         try:
@@ -220,15 +221,15 @@ class MariaDBRestorer:
               bound: structlog.typing.FilteringBoundLogger) -> None:
         """Moves the live tables aside, loads the dump into the emptied database, drops the old tables;
         on a failed load moves them back. Raises MariaDBRestoreError."""
-        self._sql(container_id, creds, f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)} "
+        self.sql(container_id, creds, f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)} "
                   "CHARACTER SET utf8mb4;\n")
         old = self.objects(container_id, creds, database)
-        self._sql(container_id, creds, move_aside_script(database, previous, old))
+        self.sql(container_id, creds, move_aside_script(database, previous, old))
         try:
             self.load(snapshot, container_id, creds, database)
         except MariaDBRestoreError as exc:
             loaded = self.objects(container_id, creds, database)
-            self._sql(container_id, creds, move_back_script(database, previous, loaded, old.tables))
+            self.sql(container_id, creds, move_back_script(database, previous, loaded, old.tables))
             lost = ", ".join(old.code()) or "none"
             bound.error("restore_failed", error=str(exc), old_code_lost=old.code())
             raise MariaDBRestoreError(f"restore failed after the dump had loaded into the scratch copy; the old "
@@ -239,6 +240,6 @@ class MariaDBRestorer:
     def _drop_quietly(self, container_id: str, creds: Credentials, database: str,
                       bound: structlog.typing.FilteringBoundLogger) -> None:
         try:
-            self._sql(container_id, creds, f"DROP DATABASE IF EXISTS {quote_identifier(database)};\n")
+            self.sql(container_id, creds, f"DROP DATABASE IF EXISTS {quote_identifier(database)};\n")
         except MariaDBRestoreError as exc:
             bound.warning("restore_cleanup_failed", database=database, error=str(exc))
