@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, StartPg, docker, run_watcher
+from tests.integration.conftest import PgContainer, Repo, SecondEngine, StartPg, docker, run_watcher
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def login_over_tcp(db: PgContainer, password: str) -> tuple[int, str]:
 
 
 def test_restore_all_rebuilds_a_lost_host_on_another_engine(
-        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, second_engine: SecondEngine, repo: Repo, watcher_env: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:6]
     host_a, host_b = f"dr-a-{run}", f"dr-b-{run}"
     names = {major: f"bwt-dr{run}-pg{major}" for major in ("15", "17")}
@@ -88,9 +88,9 @@ def test_restore_all_rebuilds_a_lost_host_on_another_engine(
     assert backup.stdout.count("/(globals)  snapshot") == 2, backup.stdout
 
     # Host B: fresh containers of the same names and env, nothing else.
-    on_b = {major: start_pg(name, major, docker_host=second_engine) for major, name in names.items()}
+    on_b = {major: start_pg(name, major, docker_host=second_engine.host) for major, name in names.items()}
     assert "owner_role" not in on_b["17"].psql("SELECT string_agg(rolname, ',') FROM pg_roles")
-    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": host_b,
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine.host, "WATCHER_HOST": host_b,
              "WATCHER_CONTAINER_PATTERNS": ",".join(names.values())}
     done = run_watcher(["restore", "--all", "--host", host_a, "--yes"], env_b)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -113,15 +113,15 @@ def test_restore_all_rebuilds_a_lost_host_on_another_engine(
 
 
 def test_restore_all_names_a_missing_container_and_fails(
-        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, second_engine: SecondEngine, repo: Repo, watcher_env: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:6]
     here, gone = f"bwt-dr{run}-here", f"bwt-dr{run}-gone"
     for name in (here, gone):
         start_pg(name, "15").psql("CREATE TABLE t AS SELECT 1 AS x;")
     env_a = {**watcher_env, "WATCHER_HOST": f"dr-a-{run}", "WATCHER_CONTAINER_PATTERNS": f"{here},{gone}"}
     assert run_watcher(["backup"], env_a).returncode == 0
-    on_b = start_pg(here, "15", docker_host=second_engine)
-    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": f"dr-b-{run}"}
+    on_b = start_pg(here, "15", docker_host=second_engine.host)
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine.host, "WATCHER_HOST": f"dr-b-{run}"}
     refused = run_watcher(["restore", "--all", "--host", f"dr-a-{run}"], env_b)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr
     assert on_b.psql("SELECT to_regclass('t') IS NULL") == "t", "nothing may change without confirmation"

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,52 +26,13 @@ from tests.integration.conftest import (
     PgContainer,
     StartDaemon,
     StartPg,
-    free_port,
     run_watcher,
     wait_for,
 )
+from tests.kit import RestServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = uuid.uuid4().hex[:6]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-ServeRepository = Callable[..., str]
-
-
-@pytest.fixture
-def serve_repository(tmp_path: Path) -> Iterator[ServeRepository]:
-    """Factory: a rest-server on 127.0.0.1 (no authentication) over the test's one data directory,
-    append-only or not (the credentials of a database host, or of the maintenance host); returns its
-    restic repository URL. Every server is stopped at the end."""
-    binary = shutil.which("rest-server")
-    assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
-    servers: list[subprocess.Popen[bytes]] = []
-
-    def serve(*, append_only: bool) -> str:
-        port = free_port()
-        log = tmp_path / f"rest-server-{port}.log"
-        with log.open("wb") as out:
-            server = subprocess.Popen(
-                [binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}", "--no-auth",
-                 *(["--append-only"] if append_only else [])],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        servers.append(server)
-        wait_for(lambda: server.poll() is not None or _accepts(port), 30, "rest-server to listen", interval=0.1)
-        assert server.poll() is None, log.read_text()
-        return f"rest:http://127.0.0.1:{port}/"
-
-    yield serve
-    for server in servers:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
@@ -88,8 +46,9 @@ def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
 
 def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
         start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str],
-        serve_repository: ServeRepository) -> None:
-    append_only_repository = serve_repository(append_only=True)
+        tmp_path: Path) -> None:
+    # Two servers over one directory: the database host's append-only credentials, the maintenance host's.
+    append_only_repository = RestServer(tmp_path / "rest", append_only=True).url
     db: PgContainer = start_pg(f"bwt-appendonly{RUN}-db", "15")
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
     # Keep one snapshot a day: every pass but the last of the day is one for forget to remove. The slot
@@ -127,7 +86,7 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
 
     # The maintenance host's credentials may delete: the same command, WATCHER_PRUNE=false as well, applies
     # the keeps (one a day), and the newest pass is what is left.
-    maintenance = {**env, "RESTIC_REPOSITORY": serve_repository(append_only=False)}
+    maintenance = {**env, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest").url}
     pruned = run_watcher(["prune"], maintenance, timeout=300)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert "pruned: 4 snapshot(s) forgotten" in pruned.stdout  # two passes' database and globals snapshots
