@@ -90,6 +90,7 @@ XDIST_GROUPS = {
     # The second engine (a session fixture) is started once per worker that needs it: one worker.
     "test_disaster_recovery.py": "second-engine",
     "test_fleet.py": "second-engine",
+    "test_fault_dockerd.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
     # Its cases throttle database containers and time faults against the stall bound: side by side on
