@@ -91,3 +91,50 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert "pruned: 4 snapshot(s) forgotten" in pruned.stdout  # two passes' database and globals snapshots
     assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
+
+
+def test_ack_with_append_only_credentials_fails_naming_where_to_run_it_and_the_dump_stays_flagged(
+        start_pg: StartPg, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    # One-shot runs only: the database host's with append-only credentials, the maintenance host's may delete.
+    db: PgContainer = start_pg(f"h16-ack{RUN}-db", "17")
+    append_only = {**watcher_env, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest", append_only=True).url,
+                   "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_KEEP_DAILY": "1", "WATCHER_KEEP_WEEKLY": "0",
+                   "WATCHER_KEEP_MONTHLY": "0"}
+    maintenance = {**append_only, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest").url}
+    password = watcher_env["RESTIC_PASSWORD"]
+    db.psql("CREATE TABLE items AS SELECT g AS id, repeat(md5(g::text), 4) AS payload "
+            "FROM generate_series(1, 20000) AS g")
+    for shrink in ("", "DELETE FROM items WHERE id % 10 <> 0"):  # a normal dump, then one of a tenth
+        if shrink:
+            db.psql(shrink)
+        done = run_watcher(["backup", db.name], append_only, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    passes = _snapshot_ids(append_only["RESTIC_REPOSITORY"], password, db.name)
+
+    refused = run_watcher(["ack", db.name, "--database", db.database], append_only, timeout=300)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"ack FAILED for {db.name} {db.database}: the repository refused to delete" in refused.stdout
+    assert "append-only credentials" in refused.stdout and "The dump stays flagged" in refused.stdout
+    assert (f"Run `backup-watcher ack {db.name} --database {db.database}` where the credentials may delete"
+            in refused.stdout) and f"WATCHER_HOST={append_only['WATCHER_HOST']}" in refused.stdout
+    assert f"acknowledged {db.database}" not in refused.stdout
+    # Nothing was removed (restic left a tagged copy beside the original), and the dump is still flagged: the
+    # maintenance host's prune (keep-daily=1) spares the whole history.
+    after = _snapshot_ids(append_only["RESTIC_REPOSITORY"], password, db.name)
+    assert set(passes) < set(after) and len(after) == 3, after
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0 and "retention_spared" in pruned.stderr, pruned.stdout + pruned.stderr
+    assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], password, db.name) == after
+
+    # Where the credentials may delete, the same command acknowledges it, and retention forgets again.
+    acked = run_watcher(["ack", db.name, "--database", db.database], maintenance, timeout=300)
+    assert acked.returncode == 0, acked.stdout + acked.stderr
+    assert f"acknowledged {db.database}: snapshot {passes[-1][:8]}" in acked.stdout
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0 and "retention_spared" not in pruned.stderr, pruned.stdout + pruned.stderr
+    (kept,) = _snapshot_ids(maintenance["RESTIC_REPOSITORY"], password, db.name)
+    assert kept not in passes, "the newest dump is kept, acknowledged (a rewritten snapshot)"
+    check = subprocess.run(["restic", "check"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RESTIC_REPOSITORY": maintenance["RESTIC_REPOSITORY"],
+                                "RESTIC_PASSWORD": password})
+    assert check.returncode == 0, check.stdout + check.stderr
