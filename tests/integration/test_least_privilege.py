@@ -5,10 +5,11 @@ rest-server 0.13 with --append-only (from the test ground), which lets a client 
 its own locks but refuses every other deletion. The daemon backs up pass after pass and never tries to
 forget or prune; `backup-watcher prune` with the same credentials fails with one sentence naming
 append-only credentials and WATCHER_PRUNE=false, and nothing is lost; with the maintenance host's
-credentials (the same data served without --append-only) it applies the keeps.
+credentials (the same data served without --append-only) it applies the keeps. `backup-watcher ack` needs
+delete rights too (restic tag rewrites the snapshot): with append-only credentials it fails saying where to
+run it, and the shrunken dump stays flagged.
 
-Backups wait out a prune that holds the repository's exclusive lock, up to WATCHER_LOCK_RETRY: a real
-`restic prune`, stopped (SIGSTOP) while it holds the lock, stands for a long prune of another host.
+A prune and backups of two hosts at once (restic's locks, WATCHER_LOCK_RETRY): test_fleet.py.
 """
 
 from __future__ import annotations
