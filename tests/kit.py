@@ -232,13 +232,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 
 class RestServer:
-    """restic's rest-server on 127.0.0.1 with one htpasswd user of its own (a copy's backend, SPEC §12), over
-    `path`; `stop` and `start` again keep its port and data (a backend that goes down and comes back). Every
-    server started is listed in `RestServer.running` until stopped (conftest stops them after each test)."""
+    """restic's rest-server on 127.0.0.1 over `path`, with one htpasswd user of its own (a copy's backend, SPEC §12)
+    or, without a `user`, no authentication; `stop` (or `kill`) and `start` again keep its port and data (a backend
+    that goes down and comes back). Two servers over one `path` serve the same repositories (one of them
+    `append_only`: a database host's credentials and the maintenance host's). Every server started is listed in
+    `RestServer.running` until stopped (conftest stops them after each test)."""
 
     running: list[RestServer] = []  # noqa: RUF012 - the one registry of live servers, shared on purpose
 
-    def __init__(self, path: Path, user: str, password: str, *, append_only: bool = False) -> None:
+    def __init__(self, path: Path, user: str = "", password: str = "", *, append_only: bool = False) -> None:
         import base64
         import hashlib
         import shutil
@@ -249,24 +251,36 @@ class RestServer:
         self.append_only = append_only
         self.port = free_port()
         path.mkdir(parents=True, exist_ok=True)
-        digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
-        self.htpasswd = path.parent / f"{path.name}.htpasswd"
-        self.htpasswd.write_text(f"{user}:{{SHA}}{digest}\n")
+        self.htpasswd: Path | None = None
+        if user:
+            digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+            self.htpasswd = path.parent / f"{path.name}.htpasswd"
+            self.htpasswd.write_text(f"{user}:{{SHA}}{digest}\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
         """The restic repository URL (no credentials in it: they travel in RESTIC_REST_USERNAME/_PASSWORD)."""
-        return f"rest:http://127.0.0.1:{self.port}/repo"
+        return self.repository_url("repo")
+
+    def repository_url(self, name: str) -> str:
+        """The URL of another repository `name` on this server (one server, several repositories)."""
+        return f"rest:http://127.0.0.1:{self.port}/{name}"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """restic's environment for this server's user (empty without authentication)."""
+        return {"RESTIC_REST_USERNAME": self.user, "RESTIC_REST_PASSWORD": self.password} if self.user else {}
 
     def start(self) -> None:
         """Starts serving and waits until it listens."""
         import socket
 
-        argv = [self.binary, "--path", str(self.path), "--listen", f"127.0.0.1:{self.port}",
-                "--htpasswd-file", str(self.htpasswd), *(["--append-only"] if self.append_only else [])]
-        with (self.path.parent / f"{self.path.name}.log").open("ab") as out:
+        auth = ["--htpasswd-file", str(self.htpasswd)] if self.htpasswd else ["--no-auth"]
+        argv = [self.binary, "--path", str(self.path), "--listen", f"127.0.0.1:{self.port}", *auth,
+                *(["--append-only"] if self.append_only else [])]
+        with (self.path.parent / f"{self.path.name}-{self.port}.log").open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def listening() -> bool:
@@ -282,8 +296,15 @@ class RestServer:
 
     def stop(self) -> None:
         """Stops serving (the data stays)."""
+        self._end(kill=False)
+
+    def kill(self) -> None:
+        """Kills it (SIGKILL: a backend that crashes mid-request); the data stays."""
+        self._end(kill=True)
+
+    def _end(self, *, kill: bool) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.kill() if kill else self.proc.terminate()
             self.proc.wait(timeout=30)
         self.proc = None
         if self in RestServer.running:
@@ -297,3 +318,43 @@ class RestServer:
         """A WATCHER_COPY_<NAME>_ENV_FILE with this server's user and password."""
         where.write_text(f"RESTIC_REST_USERNAME={self.user}\nRESTIC_REST_PASSWORD={self.password}\n")
         return where
+
+
+class Webhook:
+    """A JSON endpoint on 127.0.0.1 (Apprise's json://) that keeps every notification posted to it, in order.
+
+    `url` carries `user` and `password` when given (Apprise sends them as basic auth) and ends in `path`:
+    what a test checks for secrets that must not leak. `close` stops it.
+    """
+
+    def __init__(self, user: str = "", password: str = "", path: str = "hook") -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []  # type: list[dict[str, object]]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        login = f"{user}:{password}@" if user else ""
+        self.url = f"json://{login}127.0.0.1:{self.server.server_address[1]}/{path}"
+
+    def titles(self) -> list[str]:
+        """The title of every notification so far."""
+        return [str(item["title"]) for item in self.received]
+
+    def types(self) -> dict[str, str]:
+        """The Apprise type each notification arrived with, by its title."""
+        return {str(item["title"]): str(item["type"]) for item in self.received}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -68,11 +68,16 @@ def history_of(snapshot: Snapshot) -> History:
 def judge_all(snapshots: Iterable[Snapshot], threshold: float) -> dict[History, SizeVerdict]:
     """The verdict of every history among `snapshots` (one host's), whatever their order.
 
-    Snapshots of one time are taken acknowledged last: an `ack` that could not remove the snapshot it
-    rewrote (append-only credentials) leaves both, and the acknowledged one stands.
+    An acknowledged snapshot beside an unacknowledged one of the same history and time does not count: an
+    `ack` whose credentials could not remove the snapshot it rewrote (append-only) left both, and failed; the
+    original keeps its flag until the acknowledgement is run where the credentials may delete.
     """
+    listed = list(snapshots)
+    originals = {(history_of(snap), snap.time) for snap in listed if not snap.acked}
     verdicts: dict[History, SizeVerdict] = {}
-    for snapshot in sorted(snapshots, key=lambda snap: (snap.time, snap.acked)):
+    for snapshot in sorted(listed, key=lambda snap: snap.time):
+        if snapshot.acked and (history_of(snapshot), snapshot.time) in originals:
+            continue
         key = history_of(snapshot)
         verdicts[key] = follow(verdicts.get(key, SizeVerdict()), snapshot, threshold)
     return verdicts

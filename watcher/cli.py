@@ -701,17 +701,28 @@ def cmd_ack(app: App, args: argparse.Namespace) -> int:
 def _acknowledge(app: App, ctx: JobContext, target: str, database: str, snapshot_id: str) -> bool:
     """Adds the acknowledgement tag to one snapshot; returns whether restic did, printing why not."""
     from watcher import commands
-    from watcher.retention import PRUNE_TIMEOUT_SECONDS, step_problem
+    from watcher.retention import PRUNE_TIMEOUT_SECONDS, deletion_refused, step_problem
 
     argv = commands.with_lock_wait(commands.restic_add_tag(app.repository.binary, snapshot_id, commands.ACK_TAG),
                                    ctx.bounds.lock_retry_s)
     done = app.repository.run(argv, timeout=PRUNE_TIMEOUT_SECONDS + ctx.bounds.lock_retry_s, cancel=app.cancel)
-    problem = step_problem(done, ctx.bounds.lock_retry_s)
+    # restic wrote the tagged copy before the refusal (and exits 0): the original stays, and with it the flag.
+    problem = (ack_refused_problem(target, database, ctx.host) if deletion_refused(done)
+               else step_problem(done, ctx.bounds.lock_retry_s))
     if problem is not None:
         print(f"ack FAILED for {target} {database}: {problem}")
         return False
     log.info("size_anomaly_acknowledged", target=target, database=database, snapshot_id=snapshot_id[:8])
     return True
+
+
+def ack_refused_problem(target: str, database: str, host: str) -> str:
+    """Why `ack` could not acknowledge with append-only credentials, and where to run it instead."""
+    return ("the repository refused to delete (HTTP 403 Forbidden): these are append-only credentials, and "
+            "acknowledging rewrites the snapshot (restic tag writes it anew and deletes the old one). The dump "
+            "stays flagged and nothing was removed (a tagged copy was left beside it). Run `backup-watcher ack "
+            f"{target} --database {database}` where the credentials may delete, such as on the maintenance host "
+            f"that prunes, with WATCHER_HOST={host}")
 
 
 def _daemon_url(app: App, path: str) -> str:

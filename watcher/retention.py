@@ -82,7 +82,7 @@ def step_problem(done: Completed, lock_retry_s: float) -> str | None:
     `restic forget` exits 0 when it could not remove a snapshot, so its stderr is read too. A lock it
     waited for in vain names the bound, `lock_retry_s` (WATCHER_LOCK_RETRY), before restic's words.
     """
-    if _REFUSED_DELETION.search(done.stderr_tail):
+    if deletion_refused(done):
         return APPEND_ONLY_PROBLEM
     detail = restic_error_text(done.stderr_tail.splitlines())
     if not done.ok:
@@ -91,6 +91,11 @@ def step_problem(done: Completed, lock_retry_s: float) -> str | None:
     if "unable to remove" in done.stderr_tail:
         return f"some snapshots could not be removed: {detail}"
     return None
+
+
+def deletion_refused(done: Completed) -> bool:
+    """Whether the backend refused restic a deletion (append-only credentials), whatever restic's exit."""
+    return _REFUSED_DELETION.search(done.stderr_tail) is not None
 
 
 def clear_stale_locks(ctx: JobContext) -> None:

@@ -32,6 +32,7 @@ from tests.kit import (
     DaemonProcess,
     PgContainer,
     Repo,
+    Webhook,
     docker,
     event_time,
     free_port,
@@ -49,8 +50,10 @@ __all__ = [
     "DaemonProcess",
     "PgContainer",
     "Repo",
+    "SecondEngine",
     "StartDaemon",
     "StartPg",
+    "Webhook",
     "docker",
     "event_time",
     "free_port",
@@ -88,6 +91,7 @@ XDIST_GROUPS = {
     # The second engine (a session fixture) is started once per worker that needs it: one worker.
     "test_disaster_recovery.py": "second-engine",
     "test_fleet.py": "second-engine",
+    "test_fault_dockerd.py": "second-engine",
     # One image build (a module fixture) for both image tests, and the heaviest CPU load on one worker.
     "test_image.py": "image",
     # Its cases throttle database containers and time faults against the stall bound: side by side on
@@ -231,9 +235,36 @@ def start_pg(engine: str) -> Iterator[StartPg]:
 
 
 # --- a second engine: another "host" beside the test engine (TESTING.md) ------------------------------------
+class SecondEngine:
+    """A second dockerd with its own data root and socket (`host`, a DOCKER_HOST), which a test may restart."""
+
+    def __init__(self, data_root: Path, state: Path) -> None:
+        self.data_root, self.state = data_root, state
+        self.host = f"unix://{state}/docker.sock"
+        self.env = {"DOCKER_HOST": self.host}  # points the docker CLI at this engine
+        self.proc = _start_second_engine(data_root, state, self.host)
+
+    def restart(self, timeout: float = 60) -> None:
+        """Stops this dockerd as `systemctl restart docker` would (SIGTERM: it stops its containers, which
+        come back by their restart policy) and starts it again on the same data root and socket; returns
+        once it answers. Raises AssertionError when it does not stop or answer within `timeout` seconds."""
+        self.stop(timeout)
+        self.proc = _start_second_engine(self.data_root, self.state, self.host)
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM, then SIGKILL when it has not exited within `timeout` seconds."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"the second dockerd did not stop within {timeout}s") from None
+
+
 @pytest.fixture(scope="session")
-def second_engine(engine: str) -> Iterator[str]:
-    """The DOCKER_HOST of a second dockerd with its own data root and socket, holding the PostgreSQL images.
+def second_engine(engine: str) -> Iterator[SecondEngine]:
+    """A second dockerd (SecondEngine: its DOCKER_HOST is `.host`) holding the PostgreSQL images.
 
     Started like testground/up.sh's engine (no bridge, no iptables), its data root cached under
     $BW_TESTGROUND between runs (images are loaded from the first engine only when missing or different),
@@ -244,24 +275,19 @@ def second_engine(engine: str) -> Iterator[str]:
         pytest.fail("the test ground is not up: run the tests through scripts/test")
     state = Path(run, "engine-b")
     state.mkdir(parents=True, exist_ok=True)
-    host = f"unix://{state}/docker.sock"
     with open(Path(run, "engine-b.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = _start_second_engine(Path(ground, "docker-b"), state, host)
+        second = SecondEngine(Path(ground, "docker-b"), state)
         try:
             for tag in PG_IMAGES.values():
-                _copy_image(tag, host)
-            yield host
+                _copy_image(tag, second.host)
+            yield second
         finally:
-            rows = docker("ps", "-aq", "--filter", f"label={TEST_LABEL}", check=False, env={"DOCKER_HOST": host})
+            rows = docker("ps", "-aq", "--filter", f"label={TEST_LABEL}", check=False, env=second.env)
             if rows.stdout.split():
-                docker("rm", "-f", "-v", *rows.stdout.split(), check=False, env={"DOCKER_HOST": host})
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                docker("rm", "-f", "-v", *rows.stdout.split(), check=False, env=second.env)
+            with contextlib.suppress(AssertionError):
+                second.stop()
 
 
 def _start_second_engine(data_root: Path, state: Path, host: str) -> subprocess.Popen[bytes]:
@@ -399,3 +425,11 @@ def _stop_rest_servers() -> Iterator[None]:
     yield
     for server in list(RestServer.running):
         server.stop()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    """A JSON endpoint for Apprise (tests.kit.Webhook), closed after the test."""
+    hook = Webhook()
+    yield hook
+    hook.close()

@@ -14,11 +14,9 @@ import email.header
 import json
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -31,6 +29,7 @@ from tests.integration.conftest import (
     Repo,
     StartDaemon,
     StartPg,
+    Webhook,
     docker,
     event_time,
     free_port,
@@ -44,34 +43,6 @@ RUN = uuid.uuid4().hex[:6]
 HOOK_PASSWORD = "hook-s3cret-pw-42"
 HOOK_TOKEN = "Tok3nInThePathOfTheWebhook0123"
 DB_PASSWORD = "alert-db-pw 'x' $(y)"
-
-
-class Webhook:
-    """A JSON webhook that records every notification Apprise posts to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []  # type: list[dict[str, object]]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"json://watcher:{HOOK_PASSWORD}@127.0.0.1:{self.server.server_address[1]}/{HOOK_TOKEN}"
-
-    def titles(self) -> list[str]:
-        return [str(item["title"]) for item in self.received]
-
-    def types(self) -> dict[str, str]:
-        """The Apprise type each notification arrived with, by its title."""
-        return {str(item["title"]): str(item["type"]) for item in self.received}
 
 
 class Mailbox:
@@ -105,9 +76,10 @@ class Mailbox:
 
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
+    """The shared JSON endpoint with a password and a token in its URL: secrets that must never leak."""
+    hook = Webhook(user="watcher", password=HOOK_PASSWORD, path=HOOK_TOKEN)
     yield hook
-    hook.server.shutdown()
+    hook.close()
 
 
 @pytest.fixture

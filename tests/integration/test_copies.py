@@ -15,25 +15,25 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TEST_HOST, PgContainer, Repo, StartDaemon, StartPg, run_watcher, wait_for
-from tests.integration.test_alerting import Webhook
+from tests.integration.conftest import (
+    TEST_HOST,
+    PgContainer,
+    Repo,
+    StartDaemon,
+    StartPg,
+    Webhook,
+    run_watcher,
+    wait_for,
+)
 from tests.kit import RestServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.server.shutdown()
 
 
 ROWS = "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 100000) AS g;"

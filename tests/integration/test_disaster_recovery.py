@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import PgContainer, Repo, StartPg, docker, run_watcher
+from tests.integration.conftest import PgContainer, Repo, SecondEngine, StartPg, docker, run_watcher
 from tests.integration.conftest import _copy_image as copy_image
 from tests.integration.mariadb_kit import APP_PASSWORD as MARIA_APP_PASSWORD
 from tests.integration.mariadb_kit import (
@@ -91,7 +91,7 @@ def login_over_tcp(db: PgContainer, password: str) -> tuple[int, str]:
 
 
 def test_restore_all_rebuilds_a_lost_host_on_another_engine(
-        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, second_engine: SecondEngine, repo: Repo, watcher_env: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:6]
     host_a, host_b = f"dr-a-{run}", f"dr-b-{run}"
     names = {major: f"bwt-dr{run}-pg{major}" for major in ("15", "17")}
@@ -104,9 +104,9 @@ def test_restore_all_rebuilds_a_lost_host_on_another_engine(
     assert backup.stdout.count("/(globals)  snapshot") == 2, backup.stdout
 
     # Host B: fresh containers of the same names and env, nothing else.
-    on_b = {major: start_pg(name, major, docker_host=second_engine) for major, name in names.items()}
+    on_b = {major: start_pg(name, major, docker_host=second_engine.host) for major, name in names.items()}
     assert "owner_role" not in on_b["17"].psql("SELECT string_agg(rolname, ',') FROM pg_roles")
-    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": host_b,
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine.host, "WATCHER_HOST": host_b,
              "WATCHER_CONTAINER_PATTERNS": ",".join(names.values())}
     done = run_watcher(["restore", "--all", "--host", host_a, "--yes"], env_b)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -129,15 +129,15 @@ def test_restore_all_rebuilds_a_lost_host_on_another_engine(
 
 
 def test_restore_all_names_a_missing_container_and_fails(
-        start_pg: StartPg, second_engine: str, repo: Repo, watcher_env: dict[str, str]) -> None:
+        start_pg: StartPg, second_engine: SecondEngine, repo: Repo, watcher_env: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:6]
     here, gone = f"bwt-dr{run}-here", f"bwt-dr{run}-gone"
     for name in (here, gone):
         start_pg(name, "15").psql("CREATE TABLE t AS SELECT 1 AS x;")
     env_a = {**watcher_env, "WATCHER_HOST": f"dr-a-{run}", "WATCHER_CONTAINER_PATTERNS": f"{here},{gone}"}
     assert run_watcher(["backup"], env_a).returncode == 0
-    on_b = start_pg(here, "15", docker_host=second_engine)
-    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": f"dr-b-{run}"}
+    on_b = start_pg(here, "15", docker_host=second_engine.host)
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine.host, "WATCHER_HOST": f"dr-b-{run}"}
     refused = run_watcher(["restore", "--all", "--host", f"dr-a-{run}"], env_b)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr
     assert on_b.psql("SELECT to_regclass('t') IS NULL") == "t", "nothing may change without confirmation"
@@ -189,12 +189,12 @@ def test_a_dump_role_that_may_not_read_password_hashes_still_keeps_the_roles(
 
 
 def test_restore_all_brings_back_mariadb_with_its_users_and_redis_and_names_what_it_cannot(
-        start_mariadb: StartMariaDB, start_redis: StartRedis, second_engine: str, repo: Repo,
+        start_mariadb: StartMariaDB, start_redis: StartRedis, second_engine: SecondEngine, repo: Repo,
         watcher_env: dict[str, str]) -> None:
     run = uuid.uuid4().hex[:6]
     maria, redis, manual = f"h18-dr{run}-maria", f"h18-dr{run}-redis", f"h18-dr{run}-manual"
     for image in (MARIADB_IMAGES["bookworm"], REDIS_IMAGE):
-        copy_image(image, second_engine)
+        copy_image(image, second_engine.host)
     on_a = start_mariadb(maria)
     on_a.sql(APP_USERS, "shop")
     items = on_a.sql(ITEMS, "shop")
@@ -209,10 +209,10 @@ def test_restore_all_brings_back_mariadb_with_its_users_and_redis_and_names_what
     assert backup.returncode == 0, backup.stdout + backup.stderr
 
     # Host B: fresh containers of the same names and env; `manual`'s defines no restore command there.
-    on_b = start_mariadb(maria, docker_host=second_engine)
-    start_redis(redis, redis_labels, docker_host=second_engine)
-    start_redis(manual, {"backup-watcher.dump-command": REDIS_DUMP}, docker_host=second_engine)
-    env_b = {**watcher_env, "DOCKER_HOST": second_engine, "WATCHER_HOST": f"dr-b-{run}"}
+    on_b = start_mariadb(maria, docker_host=second_engine.host)
+    start_redis(redis, redis_labels, docker_host=second_engine.host)
+    start_redis(manual, {"backup-watcher.dump-command": REDIS_DUMP}, docker_host=second_engine.host)
+    env_b = {**watcher_env, "DOCKER_HOST": second_engine.host, "WATCHER_HOST": f"dr-b-{run}"}
     done = run_watcher(["restore", "--all", "--host", f"dr-a-{run}", "--yes"], env_b)
     assert done.returncode == 1, done.stdout + done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
@@ -225,7 +225,7 @@ def test_restore_all_brings_back_mariadb_with_its_users_and_redis_and_names_what
 
     assert on_b.sql(ITEMS, "shop") == items
     assert app_login(on_b, MARIA_APP_PASSWORD, ITEMS) == (0, items)
-    assert redis_contents(redis, second_engine) == keys
-    assert redis_contents(manual, second_engine)[0] == 0
+    assert redis_contents(redis, second_engine.host) == keys
+    assert redis_contents(manual, second_engine.host)[0] == 0
     for output in (backup.stdout + backup.stderr, done.stdout + done.stderr):
         assert MARIA_APP_PASSWORD not in output and NASTY_PASSWORD not in output

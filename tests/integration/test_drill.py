@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import tarfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +19,11 @@ from tests.integration.conftest import (
     Repo,
     StartDaemon,
     StartPg,
+    Webhook,
     docker,
     run_watcher,
     wait_for,
 )
-from tests.integration.test_alerting import Webhook
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -52,13 +51,6 @@ def no_drill_leftovers() -> None:
     if leftovers:
         docker("rm", "-f", "-v", *leftovers, check=False)
     docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.server.shutdown()
 
 
 @pytest.mark.parametrize("major", ["15", "17"])

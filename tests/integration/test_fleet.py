@@ -19,12 +19,14 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import (
     DaemonProcess,
     PgContainer,
+    SecondEngine,
     StartDaemon,
     StartPg,
     docker,
@@ -32,7 +34,7 @@ from tests.integration.conftest import (
     wait_for,
     wait_for_copy,
 )
-from tests.integration.test_least_privilege import ServeRepository, serve_repository  # noqa: F401 - a fixture
+from tests.kit import RestServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = uuid.uuid4().hex[:6]
@@ -73,13 +75,14 @@ def _wait_for_backup(daemon: DaemonProcess, db: PgContainer) -> None:
 
 
 def test_two_hosts_one_repository_one_pruner_nothing_lost_prune_waits_for_backups(
-        start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str], second_engine: str,
-        serve_repository: ServeRepository) -> None:  # noqa: F811 - the fixture imported above
-    deleting = serve_repository(append_only=False)
-    append_only = serve_repository(append_only=True)
+        start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str], second_engine: SecondEngine,
+        tmp_path: Path) -> None:
+    # Two servers over one directory: host A's credentials may delete, host B's only append.
+    deleting = RestServer(tmp_path / "rest").url
+    append_only = RestServer(tmp_path / "rest", append_only=True).url
     password = watcher_env["RESTIC_PASSWORD"]
     db_a: PgContainer = start_pg(f"bwt-f16a-fleeta{RUN}-db", "17")
-    db_b: PgContainer = start_pg(f"bwt-f16a-fleetb{RUN}-db", "15", docker_host=second_engine)
+    db_b: PgContainer = start_pg(f"bwt-f16a-fleetb{RUN}-db", "15", docker_host=second_engine.host)
     db_a.psql("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) AS g")
     # Big enough that its dump streams for a moment, so that it can be held in the middle.
     db_b.psql("CREATE TABLE a_big AS SELECT g AS id, repeat(md5(g::text), 12) AS payload "
@@ -89,7 +92,7 @@ def test_two_hosts_one_repository_one_pruner_nothing_lost_prune_waits_for_backup
     common = {**watcher_env, "WATCHER_SCHEDULE": slot, "WATCHER_RECONCILE_INTERVAL": "5",
               "WATCHER_KEEP_DAILY": "1", "WATCHER_KEEP_WEEKLY": "0", "WATCHER_KEEP_MONTHLY": "0"}
     env_a = {**common, "RESTIC_REPOSITORY": deleting, "WATCHER_HOST": host_a, "WATCHER_CONTAINER_PATTERNS": db_a.name}
-    env_b = {**common, "RESTIC_REPOSITORY": append_only, "WATCHER_HOST": host_b, "DOCKER_HOST": second_engine,
+    env_b = {**common, "RESTIC_REPOSITORY": append_only, "WATCHER_HOST": host_b, "DOCKER_HOST": second_engine.host,
              "WATCHER_CONTAINER_PATTERNS": db_b.name, "WATCHER_PRUNE": "false", "WATCHER_INIT_REPOSITORY": "false"}
     daemon_a = start_daemon(env_a)  # initialises the repository
     daemon_b = start_daemon(env_b)

@@ -5,21 +5,19 @@ rest-server 0.13 with --append-only (from the test ground), which lets a client 
 its own locks but refuses every other deletion. The daemon backs up pass after pass and never tries to
 forget or prune; `backup-watcher prune` with the same credentials fails with one sentence naming
 append-only credentials and WATCHER_PRUNE=false, and nothing is lost; with the maintenance host's
-credentials (the same data served without --append-only) it applies the keeps.
+credentials (the same data served without --append-only) it applies the keeps. `backup-watcher ack` needs
+delete rights too (restic tag rewrites the snapshot): with append-only credentials it fails saying where to
+run it, and the shrunken dump stays flagged.
 
-Backups wait out a prune that holds the repository's exclusive lock, up to WATCHER_LOCK_RETRY: a real
-`restic prune`, stopped (SIGSTOP) while it holds the lock, stands for a long prune of another host.
+A prune and backups of two hosts at once (restic's locks, WATCHER_LOCK_RETRY): test_fleet.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,52 +27,13 @@ from tests.integration.conftest import (
     PgContainer,
     StartDaemon,
     StartPg,
-    free_port,
     run_watcher,
     wait_for,
 )
+from tests.kit import RestServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = uuid.uuid4().hex[:6]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-ServeRepository = Callable[..., str]
-
-
-@pytest.fixture
-def serve_repository(tmp_path: Path) -> Iterator[ServeRepository]:
-    """Factory: a rest-server on 127.0.0.1 (no authentication) over the test's one data directory,
-    append-only or not (the credentials of a database host, or of the maintenance host); returns its
-    restic repository URL. Every server is stopped at the end."""
-    binary = shutil.which("rest-server")
-    assert binary is not None, "rest-server is missing: bring the test ground up (testground/up.sh)"
-    servers: list[subprocess.Popen[bytes]] = []
-
-    def serve(*, append_only: bool) -> str:
-        port = free_port()
-        log = tmp_path / f"rest-server-{port}.log"
-        with log.open("wb") as out:
-            server = subprocess.Popen(
-                [binary, "--path", str(tmp_path / "rest"), "--listen", f"127.0.0.1:{port}", "--no-auth",
-                 *(["--append-only"] if append_only else [])],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        servers.append(server)
-        wait_for(lambda: server.poll() is not None or _accepts(port), 30, "rest-server to listen", interval=0.1)
-        assert server.poll() is None, log.read_text()
-        return f"rest:http://127.0.0.1:{port}/"
-
-    yield serve
-    for server in servers:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
@@ -88,8 +47,9 @@ def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
 
 def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
         start_pg: StartPg, start_daemon: StartDaemon, watcher_env: dict[str, str],
-        serve_repository: ServeRepository) -> None:
-    append_only_repository = serve_repository(append_only=True)
+        tmp_path: Path) -> None:
+    # Two servers over one directory: the database host's append-only credentials, the maintenance host's.
+    append_only_repository = RestServer(tmp_path / "rest", append_only=True).url
     db: PgContainer = start_pg(f"bwt-appendonly{RUN}-db", "15")
     db.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) AS g;")
     # Keep one snapshot a day: every pass but the last of the day is one for forget to remove. The slot
@@ -127,8 +87,55 @@ def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cann
 
     # The maintenance host's credentials may delete: the same command, WATCHER_PRUNE=false as well, applies
     # the keeps (one a day), and the newest pass is what is left.
-    maintenance = {**env, "RESTIC_REPOSITORY": serve_repository(append_only=False)}
+    maintenance = {**env, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest").url}
     pruned = run_watcher(["prune"], maintenance, timeout=300)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert "pruned: 4 snapshot(s) forgotten" in pruned.stdout  # two passes' database and globals snapshots
     assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], watcher_env["RESTIC_PASSWORD"], db.name) == passes[-1:]
+
+
+def test_ack_with_append_only_credentials_fails_naming_where_to_run_it_and_the_dump_stays_flagged(
+        start_pg: StartPg, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    # One-shot runs only: the database host's with append-only credentials, the maintenance host's may delete.
+    db: PgContainer = start_pg(f"h16-ack{RUN}-db", "17")
+    append_only = {**watcher_env, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest", append_only=True).url,
+                   "WATCHER_CONTAINER_PATTERNS": db.name, "WATCHER_KEEP_DAILY": "1", "WATCHER_KEEP_WEEKLY": "0",
+                   "WATCHER_KEEP_MONTHLY": "0"}
+    maintenance = {**append_only, "RESTIC_REPOSITORY": RestServer(tmp_path / "rest").url}
+    password = watcher_env["RESTIC_PASSWORD"]
+    db.psql("CREATE TABLE items AS SELECT g AS id, repeat(md5(g::text), 4) AS payload "
+            "FROM generate_series(1, 20000) AS g")
+    for shrink in ("", "DELETE FROM items WHERE id % 10 <> 0"):  # a normal dump, then one of a tenth
+        if shrink:
+            db.psql(shrink)
+        done = run_watcher(["backup", db.name], append_only, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    passes = _snapshot_ids(append_only["RESTIC_REPOSITORY"], password, db.name)
+
+    refused = run_watcher(["ack", db.name, "--database", db.database], append_only, timeout=300)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"ack FAILED for {db.name} {db.database}: the repository refused to delete" in refused.stdout
+    assert "append-only credentials" in refused.stdout and "The dump stays flagged" in refused.stdout
+    assert (f"Run `backup-watcher ack {db.name} --database {db.database}` where the credentials may delete"
+            in refused.stdout) and f"WATCHER_HOST={append_only['WATCHER_HOST']}" in refused.stdout
+    assert f"acknowledged {db.database}" not in refused.stdout
+    # Nothing was removed (restic left a tagged copy beside the original), and the dump is still flagged: the
+    # maintenance host's prune (keep-daily=1) spares the whole history.
+    after = _snapshot_ids(append_only["RESTIC_REPOSITORY"], password, db.name)
+    assert set(passes) < set(after) and len(after) == 3, after
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0 and "retention_spared" in pruned.stderr, pruned.stdout + pruned.stderr
+    assert _snapshot_ids(maintenance["RESTIC_REPOSITORY"], password, db.name) == after
+
+    # Where the credentials may delete, the same command acknowledges it, and retention forgets again.
+    acked = run_watcher(["ack", db.name, "--database", db.database], maintenance, timeout=300)
+    assert acked.returncode == 0, acked.stdout + acked.stderr
+    assert f"acknowledged {db.database}: snapshot {passes[-1][:8]}" in acked.stdout
+    pruned = run_watcher(["prune"], maintenance, timeout=300)
+    assert pruned.returncode == 0 and "retention_spared" not in pruned.stderr, pruned.stdout + pruned.stderr
+    (kept,) = _snapshot_ids(maintenance["RESTIC_REPOSITORY"], password, db.name)
+    assert kept not in passes, "the newest dump is kept, acknowledged (a rewritten snapshot)"
+    check = subprocess.run(["restic", "check"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RESTIC_REPOSITORY": maintenance["RESTIC_REPOSITORY"],
+                                "RESTIC_PASSWORD": password})
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -10,52 +10,31 @@ own catch-up backup the first.
 
 from __future__ import annotations
 
-import json
-import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.integration.conftest import DaemonProcess, PgContainer, Repo, StartDaemon, StartPg, run_watcher, wait_for
+from tests.integration.conftest import (
+    DaemonProcess,
+    PgContainer,
+    Repo,
+    StartDaemon,
+    StartPg,
+    Webhook,
+    run_watcher,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.engine]
 RUN = uuid.uuid4().hex[:6]
 ROWS = 20000
 
 
-class Webhook:
-    """A JSON endpoint on 127.0.0.1 that keeps every notification Apprise posts to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []  # type: list[dict[str, object]]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def about(self, name: str) -> list[tuple[str, str]]:
-        """(title, type) of every notification about the dump size of `name`, in order."""
-        return [(str(item["title"]), str(item["type"])) for item in self.received
-                if f"dump size of {name}" in str(item["title"])]
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.server.shutdown()
+def _about(webhook: Webhook, name: str) -> list[tuple[str, str]]:
+    """(title, type) of every notification about the dump size of `name`, in order."""
+    return [(str(item["title"]), str(item["type"])) for item in webhook.received
+            if f"dump size of {name}" in str(item["title"])]
 
 
 def _anomaly_metric(daemon: DaemonProcess, db: PgContainer) -> float | None:
@@ -95,8 +74,8 @@ def test_a_90_percent_shrink_is_flagged_spared_by_retention_cleared_by_a_normal_
     assert 0.05 < float(str(flagged["ratio"])) < 0.2
     assert int(str(flagged["bytes"])) < int(str(flagged["reference_bytes"])) / 5
     wait_for(lambda: _anomaly_metric(daemon, db) == 1, 30, "the size metric at 1", interval=0.5)
-    wait_for(lambda: webhook.about(db.name), 30, "the warning alert", interval=0.5)
-    assert webhook.about(db.name) == [(f"[backup-watcher] FAILED: dump size of {db.name}", "warning")]
+    wait_for(lambda: _about(webhook, db.name), 30, "the warning alert", interval=0.5)
+    assert _about(webhook, db.name) == [(f"[backup-watcher] FAILED: dump size of {db.name}", "warning")]
 
     # keep-daily=1 would keep only the newest snapshot of the day: the flagged history keeps all of its.
     spared = [snap["id"] for snap in _history(repo, db)]
@@ -114,8 +93,8 @@ def test_a_90_percent_shrink_is_flagged_spared_by_retention_cleared_by_a_normal_
     wait_for(lambda: daemon.events("size_anomaly_cleared", target=db.name, reason="a dump of normal size"), 30,
              "the flag to clear", interval=0.5)
     wait_for(lambda: _anomaly_metric(daemon, db) == 0, 30, "the size metric back at 0", interval=0.5)
-    wait_for(lambda: len(webhook.about(db.name)) == 2, 30, "the recovery notice", interval=0.5)
-    assert webhook.about(db.name)[1] == (f"[backup-watcher] RECOVERED: dump size of {db.name}", "success")
+    wait_for(lambda: len(_about(webhook, db.name)) == 2, 30, "the recovery notice", interval=0.5)
+    assert _about(webhook, db.name)[1] == (f"[backup-watcher] RECOVERED: dump size of {db.name}", "success")
 
     # Shrunk again, and this time the operator accepts it: the next prune forgets as usual.
     db.psql("DELETE FROM items WHERE id % 10 <> 0")

@@ -71,11 +71,15 @@ def test_an_acknowledged_dump_is_the_new_normal_and_later_dumps_are_compared_wit
     assert again.flagged and again.reference == 100
 
 
-def test_an_acknowledged_copy_of_the_same_time_stands_beside_the_original() -> None:
-    # `ack` with append-only credentials writes the tagged copy but cannot remove the original.
+def test_an_acknowledged_copy_beside_its_original_leaves_the_flag_on_the_original() -> None:
+    # `ack` with append-only credentials writes the tagged copy but cannot remove the original: it failed,
+    # and the dump stays flagged, the original named, until the ack runs where the credentials may delete.
     original, acked = snap(100, 1), replace(snap(100, 1, acked=True), id="copy")
     for order in ((original, acked), (acked, original)):
-        assert not verdict_of(snap(1000, 0), *order).flagged
+        verdict = verdict_of(snap(1000, 0), *order)
+        assert verdict.flagged and verdict.snapshot_id == original.id
+    # Run again there, it leaves two acknowledged copies (retention keeps one of them): the flag is gone.
+    assert not verdict_of(snap(1000, 0), acked, replace(acked, id="second-copy")).flagged
 
 
 def test_histories_are_judged_apart_globals_included() -> None:
