@@ -15,12 +15,13 @@ How, in one snapshot, without any file and without feeding any exec (a socket pr
    large ones (at least MIN_TABLE_BYTES, a primary key or unique not-null index, time-ordered keys first);
 2. pg_dump runs with `--snapshot` of that transaction and `--exclude-table-data` for those tables: its
    archive has every entry but their data. Its header and table of contents are read here, a TABLE DATA
-   entry is added for each table (watcher.archive), and written out;
-3. the copy session imports the snapshot and copies each table `ORDER BY` its key (an index scan: no
-   sort, no temporary file); its rows go out as the table's data block, in chunks that end where the
-   server flagged a row (a hash of its key: watcher.keyrows), so an unchanged stretch of rows gives the
-   same bytes every day;
-4. the rest of pg_dump's archive (the other tables' data, in pg_dump's order) is passed on.
+   entry is added for each table after pg_dump's own (watcher.archive), and the archive is passed on as
+   it comes: pg_dump's stream is never held up (a socket proxy, HAProxy 2.6, was seen to drop the tail
+   of an exec stream whose reader lagged when the exec ended; the end mark catches that, but it fails);
+3. once pg_dump's stream ended whole, the copy session imports the snapshot and copies each table
+   `ORDER BY` its key (an index scan: no sort, no temporary file); its rows go out as the tables' data
+   blocks, in chunks that end where the server flagged a row (a hash of its key: watcher.keyrows), so
+   an unchanged stretch of rows gives the same bytes every day.
 The holder ends by itself once pg_dump and the copy session have come and gone (or after a grace when
 none comes: a dump that failed), so nothing needs to tell it, and nothing is left behind for long.
 """
@@ -52,7 +53,7 @@ from watcher.dockerexec import (
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
-SESSION_END_S = 30.0  # for a session to end once pg_dump's stream has (the holder polls every 0.1 s)
+SESSION_END_S = 30.0  # for the holder to end once the copy session has (it looks every 0.1 s)
 CANCEL_S = 10.0  # for the query that cancels the sessions of a dump that failed
 OUT_BUFFER = 1 << 20
 
@@ -171,19 +172,20 @@ def copy_settings(entries: list[archive.Entry]) -> str:
 
 @dataclass
 class ArchiveFilter:
-    """pg_dump's stdout on its way out: the header and TOC rewritten, the keyed tables' blocks (from the
-    copy session) put in after them, the rest passed on as it comes."""
+    """pg_dump's stdout on its way out: the header and TOC rewritten (a TABLE DATA entry per keyed table,
+    after pg_dump's own), the rest passed on as it comes. pg_dump's stream is never held up here: a socket
+    proxy (HAProxy 2.6) was seen to drop the tail of an exec stream whose reader lagged when it ended."""
 
     dump: Dump
-    snapshot: str | None
     tables: list[Table]
-    copier: ExecThread | None = None
-    done_head: bool = False
+    head: archive.Head | None = None
+    dump_ids: tuple[int, ...] = ()
+    settings: str = ""
     _buf: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes | memoryview) -> None:
-        """Takes the next piece of pg_dump's output; raises KeyDumpError when the copy session fails."""
-        if self.done_head:
+        """Takes the next piece of pg_dump's output; raises KeyDumpError on an archive it cannot read."""
+        if self.head is not None:
             self.dump.write(data)
             return
         self._buf += data
@@ -193,13 +195,6 @@ class ArchiveFilter:
             return
         except archive.ArchiveError as exc:
             raise KeyDumpError(str(exc)) from exc
-        self._write_head_and_tables(head, entries)
-        self.done_head = True
-        rest = bytes(self._buf[end:])
-        self._buf = bytearray()
-        self.dump.write(rest)
-
-    def _write_head_and_tables(self, head: archive.Head, entries: list[archive.Entry]) -> None:
         keyed = {t.oid: t for t in self.tables}
         doubled = [keyed[int(e.oid)].qualified for e in entries if e.desc == "TABLE DATA" and int(e.oid) in keyed]
         if doubled:
@@ -209,20 +204,27 @@ class ArchiveFilter:
             plan = archive.insert_keyed(head, entries, [t.keyed(owners.get(t.oid, "")) for t in self.tables])
         except archive.ArchiveError as exc:
             raise KeyDumpError(str(exc)) from exc
+        self.head, self.dump_ids, self.settings = head, plan.dump_ids, copy_settings(entries)
         self.dump.write(plan.head_and_toc)
-        if not self.tables or self.snapshot is None:
-            return
-        stream = CopyStream(self.dump.token, head, self.tables, plan.dump_ids, self.dump.write)
-        script = keysql.copy_script(self.dump.token, self.snapshot, [t.oid for t in self.tables],
-                                    copy_settings(entries))
-        self.copier = self.dump.session("copy", script, stream.feed, self.dump.session_stderr(),
-                                        on_end=stream.done.set)
-        self.copier.start()
-        # Set after the last table's block, or when the session ended (its stall is the watchdog's to end).
-        stream.done.wait()
-        if stream.copied < len(self.tables):
-            raise KeyDumpError(f"copying {self.tables[stream.copied].qualified} in key order failed: "
-                               f"{self.copier.failure or 'the copy session ended'}")
+        rest = bytes(self._buf[end:])
+        self._buf = bytearray()
+        self.dump.write(rest)
+
+
+def _copy_tables(dump: Dump, snapshot: str, tables: list[Table], filt: ArchiveFilter) -> None:
+    """Step 3: the copy session's blocks, after pg_dump's; raises KeyDumpError unless every table came whole."""
+    assert filt.head is not None
+    stream = CopyStream(dump.token, filt.head, tables, filt.dump_ids, dump.write)
+    script = keysql.copy_script(dump.token, snapshot, [t.oid for t in tables], filt.settings)
+    stderr = dump.session_stderr()
+    env = {**dump.env, keysql.SCRIPT_VARIABLE: script, "PGAPPNAME": keysql.app_name(dump.token, "copy")}
+    outcome = stream_exec(dump.docker_host, dump.container, keysql.script_command(), env=env,
+                          on_stdout=dump.counted(stream.feed), on_stderr=stderr.feed, gather=True)
+    if stream.copied < len(tables):
+        failure = stderr.error() or outcome.problem or f"the copy session's psql exited with status {outcome.exit_code}"
+        raise KeyDumpError(f"copying {tables[stream.copied].qualified} in key order failed: {failure}")
+    if not outcome.ok:
+        raise KeyDumpError(f"the copy session failed after the last table: {outcome.problem or outcome.exit_code}")
 
 
 def _await_holder(holder: ExecThread, out: HolderOutput, errors: ErrorTail, lock_wait_ms: int) -> None:
@@ -274,7 +276,7 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
     if tables:
         argv += [f"--snapshot={out.snapshot}", *(f"--exclude-table-data={exclude_pattern(t)}" for t in tables)]
     seal = secrets.token_hex(16)
-    filt = ArchiveFilter(dump, out.snapshot, tables)
+    filt = ArchiveFilter(dump, tables)
     sealer = SealedOutput(seal.encode(), filt.feed)
     outcome = stream_exec(docker_host, container, sealed_command(argv),
                           env={**env, SEAL_VARIABLE: seal, "PGAPPNAME": keysql.app_name(dump.token, "dump")},
@@ -282,11 +284,12 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
                           gather=True)
     if not outcome.ok:
         raise KeyDumpError(outcome.problem or f"pg_dump exited with status {outcome.exit_code}")
-    if not sealer.sealed() or not filt.done_head:
+    if not sealer.sealed() or filt.head is None:
         raise KeyDumpError("pg_dump's output ended without the end mark of a successful run: the stream was cut short")
-    for what, session in (("copy", filt.copier), ("key", holder)):
-        if session is not None and not session.succeeded_within(SESSION_END_S):
-            raise KeyDumpError(f"the {what} session did not end well: {session.failure or 'it is still running'}")
+    if tables and out.snapshot is not None:
+        _copy_tables(dump, out.snapshot, tables, filt)
+    if not holder.succeeded_within(SESSION_END_S):
+        raise KeyDumpError(f"the key session did not end well: {holder.failure or 'it is still running'}")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

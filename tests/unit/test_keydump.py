@@ -11,8 +11,16 @@ import zlib
 import pytest
 
 from watcher import archive, keysql
-from watcher.keyrows import CHUNK_MAX, Chunker, CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern, \
-    parse_table
+from watcher.keyrows import (
+    CHUNK_MAX,
+    Chunker,
+    CopyStream,
+    HolderOutput,
+    KeyDumpError,
+    Table,
+    exclude_pattern,
+    parse_table,
+)
 
 HEAD = archive.Head(b"", (1, 14), 4, 8)
 TOKEN = "0123abcd"
