@@ -7,11 +7,12 @@ argv (Docker events). Their output is lines with a random token of the run (`loc
 
 The holder session opens the dump's transaction, exports its snapshot, locks the keyed tables one by one
 as pg_dump does (each LOCK bounded by statement_timeout, the lock wait), lists the large ones and then
-waits, its transaction open, until the dump's other sessions (pg_dump, the copy session; told apart by
-their application_name) have come and gone: no input is needed to end it. The copy session imports the
-snapshot and copies each listed table ORDER BY its key, each row followed by a flag column that is true
-for about one row in CHUNK_ROWS (a hash of the row's key): where the dump's chunks end, computed by the
-server, so that the watcher never looks at a row by itself.
+waits, its transaction open, until the dump's other sessions (pg_dump, then the copy session; told apart
+by their application_name) have come and gone: no input is needed to end it. The copy session imports
+the snapshot and, for each listed table, first prints its boundary rows' keys (about one row in
+CHUNK_ROWS, by a hash of its key: where the dump's chunks end, computed by the server), then copies the
+table ORDER BY its key, its key's columns first; the watcher finds the boundary rows by their keys and
+never looks at a row by itself.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ HOLDER_GRACE_S = 60
 # default btree operator classes and the columns' collations, so `ORDER BY` those columns is a total order
 # an index scan delivers. Time-ordered keys come first (identity, serial, date/time, or values that grow
 # with the table: pg_stats correlation ≥ 0.9), then primary keys, then fewer columns. The column list is
-# pg_dump's (no dropped or generated columns). Catalogs only: no lock on any table is taken here, and
+# pg_dump's (no dropped or generated columns; a key of a generated column is no key here), the key's
+# columns first: each row's COPY line then starts with its key, as the boundary rows are printed.
+# Catalogs only: no lock on any table is taken here, and
 # OFFSET 0 keeps the planner from evaluating a condition of the query around it (pg_relation_size, which
 # waits for a table's lock) on tables that are not keyed.
 KEYED = r"""(
 WITH keys AS (
-  SELECT i.indrelid, i.indexrelid, i.indisprimary, i.indnkeyatts,
+  SELECT i.indrelid, i.indexrelid, i.indisprimary, i.indnkeyatts, i.indkey[0:i.indnkeyatts - 1] AS key_attnums,
          (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.n)
             FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, n)
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS order_by,
@@ -54,17 +57,20 @@ WITH keys AS (
    WHERE i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
      AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, n)
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                     WHERE k.attnum = 0 OR NOT a.attnotnull
+                     WHERE k.attnum = 0 OR NOT a.attnotnull OR a.attgenerated <> ''
                         OR i.indcollation[k.n - 1] <> a.attcollation
                         OR NOT (SELECT o.opcdefault FROM pg_opclass o WHERE o.oid = i.indclass[k.n - 1]))
 ), best AS (
-  SELECT DISTINCT ON (indrelid) indrelid, order_by FROM keys
+  SELECT DISTINCT ON (indrelid) indrelid, order_by, key_attnums FROM keys
    ORDER BY indrelid, time_ordered DESC, indisprimary DESC, indnkeyatts, indexrelid
 )
 SELECT c.oid, n.nspname AS schema, c.relname AS name,
        quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS qualified,
-       (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '') AS columns,
+       b.order_by || coalesce(', ' || (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+                                          FROM pg_attribute a
+                                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                           AND a.attgenerated = '' AND a.attnum <> ALL (b.key_attnums)), '')
+         AS columns,
        b.order_by
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN best b ON b.indrelid = c.oid
  WHERE c.relkind = 'r' AND c.relpersistence IN ('p', 'u')
@@ -137,8 +143,8 @@ END $bw$;
 
 def copy_script(token: str, snapshot: str, oids: Sequence[int], settings: str) -> str:
     """The copy session's script: the snapshot imported, pg_dump's settings (`settings`, the archive's
-    encoding among them), then for each table of `oids` (in the holder's order) its start line, its rows in
-    key order with the cut flag, and its end line."""
+    encoding among them), then for each table of `oids` (in the holder's order) its bounds line, the keys
+    of its boundary rows in key order, its start line, its rows in key order, and its end line."""
     if not token.isalnum() or not all(part.isalnum() for part in snapshot.split("-")):
         raise ValueError("the token and snapshot must be alphanumeric")
     listed = ",".join(str(int(oid)) for oid in oids)
@@ -147,10 +153,14 @@ def copy_script(token: str, snapshot: str, oids: Sequence[int], settings: str) -
     return (_OPENING  # noqa: S608
             + f"SET TRANSACTION SNAPSHOT '{snapshot}';\n"
             + settings
-            + f"SELECT format('SELECT %L', 'copy-{token} ' || json_build_object(\n"
+            + f"SELECT format('SELECT %L', 'bounds-{token}'),\n"
+            + "       format('COPY (SELECT %s FROM %s WHERE (pg_catalog.hashtext(\n"
+            + f"         pg_catalog.concat_ws(pg_catalog.chr(9), %s)) & {mask}) = 0 ORDER BY %s) TO STDOUT',\n"
+            + "         kt.order_by, kt.qualified, kt.order_by, kt.order_by),\n"
+            + f"       format('SELECT %L', 'copy-{token} ' || json_build_object(\n"
             + "         'oid', kt.oid, 'columns', kt.columns, 'order_by', kt.order_by)),\n"
-            + "       format('COPY (SELECT %s, (pg_catalog.hashtext(pg_catalog.concat_ws(pg_catalog.chr(9), %s)) & "
-            + f"{mask}) = 0 FROM %s ORDER BY %s) TO STDOUT', kt.columns, kt.order_by, kt.qualified, kt.order_by),\n"
+            + "       format('COPY (SELECT %s FROM %s ORDER BY %s) TO STDOUT',\n"
+            + "         kt.columns, kt.qualified, kt.order_by),\n"
             + f"       format('SELECT %L', 'copied-{token}')\n"
             + f"  FROM {KEYED} WHERE kt.oid = ANY ('{{{listed}}}'::oid[]) ORDER BY kt.schema, kt.name \\gexec\n"
             + "COMMIT;\n")

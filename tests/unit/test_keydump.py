@@ -1,5 +1,5 @@
-"""The key-ordered dump's pure parts: where table rows are cut into chunks (after the rows the server
-flagged; the same rows give the same bytes, whatever pieces they arrive in), the sessions' output
+"""The key-ordered dump's pure parts: where table rows are cut into chunks (after the boundary rows the
+server picked; the same rows give the same bytes, whatever pieces they arrive in), the sessions' output
 protocol, the names it passes on, and the SQL scripts that reach psql without any exec input."""
 
 from __future__ import annotations
@@ -25,17 +25,19 @@ from watcher.keyrows import (
 HEAD = archive.Head(b"", (1, 14), 4, 8)
 TOKEN = "0123abcd"
 END = f"copied-{TOKEN}\n".encode()
+BOUNDS = f"bounds-{TOKEN}\n".encode()
 
 
 def rows(count: int, seed: int = 1, width: int = 60, first: int = 0) -> list[bytes]:
-    """Rows as the copy session prints them: the key, a value, and the cut flag (about one row in 1024)."""
+    """Rows as the copy session prints them: the key, then a value."""
     rng = random.Random(seed)
-    return [f"{n}\t{rng.getrandbits(width * 4):0{width}x}\t{'t' if zlib.crc32(str(n).encode()) & 1023 == 0 else 'f'}\n"
-            .encode() for n in range(first, first + count)]
+    return [f"{n}\t{rng.getrandbits(width * 4):0{width}x}\n".encode() for n in range(first, first + count)]
 
 
-def unflagged(data: bytes) -> bytes:
-    return b"".join(line[:-3] + b"\n" for line in data.splitlines(keepends=True))
+def bounds_of(data: bytes) -> list[bytes]:
+    """The boundary rows' keys as the server picks them: about one row in 1024, by a hash of the key."""
+    keys = [line.split(b"\t", 1)[0] for line in data.splitlines()]
+    return [key for key in keys if zlib.crc32(key) & 1023 == 0]
 
 
 def block_chunks(body: bytes) -> list[bytes]:
@@ -52,10 +54,10 @@ def block_chunks(body: bytes) -> list[bytes]:
     return chunks
 
 
-def chunked(data: bytes, piece: int, after: bytes = b"") -> list[bytes]:
+def chunked(data: bytes, piece: int, after: bytes = b"", bounds: list[bytes] | None = None) -> list[bytes]:
     """The chunks Chunker writes for the rows `data` fed in pieces of `piece` bytes, then the end line."""
     out: list[bytes] = []
-    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END)
+    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, bounds_of(data) if bounds is None else bounds)
     stream = data + END + after
     rest = None
     for start in range(0, len(stream), piece):
@@ -67,13 +69,12 @@ def chunked(data: bytes, piece: int, after: bytes = b"") -> list[bytes]:
     return block_chunks(b"".join(out))
 
 
-def test_chunks_end_after_the_flagged_rows_whatever_pieces_they_arrive_in() -> None:
+def test_chunks_end_after_the_boundary_rows_whatever_pieces_they_arrive_in() -> None:
     data = b"".join(rows(20_000))
     expected = chunked(data, 1 << 20)
-    assert b"".join(expected) == unflagged(data)
-    flagged = [line for line in data.splitlines(keepends=True) if line.endswith(b"\tt\n")]
-    assert len(expected) == len(flagged) + 1
-    assert [chunk.rsplit(b"\n", 2)[-2] + b"\tt\n" for chunk in expected[:-1]] == flagged
+    assert b"".join(expected) == data
+    assert len(expected) == len(bounds_of(data)) + 1 and len(expected) > 5
+    assert [chunk.rsplit(b"\n", 2)[-2].split(b"\t")[0] for chunk in expected[:-1]] == bounds_of(data)
     for piece in (1, 777, 65536, len(data) + len(END)):
         assert chunked(data, piece, after=b"next line\n") == expected
 
@@ -88,20 +89,30 @@ def test_a_change_leaves_the_chunks_before_and_after_it_alone() -> None:
 
 
 def test_a_row_longer_than_a_chunk_is_cut_at_the_largest_chunk() -> None:
-    data = b"1\t" + b"x" * (CHUNK_MAX * 2 + 10) + b"\tf\n" + b"".join(rows(10))
-    chunks = chunked(data, 1 << 20)
-    assert b"".join(chunks) == unflagged(data)
+    data = b"1\t" + b"x" * (CHUNK_MAX * 2 + 10) + b"\n" + b"".join(rows(10, first=2))
+    chunks = chunked(data, 1 << 20, bounds=[b"1", b"5"])
+    assert b"".join(chunks) == data
     assert [len(c) for c in chunks[:2]] == [CHUNK_MAX, CHUNK_MAX]
+    # The long row is a boundary row: its end ends a chunk; so does the next boundary row's.
+    assert chunks[2].endswith(b"x\n") and chunks[3].startswith(b"2\t") and chunks[4].startswith(b"6\t")
 
 
-def test_an_empty_table_is_a_block_with_no_chunk() -> None:
+def test_a_key_only_table_and_an_empty_table() -> None:
+    data = b"".join(f"{n}\n".encode() for n in range(5000))
+    keys = [str(n).encode() for n in range(5000) if n % 700 == 3]
+    out: list[bytes] = []
+    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, keys, key_only=True)
+    assert chunker.feed(data + END) == b""
+    chunks = block_chunks(b"".join(out))
+    assert b"".join(chunks) == data and [c.split(b"\n")[-2] for c in chunks[:-1]] == keys
     assert chunked(b"", 1) == []
     assert chunked(b"", 100, after=b"x\n") == []
 
 
-def test_a_row_without_its_flag_fails_the_dump() -> None:
-    with pytest.raises(KeyDumpError, match="without its cut flag"):
-        chunked(b"".join(rows(5)) + b"7\tno flag\n", 1 << 20)
+def test_a_boundary_row_missing_from_the_rows_fails_the_dump() -> None:
+    data = b"".join(rows(5000))
+    with pytest.raises(KeyDumpError, match="boundary row 2 of 2 was not among"):
+        chunked(data, 4096, bounds=[b"12", b"999999"])
 
 
 TABLE = {"oid": 16386, "schema": 'we"ird', "name": "Orders 1", "qualified": '"we""ird"."Orders 1"',
@@ -148,7 +159,8 @@ def test_the_copy_session_output_becomes_the_tables_data_blocks(piece: int) -> N
     second = {**TABLE, "oid": 16400, "name": "empty", "qualified": '"we""ird".empty'}
     tables = [parse_table("table " + json.dumps(t)) for t in (TABLE, second)]
     body = b"".join(rows(3000))
-    output = (b"\n" + start_line(TABLE) + body + END + start_line(second) + END)
+    bounds = b"".join(key + b"\n" for key in bounds_of(body))
+    output = (b"\n" + BOUNDS + bounds + start_line(TABLE) + body + END + BOUNDS + start_line(second) + END)
     out: list[bytes] = []
     stream = CopyStream(TOKEN, HEAD, tables, (41, 42), lambda b: out.append(bytes(b)))
     feed_in_pieces(stream.feed, output, piece)
@@ -157,14 +169,15 @@ def test_the_copy_session_output_becomes_the_tables_data_blocks(piece: int) -> N
     first = archive.block_start(HEAD, 41)
     assert written.startswith(first)
     end_of_first = len(written) - len(archive.block_start(HEAD, 42)) - 5
-    assert b"".join(block_chunks(written[len(first):end_of_first])) == unflagged(body)
+    chunks = block_chunks(written[len(first):end_of_first])
+    assert b"".join(chunks) == body and len(chunks) == len(bounds_of(body)) + 1
     assert written[end_of_first:] == archive.block_start(HEAD, 42) + archive.chunk_header(HEAD, 0)
 
 
 def test_a_table_the_holder_did_not_list_fails_the_dump() -> None:
     stream = CopyStream(TOKEN, HEAD, [parse_table(TABLE_LINE)], (41,), lambda b: None)
     with pytest.raises(KeyDumpError, match="is not the listed"):
-        stream.feed(start_line({**TABLE, "columns": "id"}))
+        stream.feed(BOUNDS + start_line({**TABLE, "columns": "id"}))
 
 
 def test_the_scripts_name_the_run_and_take_no_value_that_is_not_checked() -> None:
@@ -174,7 +187,7 @@ def test_the_scripts_name_the_run_and_take_no_value_that_is_not_checked() -> Non
     assert keysql.app_name(TOKEN, "copy") in holder and keysql.app_name(TOKEN, "dump") in holder
     copy = keysql.copy_script(TOKEN, "00000003-0000001B-1", [16386, 16400], "SET client_encoding = 'UTF8';\n")
     assert "SET TRANSACTION SNAPSHOT '00000003-0000001B-1';" in copy and "'{16386,16400}'::oid[]" in copy
-    assert "& 1023) = 0" in copy
+    assert "& 1023) = 0" in copy and copy.index(f"bounds-{TOKEN}") < copy.index(f"copy-{TOKEN}")
     with pytest.raises(ValueError, match="alphanumeric"):
         keysql.holder_script("x'; DROP", 1)
     with pytest.raises(ValueError, match="alphanumeric"):
