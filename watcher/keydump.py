@@ -53,7 +53,7 @@ from watcher.dockerexec import (
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
-SESSION_END_S = 30.0  # for the holder to end once the copy session has (it looks every 0.1 s)
+SESSION_END_S = 30.0  # for a holder without tables to end (it ends at once)
 CANCEL_S = 10.0  # for the query that cancels the sessions of a dump that failed
 OUT_BUFFER = 1 << 20
 
@@ -167,7 +167,7 @@ def copy_settings(entries: list[archive.Entry]) -> str:
     """The settings pg_dump's own COPY ran with (setup_connection), and the archive's encoding."""
     encoding = next((e.defn for e in entries if e.desc == "ENCODING" and e.defn), "")
     return ("SET DateStyle = ISO;\nSET IntervalStyle = postgres;\nSET extra_float_digits = 3;\n"
-            "SET row_security = off;\nSET enable_sort = off;\n" + encoding)
+            "SET row_security = off;\n" + encoding)
 
 
 @dataclass
@@ -287,8 +287,10 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
     if not sealer.sealed() or filt.head is None:
         raise KeyDumpError("pg_dump's output ended without the end mark of a successful run: the stream was cut short")
     if tables and out.snapshot is not None:
+        # The copy session imported the snapshot while the holder held it (else its import failed): the
+        # holder's work is done, and it ends by itself within a second (keysql.POLL_S), unwaited for.
         _copy_tables(dump, out.snapshot, tables, filt)
-    if not holder.succeeded_within(SESSION_END_S):
+    elif not holder.succeeded_within(SESSION_END_S):
         raise KeyDumpError(f"the key session did not end well: {holder.failure or 'it is still running'}")
 
 

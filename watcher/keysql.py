@@ -24,7 +24,7 @@ PSQL = ("psql", "--no-psqlrc", "--no-password", "--quiet", "--tuples-only", "--n
 MIN_TABLE_BYTES = 1 << 20  # smaller tables keep pg_dump's own order: their order costs little storage
 MAX_TABLES = 1000  # the largest ones: pg_dump's argv names each (--exclude-table-data)
 CHUNK_ROWS = 1024  # a power of two: a chunk ends after a row whose key hashes to 0 modulo this
-POLL_S = 0.1  # how often the holder looks whether the dump's sessions are still there
+POLL_S = 1  # how often the holder looks whether the dump's sessions are still there (each look costs CPU)
 # How long the holder waits with none of the dump's sessions there (before pg_dump came, between pg_dump's
 # end and the copy session's start, or after a dump that failed) before it ends by itself.
 HOLDER_GRACE_S = 60
@@ -126,12 +126,16 @@ def _hold(token: str) -> str:
 DECLARE
   quiet_since timestamptz := clock_timestamp();
   copy_seen boolean := false;
+  alive boolean;
+  copying boolean;
 BEGIN
   LOOP
     PERFORM pg_stat_clear_snapshot();
-    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name IN ('{dump}', '{copy}')) THEN
+    SELECT count(*) > 0, coalesce(bool_or(application_name = '{copy}'), false) INTO alive, copying
+      FROM pg_stat_activity WHERE application_name IN ('{dump}', '{copy}');
+    IF alive THEN
       quiet_since := clock_timestamp();
-      copy_seen := copy_seen OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{copy}');
+      copy_seen := copy_seen OR copying;
     ELSIF copy_seen OR clock_timestamp() - quiet_since > interval '{HOLDER_GRACE_S} seconds' THEN
       EXIT;
     END IF;
@@ -153,7 +157,10 @@ def copy_script(token: str, snapshot: str, oids: Sequence[int], settings: str) -
     return (_OPENING  # noqa: S608
             + f"SET TRANSACTION SNAPSHOT '{snapshot}';\n"
             + settings
-            + f"SELECT format('SELECT %L', 'bounds-{token}'),\n"
+            # enable_sort off for the copies only (an index scan, no sort): the catalog query that writes
+            # them takes minutes without sorts on a big catalog.
+            + "SELECT 'SET enable_sort = off',\n"
+            + f"       format('SELECT %L', 'bounds-{token}'),\n"
             + "       format('COPY (SELECT %s FROM %s WHERE (pg_catalog.hashtext(\n"
             + f"         pg_catalog.concat_ws(pg_catalog.chr(9), %s)) & {mask}) = 0 ORDER BY %s) TO STDOUT',\n"
             + "         kt.order_by, kt.qualified, kt.order_by, kt.order_by),\n"
