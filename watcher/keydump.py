@@ -122,10 +122,12 @@ class Dump:
     on_piece: Callable[[], object] = lambda: None
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     cancelled: bool = False
+    holder_done: bool = False
 
-    def session_stderr(self) -> ErrorTail:
-        """Where a session's stderr goes: on to ours, but for the errors of our own cancel."""
-        return ErrorTail(lambda data: None if self.cancelled else self.on_stderr(data))
+    def session_stderr(self, holder: bool = False) -> ErrorTail:
+        """Where a session's stderr goes: on to ours, but for the errors of our own cancels."""
+        return ErrorTail(lambda data: None if self.cancelled or (holder and self.holder_done)
+                         else self.on_stderr(data))
 
     def counted(self, sink: Callable[[memoryview], object]) -> Callable[[memoryview], None]:
         """`sink`, telling on_piece (the stall bound's count of progress) of each piece first."""
@@ -214,6 +216,7 @@ class ArchiveFilter:
 def _copy_tables(dump: Dump, snapshot: str, tables: list[Table], filt: ArchiveFilter) -> None:
     """Step 3: the copy session's blocks, after pg_dump's; raises KeyDumpError unless every table came whole."""
     assert filt.head is not None
+    dump.holder_done = True  # from here on the holder's errors are no news (the copy session cancels it)
     stream = CopyStream(dump.token, filt.head, tables, filt.dump_ids, dump.write)
     script = keysql.copy_script(dump.token, snapshot, [t.oid for t in tables], filt.settings)
     stderr = dump.session_stderr()
@@ -266,7 +269,7 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
     """Steps 1 to 4 of the module's docstring; raises KeyDumpError or DockerExecError."""
     docker_host, container, env, on_stderr = dump.docker_host, dump.container, dump.env, dump.on_stderr
     out = HolderOutput(dump.token)
-    errors = dump.session_stderr()
+    errors = dump.session_stderr(holder=True)
     holder = dump.session("hold", keysql.holder_script(dump.token, lock_wait_ms), out.feed, errors,
                           on_end=out.ready.set)
     holder.start()

@@ -12,7 +12,8 @@ by their application_name) have come and gone: no input is needed to end it. The
 the snapshot and, for each listed table, first prints its boundary rows' keys (about one row in
 CHUNK_ROWS, by a hash of its key: where the dump's chunks end, computed by the server), then copies the
 table ORDER BY its key, its key's columns first; the watcher finds the boundary rows by their keys and
-never looks at a row by itself.
+never looks at a row by itself. At its end it cancels the holder's wait (which might have missed a short
+copy session between two looks).
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ def copy_script(token: str, snapshot: str, oids: Sequence[int], settings: str) -
             + "         kt.columns, kt.qualified, kt.order_by),\n"
             + f"       format('SELECT %L', 'copied-{token}')\n"
             + f"  FROM {KEYED} WHERE kt.oid = ANY ('{{{listed}}}'::oid[]) ORDER BY kt.schema, kt.name \\gexec\n"
-            + "COMMIT;\n")
+            + "COMMIT;\n"
+            # The holder's work is done: end its wait now (it might not have seen a short copy session).
+            + "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity\n"
+            + f" WHERE application_name = '{app_name(token, 'hold')}';\n")
 
 
 def script_command() -> tuple[str, ...]:

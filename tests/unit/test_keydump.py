@@ -188,6 +188,8 @@ def test_the_scripts_name_the_run_and_take_no_value_that_is_not_checked() -> Non
     copy = keysql.copy_script(TOKEN, "00000003-0000001B-1", [16386, 16400], "SET client_encoding = 'UTF8';\n")
     assert "SET TRANSACTION SNAPSHOT '00000003-0000001B-1';" in copy and "'{16386,16400}'::oid[]" in copy
     assert "& 1023) = 0" in copy and copy.index(f"bounds-{TOKEN}") < copy.index(f"copy-{TOKEN}")
+    assert copy.index("COMMIT;") < copy.index(f"application_name = '{keysql.app_name(TOKEN, 'hold')}'"), \
+        "the copy session ends the holder's wait once it is done"
     with pytest.raises(ValueError, match="alphanumeric"):
         keysql.holder_script("x'; DROP", 1)
     with pytest.raises(ValueError, match="alphanumeric"):
