@@ -214,7 +214,7 @@ def table_data_entry(head: Head, dump_id: int, table: KeyedTable, table_entry: E
 @dataclass(frozen=True)
 class Plan:
     """What to write in place of pg_dump's header and TOC, and the dump ids of the blocks the watcher
-    writes, in the order their blocks must come (before pg_dump's own blocks)."""
+    writes, in the order their blocks must come (after pg_dump's own blocks)."""
 
     head_and_toc: bytes
     dump_ids: tuple[int, ...]
@@ -222,10 +222,10 @@ class Plan:
 
 def insert_keyed(head: Head, entries: list[Entry], tables: list[KeyedTable]) -> Plan:
     """pg_dump's TOC (dumped with --exclude-table-data for `tables`) with a TABLE DATA entry for each of
-    `tables`, placed before the first entry whose data pg_dump writes (so their blocks come first).
-    Nothing else depends on a TABLE DATA entry in a dump with schema (pg_dump's getTableDataFKConstraints
-    adds FK constraints' dependencies on it only to data-only dumps). Raises ArchiveError when a table's
-    own entry is missing."""
+    `tables`, placed after the last entry whose data pg_dump writes (so their blocks come after all of
+    pg_dump's: pg_dump's stream is passed on as it comes and never waits). Nothing else depends on a
+    TABLE DATA entry in a dump with schema (pg_dump's getTableDataFKConstraints adds FK constraints'
+    dependencies on it only to data-only dumps). Raises ArchiveError when a table's own entry is missing."""
     by_table = {int(e.oid): e for e in entries if e.desc == "TABLE" and e.tableoid == "1259"}
     next_id = max((e.dump_id for e in entries), default=0) + 1
     added: list[Entry] = []
@@ -240,12 +240,11 @@ def insert_keyed(head: Head, entries: list[Entry], tables: list[KeyedTable]) -> 
     return Plan(head.raw + write_toc(head, merged), tuple(e.dump_id for e in added))
 
 
-
 def _insert_position(entries: list[Entry]) -> int:
-    """Before the first entry with a data block; else before the first post-data entry; else at the end."""
-    for index, entry in enumerate(entries):
-        if entry.had_dumper:
-            return index
+    """After the last entry with a data block; else before the first post-data entry; else at the end."""
+    for index in range(len(entries) - 1, -1, -1):
+        if entries[index].had_dumper:
+            return index + 1
     for index, entry in enumerate(entries):
         if entry.section == SECTION_POST_DATA:
             return index

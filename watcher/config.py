@@ -195,7 +195,7 @@ class Config:
         help="a dump smaller than this fraction of its history's previous normal one is kept but flagged, and "
              "retention forgets nothing of that history until a normal dump follows or `backup-watcher ack`")
     dump_order: str = setting(
-        "WATCHER_DUMP_ORDER", "physical", choice("key", "physical"),
+        "WATCHER_DUMP_ORDER", "key", choice("key", "physical"),
         help="key: the rows of tables of 1 MiB or more with a primary key (or unique not-null index) are dumped in "
              "key order, so a day's change stores only the changed stretches anew; physical: pg_dump's own order")
     lock_retry_s: float = setting(

@@ -97,7 +97,7 @@ class JobContext:
     # WATCHER_SHRINK_THRESHOLD: retention spares a history whose newest dump fell below this share (SPEC §11).
     shrink_threshold: float = 0.5
     # WATCHER_DUMP_ORDER: "physical" (pg_dump alone) or "key" (watcher.keydump).
-    dump_order: str = "physical"
+    dump_order: str = "key"
 
 
 def new_run_id() -> str:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import PgContainer, Repo, StartPg, docker, run_watcher, wait_for
+from tests.integration.test_image import Proxy
 from watcher import archive
 
 pytestmark = pytest.mark.engine
@@ -165,3 +168,29 @@ def test_rows_written_during_the_dump_are_in_it_exactly_when_its_snapshot_saw_th
     assert in_orders == in_log
     assert in_orders == [str(n) for n in range(1, len(in_orders) + 1)]
     assert 50 <= len(in_orders) < written
+
+
+def test_a_key_ordered_backup_passes_the_least_privilege_socket_proxy(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str], tmp_path: Path) -> None:
+    """The shipped HAProxy configuration (HAProxy 2.6 here: it answers the exec upgrade with 200 and never
+    carries an exec's input) in front of the engine: the default key order backs up through it, in key order,
+    within a bound, and leaves no session of the dump behind."""
+    db = start_pg("h19-ko-proxy-db", "15")
+    db.psql(SEED)
+    proxy = Proxy(tmp_path, allow_drills=False)
+    try:
+        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name, "DOCKER_HOST": f"unix://{proxy.socket}"}
+        env.pop("WATCHER_DUMP_ORDER", None)  # the default
+        started = time.monotonic()
+        backup = run_watcher(["backup", db.name], env, timeout=300)
+        took = time.monotonic() - started
+    finally:
+        proxy.stop()
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert took < 120, f"the backup through the proxy took {took:.0f} s"
+    ours = restic_dump(repo, repo.snapshots_of(db.name)[0]["id"], "/appdb.pgdump")
+    ordered = ids_in_dump(db, ours)
+    assert ordered == sorted(ordered) and len(ordered) == 11100, "orders went through the proxy in key order"
+    # The holder ends by itself once the copy session has gone: within a second or two.
+    wait_for(lambda: db.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'bw-keydump-%'")
+             == "0", 30, "the dump's sessions to end")

@@ -76,15 +76,15 @@ def test_anything_but_a_supported_custom_archive_is_refused_by_name(data: bytes,
         archive.read_head(data)
 
 
-def test_keyed_tables_get_their_entries_before_the_first_block_and_nothing_else_changes() -> None:
+def test_keyed_tables_get_their_entries_after_the_last_block_and_nothing_else_changes() -> None:
     head = archive.Head(head_bytes(), (1, 14), 4, 8)
     keyed = KeyedTable(500, "public", "t500", "", "COPY public.t500 (id) FROM stdin;\n")
     plan = archive.insert_keyed(head, list(SCHEMA), [keyed])
     again, entries, end = archive.read_head(plan.head_and_toc)
     assert end == len(plan.head_and_toc) and again.raw == head.raw
     assert plan.dump_ids == (32,)
-    assert [e.dump_id for e in entries] == [1, 10, 11, 32, 20, 30, 31]
-    added = entries[3]
+    assert [e.dump_id for e in entries] == [1, 10, 11, 20, 32, 30, 31]
+    added = entries[4]
     assert (added.desc, added.tableoid, added.oid, added.tag, added.namespace, added.owner, added.deps,
             added.copy_stmt, added.defn, added.had_dumper, added.section) == (
         "TABLE DATA", "0", "500", "t500", "public", "owner", (10,), keyed.copy_stmt, None, True, archive.SECTION_DATA)

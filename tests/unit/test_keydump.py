@@ -1,32 +1,47 @@
-"""watcher.keydump's pure parts: where table rows are cut into chunks (the same rows give the same
-bytes, whatever pieces they arrive in), the key session's output protocol, and the names it passes on."""
+"""The key-ordered dump's pure parts: where table rows are cut into chunks (after the boundary rows the
+server picked; the same rows give the same bytes, whatever pieces they arrive in), the sessions' output
+protocol, the names it passes on, and the SQL scripts that reach psql without any exec input."""
 
 from __future__ import annotations
 
 import json
 import random
+import zlib
 
 import pytest
 
-from watcher import archive, keydump
-from watcher.keydump import Chunker, KeySession, Table
+from watcher import archive, keysql
+from watcher.keyrows import (
+    CHUNK_MAX,
+    Chunker,
+    CopyStream,
+    HolderOutput,
+    KeyDumpError,
+    Table,
+    exclude_pattern,
+    parse_table,
+)
 
 HEAD = archive.Head(b"", (1, 14), 4, 8)
+TOKEN = "0123abcd"
+END = f"copied-{TOKEN}\n".encode()
+BOUNDS = f"bounds-{TOKEN}\n".encode()
 
 
-def rows(count: int, seed: int = 1, width: int = 60) -> list[bytes]:
+def rows(count: int, seed: int = 1, width: int = 60, first: int = 0) -> list[bytes]:
+    """Rows as the copy session prints them: the key, then a value."""
     rng = random.Random(seed)
-    return [f"{n}\t{rng.getrandbits(width * 4):0{width}x}\n".encode() for n in range(count)]
+    return [f"{n}\t{rng.getrandbits(width * 4):0{width}x}\n".encode() for n in range(first, first + count)]
 
 
-def chunked(data: bytes, piece: int) -> list[bytes]:
-    """The block body Chunker writes for `data` fed in pieces of `piece` bytes, split into its chunks."""
-    out: list[bytes] = []
-    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)))
-    for start in range(0, len(data), piece):
-        chunker.feed(data[start:start + piece])
-    chunker.finish()
-    body = b"".join(out)
+def bounds_of(data: bytes) -> list[bytes]:
+    """The boundary rows' keys as the server picks them: about one row in 1024, by a hash of the key."""
+    keys = [line.split(b"\t", 1)[0] for line in data.splitlines()]
+    return [key for key in keys if zlib.crc32(key) & 1023 == 0]
+
+
+def block_chunks(body: bytes) -> list[bytes]:
+    """The chunks of a data block's body (chunk headers of HEAD's int size), checking it ends with 0."""
     chunks, at = [], 0
     while True:
         length = int.from_bytes(body[at + 1:at + 5], "little")
@@ -39,83 +54,145 @@ def chunked(data: bytes, piece: int) -> list[bytes]:
     return chunks
 
 
-def test_the_same_rows_give_the_same_chunks_whatever_pieces_they_arrive_in() -> None:
+def chunked(data: bytes, piece: int, after: bytes = b"", bounds: list[bytes] | None = None) -> list[bytes]:
+    """The chunks Chunker writes for the rows `data` fed in pieces of `piece` bytes, then the end line."""
+    out: list[bytes] = []
+    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, bounds_of(data) if bounds is None else bounds)
+    stream = data + END + after
+    rest = None
+    for start in range(0, len(stream), piece):
+        rest = chunker.feed(stream[start:start + piece])
+        if rest is not None:
+            rest += stream[start + piece:]
+            break
+    assert rest == after, "the table ended at its end line"
+    return block_chunks(b"".join(out))
+
+
+def test_chunks_end_after_the_boundary_rows_whatever_pieces_they_arrive_in() -> None:
     data = b"".join(rows(20_000))
     expected = chunked(data, 1 << 20)
     assert b"".join(expected) == data
-    assert 5 <= len(expected) <= 60  # about one cut per 1024 rows
-    for piece in (1, 777, 65536, len(data)):
-        assert chunked(data, piece) == expected
-    assert all(chunk.endswith(b"\n") for chunk in expected)
+    assert len(expected) == len(bounds_of(data)) + 1 and len(expected) > 5
+    assert [chunk.rsplit(b"\n", 2)[-2].split(b"\t")[0] for chunk in expected[:-1]] == bounds_of(data)
+    for piece in (1, 777, 65536, len(data) + len(END)):
+        assert chunked(data, piece, after=b"next line\n") == expected
 
 
 def test_a_change_leaves_the_chunks_before_and_after_it_alone() -> None:
     before = rows(30_000)
-    after = [*before[:10], *before[20:15_000], b"15000\tchanged\n", *before[15_001:], *rows(100, seed=9)]
+    changed = rows(1, seed=7, first=15_000)
+    after = [*before[:10], *before[20:15_000], *changed, *before[15_001:], *rows(100, seed=9, first=30_000)]
     old, new = chunked(b"".join(before), 65536), chunked(b"".join(after), 65536)
     kept = set(old) & set(new)
     assert len(kept) >= len(old) - 4  # the first chunk, the changed one, the last (and one more at most)
 
 
 def test_a_row_longer_than_a_chunk_is_cut_at_the_largest_chunk() -> None:
-    data = b"1\t" + b"x" * (keydump.CHUNK_MAX * 2 + 10) + b"\n" + b"".join(rows(10))
-    chunks = chunked(data, 1 << 20)
+    data = b"1\t" + b"x" * (CHUNK_MAX * 2 + 10) + b"\n" + b"".join(rows(10, first=2))
+    chunks = chunked(data, 1 << 20, bounds=[b"1", b"5"])
     assert b"".join(chunks) == data
-    assert [len(c) for c in chunks[:2]] == [keydump.CHUNK_MAX, keydump.CHUNK_MAX]
+    assert [len(c) for c in chunks[:2]] == [CHUNK_MAX, CHUNK_MAX]
+    # The long row is a boundary row: its end ends a chunk; so does the next boundary row's.
+    assert chunks[2].endswith(b"x\n") and chunks[3].startswith(b"2\t") and chunks[4].startswith(b"6\t")
 
 
-def test_an_empty_table_is_a_block_with_no_chunk() -> None:
-    assert chunked(b"", 10) == []
+def test_a_key_only_table_and_an_empty_table() -> None:
+    data = b"".join(f"{n}\n".encode() for n in range(5000))
+    keys = [str(n).encode() for n in range(5000) if n % 700 == 3]
+    out: list[bytes] = []
+    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, keys, key_only=True)
+    assert chunker.feed(data + END) == b""
+    chunks = block_chunks(b"".join(out))
+    assert b"".join(chunks) == data and [c.split(b"\n")[-2] for c in chunks[:-1]] == keys
+    assert chunked(b"", 1) == []
+    assert chunked(b"", 100, after=b"x\n") == []
 
 
-TABLE_LINE = "table " + json.dumps({"oid": 16386, "schema": 'we"ird', "name": "Orders 1",
-                                     "qualified": '"we""ird"."Orders 1"', "columns": 'id, "Note"',
-                                     "order_by": "id"})
+def test_a_boundary_row_missing_from_the_rows_fails_the_dump() -> None:
+    data = b"".join(rows(5000))
+    with pytest.raises(KeyDumpError, match="boundary row 2 of 2 was not among"):
+        chunked(data, 4096, bounds=[b"12", b"999999"])
 
 
-def test_a_table_line_becomes_its_copy_statements_and_pg_dump_pattern() -> None:
-    table = keydump.parse_table(TABLE_LINE)
+TABLE = {"oid": 16386, "schema": 'we"ird', "name": "Orders 1", "qualified": '"we""ird"."Orders 1"',
+         "columns": 'id, "Note"', "order_by": "id"}
+TABLE_LINE = "table " + json.dumps(TABLE)
+
+
+def test_a_table_line_becomes_its_copy_statement_and_pg_dump_pattern() -> None:
+    table = parse_table(TABLE_LINE)
     assert table == Table(16386, 'we"ird', "Orders 1", '"we""ird"."Orders 1"', 'id, "Note"', "id")
     assert table.keyed("app").copy_stmt == 'COPY "we""ird"."Orders 1" (id, "Note") FROM stdin;\n'
-    assert table.copy_sql() == 'COPY (SELECT id, "Note" FROM "we""ird"."Orders 1" ORDER BY id) TO STDOUT;\n'
-    assert keydump.exclude_pattern(table) == '"we""ird"."Orders 1"'
+    assert exclude_pattern(table) == '"we""ird"."Orders 1"'
 
 
 def test_an_unreadable_table_line_fails_by_name() -> None:
-    with pytest.raises(keydump.KeyDumpError, match="unreadable table line"):
-        keydump.parse_table('table {"oid": 1}')
+    with pytest.raises(KeyDumpError, match="unreadable table line"):
+        parse_table('table {"oid": 1}')
 
 
-def feed_in_pieces(session: KeySession, data: bytes, piece: int) -> None:
+def feed_in_pieces(feed: object, data: bytes, piece: int) -> None:
+    assert callable(feed)
     for start in range(0, len(data), piece):
-        session.feed(data[start:start + piece])
+        feed(data[start:start + piece])
 
 
 @pytest.mark.parametrize("piece", [1, 3, 64, 4096])
-def test_the_key_session_output_is_read_whatever_pieces_it_arrives_in(piece: int) -> None:
-    session = KeySession()
-    opening = (f"snapshot 00000003-0000001B-1\n{TABLE_LINE}\n".encode() + session.marker("tables") + b"\n"
-               + session.marker("ready") + b"\n")
-    feed_in_pieces(session, opening, piece)
-    assert session.snapshot == "00000003-0000001B-1"
-    assert [t.oid for t in session.tables] == [16386]
-    assert session.listed.is_set() and session.ready.is_set()
-    for body in (b"".join(rows(3000)), b""):  # a table, then an empty one
-        out: list[bytes] = []
-        session.start_copy(session.tables[0], Chunker(HEAD, out.append))
-        feed_in_pieces(session, body + session.marker("copied") + b"\n", piece)
-        assert session.copied.is_set() and session.last_copy_ok
-        expected: list[bytes] = []
-        reference = Chunker(HEAD, expected.append)
-        reference.feed(body)
-        reference.finish()
-        assert b"".join(out) == b"".join(expected)
+def test_the_holder_output_is_read_whatever_pieces_it_arrives_in(piece: int) -> None:
+    out = HolderOutput(TOKEN)
+    feed_in_pieces(out.feed, f"\nsnapshot 00000003-0000001B-1\nlock-{TOKEN} public.a\n".encode(), piece)
+    assert out.snapshot == "00000003-0000001B-1" and out.locking == "public.a" and not out.locked
+    feed_in_pieces(out.feed, f"locked-{TOKEN}\n{TABLE_LINE}\nready-{TOKEN}\n".encode(), piece)
+    assert out.locked and out.listed and out.ready.is_set()
+    assert [t.oid for t in out.tables] == [16386]
 
 
-def test_a_session_that_ends_mid_copy_fails_the_copy() -> None:
-    session = KeySession()
-    table = keydump.parse_table(TABLE_LINE)
-    session.start_copy(table, Chunker(HEAD, lambda b: None))
-    session.feed(b"1\tx\n")
-    session.end(None, "psql exited with status 3")
-    assert session.copied.is_set() and not session.last_copy_ok
+def start_line(table: dict[str, object]) -> bytes:
+    # As json_build_object writes it: the oid as a string.
+    seen = {"oid": str(table["oid"]), "columns": table["columns"], "order_by": table["order_by"]}
+    return f"copy-{TOKEN} {json.dumps(seen)}\n".encode()
+
+
+@pytest.mark.parametrize("piece", [1, 5, 4096, 1 << 20])
+def test_the_copy_session_output_becomes_the_tables_data_blocks(piece: int) -> None:
+    second = {**TABLE, "oid": 16400, "name": "empty", "qualified": '"we""ird".empty'}
+    tables = [parse_table("table " + json.dumps(t)) for t in (TABLE, second)]
+    body = b"".join(rows(3000))
+    bounds = b"".join(key + b"\n" for key in bounds_of(body))
+    output = (b"\n" + BOUNDS + bounds + start_line(TABLE) + body + END + BOUNDS + start_line(second) + END)
+    out: list[bytes] = []
+    stream = CopyStream(TOKEN, HEAD, tables, (41, 42), lambda b: out.append(bytes(b)))
+    feed_in_pieces(stream.feed, output, piece)
+    assert stream.done.is_set() and stream.copied == 2
+    written = b"".join(out)
+    first = archive.block_start(HEAD, 41)
+    assert written.startswith(first)
+    end_of_first = len(written) - len(archive.block_start(HEAD, 42)) - 5
+    chunks = block_chunks(written[len(first):end_of_first])
+    assert b"".join(chunks) == body and len(chunks) == len(bounds_of(body)) + 1
+    assert written[end_of_first:] == archive.block_start(HEAD, 42) + archive.chunk_header(HEAD, 0)
+
+
+def test_a_table_the_holder_did_not_list_fails_the_dump() -> None:
+    stream = CopyStream(TOKEN, HEAD, [parse_table(TABLE_LINE)], (41,), lambda b: None)
+    with pytest.raises(KeyDumpError, match="is not the listed"):
+        stream.feed(BOUNDS + start_line({**TABLE, "columns": "id"}))
+
+
+def test_the_scripts_name_the_run_and_take_no_value_that_is_not_checked() -> None:
+    holder = keysql.holder_script(TOKEN, 2500)
+    assert "SET statement_timeout = 2500;" in holder and f"\\echo ready-{TOKEN}" in holder
+    assert holder.index("LOCK TABLE") < holder.index("pg_relation_size"), "sizes are read only once locked"
+    assert keysql.app_name(TOKEN, "copy") in holder and keysql.app_name(TOKEN, "dump") in holder
+    copy = keysql.copy_script(TOKEN, "00000003-0000001B-1", [16386, 16400], "SET client_encoding = 'UTF8';\n")
+    assert "SET TRANSACTION SNAPSHOT '00000003-0000001B-1';" in copy and "'{16386,16400}'::oid[]" in copy
+    assert "& 1023) = 0" in copy and copy.index(f"bounds-{TOKEN}") < copy.index(f"copy-{TOKEN}")
+    assert copy.index("COMMIT;") < copy.index(f"application_name = '{keysql.app_name(TOKEN, 'hold')}'"), \
+        "the copy session ends the holder's wait once it is done"
+    with pytest.raises(ValueError, match="alphanumeric"):
+        keysql.holder_script("x'; DROP", 1)
+    with pytest.raises(ValueError, match="alphanumeric"):
+        keysql.copy_script(TOKEN, "1'; DROP", [], "")
+    # The script goes in through the environment: the command is the same for every run.
+    assert keysql.script_command() == ("sh", "-c", 'printf %s "$BW_KEYDUMP_SQL" | "$@"', "sh", *keysql.PSQL)
