@@ -155,6 +155,14 @@ class DockerExecError(Exception):
     """The engine could not be reached or answered with an error; the exec's outcome is unknown."""
 
 
+class DockerRefused(DockerExecError):
+    """The engine answered a request with an error status (`status`: 404 for a container it does not know)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class ExecOutcome:
     """What one exec did: its exit code (None if the engine never reported one) and why it failed."""
@@ -183,10 +191,16 @@ def _connect(docker_host: str, timeout: float | None) -> socket.socket:
             return socket.create_connection((host, parsed.port or 2375), timeout=timeout)
     except OSError as exc:
         raise DockerExecError(f"cannot reach the Docker engine at DOCKER_HOST={docker_host}: {exc}") from exc
-    raise DockerExecError(
-        f"DOCKER_HOST={docker_host}: scheme {parsed.scheme!r} is not supported for exec streams "
-        "(use unix:// or tcp://, e.g. through a socket proxy)"
-    )
+    raise DockerExecError(scheme_problem(docker_host) or f"DOCKER_HOST={docker_host}: no such endpoint")
+
+
+def scheme_problem(docker_host: str) -> str | None:
+    """Why this client cannot speak to DOCKER_HOST `docker_host` (its scheme), or None when it can."""
+    scheme = urllib.parse.urlsplit(docker_host).scheme
+    if scheme in ("unix", "tcp", "http"):
+        return None
+    return (f"DOCKER_HOST={docker_host}: scheme {scheme!r} is not supported (use unix:// or tcp://, e.g. "
+            "through a socket proxy)")
 
 
 class _SocketHTTPConnection(http.client.HTTPConnection):
@@ -198,8 +212,9 @@ class _SocketHTTPConnection(http.client.HTTPConnection):
         self.sock = _connect(self._docker_host, self.timeout)
 
 
-def _api(docker_host: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> object:
-    """Sends one Engine API request and returns its decoded JSON body; raises DockerExecError."""
+def api_call(docker_host: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> object:
+    """Sends one Engine API request (a connection of its own) and returns its decoded JSON body (None for an
+    empty one); raises DockerRefused for an error status, DockerExecError when the engine cannot be reached."""
     conn = _SocketHTTPConnection(docker_host, timeout)
     try:
         payload = json.dumps(body).encode() if body is not None else None
@@ -216,7 +231,7 @@ def _api(docker_host: str, method: str, path: str, body: object | None = None, t
         with contextlib.suppress(ValueError, AttributeError):
             message = str(json.loads(message).get("message", message))
         endpoint = path.split("?", maxsplit=1)[0]
-        raise DockerExecError(f"Docker engine refused {method} {endpoint}: {response.status} {message}")
+        raise DockerRefused(f"Docker engine refused {method} {endpoint}: {response.status} {message}", response.status)
     return json.loads(data) if data.strip() else None
 
 
@@ -233,7 +248,7 @@ def _create_exec(
     }
     if user:
         body["User"] = user
-    created = _api(docker_host, "POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", body)
+    created = api_call(docker_host, "POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", body)
     assert isinstance(created, dict)
     return str(created["Id"])
 
@@ -288,7 +303,7 @@ def _inspect_exit_code(docker_host: str, exec_id: str, wait_seconds: float) -> i
     """Waits up to wait_seconds for the exec to stop; returns its exit code or None if still running."""
     deadline = time.monotonic() + wait_seconds
     while True:
-        info = _api(docker_host, "GET", f"/exec/{exec_id}/json")
+        info = api_call(docker_host, "GET", f"/exec/{exec_id}/json")
         assert isinstance(info, dict)
         if not info.get("Running"):
             code = info.get("ExitCode")
