@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -122,7 +123,8 @@ class GatheredWrites:
     into again.
     """
 
-    def __init__(self, fd: int, sealer: SealedOutput | None = None) -> None:
+    def __init__(self, fd: int | Callable[[], int], sealer: SealedOutput | None = None) -> None:
+        # A function: the descriptor is asked for only when there is something to write (HandOff.output).
         self._fd = fd
         self._sealer = sealer
         self.pieces: list[memoryview | bytes] = []
@@ -135,8 +137,11 @@ class GatheredWrites:
         self.pieces.clear()  # the same list: its append is the stream's sink
         if self._sealer is not None:
             pieces = self._sealer.pass_on(pieces)
+        if pieces and not isinstance(self._fd, int):
+            self._fd = self._fd()
         while pieces:
             batch = pieces[: self._max_pieces]
+            assert isinstance(self._fd, int)
             written = os.writev(self._fd, batch)
             pieces = _after_written(batch, written) + pieces[len(batch) :]
 
@@ -148,6 +153,79 @@ def _after_written(batch: list[memoryview | bytes], written: int) -> list[memory
             return [memoryview(piece)[written:], *batch[index + 1 :]]
         written -= len(piece)
     return []
+
+
+class HandOffError(Exception):
+    """restic's pipe could not be had from `python -m watcher.handoff`, or the verdict not given to it."""
+
+
+class HandOff:
+    """The helper's side of watcher.handoff: the helper was started before restic (the dump runs while restic
+    opens the repository), listens on a socket it inherited, and gets restic's pipe from the command restic
+    runs once it is ready to read; the exit status it would have had goes back as that command's verdict.
+
+    `watch_fd` is a pipe into restic's stdin, which only restic holds: restic ending before it started its
+    command (a wrong password, no repository) ends the wait for the pipe at once instead of at the stall bound.
+    """
+
+    def __init__(self, listener_fd: int, watch_fd: int) -> None:
+        self._listener = socket.socket(fileno=listener_fd)
+        self._watch_fd = watch_fd
+        self._conn: socket.socket | None = None
+        self._fd: int | None = None
+        self.failed: HandOffError | None = None  # the hand-over failed: there is no one to give a verdict to
+
+    def output(self) -> int:
+        """restic's pipe, waited for on first use; raises HandOffError (the same one again once it failed)."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return self._received()
+        except HandOffError as exc:
+            self.failed = exc
+            raise
+
+    def _received(self) -> int:
+        if self._fd is None:
+            self._conn = self._accept()
+            try:
+                _, fds, _, _ = socket.recv_fds(self._conn, 1, 1)
+            except OSError as exc:
+                raise HandOffError(f"restic's command did not hand over its pipe: {exc}") from exc
+            if len(fds) != 1:
+                raise HandOffError("restic's command connected but handed over no pipe")
+            self._fd = fds[0]
+            _widen_pipe(self._fd)
+        return self._fd
+
+    def _accept(self) -> socket.socket:
+        """The connection of restic's command (of our own user only); raises HandOffError when restic ends first."""
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._watch_fd, 0)  # POLLERR / POLLHUP: restic, the pipe's only reader, is gone
+        while True:
+            for fd, _events in poller.poll():
+                if fd == self._watch_fd:
+                    raise HandOffError("restic ended before it started reading the dump")
+            conn, _ = self._listener.accept()
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid == os.getuid():
+                return conn
+            conn.close()
+
+    def deliver(self, status: int) -> None:
+        """Ends the stream (closes our copy of restic's pipe) and sends `status` to restic's command, waiting for
+        it first if the stream ended before its first byte; raises HandOffError."""
+        try:
+            fd = self.output()
+            os.close(fd)
+            assert self._conn is not None
+            self._conn.sendall(bytes([status]))
+            self._conn.close()
+        except OSError as exc:
+            raise HandOffError(f"the verdict could not reach restic's command: {exc}") from exc
+        finally:
+            self._listener.close()
 
 
 class DockerExecError(Exception):
@@ -633,6 +711,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="require the end mark after the command's output (see the module's docstring)")
     parser.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                         help="give up when the output moves nothing for this long (see watcher.stall)")
+    parser.add_argument("--handoff-fd", type=int, metavar="FD",
+                        help="write to the pipe handed over on this inherited listening socket by "
+                             "`python -m watcher.handoff` (restic's command), and send it the exit status; "
+                             "stdout is then only watched for restic's end")
     parser.add_argument("cmd", nargs="+")
     return parser.parse_args(argv)
 
@@ -708,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[SEAL_VARIABLE] = seal
         cmd = sealed_command(args.cmd)
         sealer = SealedOutput(seal.encode(), lambda _piece: None)  # only its pass_on, in the flush
-    out = GatheredWrites(sys.stdout.fileno(), sealer)
+    handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
+    out = GatheredWrites(sys.stdout.fileno() if handoff is None else handoff.output, sealer)
     on_stdout: Callable[[memoryview], object] = out.pieces.append
     on_stderr: Callable[[memoryview], object] = write_err
     on_read: Callable[[], object] = out.flush
@@ -717,6 +800,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Each read counts as progress; the write that may block (restic not taking data) is the flush.
         flush_counted = watch.counting(lambda _read: out.flush())
         on_read, on_stderr = (lambda: flush_counted(None)), watch.counting(on_stderr)
+    status = _streamed(args, docker_host, cmd, env, sealer, watch,
+                       on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read)
+    return status if handoff is None else _delivered(handoff, status)
+
+
+def _streamed(args: argparse.Namespace, docker_host: str, cmd: Sequence[str], env: Mapping[str, str],
+              sealer: SealedOutput | None, watch: stall.StallWatch | None, *, on_stdout: Callable[[memoryview], object],
+              on_stderr: Callable[[memoryview], object], on_read: Callable[[], object]) -> int:
+    """Runs the exec and streams it to the callbacks; returns the program's exit status for it."""
     try:
         with stall_watchdog(watch, args.cmd[0]):
             outcome = stream_exec(
@@ -724,13 +816,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stdin=sys.stdin.fileno() if args.stdin else None,
                 on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read, user=args.user, gather=True,
             )
-    except DockerExecError as exc:
+    except (DockerExecError, HandOffError) as exc:
         print(f"backup-watcher: {exc}", file=sys.stderr)
         return EXIT_ENGINE_ERROR
     except BrokenPipeError:
         print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
         return EXIT_ENGINE_ERROR
     return _exit_status(outcome, sealer, args.cmd[0], args.container)
+
+
+def _delivered(handoff: HandOff, status: int) -> int:
+    """Gives `status` to restic's command as its verdict; returns 0 once it has it (restic learns the outcome
+    from that command's exit, and a failure of ours would only end restic before it could tell it), else
+    `status` (EXIT_ENGINE_ERROR for a success that could not be told: restic's command fails by itself)."""
+    if handoff.failed is not None:
+        return status or EXIT_ENGINE_ERROR  # said already
+    try:
+        handoff.deliver(status)
+    except HandOffError as exc:
+        print(f"backup-watcher: {exc}", file=sys.stderr)
+        return status or EXIT_ENGINE_ERROR
+    return 0
 
 
 if __name__ == "__main__":
