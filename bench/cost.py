@@ -104,7 +104,9 @@ class Usage:
         if path.exists():
             for line in path.read_text().splitlines():
                 item = json.loads(line)
-                is_helper = str(item["argv"][0]).endswith("dockerexec.py")
+                # The dump's helpers: the exec helper (or the key-ordered dump) and the hand-off command restic
+                # runs; the daemon's own share is read apart, so a process left out here would not count.
+                is_helper = str(item["argv"][0]).endswith(("dockerexec.py", "keydump.py", "handoff.py"))
                 (usage.helpers if is_helper else usage.main).append(item)
         return usage
 
