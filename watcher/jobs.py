@@ -437,7 +437,8 @@ def early_dump(backup: Command) -> Iterator[tuple[list[Command], tuple[int, ...]
     listening socket in a private directory (removed after the `with`), and restic running the hand-off
     command (watcher.handoff) that gives the helper restic's pipe. The integrity gate is the same: restic
     stores a snapshot only when that command exits 0, which it does only with the helper's verdict of a whole,
-    sealed, successful dump. Raises OSError when the socket cannot be made."""
+    sealed, successful dump. Where no socket can be made (a TMPDIR too long for a socket's path), restic runs
+    the helper itself, as before, and a debug line says why."""
     with tempfile.TemporaryDirectory(prefix="bw-handoff-") as directory:
         path = os.path.join(directory, "dump.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -445,9 +446,9 @@ def early_dump(backup: Command) -> Iterator[tuple[list[Command], tuple[int, ...]
             listener.bind(path)
             listener.listen(1)
             split = commands.handed_off(backup, listener.fileno(), path)
-        except BaseException:
-            listener.close()
-            raise
+        except OSError as exc:
+            log.debug("dump_starts_under_restic", reason=str(exc))
+            split = None
         if split is None:
             listener.close()
             yield [backup], ()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from watcher import commands
 from watcher.dockerexec import HandOff, HandOffError
 from watcher.handoff import EXIT_NO_VERDICT, hand_over
+from watcher.jobs import early_dump
 
 
 class Stub(threading.Thread):
@@ -125,3 +127,29 @@ def test_handed_off_leaves_other_sources_alone() -> None:
     source = commands.key_ordered_dump("abc123", ("pg_dump", "-Fc", "db"), lock_wait_s=5)
     backup = commands.restic_backup("restic", host="h", container="c", database="db", source=source)
     assert commands.handed_off(backup, 7, "/tmp/x/dump.sock") is None
+
+
+def _physical_backup() -> commands.Command:
+    source = commands.exec_helper("abc123", ("pg_dump", "-Fc", "db"), seal=True)
+    return commands.restic_backup("restic", host="h", container="c", database="db", source=source)
+
+
+def test_early_dump_gives_the_helper_a_listening_socket_in_a_private_directory() -> None:
+    backup = _physical_backup()
+    with early_dump(backup) as (members, fds):
+        assert len(members) == 2 and len(fds) == 1
+        path = members[1][-1]
+        assert Path(path).is_socket() and Path(path).parent.stat().st_mode & 0o077 == 0
+        assert members[0][members[0].index("--handoff-fd") + 1] == str(fds[0])
+        os.close(fds[0])  # run_pipeline's part
+    assert not Path(path).parent.exists()
+
+
+def test_early_dump_leaves_the_helper_to_restic_where_no_socket_can_be_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deep = tmp_path / ("d" * 110)  # longer than a socket's path may be
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    backup = _physical_backup()
+    with early_dump(backup) as (members, fds):
+        assert members == [backup] and fds == ()
