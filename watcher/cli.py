@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from watcher import __version__, logs
+import watcher
+from watcher import logs
 from watcher.config import SETTINGS, Config, ConfigError, effective_config, effective_copies, flags, load_config
 from watcher.discovery import (
     LABEL_PREFIX,
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
     )
-    parser.add_argument("--version", action="version", version=f"backup-watcher {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     _add_settings(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_backup_commands(sub)
@@ -102,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         # After the command too (`status --log-level debug`); SUPPRESS keeps a flag given before it.
         _add_settings(command, default=argparse.SUPPRESS)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """--version: prints the installed version and exits; the version is looked up only then (reading the
+    installed packages' metadata costs every other command 10-40 ms of start-up)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[object] | None, option_string: str | None = None) -> None:
+        print(f"backup-watcher {watcher.__version__}")
+        parser.exit()
 
 
 def _add_settings(parser: argparse.ArgumentParser, default: object) -> None:
@@ -607,7 +622,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
     clock = SystemClock()
     registry = Registry()
-    metrics = Metrics(CollectorRegistry(), registry, version=__version__, clock=lambda: clock.now().timestamp(),
+    metrics = Metrics(CollectorRegistry(), registry, version=watcher.__version__, clock=lambda: clock.now().timestamp(),
                       progress=app.progress)
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())

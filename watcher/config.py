@@ -32,6 +32,7 @@ from alerting.notify import url_secret_parts
 from alerting.notify import validate as validate_apprise
 from watcher.copyconfig import CopySpec, is_secret_name, read_copies
 from watcher.durations import format_duration
+from watcher.schedule import DEFAULT_DRILL_SCHEDULE, DEFAULT_SCHEDULE
 from watcher.settings import (
     ADDRESS,
     BOOL,
@@ -134,7 +135,7 @@ class Config:
         help="the repository password; restic reads RESTIC_PASSWORD_FILE itself")
     init_repository: bool = setting(
         "WATCHER_INIT_REPOSITORY", "false", BOOL, help="true: restic init the repository when it does not exist")
-    schedule: str = setting("WATCHER_SCHEDULE", "0 3 * * *", CRON, help="default backup schedule (cron, 5 fields)")
+    schedule: str = setting("WATCHER_SCHEDULE", DEFAULT_SCHEDULE, CRON, help="default backup schedule (cron, 5 fields)")
     timezone: str = setting("WATCHER_TIMEZONE", "UTC", ZONE, help="IANA zone the schedules are read in")
     container_patterns: tuple[str, ...] = setting(
         "WATCHER_CONTAINER_PATTERNS", "scalr-*-db,scalr-auth-postgres", PATTERNS, blank_is_off=True,
@@ -149,7 +150,7 @@ class Config:
              "prunes); `backup-watcher prune` still runs where the credentials allow deleting")
     concurrency: int = setting("WATCHER_CONCURRENCY", "2", whole(1), help="backups running at once")
     drill_schedule: str | None = setting(
-        "WATCHER_DRILL_SCHEDULE", "0 5 1 * *", CRON_OR_OFF, blank_is_off=True, unset="(disabled)",
+        "WATCHER_DRILL_SCHEDULE", DEFAULT_DRILL_SCHEDULE, CRON_OR_OFF, blank_is_off=True, unset="(disabled)",
         help="restore drill schedule (cron; empty disables)")
     metrics_address: Address = setting(
         "WATCHER_METRICS_ADDRESS", "0.0.0.0:9810", ADDRESS, help="HOST:PORT of /metrics, /healthz and /status")

@@ -1,67 +1,85 @@
-"""The Docker engine as a source of container facts: ping, engine name, list and inspect.
+"""The Docker engine as a source of container facts: engine name, list and inspect, throwaway containers.
 
-Exec streams do not go through here (see watcher.dockerexec).
+Exec streams do not go through here (see watcher.dockerexec). Both speak the Engine API through the same
+small client (watcher.dockerexec.api_call, one connection per request): docker-py and requests cost a
+one-shot `backup` about a fifth of its start-up CPU in imports alone, for the handful of calls made here.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from collections.abc import Mapping
 
-import docker
-import docker.errors
-import requests.exceptions
-
 from watcher.discovery import ContainerInfo
-from watcher.dockerexec import DEFAULT_DOCKER_HOST
+from watcher.dockerexec import DEFAULT_DOCKER_HOST, DockerExecError, DockerRefused, api_call, scheme_problem
 
 API_TIMEOUT_SECONDS = 30
+NOT_FOUND = 404
 
 
 class DockerUnavailable(Exception):
     """The engine cannot be reached or refused a call; the message names DOCKER_HOST."""
 
 
+def _quoted(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
 class DockerSource:
-    """A thin, typed layer over docker-py's low-level client."""
+    """Typed calls of the Engine API; every failure is a DockerUnavailable that names DOCKER_HOST."""
 
     def __init__(self, docker_host: str | None) -> None:
+        """Raises DockerUnavailable when DOCKER_HOST has a scheme this client cannot speak (nothing is sent)."""
         self.docker_host = docker_host or DEFAULT_DOCKER_HOST
+        if (problem := scheme_problem(self.docker_host)) is not None:
+            raise DockerUnavailable(problem)
+
+    def _describe(self, exc: DockerExecError) -> str:
+        reason = str(exc)
+        if f"DOCKER_HOST={self.docker_host}" in reason:
+            return reason
+        return f"the Docker engine at DOCKER_HOST={self.docker_host}: {reason}"
+
+    def _call(self, method: str, path: str, body: object | None = None, *, missing_ok: bool = False) -> object:
+        """One API call's decoded answer (None: the object is missing and `missing_ok`); raises DockerUnavailable."""
         try:
-            self.api = docker.APIClient(base_url=self.docker_host, timeout=API_TIMEOUT_SECONDS, version="auto")
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return api_call(self.docker_host, method, path, body, timeout=API_TIMEOUT_SECONDS)
+        except DockerRefused as exc:
+            if missing_ok and exc.status == NOT_FOUND:
+                return None
+            raise DockerUnavailable(self._describe(exc)) from exc
+        except DockerExecError as exc:
             raise DockerUnavailable(self._describe(exc)) from exc
 
-    def _describe(self, exc: Exception) -> str:
-        reason = str(exc).split("(Caused by", 1)[0].strip()
-        return f"cannot reach the Docker engine at DOCKER_HOST={self.docker_host}: {reason}"
+    def _listed(self, query: Mapping[str, str]) -> list[dict[str, object]]:
+        """GET /containers/json with `query`; raises DockerUnavailable (also for an answer that is no list)."""
+        answer = self._call("GET", f"/containers/json?{urllib.parse.urlencode(query)}" if query else "/containers/json")
+        if not isinstance(answer, list):
+            raise DockerUnavailable(f"the Docker engine at DOCKER_HOST={self.docker_host} answered the container "
+                                    f"list with {type(answer).__name__}, not a list")
+        return [item for item in answer if isinstance(item, dict)]
 
     def engine_name(self) -> str:
         """Returns the engine's host name (`docker info` Name); raises DockerUnavailable."""
-        try:
-            return str(self.api.info()["Name"])
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
+        info = self._call("GET", "/info")
+        if not isinstance(info, dict) or "Name" not in info:
+            raise DockerUnavailable(f"the Docker engine at DOCKER_HOST={self.docker_host} answered /info without "
+                                    "a Name")
+        return str(info["Name"])
 
     def inspect(self, container: str) -> ContainerInfo | None:
         """Returns one container's facts, or None if it does not exist; raises DockerUnavailable."""
-        try:
-            return ContainerInfo.from_inspect(self.api.inspect_container(container))
-        except docker.errors.NotFound:
-            return None
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
+        answer = self._call("GET", f"/containers/{_quoted(container)}/json", missing_ok=True)
+        return ContainerInfo.from_inspect(answer) if isinstance(answer, dict) else None
 
     def running_containers(self) -> list[ContainerInfo]:
         """Returns every running container, fully inspected; raises DockerUnavailable.
 
         A container that vanishes between the list and its inspect is skipped.
         """
-        try:
-            listed = self.api.containers()
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
         found = []
-        for item in listed:
+        for item in self._listed({}):
             info = self.inspect(str(item["Id"]))
             if info is not None and info.running:
                 found.append(info)
@@ -69,12 +87,8 @@ class DockerSource:
 
     def list_all(self) -> list[tuple[str, str, bool]]:
         """Returns (id, name, running) of every container, stopped ones included; raises DockerUnavailable."""
-        try:
-            listed = self.api.containers(all=True)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
-        return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/"), item.get("State") == "running")
-                for item in listed]
+        return [(str(item["Id"]), _name_of(item), item.get("State") == "running")
+                for item in self._listed({"all": "1"})]
 
     def run_throwaway(self, image: str, name: str, env: Mapping[str, str], labels: Mapping[str, str], *,
                       init: bool = False) -> str:
@@ -83,33 +97,36 @@ class DockerSource:
 
         The environment travels in the API request body (never in any argv). Raises DockerUnavailable.
         """
+        host_config: dict[str, object] = {"NetworkMode": "none", "AutoRemove": False}
+        if init:
+            host_config["Init"] = True
+        body = {"Image": image, "Env": [f"{key}={value}" for key, value in env.items()], "Labels": dict(labels),
+                "HostConfig": host_config, "NetworkDisabled": True}
         try:
-            host_config = self.api.create_host_config(network_mode="none", auto_remove=False, init=init or None)
-            created = self.api.create_container(image, name=name, environment=dict(env), labels=dict(labels),
-                                                host_config=host_config, network_disabled=True)
+            created = self._call("POST", f"/containers/create?{urllib.parse.urlencode({'name': name})}", body)
+            if not isinstance(created, dict) or "Id" not in created:
+                raise DockerUnavailable(f"the Docker engine at DOCKER_HOST={self.docker_host} created no container")
             container_id = str(created["Id"])
-            self.api.start(container_id)
-            return container_id
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(f"starting a throwaway container from {image}: {self._describe(exc)}") from exc
+            self._call("POST", f"/containers/{_quoted(container_id)}/start")
+        except DockerUnavailable as exc:
+            raise DockerUnavailable(f"starting a throwaway container from {image}: {exc}") from exc
+        return container_id
 
     def remove(self, container_id: str) -> None:
         """Removes a container and its anonymous volumes, running or not; a missing one is fine."""
-        try:
-            self.api.remove_container(container_id, v=True, force=True)
-        except docker.errors.NotFound:
-            return
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
+        self._call("DELETE", f"/containers/{_quoted(container_id)}?v=1&force=1", missing_ok=True)
 
     def containers_with_labels(self, *labels: str) -> list[tuple[str, str]]:
         """(id, name) of every container, running or not, that carries all `labels` (KEY or KEY=VALUE)."""
-        try:
-            listed = self.api.containers(all=True, filters={"label": list(labels)})
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailable(self._describe(exc)) from exc
-        return [(str(item["Id"]), str((item.get("Names") or ["/"])[0]).lstrip("/")) for item in listed]
+        listed = self._listed({"all": "1", "filters": json.dumps({"label": list(labels)})})
+        return [(str(item["Id"]), _name_of(item)) for item in listed]
 
     def close(self) -> None:
-        """Releases the HTTP connection pool."""
-        self.api.close()
+        """Nothing to release: every call had its own connection, closed when it was answered."""
+
+
+def _name_of(listed: Mapping[str, object]) -> str:
+    """The container name of a /containers/json item (its first name, without the leading slash)."""
+    names = listed.get("Names")
+    first = names[0] if isinstance(names, list) and names else "/"
+    return str(first).lstrip("/")

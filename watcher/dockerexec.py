@@ -35,10 +35,10 @@ import contextlib
 import errno
 import fcntl
 import gc
-import http.client
 import json
 import os
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from watcher import stall
 
@@ -123,7 +123,8 @@ class GatheredWrites:
     into again.
     """
 
-    def __init__(self, fd: int, sealer: SealedOutput | None = None) -> None:
+    def __init__(self, fd: int | Callable[[], int], sealer: SealedOutput | None = None) -> None:
+        # A function: the descriptor is asked for only when there is something to write (HandOff.output).
         self._fd = fd
         self._sealer = sealer
         self.pieces: list[memoryview | bytes] = []
@@ -136,8 +137,11 @@ class GatheredWrites:
         self.pieces.clear()  # the same list: its append is the stream's sink
         if self._sealer is not None:
             pieces = self._sealer.pass_on(pieces)
+        if pieces and not isinstance(self._fd, int):
+            self._fd = self._fd()
         while pieces:
             batch = pieces[: self._max_pieces]
+            assert isinstance(self._fd, int)
             written = os.writev(self._fd, batch)
             pieces = _after_written(batch, written) + pieces[len(batch) :]
 
@@ -151,12 +155,92 @@ def _after_written(batch: list[memoryview | bytes], written: int) -> list[memory
     return []
 
 
+class HandOffError(Exception):
+    """restic's pipe could not be had from `python -m watcher.handoff`, or the verdict not given to it."""
+
+
+class HandOff:
+    """The helper's side of watcher.handoff: the helper was started before restic (the dump runs while restic
+    opens the repository), listens on a socket it inherited, and gets restic's pipe from the command restic
+    runs once it is ready to read; the exit status it would have had goes back as that command's verdict.
+
+    `watch_fd` is a pipe into restic's stdin, which only restic holds: restic ending before it started its
+    command (a wrong password, no repository) ends the wait for the pipe at once instead of at the stall bound.
+    """
+
+    def __init__(self, listener_fd: int, watch_fd: int) -> None:
+        self._listener = socket.socket(fileno=listener_fd)
+        self._watch_fd = watch_fd
+        self._conn: socket.socket | None = None
+        self._fd: int | None = None
+        self.failed: HandOffError | None = None  # the hand-over failed: there is no one to give a verdict to
+
+    def output(self) -> int:
+        """restic's pipe, waited for on first use; raises HandOffError (the same one again once it failed)."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return self._received()
+        except HandOffError as exc:
+            self.failed = exc
+            raise
+
+    def _received(self) -> int:
+        if self._fd is None:
+            self._conn = self._accept()
+            try:
+                _, fds, _, _ = socket.recv_fds(self._conn, 1, 1)
+            except OSError as exc:
+                raise HandOffError(f"restic's command did not hand over its pipe: {exc}") from exc
+            if len(fds) != 1:
+                raise HandOffError("restic's command connected but handed over no pipe")
+            self._fd = fds[0]
+            _widen_pipe(self._fd)
+        return self._fd
+
+    def _accept(self) -> socket.socket:
+        """The connection of restic's command (of our own user only); raises HandOffError when restic ends first."""
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._watch_fd, 0)  # POLLERR / POLLHUP: restic, the pipe's only reader, is gone
+        while True:
+            for fd, _events in poller.poll():
+                if fd == self._watch_fd:
+                    raise HandOffError("restic ended before it started reading the dump")
+            conn, _ = self._listener.accept()
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid == os.getuid():
+                return conn
+            conn.close()
+
+    def deliver(self, status: int) -> None:
+        """Ends the stream (closes our copy of restic's pipe) and sends `status` to restic's command, waiting for
+        it first if the stream ended before its first byte; raises HandOffError."""
+        try:
+            fd = self.output()
+            os.close(fd)
+            assert self._conn is not None
+            self._conn.sendall(bytes([status]))
+            self._conn.close()
+        except OSError as exc:
+            raise HandOffError(f"the verdict could not reach restic's command: {exc}") from exc
+        finally:
+            self._listener.close()
+
+
 class DockerExecError(Exception):
     """The engine could not be reached or answered with an error; the exec's outcome is unknown."""
 
 
-@dataclass(frozen=True)
-class ExecOutcome:
+class DockerRefused(DockerExecError):
+    """The engine answered a request with an error status (`status`: 404 for a container it does not know)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ExecOutcome(NamedTuple):
     """What one exec did: its exit code (None if the engine never reported one) and why it failed."""
 
     exit_code: int | None
@@ -183,41 +267,131 @@ def _connect(docker_host: str, timeout: float | None) -> socket.socket:
             return socket.create_connection((host, parsed.port or 2375), timeout=timeout)
     except OSError as exc:
         raise DockerExecError(f"cannot reach the Docker engine at DOCKER_HOST={docker_host}: {exc}") from exc
-    raise DockerExecError(
-        f"DOCKER_HOST={docker_host}: scheme {parsed.scheme!r} is not supported for exec streams "
-        "(use unix:// or tcp://, e.g. through a socket proxy)"
-    )
+    raise DockerExecError(scheme_problem(docker_host) or f"DOCKER_HOST={docker_host}: no such endpoint")
 
 
-class _SocketHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, docker_host: str, timeout: float) -> None:
-        super().__init__("docker", timeout=timeout)
-        self._docker_host = docker_host
+def scheme_problem(docker_host: str) -> str | None:
+    """Why this client cannot speak to DOCKER_HOST `docker_host` (its scheme), or None when it can."""
+    scheme = urllib.parse.urlsplit(docker_host).scheme
+    if scheme in ("unix", "tcp", "http"):
+        return None
+    return (f"DOCKER_HOST={docker_host}: scheme {scheme!r} is not supported (use unix:// or tcp://, e.g. "
+            "through a socket proxy)")
 
-    def connect(self) -> None:
-        self.sock = _connect(self._docker_host, self.timeout)
 
+def api_call(docker_host: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> object:
+    """Sends one Engine API request (a connection of its own) and returns its decoded JSON body (None for an
+    empty one); raises DockerRefused for an error status, DockerExecError when the engine cannot be reached.
 
-def _api(docker_host: str, method: str, path: str, body: object | None = None, timeout: float = 30.0) -> object:
-    """Sends one Engine API request and returns its decoded JSON body; raises DockerExecError."""
-    conn = _SocketHTTPConnection(docker_host, timeout)
+    HTTP/1.1 spoken here rather than through http.client, whose import (the email package) cost every exec
+    helper, one per dump, about a quarter of its start-up. Each socket operation waits at most `timeout`.
+    """
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = [f"{method} {path} HTTP/1.1", "Host: docker", "Connection: close", f"Content-Length: {len(payload)}"]
+    if body is not None:
+        head.append("Content-Type: application/json")
+    sock = _connect(docker_host, timeout)
     try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-    except OSError as exc:
+        sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
+        status, data = _read_response(sock)
+    except (OSError, ValueError) as exc:
         raise DockerExecError(f"Docker engine at {docker_host} failed on {method} {path}: {exc}") from exc
     finally:
-        conn.close()
-    if response.status >= 300:
+        sock.close()
+    if status >= 300:
         message = data.decode(errors="replace").strip()
         with contextlib.suppress(ValueError, AttributeError):
             message = str(json.loads(message).get("message", message))
         endpoint = path.split("?", maxsplit=1)[0]
-        raise DockerExecError(f"Docker engine refused {method} {endpoint}: {response.status} {message}")
+        raise DockerRefused(f"Docker engine refused {method} {endpoint}: {status} {message}", status)
     return json.loads(data) if data.strip() else None
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Reads one HTTP response from `sock`; returns (status, body). Raises OSError, ValueError (not HTTP, or
+    the connection ended before the answer was whole)."""
+    received = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return _whole_at_end(bytes(received))
+        received += chunk
+        answer = http_response(bytes(received))
+        if answer is not None:
+            return answer
+
+
+def _whole_at_end(data: bytes) -> tuple[int, bytes]:
+    """The response in `data`, the whole of what came before the connection closed; raises ValueError when
+    that is not a whole response (a body without length or chunks ends with the connection)."""
+    answer = http_response(data)
+    if answer is not None:
+        return answer
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError(f"the connection closed after {len(data)} bytes, inside the response header")
+    headers = _headers(head)
+    if "content-length" in headers or "chunked" in headers.get("transfer-encoding", ""):
+        raise ValueError("the connection closed inside the response body")
+    return _status(head), rest
+
+
+def http_response(data: bytes) -> tuple[int, bytes] | None:
+    """(status, body) of the HTTP/1.1 response `data` holds, or None while it is not whole yet (or its body ends
+    only with the connection). Raises ValueError for what is no HTTP response."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    status = _status(head)
+    headers = _headers(head)
+    if status < 200 or status in (204, 304):
+        return status, b""
+    if "chunked" in headers.get("transfer-encoding", ""):
+        body = _dechunked(rest)
+        return None if body is None else (status, body)
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        return (status, rest[:length]) if len(rest) >= length else None
+    return None
+
+
+def _status(head: bytes) -> int:
+    parts = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {head[:80]!r}")
+    return int(parts[1])
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    """The header fields, names in lower case, values as sent (transfer-encoding's in lower case)."""
+    fields: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if "transfer-encoding" in fields:
+        fields["transfer-encoding"] = fields["transfer-encoding"].lower()
+    return fields
+
+
+def _dechunked(data: bytes) -> bytes | None:
+    """The body of a chunked transfer in `data`, or None while its last chunk has not come; raises ValueError."""
+    body = bytearray()
+    at = 0
+    while True:
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size = int(data[at:line_end].split(b";", 1)[0].strip(), 16)
+        at = line_end + 2
+        if size == 0:
+            # The last chunk, then trailer fields (none from the engine) and an empty line.
+            if data.startswith(b"\r\n", at) or data.find(b"\r\n\r\n", at) >= 0:
+                return bytes(body)
+            return None
+        if len(data) < at + size + 2:
+            return None
+        body += data[at : at + size]
+        at += size + 2
 
 
 def _create_exec(
@@ -233,7 +407,7 @@ def _create_exec(
     }
     if user:
         body["User"] = user
-    created = _api(docker_host, "POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", body)
+    created = api_call(docker_host, "POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", body)
     assert isinstance(created, dict)
     return str(created["Id"])
 
@@ -288,7 +462,7 @@ def _inspect_exit_code(docker_host: str, exec_id: str, wait_seconds: float) -> i
     """Waits up to wait_seconds for the exec to stop; returns its exit code or None if still running."""
     deadline = time.monotonic() + wait_seconds
     while True:
-        info = _api(docker_host, "GET", f"/exec/{exec_id}/json")
+        info = api_call(docker_host, "GET", f"/exec/{exec_id}/json")
         assert isinstance(info, dict)
         if not info.get("Running"):
             code = info.get("ExitCode")
@@ -537,6 +711,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="require the end mark after the command's output (see the module's docstring)")
     parser.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                         help="give up when the output moves nothing for this long (see watcher.stall)")
+    parser.add_argument("--handoff-fd", type=int, metavar="FD",
+                        help="write to the pipe handed over on this inherited listening socket by "
+                             "`python -m watcher.handoff` (restic's command), and send it the exit status; "
+                             "stdout is then only watched for restic's end")
     parser.add_argument("cmd", nargs="+")
     return parser.parse_args(argv)
 
@@ -612,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[SEAL_VARIABLE] = seal
         cmd = sealed_command(args.cmd)
         sealer = SealedOutput(seal.encode(), lambda _piece: None)  # only its pass_on, in the flush
-    out = GatheredWrites(sys.stdout.fileno(), sealer)
+    handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
+    out = GatheredWrites(sys.stdout.fileno() if handoff is None else handoff.output, sealer)
     on_stdout: Callable[[memoryview], object] = out.pieces.append
     on_stderr: Callable[[memoryview], object] = write_err
     on_read: Callable[[], object] = out.flush
@@ -621,6 +800,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Each read counts as progress; the write that may block (restic not taking data) is the flush.
         flush_counted = watch.counting(lambda _read: out.flush())
         on_read, on_stderr = (lambda: flush_counted(None)), watch.counting(on_stderr)
+    status = _streamed(args, docker_host, cmd, env, sealer, watch,
+                       on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read)
+    return status if handoff is None else _delivered(handoff, status)
+
+
+def _streamed(args: argparse.Namespace, docker_host: str, cmd: Sequence[str], env: Mapping[str, str],
+              sealer: SealedOutput | None, watch: stall.StallWatch | None, *, on_stdout: Callable[[memoryview], object],
+              on_stderr: Callable[[memoryview], object], on_read: Callable[[], object]) -> int:
+    """Runs the exec and streams it to the callbacks; returns the program's exit status for it."""
     try:
         with stall_watchdog(watch, args.cmd[0]):
             outcome = stream_exec(
@@ -628,13 +816,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stdin=sys.stdin.fileno() if args.stdin else None,
                 on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read, user=args.user, gather=True,
             )
-    except DockerExecError as exc:
+    except (DockerExecError, HandOffError) as exc:
         print(f"backup-watcher: {exc}", file=sys.stderr)
         return EXIT_ENGINE_ERROR
     except BrokenPipeError:
         print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
         return EXIT_ENGINE_ERROR
     return _exit_status(outcome, sealer, args.cmd[0], args.container)
+
+
+def _delivered(handoff: HandOff, status: int) -> int:
+    """Gives `status` to restic's command as its verdict; returns 0 once it has it (restic learns the outcome
+    from that command's exit, and a failure of ours would only end restic before it could tell it), else
+    `status` (EXIT_ENGINE_ERROR for a success that could not be told: restic's command fails by itself)."""
+    if handoff.failed is not None:
+        return status or EXIT_ENGINE_ERROR  # said already
+    try:
+        handoff.deliver(status)
+    except HandOffError as exc:
+        print(f"backup-watcher: {exc}", file=sys.stderr)
+        return status or EXIT_ENGINE_ERROR
+    return 0
 
 
 if __name__ == "__main__":

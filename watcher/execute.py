@@ -178,8 +178,9 @@ class _Pipeline:
 
     def __init__(self, commands: Sequence[Command], env: Mapping[str, str], masker: Masker,
                  on_stderr_line: Callable[[str], None] | None,
-                 end_on_stderr: Callable[[str], bool] | None = None) -> None:
+                 end_on_stderr: Callable[[str], bool] | None = None, first_fds: Sequence[int] = ()) -> None:
         self.commands = commands
+        self.first_fds = tuple(first_fds)
         self.env = dict(env)
         self.masker = masker
         self.ending = threading.Event()
@@ -210,6 +211,10 @@ class _Pipeline:
             for proc in self.procs:
                 _kill_group(proc, signal.SIGKILL)
             raise
+        finally:
+            # Handed over: only the first member holds them now (a listening socket then refuses once it ends).
+            for fd in self.first_fds:
+                os.close(fd)
 
     def _start_member(self, index: int, argv: Command, feed_stdin: bool, keep_last_stdout: bool) -> None:
         is_first, is_last = index == 0, index == len(self.commands) - 1
@@ -225,6 +230,7 @@ class _Pipeline:
             env=self.env,
             start_new_session=True,
             close_fds=True,
+            pass_fds=self.first_fds if is_first else (),
         )
         if not is_first and self.procs[-1].stdout is not None:
             # Only the reader holds the pipe now, so the writer sees EPIPE if the reader dies.
@@ -337,8 +343,12 @@ def run_pipeline(
     on_tick: Callable[[Sequence[int]], None] | None = None,
     terminate_grace: float = TERMINATE_GRACE_SECONDS,
     end_on_stderr: Callable[[str], bool] | None = None,
+    first_fds: Sequence[int] = (),
 ) -> Completed:
     """Runs `commands` as a pipeline (stdout of each into stdin of the next) and waits for it.
+
+    `first_fds` are file descriptors the first member inherits, under the same numbers; they are handed
+    over: closed here once the members have started (or failed to).
 
     `on_tick` is called with the members' pids about once a second while they run (progress is
     read there, off the data path); it must not raise.
@@ -353,7 +363,7 @@ def run_pipeline(
     if not commands:
         raise ValueError("empty pipeline")
     started = time.monotonic()
-    pipeline = _Pipeline(commands, env, masker, on_stderr_line, end_on_stderr)
+    pipeline = _Pipeline(commands, env, masker, on_stderr_line, end_on_stderr, first_fds)
     pipeline.start(stdin is not None, capture_stdout or on_stdout_line is not None)
     if stdin is not None:
         pipeline.feed(stdin)

@@ -5,12 +5,16 @@ A job never raises into its caller: every outcome, good or bad, comes back as a 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -397,16 +401,18 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
     bound.info("backup_started")
     stdout_lines: list[str] = []
     try:
-        with ctx.progress.track("backup", target.name, database) as tracker:
+        with ctx.progress.track("backup", target.name, database) as tracker, early_dump(argv) as (members, fds):
             done = run_pipeline(
-                [argv], env=env,
+                members, env=env,
                 masker=ctx.masker.with_secrets([target.credentials.password]),
                 timeout=ctx.bounds.dump_s, cancel=ctx.cancel,
                 capture_stdout=False, on_stdout_line=_keep_summary_lines(stdout_lines, tracker),
                 # restic retries a backend that fails (a full disk, a server gone) for up to 15 minutes, even
                 # after its source gave up: once the exec helper says the stream stalled, restic ends too.
-                end_on_stderr=lambda line: STALL_BOUND_NAMES in line,
+                end_on_stderr=lambda line: STALL_BOUND_NAMES in line, first_fds=fds,
             )
+        # restic's exit is the backup's (the helper's verdict is its command's exit); the helper's words stay.
+        done = replace(done, argv=done.argv[-1:], returncodes=done.returncodes[-1:])
     except OSError as exc:
         failed = BackupResult(target.name, database, False, run_id, started_at, time.monotonic() - started,
                               error=f"cannot start restic ({ctx.repository.binary!r}): {exc}")
@@ -426,6 +432,34 @@ def _back_up(ctx: JobContext, target: Target, database: str, run_id: str,
     elif log_failure:
         log_failed_backup(result)
     return result
+
+
+@contextlib.contextmanager
+def early_dump(backup: Command) -> Iterator[tuple[list[Command], tuple[int, ...]]]:
+    """The pipeline that runs the restic backup `backup`, and the descriptors its first member inherits: when
+    its source is the exec helper, the helper first (the dump starts at once, while restic opens the
+    repository: key derivation, index and lock, a second or more before restic starts its command), with a
+    listening socket in a private directory (removed after the `with`), and restic running the hand-off
+    command (watcher.handoff) that gives the helper restic's pipe. The integrity gate is the same: restic
+    stores a snapshot only when that command exits 0, which it does only with the helper's verdict of a whole,
+    sealed, successful dump. Where no socket can be made (a TMPDIR too long for a socket's path), restic runs
+    the helper itself, as before, and a debug line says why."""
+    with tempfile.TemporaryDirectory(prefix="bw-handoff-") as directory:
+        path = os.path.join(directory, "dump.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            split = commands.handed_off(backup, listener.fileno(), path)
+        except OSError as exc:
+            log.debug("dump_starts_under_restic", reason=str(exc))
+            split = None
+        if split is None:
+            listener.close()
+            yield [backup], ()
+            return
+        # run_pipeline closes the descriptor once the helper has it.
+        yield list(split), (listener.detach(),)
 
 
 def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,

@@ -5,20 +5,45 @@ from __future__ import annotations
 import functools
 import zoneinfo
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from croniter import croniter
+if TYPE_CHECKING:
+    from croniter import croniter
 
 # Enough slots to see a weekend gap even in a minute-by-minute weekday schedule.
 INTERVAL_LOOKAHEAD_SLOTS = 10080
 
 
+def _cron(expression: str, start: datetime | None = None) -> croniter:
+    """croniter's iterator of `expression`'s slots from `start`; raises as croniter does (ValueError, KeyError).
+
+    croniter is imported on first use: its import runs file(1) on the Python binary (a 32-bit check) and costs
+    a one-shot command that computes no schedule about 10 ms of CPU.
+    """
+    from croniter import croniter  # noqa: PLC0415 - lazy on purpose (the docstring)
+
+    return croniter(expression, start)
+
+
+# The built-in schedules (WATCHER_SCHEDULE's and WATCHER_DRILL_SCHEDULE's defaults): valid, as
+# tests/unit/test_schedule.py shows with croniter, so a configuration that keeps them is read without it.
+DEFAULT_SCHEDULE = "0 3 * * *"
+DEFAULT_DRILL_SCHEDULE = "0 5 1 * *"
+_BUILT_IN = frozenset({DEFAULT_SCHEDULE, DEFAULT_DRILL_SCHEDULE})
+
+
 def validate_cron(expression: str) -> str | None:
     """Returns why `expression` is not a valid five-field cron schedule, or None if it is."""
+    return None if expression in _BUILT_IN else croniter_problem(expression)
+
+
+def croniter_problem(expression: str) -> str | None:
+    """validate_cron's verdict as croniter gives it, for any expression, the built-in ones too."""
     fields = expression.split()
     if len(fields) != 5:
         return f"a schedule has 5 fields (minute hour day month weekday), this has {len(fields)}"
     try:
-        croniter(expression)
+        _cron(expression)
     except (ValueError, KeyError) as exc:
         return _bad_field(fields) or f"not a valid cron expression ({exc})"
     # croniter accepts dates that never come (30 February) and only fails when asked for a slot; the
@@ -26,8 +51,8 @@ def validate_cron(expression: str) -> str | None:
     # The probe starts in a leap year's January so that a schedule on 29 February passes.
     probe_start = datetime(2000, 1, 1)
     try:
-        croniter(expression, probe_start).get_next(datetime)
-        croniter(expression, probe_start).get_prev(datetime)
+        _cron(expression, probe_start).get_next(datetime)
+        _cron(expression, probe_start).get_prev(datetime)
     except ValueError:
         return "this schedule never comes round (a day that no month has, e.g. 30 February)"
     return None
@@ -44,7 +69,7 @@ def _bad_field(fields: list[str]) -> str | None:
         alone = ["*"] * 5
         alone[index] = value
         try:
-            croniter(" ".join(alone))
+            _cron(" ".join(alone))
         except (ValueError, KeyError):
             return f"the {name} field {value!r} is not valid (allowed: {allowed}, lists, ranges and steps)"
     return None
@@ -75,7 +100,7 @@ def next_run(expression: str, after: datetime, timezone: str) -> datetime:
     """
     zone = zoneinfo.ZoneInfo(timezone)
     wall = after.astimezone(zone).replace(tzinfo=None)
-    slots = croniter(expression, wall)
+    slots = _cron(expression, wall)
     while True:
         candidate = slots.get_next(datetime)
         assert isinstance(candidate, datetime)
@@ -96,7 +121,7 @@ def interval_seconds(expression: str, timezone: str, around: datetime) -> float:
 @functools.lru_cache(maxsize=256)
 def _interval_on(expression: str, timezone: str, day: date) -> float:
     start = datetime(day.year, day.month, day.day)
-    slots = croniter(expression, start)
+    slots = _cron(expression, start)
     slot = slots.get_next(datetime)
     # Every day alike (no day, month or weekday restriction): two days show every gap.
     every_day_alike = expression.split()[2:] == ["*", "*", "*"]
@@ -116,7 +141,7 @@ def previous_run(expression: str, before: datetime, timezone: str) -> datetime:
     zone = zoneinfo.ZoneInfo(timezone)
     wall = before.astimezone(zone).replace(tzinfo=None)
     # croniter's get_prev is exclusive of its start; step one second past `before` to include it.
-    slots = croniter(expression, wall + timedelta(seconds=1))
+    slots = _cron(expression, wall + timedelta(seconds=1))
     while True:
         candidate = slots.get_prev(datetime)
         assert isinstance(candidate, datetime)

@@ -96,3 +96,24 @@ def test_container_stopped_mid_stream_leaves_no_snapshot(major: str, start_pg: S
     assert "no snapshot was written" in out and "pg_dump" in out, out
     assert repo.snapshots_of(name) == []
     assert "no errors were found" in repo.restic("check").stdout
+
+
+def test_dump_failing_while_restic_opens_the_repository_leaves_no_snapshot(start_pg: StartPg, repo: Repo,
+                                                                           watcher_env: dict[str, str]) -> None:
+    # The exec helper starts before restic and pg_dump fails at its first table, within a fraction of a
+    # second, while restic is still deriving its key and loading the index (a second or more): the verdict
+    # must wait for restic's command and fail it.
+    name = "bwt-earlyfail-db"
+    db: PgContainer = start_pg(name, "15", labels={"backup-watcher.user": "dumper"})
+    db.psql("""
+        CREATE TABLE z_secret (id int, secret text);
+        INSERT INTO z_secret VALUES (1, 'x');
+        ALTER TABLE z_secret ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY only_owner ON z_secret USING (current_user = 'app');
+        CREATE ROLE dumper LOGIN;
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
+    """)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_DUMP_ORDER": "physical"}
+    out, err = _start_backup(env).communicate(timeout=300)
+    assert "z_secret" in out and "no snapshot was written" in out, (out, err)
+    assert repo.snapshots_of(name) == []

@@ -7,7 +7,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from watcher.schedule import interval_seconds, next_run, validate_cron
+from watcher.schedule import (
+    DEFAULT_DRILL_SCHEDULE,
+    DEFAULT_SCHEDULE,
+    croniter_problem,
+    interval_seconds,
+    next_run,
+    validate_cron,
+)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -149,3 +156,10 @@ def test_interval_seconds_is_the_largest_gap() -> None:
 ])
 def test_validate_cron_names_the_field_that_is_out_of_range(expression: str, named: str) -> None:
     assert named in (validate_cron(expression) or "")
+
+
+@pytest.mark.parametrize("expression", [DEFAULT_SCHEDULE, DEFAULT_DRILL_SCHEDULE])
+def test_built_in_schedules_pass_croniter(expression: str) -> None:
+    # validate_cron takes them without croniter: this is what makes that safe.
+    assert croniter_problem(expression) is None
+    assert validate_cron(expression) is None

@@ -1,0 +1,53 @@
+"""What a one-shot command and the exec helper import: a guard on start-up cost (issue 20), not a timing.
+
+A cron job that runs `backup-watcher backup` over a fleet, and every dump's exec helper, pay for each import
+on every run; these modules belong to other commands (the daemon, metrics, Apprise, schedules) or were
+replaced (docker-py, requests). Each check runs in a fresh interpreter, as the command does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+ONE_SHOT_START = """
+import json, os, sys
+from watcher import cli
+from watcher.settings import with_flags
+args = cli.build_parser().parse_args(["backup", "some-container"])
+environ = {"RESTIC_REPOSITORY": "/nonexistent", "RESTIC_PASSWORD": "x", "DOCKER_HOST": "unix:///nonexistent.sock"}
+config = cli.load_config(with_flags(environ, cli.settings_given(args)))
+cli.build_app(config)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+NOT_FOR_BACKUP = ("docker", "requests", "urllib3", "croniter", "prometheus_client", "apprise", "tqdm",
+                  "importlib.metadata", "watcher.daemon", "watcher.metrics", "watcher.drill", "watcher.restore",
+                  "watcher.keydump")
+
+HELPER_START = """
+import json, sys
+import watcher.dockerexec
+print(json.dumps(sorted(sys.modules)))
+"""
+
+NOT_FOR_HELPER = ("structlog", "watcher.cli", "watcher.config", "watcher.jobs", "http.client", "email", "dataclasses",
+                  "importlib.metadata", "docker")
+
+
+def modules_after(script: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running `script` (which prints them as JSON)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(done.stdout))
+
+
+def test_backup_start_imports_only_what_backup_needs() -> None:
+    loaded = modules_after(ONE_SHOT_START)
+    assert "watcher.jobs" in loaded  # the script did get as far as a backup's wiring
+    assert sorted(name for name in NOT_FOR_BACKUP if name in loaded) == []
+
+
+def test_exec_helper_imports_no_http_or_cli_machinery() -> None:
+    loaded = modules_after(HELPER_START)
+    assert sorted(name for name in NOT_FOR_HELPER if name in loaded) == []
