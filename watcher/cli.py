@@ -627,6 +627,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
     try:
+        app.docker.check()
         ctx = app.job_context()
         check_repository(ctx, app.config.init_repository)
         metrics.set_restic_version(".".join(map(str, app.repository.version())))

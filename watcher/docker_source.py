@@ -60,6 +60,11 @@ class DockerSource:
                                     f"list with {type(answer).__name__}, not a list")
         return [item for item in answer if isinstance(item, dict)]
 
+    def check(self) -> None:
+        """Asks the engine for its version: it answers, or this raises DockerUnavailable naming DOCKER_HOST (the
+        daemon's start: a watcher that cannot reach its engine exits at once, even with WATCHER_HOST set)."""
+        self._call("GET", "/version")
+
     def engine_name(self) -> str:
         """Returns the engine's host name (`docker info` Name); raises DockerUnavailable."""
         info = self._call("GET", "/info")

@@ -179,7 +179,7 @@ def test_a_copy_backend_down_for_three_passes_holds_up_no_backup_is_paged_once_a
     status = run_watcher(["status", "--json"], daemon.env)  # the daemon's view, as an operator asks for it
     row = next(r for r in json.loads(status.stdout) if r["target"] == db.name)
     appdb = next(d for d in row["databases"] if d["database"] == "appdb")
-    assert appdb["copies"]["offsite"]["lag_s"] > 60 and appdb["copies"]["offsite"]["copied"], appdb
+    assert appdb["copies"]["offsite"]["lag_s"] > 60, appdb
     table = run_watcher(["status"], daemon.env).stdout
     assert f"copy offsite: {db.name} appdb lacks snapshots for" in table, table
 
