@@ -62,15 +62,6 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 RUN = uuid.uuid4().hex[:6]
 POINTS = (0.1, 0.5, 0.85)
 MAJORS = ("15", "17")
-# About 20 MB of hex text that restic cannot shrink much: uploads happen along the whole stream.
-TABLE = """
-CREATE TABLE payload (id int PRIMARY KEY, body text);
-INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text)
-  || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
-  || md5(random()::text) FROM generate_series(1, 80000) AS g;
-"""
-# The share of a CPU the container gets while a fault is injected: the dump then takes a few seconds.
-SLOW_CPUS = "0.1"
 
 
 # --- the parts ---------------------------------------------------------------------------------------

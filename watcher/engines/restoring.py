@@ -141,6 +141,24 @@ def restore_one(app: App, args: argparse.Namespace, snapshot: Snapshot, listed: 
     return EXIT_OK
 
 
+def _each(app: App, snapshots: Sequence[Snapshot], failure: type[Exception],
+          restore: Callable[[Snapshot], float]) -> list[Restored]:
+    """Restores each snapshot in turn with `restore` (returns its seconds); one that raises `failure` fails
+    alone (its masked message), and after a cancel the rest are "interrupted". Returns one result each."""
+    results = []
+    for snap in snapshots:
+        if app.cancel.is_set():
+            results.append(Restored(snap, False, "interrupted"))
+            continue
+        try:
+            seconds = restore(snap)
+        except failure as exc:
+            results.append(Restored(snap, False, app.masker(str(exc))))
+            continue
+        results.append(Restored(snap, True, f"restored in {seconds:.1f}s", seconds))
+    return results
+
+
 def _not_done(snapshots: Sequence[Snapshot], why: str) -> list[Restored]:
     return [Restored(snap, False, why) for snap in snapshots]
 
@@ -187,18 +205,9 @@ class PostgresStep:
             return _not_done(self.snapshots, f"creating the roles failed, nothing restored: {problem}")
         if plan.create:
             say(roles_sentence(plan, future=False))
-        results = []
-        for snap in self.snapshots:
-            if self.app.cancel.is_set():
-                results.append(Restored(snap, False, "interrupted"))
-                continue
-            try:
-                done = dest.restorer.restore(snap, dest.id, self.container, dest.creds, snap.database)
-            except RestoreError as exc:
-                results.append(Restored(snap, False, self.app.masker(str(exc))))
-                continue
-            results.append(Restored(snap, True, f"restored in {done.duration_s:.1f}s", done.duration_s))
-        return results
+        return _each(self.app, self.snapshots, RestoreError,
+                     lambda snap: dest.restorer.restore(snap, dest.id, self.container, dest.creds,
+                                                        snap.database).duration_s)
 
 
 class MariaDBStep:
@@ -257,17 +266,9 @@ class MariaDBStep:
                                              f"{self.app.masker(str(exc))}")
         if plan.create:
             say(users_sentence(plan, future=False))
-        results = []
-        for snap in self.snapshots:
-            if self.app.cancel.is_set():
-                results.append(Restored(snap, False, "interrupted"))
-                continue
-            try:
-                done = self.restorer.restore(snap, self.info.id, self.container, self.creds, snap.database)
-            except MariaDBRestoreError as exc:
-                results.append(Restored(snap, False, self.app.masker(str(exc))))
-                continue
-            results.append(Restored(snap, True, f"restored in {done.duration_s:.1f}s", done.duration_s))
+        results = _each(self.app, self.snapshots, MariaDBRestoreError,
+                        lambda snap: self.restorer.restore(snap, self.info.id, self.container, self.creds,
+                                                           snap.database).duration_s)
         try:
             self.users.grant_on_objects(plan, self.info.id, self.creds)
         except UsersError as exc:
