@@ -188,11 +188,14 @@ class DaemonProcess:
         return self.get("/metrics")[1].decode()
 
     def lines(self) -> list[dict[str, object]]:
-        """Every log line so far, parsed (a line that is not JSON fails the test)."""
+        """Every whole log line so far, parsed (a line that is not JSON fails the test). A last line without
+        its newline is one the daemon is still writing (a long one comes in several writes): left for later."""
         if not self._log.closed:
             self._log.flush()
         parsed = []
-        for raw in self.log_path.read_text().splitlines():
+        text = self.log_path.read_text()
+        whole = text if text.endswith("\n") or self.proc.poll() is not None else text[:text.rfind("\n") + 1]
+        for raw in whole.splitlines():
             if raw.strip():
                 try:
                     parsed.append(json.loads(raw))
