@@ -13,6 +13,17 @@ from tests.integration.conftest import BIG_TABLE, PgContainer, Repo, StartPg, do
 
 pytestmark = pytest.mark.engine
 
+# A table the dump user `dumper` may not read (row-level security): its dump fails when it reaches it.
+UNREADABLE_TABLE = """
+CREATE TABLE z_secret (id int, secret text);
+INSERT INTO z_secret VALUES (1, 'x');
+ALTER TABLE z_secret ENABLE ROW LEVEL SECURITY;
+CREATE POLICY only_owner ON z_secret USING (current_user = 'app');
+CREATE ROLE dumper LOGIN;
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
+"""
+
+
 def _start_backup(env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "watcher", "backup"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -35,14 +46,7 @@ def test_dump_failing_part_way_leaves_no_snapshot(major: str, order: str, start_
     # pg_dump fails on z_secret before its table of contents is out, so before a_big is copied.
     name = f"bwt-partway{major}{order[0]}-db"
     db: PgContainer = start_pg(name, major, labels={"backup-watcher.user": "dumper"})
-    db.psql(BIG_TABLE + """
-        CREATE TABLE z_secret (id int, secret text);
-        INSERT INTO z_secret VALUES (1, 'x');
-        ALTER TABLE z_secret ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY only_owner ON z_secret USING (current_user = 'app');
-        CREATE ROLE dumper LOGIN;
-        GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
-    """)
+    db.psql(BIG_TABLE + UNREADABLE_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_DUMP_ORDER": order}
     backup = _start_backup(env)
     if order == "physical":
@@ -105,14 +109,7 @@ def test_dump_failing_while_restic_opens_the_repository_leaves_no_snapshot(start
     # must wait for restic's command and fail it.
     name = "bwt-earlyfail-db"
     db: PgContainer = start_pg(name, "15", labels={"backup-watcher.user": "dumper"})
-    db.psql("""
-        CREATE TABLE z_secret (id int, secret text);
-        INSERT INTO z_secret VALUES (1, 'x');
-        ALTER TABLE z_secret ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY only_owner ON z_secret USING (current_user = 'app');
-        CREATE ROLE dumper LOGIN;
-        GRANT SELECT ON ALL TABLES IN SCHEMA public TO dumper;
-    """)
+    db.psql(UNREADABLE_TABLE)
     env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_DUMP_ORDER": "physical"}
     out, err = _start_backup(env).communicate(timeout=300)
     assert "z_secret" in out and "no snapshot was written" in out, (out, err)
