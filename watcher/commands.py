@@ -346,14 +346,17 @@ def with_lock_wait(argv: Command, wait_s: float) -> Command:
     return (argv[0], "--retry-lock", f"{math.ceil(wait_s)}s", *argv[1:])
 
 
+EARLY_SOURCES = (("-m", "watcher.dockerexec"), ("-m", "watcher.keydump"))  # the helpers that take a hand-off
+
+
 def handed_off(backup: Command, listener_fd: int, socket_path: str) -> tuple[Command, Command] | None:
     """The restic backup `backup` split so that its dump starts before restic: (the exec helper it would run,
     told to take restic's pipe over the listening socket `listener_fd` it inherits, restic running
     `python -m watcher.handoff socket_path` instead, which hands that pipe over and exits with the helper's
-    verdict). None when the source of `backup` is not the exec helper."""
+    verdict). None when the source of `backup` is neither the exec helper nor the key-ordered dump."""
     marker = backup.index("--stdin-from-command")
     source = backup[marker + 2:]
-    if tuple(source[1:3]) != ("-m", "watcher.dockerexec") or "--" not in source:
+    if tuple(source[1:3]) not in EARLY_SOURCES or "--" not in source:
         return None
     end = source.index("--")
     helper = (*source[:end], "--handoff-fd", str(listener_fd), *source[end:])

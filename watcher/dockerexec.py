@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import gc
 import json
 import os
 import secrets
-import select
 import socket
 import struct
 import sys
@@ -49,6 +47,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from watcher import stall
+from watcher.handoff import (
+    READ_AHEAD_WAIT_S,
+    Destination,
+    HandOff,
+    HandOffError,
+    RestartDump,
+    delivered,
+)
 
 STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
 HEADER = struct.Struct(">BxxxI")
@@ -114,7 +120,7 @@ class SealedOutput:
 
 
 class GatheredWrites:
-    """Output gathered from one read of the exec stream and written to a file descriptor with one writev.
+    """Output gathered from one read of the exec stream and written to its destination with one writev.
 
     The exec stream comes in frames of a few KiB (about 20,000 for a 230 MB dump): a write per frame, and
     the seal's held-back bytes written apart, cost two system calls per frame, most of the helper's CPU; the
@@ -123,109 +129,19 @@ class GatheredWrites:
     into again.
     """
 
-    def __init__(self, fd: int | Callable[[], int], sealer: SealedOutput | None = None) -> None:
-        # A function: the descriptor is asked for only when there is something to write (HandOff.output).
-        self._fd = fd
-        self._sealer = sealer
+    def __init__(self, destination: Destination, sealer: SealedOutput | None = None) -> None:
+        self.destination = destination
+        self.sealer = sealer
         self.pieces: list[memoryview | bytes] = []
-        self._max_pieces = max(1, min(os.sysconf("SC_IOV_MAX"), 1024)) if hasattr(os, "sysconf") else 16
 
     def flush(self) -> None:
         """Writes every piece appended to `pieces`, in order (held back from the end: the seal, when there is
-        a sealer), and forgets them; raises OSError (BrokenPipeError) as os.writev."""
-        pieces = list(self.pieces)
+        a sealer), and forgets them; raises as Destination.write."""
+        pieces: list[memoryview | bytes] = list(self.pieces)
         self.pieces.clear()  # the same list: its append is the stream's sink
-        if self._sealer is not None:
-            pieces = self._sealer.pass_on(pieces)
-        if pieces and not isinstance(self._fd, int):
-            self._fd = self._fd()
-        while pieces:
-            batch = pieces[: self._max_pieces]
-            assert isinstance(self._fd, int)
-            written = os.writev(self._fd, batch)
-            pieces = _after_written(batch, written) + pieces[len(batch) :]
-
-
-def _after_written(batch: list[memoryview | bytes], written: int) -> list[memoryview | bytes]:
-    """What of `batch` is left after a (possibly partial) write of its first `written` bytes."""
-    for index, piece in enumerate(batch):
-        if written < len(piece):
-            return [memoryview(piece)[written:], *batch[index + 1 :]]
-        written -= len(piece)
-    return []
-
-
-class HandOffError(Exception):
-    """restic's pipe could not be had from `python -m watcher.handoff`, or the verdict not given to it."""
-
-
-class HandOff:
-    """The helper's side of watcher.handoff: the helper was started before restic (the dump runs while restic
-    opens the repository), listens on a socket it inherited, and gets restic's pipe from the command restic
-    runs once it is ready to read; the exit status it would have had goes back as that command's verdict.
-
-    `watch_fd` is a pipe into restic's stdin, which only restic holds: restic ending before it started its
-    command (a wrong password, no repository) ends the wait for the pipe at once instead of at the stall bound.
-    """
-
-    def __init__(self, listener_fd: int, watch_fd: int) -> None:
-        self._listener = socket.socket(fileno=listener_fd)
-        self._watch_fd = watch_fd
-        self._conn: socket.socket | None = None
-        self._fd: int | None = None
-        self.failed: HandOffError | None = None  # the hand-over failed: there is no one to give a verdict to
-
-    def output(self) -> int:
-        """restic's pipe, waited for on first use; raises HandOffError (the same one again once it failed)."""
-        if self.failed is not None:
-            raise self.failed
-        try:
-            return self._received()
-        except HandOffError as exc:
-            self.failed = exc
-            raise
-
-    def _received(self) -> int:
-        if self._fd is None:
-            self._conn = self._accept()
-            try:
-                _, fds, _, _ = socket.recv_fds(self._conn, 1, 1)
-            except OSError as exc:
-                raise HandOffError(f"restic's command did not hand over its pipe: {exc}") from exc
-            if len(fds) != 1:
-                raise HandOffError("restic's command connected but handed over no pipe")
-            self._fd = fds[0]
-            _widen_pipe(self._fd)
-        return self._fd
-
-    def _accept(self) -> socket.socket:
-        """The connection of restic's command (of our own user only); raises HandOffError when restic ends first."""
-        poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        poller.register(self._watch_fd, 0)  # POLLERR / POLLHUP: restic, the pipe's only reader, is gone
-        while True:
-            for fd, _events in poller.poll():
-                if fd == self._watch_fd:
-                    raise HandOffError("restic ended before it started reading the dump")
-            conn, _ = self._listener.accept()
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            if uid == os.getuid():
-                return conn
-            conn.close()
-
-    def deliver(self, status: int) -> None:
-        """Ends the stream (closes our copy of restic's pipe) and sends `status` to restic's command, waiting for
-        it first if the stream ended before its first byte; raises HandOffError."""
-        try:
-            fd = self.output()
-            os.close(fd)
-            assert self._conn is not None
-            self._conn.sendall(bytes([status]))
-            self._conn.close()
-        except OSError as exc:
-            raise HandOffError(f"the verdict could not reach restic's command: {exc}") from exc
-        finally:
-            self._listener.close()
+        if self.sealer is not None:
+            pieces = self.sealer.pass_on(pieces)
+        self.destination.write(pieces)
 
 
 class DockerExecError(Exception):
@@ -761,60 +677,71 @@ def stall_watchdog(watch: stall.StallWatch | None, program: str) -> contextlib.A
     return stall.Watchdog(watch, give_up, stall.look_interval(watch.bound_s))
 
 
-def _widen_pipe(fd: int) -> None:
-    """Makes the pipe on `fd` (if it is one) hold PIPE_BYTES: a gathered write of a few hundred KiB then goes
-    in at once instead of waking its reader and waiting for it four times. Left as it is where refused."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of `python -m watcher.dockerexec`; returns the process exit status."""
     args = _parse_args(argv)
     # The copy loop makes no reference cycles; collections would only walk the views and tuples of each read.
     gc.disable()
     env = _exec_env(args.env)
-    docker_host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-    stderr = sys.stderr.buffer
-
-    def write_err(data: memoryview) -> None:
-        stderr.write(data)
-        stderr.flush()
-
     cmd: Sequence[str] = args.cmd
-    # The payload goes from the read buffer to our stdout in one writev per read, never through bytes objects.
-    _widen_pipe(sys.stdout.fileno())
-    sealer: SealedOutput | None = None
+    seal: bytes | None = None
     if args.seal:
-        seal = secrets.token_hex(16)
-        env[SEAL_VARIABLE] = seal
+        seal = secrets.token_hex(16).encode()
+        env[SEAL_VARIABLE] = seal.decode()
         cmd = sealed_command(args.cmd)
-        sealer = SealedOutput(seal.encode(), lambda _piece: None)  # only its pass_on, in the flush
     handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
-    out = GatheredWrites(sys.stdout.fileno() if handoff is None else handoff.output, sealer)
-    on_stdout: Callable[[memoryview], object] = out.pieces.append
-    on_stderr: Callable[[memoryview], object] = write_err
+    # The payload goes from the read buffer to restic's pipe in one writev per read, never through bytes objects.
+    destination = (Destination(fd=sys.stdout.fileno()) if handoff is None
+                   else Destination(handoff=handoff, wait_s=read_ahead_wait(args.stall_timeout)))
+    status = _streamed(args, cmd, env, destination, seal)
+    if status == 0:
+        status = _finished(destination, args)
+    return status if handoff is None else delivered(handoff, status)
+
+
+def read_ahead_wait(stall_timeout_s: float | None) -> float:
+    """How long a full read-ahead waits for restic (handoff.READ_AHEAD_WAIT_S), well within the stall bound:
+    a write blocked that long would otherwise be taken for restic's stall."""
+    return READ_AHEAD_WAIT_S if stall_timeout_s is None else min(READ_AHEAD_WAIT_S, stall_timeout_s / 2)
+
+
+def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
+              seal: bytes | None) -> int:
+    """Runs the exec and streams it to `destination`, anew from its start when an early start had to abandon it
+    (handoff.RestartDump); returns the program's exit status for it."""
+    while True:
+        try:
+            return _attempt(args, cmd, env, destination, seal)
+        except RestartDump:
+            print(f"backup-watcher: restic did not start reading within {read_ahead_wait(args.stall_timeout):g} s "
+                  f"(a repository lock?): {args.cmd[0]} was stopped and runs again once restic reads",
+                  file=sys.stderr, flush=True)
+        try:
+            destination.restart()
+        except HandOffError as exc:
+            print(f"backup-watcher: {exc}", file=sys.stderr)
+            return EXIT_ENGINE_ERROR
+
+
+def _attempt(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
+             seal: bytes | None) -> int:
+    """One run of the exec streamed to `destination`; returns the program's exit status for it, raises
+    RestartDump."""
+    sealer = SealedOutput(seal, lambda _piece: None) if seal is not None else None  # only its pass_on is used
+    out = GatheredWrites(destination, sealer)
     on_read: Callable[[], object] = out.flush
+    on_stderr: Callable[[memoryview], object] = _write_err
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
         # Each read counts as progress; the write that may block (restic not taking data) is the flush.
         flush_counted = watch.counting(lambda _read: out.flush())
         on_read, on_stderr = (lambda: flush_counted(None)), watch.counting(on_stderr)
-    status = _streamed(args, docker_host, cmd, env, sealer, watch,
-                       on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read)
-    return status if handoff is None else _delivered(handoff, status)
-
-
-def _streamed(args: argparse.Namespace, docker_host: str, cmd: Sequence[str], env: Mapping[str, str],
-              sealer: SealedOutput | None, watch: stall.StallWatch | None, *, on_stdout: Callable[[memoryview], object],
-              on_stderr: Callable[[memoryview], object], on_read: Callable[[], object]) -> int:
-    """Runs the exec and streams it to the callbacks; returns the program's exit status for it."""
     try:
         with stall_watchdog(watch, args.cmd[0]):
             outcome = stream_exec(
-                docker_host, args.container, cmd, env=env,
+                os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, cmd, env=env,
                 stdin=sys.stdin.fileno() if args.stdin else None,
-                on_stdout=on_stdout, on_stderr=on_stderr, on_read=on_read, user=args.user, gather=True,
+                on_stdout=out.pieces.append, on_stderr=on_stderr, on_read=on_read, user=args.user, gather=True,
             )
     except (DockerExecError, HandOffError) as exc:
         print(f"backup-watcher: {exc}", file=sys.stderr)
@@ -825,18 +752,24 @@ def _streamed(args: argparse.Namespace, docker_host: str, cmd: Sequence[str], en
     return _exit_status(outcome, sealer, args.cmd[0], args.container)
 
 
-def _delivered(handoff: HandOff, status: int) -> int:
-    """Gives `status` to restic's command as its verdict; returns 0 once it has it (restic learns the outcome
-    from that command's exit, and a failure of ours would only end restic before it could tell it), else
-    `status` (EXIT_ENGINE_ERROR for a success that could not be told: restic's command fails by itself)."""
-    if handoff.failed is not None:
-        return status or EXIT_ENGINE_ERROR  # said already
+def _finished(destination: Destination, args: argparse.Namespace) -> int:
+    """Writes what a whole dump left read ahead (restic may still be opening the repository); returns 0, or
+    EXIT_ENGINE_ERROR when restic did not take it."""
     try:
-        handoff.deliver(status)
+        destination.finish()
     except HandOffError as exc:
         print(f"backup-watcher: {exc}", file=sys.stderr)
-        return status or EXIT_ENGINE_ERROR
+        return EXIT_ENGINE_ERROR
+    except BrokenPipeError:
+        print("backup-watcher: the reader of the exec's output went away", file=sys.stderr)
+        return EXIT_ENGINE_ERROR
     return 0
+
+
+def _write_err(data: memoryview) -> None:
+    stderr = sys.stderr.buffer
+    stderr.write(data)
+    stderr.flush()
 
 
 if __name__ == "__main__":

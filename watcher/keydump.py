@@ -46,16 +46,18 @@ from watcher.dockerexec import (
     ExecAbort,
     ExecOutcome,
     SealedOutput,
+    read_ahead_wait,
     sealed_command,
     stall_watchdog,
     stream_exec,
 )
+from watcher.handoff import Destination, HandOff, HandOffError, RestartDump, delivered
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
 SESSION_END_S = 30.0  # for a holder without tables to end (it ends at once)
 CANCEL_S = 10.0  # for the query that cancels the sessions of a dump that failed
-OUT_BUFFER = 1 << 20
+DIRECT_BYTES = 1 << 16  # smaller pieces are gathered (Output)
 
 Write = Callable[[bytes | bytearray | memoryview], object]
 
@@ -224,7 +226,8 @@ def _copy_tables(dump: Dump, snapshot: str, tables: list[Table], filt: ArchiveFi
     outcome = stream_exec(dump.docker_host, dump.container, keysql.script_command(), env=env,
                           on_stdout=dump.counted(stream.feed), on_stderr=stderr.feed, gather=True)
     if stream.copied < len(tables):
-        failure = stderr.error() or outcome.problem or f"the copy session's psql exited with status {outcome.exit_code}"
+        failure = (stream.missing_boundary() or stderr.error() or outcome.problem
+                   or f"the copy session's psql exited with status {outcome.exit_code}")
         raise KeyDumpError(f"copying {tables[stream.copied].qualified} in key order failed: {failure}")
     if not outcome.ok:
         raise KeyDumpError(f"the copy session failed after the last table: {outcome.problem or outcome.exit_code}")
@@ -260,7 +263,7 @@ def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence
         dump.on_piece = on_piece
     try:
         _run(dump, pg_dump, lock_wait_ms)
-    except (KeyDumpError, DockerExecError):
+    except (KeyDumpError, DockerExecError, RestartDump):
         dump.cancel_sessions()
         raise
 
@@ -297,6 +300,32 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
         raise KeyDumpError(f"the key session did not end well: {holder.failure or 'it is still running'}")
 
 
+class Output:
+    """The archive on its way to restic: pieces smaller than DIRECT_BYTES (chunk headers, pg_dump's frames) are
+    gathered and go with the next large one (a chunk of rows, a view of the Chunker's buffer) in one writev; no
+    piece is copied on its way but the small ones."""
+
+    def __init__(self, destination: Destination) -> None:
+        self._destination = destination
+        self._small = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Writes `data` (or gathers it); raises as Destination.write."""
+        if len(data) < DIRECT_BYTES:
+            self._small += data
+            if len(self._small) >= DIRECT_BYTES:
+                self.flush()
+            return
+        small, self._small = self._small, bytearray()
+        self._destination.write((small, data))
+
+    def flush(self) -> None:
+        """Writes what was gathered; raises as Destination.write."""
+        if self._small:
+            small, self._small = self._small, bytearray()
+            self._destination.write((small,))
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m watcher.keydump")
     parser.add_argument("--container", required=True)
@@ -305,6 +334,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lock-wait-ms", type=int, required=True)
     parser.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                         help="give up when the archive moves nothing for this long (see watcher.stall)")
+    parser.add_argument("--handoff-fd", type=int, metavar="FD",
+                        help="write to the pipe handed over on this inherited listening socket by "
+                             "`python -m watcher.handoff` (restic's command), and send it the exit status")
     parser.add_argument("pg_dump", nargs="+")
     return parser.parse_args(argv)
 
@@ -319,36 +351,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             env[name] = value
         elif name in os.environ:
             env[name] = os.environ[name]
-    # Chunk headers and chunks are written apart: a large buffer makes them one write to restic.
-    stdout = open(sys.stdout.fileno(), "wb", buffering=OUT_BUFFER, closefd=False)  # noqa: SIM115
+    handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
+    destination = (Destination(fd=sys.stdout.fileno()) if handoff is None
+                   else Destination(handoff=handoff, wait_s=read_ahead_wait(args.stall_timeout)))
+    status = _dumped(args, env, destination)
+    return status if handoff is None else delivered(handoff, status)
+
+
+def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> int:
+    """The dump to `destination`, anew from its start when an early start had to abandon it (RestartDump);
+    returns the exit status."""
+    while True:
+        try:
+            _attempt(args, env, destination)
+            destination.finish()
+        except RestartDump:
+            print(f"backup-watcher: restic did not start reading within {read_ahead_wait(args.stall_timeout):g} s "
+                  "(a repository lock?): pg_dump was stopped and runs again once restic reads", file=sys.stderr,
+                  flush=True)
+            try:
+                destination.restart()
+            except HandOffError as exc:
+                print(f"backup-watcher: {exc}", file=sys.stderr)
+                return EXIT_ENGINE_ERROR
+            continue
+        except (KeyDumpError, DockerExecError) as exc:
+            print(f"backup-watcher: pg_dump in {args.container} (key order): {exc}", file=sys.stderr)
+            return EXIT_ENGINE_ERROR
+        except HandOffError as exc:
+            print(f"backup-watcher: {exc}", file=sys.stderr)
+            return EXIT_ENGINE_ERROR
+        except BrokenPipeError:
+            print("backup-watcher: the reader of the dump went away", file=sys.stderr)
+            return EXIT_ENGINE_ERROR
+        return 0
+
+
+def _attempt(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> None:
+    """One whole key-ordered dump to `destination`, under the stall bound; raises KeyDumpError, DockerExecError,
+    RestartDump, HandOffError, OSError."""
     stderr = sys.stderr.buffer
 
     def write_err(data: bytes) -> None:
         stderr.write(data)
         stderr.flush()
 
-    write: Write = stdout.write
+    out = Output(destination)
+    write: Write = out.write
     on_piece: Callable[[], object] | None = None
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
         # Each piece that arrives from the container counts (pg_dump's head is held until whole, and the
         # session's rows until a chunk ends), and so does each write on to restic: one blocked there is
         # restic's stall.
-        write = watch.counting(stdout.write)
+        write = watch.counting(out.write)
         arrived = watch.counting(lambda _piece: None)
         on_piece = lambda: arrived(None)  # noqa: E731
-    try:
-        with stall_watchdog(watch, "pg_dump"):
-            run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
-                args.lock_wait_ms, write, write_err, on_piece)
-            stdout.flush()
-    except (KeyDumpError, DockerExecError) as exc:
-        print(f"backup-watcher: pg_dump in {args.container} (key order): {exc}", file=sys.stderr)
-        return EXIT_ENGINE_ERROR
-    except BrokenPipeError:
-        print("backup-watcher: the reader of the dump went away", file=sys.stderr)
-        return EXIT_ENGINE_ERROR
-    return 0
+    with stall_watchdog(watch, "pg_dump"):
+        run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
+            args.lock_wait_ms, write, write_err, on_piece)
+        out.flush()
 
 
 if __name__ == "__main__":

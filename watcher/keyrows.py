@@ -123,8 +123,7 @@ class Chunker:
 
     def feed(self, data: bytes | memoryview) -> bytes | None:
         """Takes the next piece of the session's output; returns None while the table goes on, and at its
-        end line what came after that line (written: every chunk and the block's end). Raises KeyDumpError
-        when a boundary row was not among the rows."""
+        end line what came after that line (written: every chunk and the block's end)."""
         buf = self._buf
         buf += data
         if not self._started:
@@ -135,8 +134,12 @@ class Chunker:
             if len(buf) < len(self._empty) and self._empty.startswith(buf):
                 return None
             self._started = True
-        at = buf.find(self._end, self._end_from)
-        if at < 0:
+        if self._next < len(self._bounds):
+            self._cuts()
+            if self._next < len(self._bounds):
+                return None  # the end line comes after the last boundary row: no need to look for it yet
+        at = self._find_end()
+        if at is None:
             self._end_from = max(0, len(buf) - len(self._end) + 1)
             self._cuts()
             return None
@@ -147,11 +150,24 @@ class Chunker:
         self._finish()
         return rest
 
+    def _find_end(self) -> int | None:
+        """Where in _buf the newline before the end line is (-1: _buf starts with the end line, the last row's
+        newline written with it); None while the end line has not come."""
+        if self._row_start and self._end_from == 0 and self._buf.startswith(self._end[1:]):
+            return -1
+        at = self._buf.find(self._end, self._end_from)
+        return None if at < 0 else at
+
     def _finish(self) -> None:
-        if self._next < len(self._bounds):
-            raise KeyDumpError(f"boundary row {self._next + 1} of {len(self._bounds)} was not among the table's "
-                               "rows (the copy session's output is garbled)")
         self._write(archive.chunk_header(self._head, 0))
+
+    def missing_boundary(self) -> str | None:
+        """Why a table whose output ended before its end line came is garbled, when a boundary row it should
+        have had was not among its rows (its end line is not looked for before its last boundary row)."""
+        if self._next >= len(self._bounds):
+            return None
+        return (f"boundary row {self._next + 1} of {len(self._bounds)} was not among the table's rows (the copy "
+                "session's output is garbled)")
 
     def _cuts(self) -> None:
         """Writes a chunk for every boundary row that ended in _buf; past CHUNK_MAX without one, the largest
@@ -237,6 +253,10 @@ class CopyStream:
                 continue
             self._held += piece
             piece = self._next_table()
+
+    def missing_boundary(self) -> str | None:
+        """Chunker.missing_boundary of the table being copied, None when there is none."""
+        return self._chunker.missing_boundary() if self._chunker is not None else None
 
     def _next_table(self) -> bytes | None:
         """Reads lines (a table's bounds line, then its boundary keys) until a table's start line; returns what

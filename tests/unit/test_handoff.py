@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from watcher import commands
-from watcher.dockerexec import HandOff, HandOffError
-from watcher.handoff import EXIT_NO_VERDICT, hand_over
+from watcher import handoff as handoff_module
+from watcher.handoff import EXIT_NO_VERDICT, Destination, HandOff, HandOffError, RestartDump, hand_over
 from watcher.jobs import early_dump
 
 
@@ -123,9 +123,19 @@ def test_handed_off_splits_a_backup_whose_source_is_the_exec_helper() -> None:
     assert helper == (*source[:end], "--handoff-fd", "7", "--", "pg_dump", "-Fc", "db")
 
 
-def test_handed_off_leaves_other_sources_alone() -> None:
+def test_handed_off_splits_a_key_ordered_dump_too() -> None:
     source = commands.key_ordered_dump("abc123", ("pg_dump", "-Fc", "db"), lock_wait_s=5)
     backup = commands.restic_backup("restic", host="h", container="c", database="db", source=source)
+    split = commands.handed_off(backup, 7, "/tmp/x/dump.sock")
+    assert split is not None
+    end = source.index("--")
+    assert split[0] == (*source[:end], "--handoff-fd", "7", "--", "pg_dump", "-Fc", "db")
+    assert split[1][-3:] == ("-m", "watcher.handoff", "/tmp/x/dump.sock")
+
+
+def test_handed_off_leaves_other_sources_alone() -> None:
+    backup = commands.restic_backup("restic", host="h", container="c", database="db",
+                                    source=("sh", "-c", "cat dump", "--", "x"))
     assert commands.handed_off(backup, 7, "/tmp/x/dump.sock") is None
 
 
@@ -153,3 +163,70 @@ def test_early_dump_leaves_the_helper_to_restic_where_no_socket_can_be_made(
     backup = _physical_backup()
     with early_dump(backup) as (members, fds):
         assert members == [backup] and fds == ()
+
+
+def _destination(listening: tuple[str, int, int], wait_s: float = 5.0) -> tuple[Destination, HandOff]:
+    _path, listener_fd, watch_fd = listening
+    handoff = HandOff(listener_fd, watch_fd)
+    return Destination(handoff=handoff, wait_s=wait_s), handoff
+
+
+def test_a_dump_that_ends_before_restic_reads_is_read_ahead_and_written_whole_once_it_does(
+        listening: tuple[str, int, int]) -> None:
+    destination, handoff = _destination(listening)
+    view = memoryview(bytearray(b"PGDMP head"))
+    destination.write([view, b" rows"])
+    view[:5] = b"XXXXX"  # the read buffer is reused: what waits was copied
+    destination.write([b" end"])
+    stub = Stub(listening[0])
+    stub.start()  # restic's command comes only now (restic waited for a lock)
+    destination.finish()
+    handoff.deliver(0)
+    assert stub.received() == b"PGDMP head rows end"
+    stub.join(timeout=10)
+    assert stub.status == 0
+
+
+def test_once_restic_reads_the_read_ahead_goes_first_then_the_rest_straight(
+        listening: tuple[str, int, int]) -> None:
+    destination, handoff = _destination(listening)
+    destination.write([b"first "])
+    stub = Stub(listening[0])
+    stub.start()
+    assert handoff.arrived(10)
+    destination.write([b"second ", b"third"])
+    destination.finish()
+    handoff.deliver(0)
+    assert stub.received() == b"first second third"
+    stub.join(timeout=10)
+
+
+def test_a_full_read_ahead_that_restic_does_not_take_abandons_the_dump_and_the_next_run_starts_clean(
+        listening: tuple[str, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handoff_module, "READ_AHEAD_BYTES", 100)
+    destination, handoff = _destination(listening, wait_s=0.2)
+    destination.write([b"a" * 60])
+    with pytest.raises(RestartDump):
+        destination.write([b"b" * 60])  # over the read-ahead, and no restic within wait_s (its lock wait)
+    stub = Stub(listening[0])
+    stub.start()
+    destination.restart()  # waits for restic's pipe; the abandoned dump's bytes are gone
+    destination.write([b"PGDMP anew"])
+    destination.finish()
+    handoff.deliver(0)
+    assert stub.received() == b"PGDMP anew"
+    stub.join(timeout=10)
+    assert stub.status == 0
+
+
+def test_restic_ending_while_the_dump_is_read_ahead_ends_the_wait(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "dump.sock"))
+    listener.listen(1)
+    watch_read, watch_write = os.pipe()
+    destination = Destination(handoff=HandOff(listener.detach(), watch_write))
+    destination.write([b"PGDMP"])
+    os.close(watch_read)  # restic gave up (its lock wait ended) before it ran its command
+    with pytest.raises(HandOffError, match="restic ended before it started reading the dump"):
+        destination.finish()
+    os.close(watch_write)
