@@ -226,8 +226,10 @@ def _copy_tables(dump: Dump, snapshot: str, tables: list[Table], filt: ArchiveFi
     outcome = stream_exec(dump.docker_host, dump.container, keysql.script_command(), env=env,
                           on_stdout=dump.counted(stream.feed), on_stderr=stderr.feed, gather=True)
     if stream.copied < len(tables):
-        failure = (stream.missing_boundary() or stderr.error() or outcome.problem
-                   or f"the copy session's psql exited with status {outcome.exit_code}")
+        # The session's own failure first: a session cut short lacks its boundary rows as a matter of course.
+        failure = (stderr.error() or outcome.problem
+                   or (None if outcome.ok else f"the copy session's psql exited with status {outcome.exit_code}")
+                   or stream.missing_boundary() or "its output ended inside the table")
         raise KeyDumpError(f"copying {tables[stream.copied].qualified} in key order failed: {failure}")
     if not outcome.ok:
         raise KeyDumpError(f"the copy session failed after the last table: {outcome.problem or outcome.exit_code}")
