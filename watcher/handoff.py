@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_NO_VERDICT = 125
-READ_AHEAD_BYTES = 32 << 20
+READ_AHEAD_BYTES = 4 << 20  # a small dump (globals, a small database) ends in memory; see the docstring
 READ_AHEAD_WAIT_S = 10.0
 PIPE_BYTES = 1 << 20
 IOV_MAX = 1024

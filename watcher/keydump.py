@@ -1,8 +1,9 @@
 """A dedup-stable dump: pg_dump's custom archive with the data of large keyed tables in key order.
 
-`python -m watcher.keydump --container ID [--env NAME[=VALUE]]... --lock-wait-ms N -- pg_dump ARGS...`
-writes to stdout a custom-format archive that pg_restore restores exactly as pg_dump's own, and exits 0
-only when every part of it arrived whole (restic's --stdin-from-command then writes the snapshot).
+`python -m watcher.keydump --container ID [--env NAME[=VALUE]]... --lock-wait-ms N [--handoff-fd FD] -- pg_dump
+ARGS...` writes to stdout (or, started before restic, to the pipe restic's command hands over: watcher.handoff)
+a custom-format archive that pg_restore restores exactly as pg_dump's own, and exits 0 only when every part of
+it arrived whole (restic's --stdin-from-command then writes the snapshot).
 
 Why: on a table where autovacuum has run, PostgreSQL puts new rows into free space all over the table,
 so pg_dump's physical row order changes everywhere after a small change and restic stores the whole
@@ -265,7 +266,8 @@ def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence
         dump.on_piece = on_piece
     try:
         _run(dump, pg_dump, lock_wait_ms)
-    except (KeyDumpError, DockerExecError, RestartDump):
+    except Exception:
+        # Whatever ended it (a failure, restic gone, RestartDump): its sessions end now, not after the grace.
         dump.cancel_sessions()
         raise
 
