@@ -181,7 +181,6 @@ class Destination:
         self._handoff = handoff
         self._wait_s = wait_s
         self._ahead = bytearray()
-        self.restarted = False
         if fd is not None:
             widen_pipe(fd)
 
@@ -217,7 +216,6 @@ class Destination:
         """Forgets what was read ahead of an abandoned dump and waits for restic's pipe (for as long as restic
         lives: its lock wait is bounded by --retry-lock); raises HandOffError."""
         self._ahead = bytearray()
-        self.restarted = True
         if self._handoff is not None:
             self._fd = self._handoff.output()
 
