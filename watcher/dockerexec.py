@@ -54,6 +54,7 @@ from watcher.handoff import (
     HandOffError,
     RestartDump,
     delivered,
+    restarting,
 )
 
 STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
@@ -713,14 +714,8 @@ def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, st
         try:
             return _attempt(args, cmd, env, destination, seal)
         except RestartDump:
-            print(f"backup-watcher: restic did not start reading within {read_ahead_wait(args.stall_timeout):g} s "
-                  f"(a repository lock?): {args.cmd[0]} was stopped and runs again once restic reads",
-                  file=sys.stderr, flush=True)
-        try:
-            destination.restart()
-        except HandOffError as exc:
-            print(f"backup-watcher: {exc}", file=sys.stderr)
-            return EXIT_ENGINE_ERROR
+            if not restarting(destination, args.cmd[0], read_ahead_wait(args.stall_timeout)):
+                return EXIT_ENGINE_ERROR
 
 
 def _attempt(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,

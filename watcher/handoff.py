@@ -220,6 +220,20 @@ class Destination:
             self._fd = self._handoff.output()
 
 
+def restarting(destination: Destination, program: str, wait_s: float) -> bool:
+    """After RestartDump: says on stderr that `program` was stopped because restic did not read within `wait_s`
+    and runs again, then waits for restic's pipe (Destination.restart); returns True to run it again, False
+    (said on stderr) when restic ended first."""
+    print(f"backup-watcher: restic did not start reading within {wait_s:g} s (a repository lock?): {program} was "
+          "stopped and runs again once restic reads", file=sys.stderr, flush=True)
+    try:
+        destination.restart()
+    except HandOffError as exc:
+        print(f"backup-watcher: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def writev_all(fd: int, pieces: Sequence[Piece]) -> None:
     """Writes every piece to `fd`, in order, in as few system calls as the kernel allows; raises OSError."""
     todo = [p for p in pieces if len(p)]

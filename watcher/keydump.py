@@ -52,7 +52,7 @@ from watcher.dockerexec import (
     stall_watchdog,
     stream_exec,
 )
-from watcher.handoff import Destination, HandOff, HandOffError, RestartDump, delivered
+from watcher.handoff import Destination, HandOff, HandOffError, RestartDump, delivered, restarting
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
@@ -370,13 +370,7 @@ def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destinat
             _attempt(args, env, destination)
             destination.finish()
         except RestartDump:
-            print(f"backup-watcher: restic did not start reading within {read_ahead_wait(args.stall_timeout):g} s "
-                  "(a repository lock?): pg_dump was stopped and runs again once restic reads", file=sys.stderr,
-                  flush=True)
-            try:
-                destination.restart()
-            except HandOffError as exc:
-                print(f"backup-watcher: {exc}", file=sys.stderr)
+            if not restarting(destination, "pg_dump", read_ahead_wait(args.stall_timeout)):
                 return EXIT_ENGINE_ERROR
             continue
         except (KeyDumpError, DockerExecError) as exc:
