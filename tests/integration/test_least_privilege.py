@@ -37,12 +37,13 @@ RUN = uuid.uuid4().hex[:6]
 
 
 def _snapshot_ids(repository: str, password: str, container: str) -> list[str]:
-    """The ids of a container's database snapshots (not its globals'), oldest first."""
+    """The ids of a container's database snapshots (not its globals'), oldest first (a tagged copy has its
+    original's time: ties in id order, which two servers of one repository may list differently)."""
     done = subprocess.run(["restic", "--no-lock", "snapshots", "--json", "--tag", f"container={container}"],
                           env={**os.environ, "RESTIC_REPOSITORY": repository, "RESTIC_PASSWORD": password},
                           capture_output=True, text=True, timeout=120, check=True)
-    return [snap["id"] for snap in sorted(json.loads(done.stdout), key=lambda snap: str(snap["time"]))
-            if "globals" not in snap["tags"]]
+    listed = sorted(json.loads(done.stdout), key=lambda snap: (str(snap["time"]), str(snap["id"])))
+    return [snap["id"] for snap in listed if "globals" not in snap["tags"]]
 
 
 def test_an_append_only_host_backs_up_pass_after_pass_and_prune_says_why_it_cannot(
