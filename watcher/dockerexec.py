@@ -47,15 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from watcher import stall
-from watcher.handoff import (
-    READ_AHEAD_WAIT_S,
-    Destination,
-    HandOff,
-    HandOffError,
-    RestartDump,
-    delivered,
-    restarting,
-)
+from watcher.handoff import Destination, HandOffError, RestartDump, delivered, destination_for, restarting
 
 STREAM_STDIN, STREAM_STDOUT, STREAM_STDERR = 0, 1, 2
 HEADER = struct.Struct(">BxxxI")
@@ -65,7 +57,6 @@ GATHER_BYTES = 1 << 18
 GATHER_S = 0.002
 # The partial frame at the end of the read buffer is moved to its front when less room than this is left.
 COMPACT_BELOW = GATHER_BYTES
-PIPE_BYTES = 1 << 20
 EXIT_ENGINE_ERROR = 125
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 ABORTED = "the wait for the exec was ended (its stream closed) before the command finished"
@@ -131,8 +122,8 @@ class GatheredWrites:
     """
 
     def __init__(self, destination: Destination, sealer: SealedOutput | None = None) -> None:
-        self.destination = destination
-        self.sealer = sealer
+        self._destination = destination
+        self._sealer = sealer
         self.pieces: list[memoryview | bytes] = []
 
     def flush(self) -> None:
@@ -140,9 +131,9 @@ class GatheredWrites:
         a sealer), and forgets them; raises as Destination.write."""
         pieces: list[memoryview | bytes] = list(self.pieces)
         self.pieces.clear()  # the same list: its append is the stream's sink
-        if self.sealer is not None:
-            pieces = self.sealer.pass_on(pieces)
-        self.destination.write(pieces)
+        if self._sealer is not None:
+            pieces = self._sealer.pass_on(pieces)
+        self._destination.write(pieces)
 
 
 class DockerExecError(Exception):
@@ -636,7 +627,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exec_env(items: Sequence[str]) -> dict[str, str]:
+def exec_env(items: Sequence[str]) -> dict[str, str]:
     """NAME=VALUE items as given; a bare NAME takes its value from our own environment (if set)."""
     env: dict[str, str] = {}
     for item in items:
@@ -683,27 +674,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     # The copy loop makes no reference cycles; collections would only walk the views and tuples of each read.
     gc.disable()
-    env = _exec_env(args.env)
+    env = exec_env(args.env)
     cmd: Sequence[str] = args.cmd
     seal: bytes | None = None
     if args.seal:
         seal = secrets.token_hex(16).encode()
         env[SEAL_VARIABLE] = seal.decode()
         cmd = sealed_command(args.cmd)
-    handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
     # The payload goes from the read buffer to restic's pipe in one writev per read, never through bytes objects.
-    destination = (Destination(fd=sys.stdout.fileno()) if handoff is None
-                   else Destination(handoff=handoff, wait_s=read_ahead_wait(args.stall_timeout)))
+    destination, handoff = destination_for(args.handoff_fd, sys.stdout.fileno(), args.stall_timeout)
     status = _streamed(args, cmd, env, destination, seal)
     if status == 0:
         status = _finished(destination, args)
     return status if handoff is None else delivered(handoff, status)
-
-
-def read_ahead_wait(stall_timeout_s: float | None) -> float:
-    """How long a full read-ahead waits for restic (handoff.READ_AHEAD_WAIT_S), well within the stall bound:
-    a write blocked that long would otherwise be taken for restic's stall."""
-    return READ_AHEAD_WAIT_S if stall_timeout_s is None else min(READ_AHEAD_WAIT_S, stall_timeout_s / 2)
 
 
 def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
@@ -714,7 +697,7 @@ def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, st
         try:
             return _attempt(args, cmd, env, destination, seal)
         except RestartDump:
-            if not restarting(destination, args.cmd[0], read_ahead_wait(args.stall_timeout)):
+            if not restarting(destination, args.cmd[0]):
                 return EXIT_ENGINE_ERROR
 
 
@@ -725,7 +708,7 @@ def _attempt(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str
     sealer = SealedOutput(seal, lambda _piece: None) if seal is not None else None  # only its pass_on is used
     out = GatheredWrites(destination, sealer)
     on_read: Callable[[], object] = out.flush
-    on_stderr: Callable[[memoryview], object] = _write_err
+    on_stderr: Callable[[memoryview], object] = write_err
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
         # Each read counts as progress; the write that may block (restic not taking data) is the flush.
@@ -761,7 +744,8 @@ def _finished(destination: Destination, args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_err(data: memoryview) -> None:
+def write_err(data: bytes | memoryview) -> None:
+    """Passes a command's stderr on to ours at once (restic shows it, the watcher keeps its tail)."""
     stderr = sys.stderr.buffer
     stderr.write(data)
     stderr.flush()

@@ -179,7 +179,7 @@ class Destination:
             raise ValueError("a descriptor or a hand-off, one of the two")
         self._fd = fd
         self._handoff = handoff
-        self._wait_s = wait_s
+        self.wait_s = wait_s
         self._ahead = bytearray()
         if fd is not None:
             widen_pipe(fd)
@@ -194,7 +194,7 @@ class Destination:
                     self._ahead += piece
                 if len(self._ahead) < READ_AHEAD_BYTES:
                     return
-                if not self._handoff.arrived(self._wait_s):
+                if not self._handoff.arrived(self.wait_s):
                     raise RestartDump
                 pieces = ()
             self._fd = self._handoff.output()
@@ -220,12 +220,24 @@ class Destination:
             self._fd = self._handoff.output()
 
 
-def restarting(destination: Destination, program: str, wait_s: float) -> bool:
-    """After RestartDump: says on stderr that `program` was stopped because restic did not read within `wait_s`
-    and runs again, then waits for restic's pipe (Destination.restart); returns True to run it again, False
-    (said on stderr) when restic ended first."""
-    print(f"backup-watcher: restic did not start reading within {wait_s:g} s (a repository lock?): {program} was "
-          "stopped and runs again once restic reads", file=sys.stderr, flush=True)
+def destination_for(handoff_fd: int | None, out_fd: int, stall_timeout_s: float | None
+                    ) -> tuple[Destination, HandOff | None]:
+    """A helper's destination: `out_fd` itself, or (`handoff_fd`: started before restic) restic's pipe from a
+    HandOff that watches `out_fd` for restic's end, with a read-ahead wait well within the stall bound (a write
+    blocked that long would otherwise be taken for restic's stall); returns it and the HandOff, if any."""
+    if handoff_fd is None:
+        return Destination(fd=out_fd), None
+    handoff = HandOff(handoff_fd, out_fd)
+    wait_s = READ_AHEAD_WAIT_S if stall_timeout_s is None else min(READ_AHEAD_WAIT_S, stall_timeout_s / 2)
+    return Destination(handoff=handoff, wait_s=wait_s), handoff
+
+
+def restarting(destination: Destination, program: str) -> bool:
+    """After RestartDump: says on stderr that `program` was stopped because restic did not read within the
+    destination's wait and runs again, then waits for restic's pipe (Destination.restart); returns True to run
+    it again, False (said on stderr) when restic ended first."""
+    print(f"backup-watcher: restic did not start reading within {destination.wait_s:g} s (a repository lock?): "
+          f"{program} was stopped and runs again once restic reads", file=sys.stderr, flush=True)
     try:
         destination.restart()
     except HandOffError as exc:

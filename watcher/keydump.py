@@ -47,12 +47,13 @@ from watcher.dockerexec import (
     ExecAbort,
     ExecOutcome,
     SealedOutput,
-    read_ahead_wait,
+    exec_env,
     sealed_command,
     stall_watchdog,
     stream_exec,
+    write_err,
 )
-from watcher.handoff import Destination, HandOff, HandOffError, RestartDump, delivered, restarting
+from watcher.handoff import Destination, HandOffError, RestartDump, delivered, destination_for, restarting
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
@@ -348,17 +349,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of `python -m watcher.keydump`; returns the exit status (0 only for a whole archive)."""
     args = _parse_args(argv)
-    env: dict[str, str] = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if sep:
-            env[name] = value
-        elif name in os.environ:
-            env[name] = os.environ[name]
-    handoff = HandOff(args.handoff_fd, sys.stdout.fileno()) if args.handoff_fd is not None else None
-    destination = (Destination(fd=sys.stdout.fileno()) if handoff is None
-                   else Destination(handoff=handoff, wait_s=read_ahead_wait(args.stall_timeout)))
-    status = _dumped(args, env, destination)
+    destination, handoff = destination_for(args.handoff_fd, sys.stdout.fileno(), args.stall_timeout)
+    status = _dumped(args, exec_env(args.env), destination)
     return status if handoff is None else delivered(handoff, status)
 
 
@@ -370,7 +362,7 @@ def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destinat
             _attempt(args, env, destination)
             destination.finish()
         except RestartDump:
-            if not restarting(destination, "pg_dump", read_ahead_wait(args.stall_timeout)):
+            if not restarting(destination, "pg_dump"):
                 return EXIT_ENGINE_ERROR
             continue
         except (KeyDumpError, DockerExecError) as exc:
@@ -388,12 +380,6 @@ def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destinat
 def _attempt(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> None:
     """One whole key-ordered dump to `destination`, under the stall bound; raises KeyDumpError, DockerExecError,
     RestartDump, HandOffError, OSError."""
-    stderr = sys.stderr.buffer
-
-    def write_err(data: bytes) -> None:
-        stderr.write(data)
-        stderr.flush()
-
     out = Output(destination)
     write: Write = out.write
     on_piece: Callable[[], object] | None = None

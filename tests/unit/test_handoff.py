@@ -1,5 +1,5 @@
-"""The early-started dump's hand-off (watcher.handoff and dockerexec.HandOff), with real sockets and pipes:
-restic's pipe reaches the helper, the helper's verdict becomes the exit status restic judges the dump by,
+"""The early-started dump's hand-off (watcher.handoff: restic's command, HandOff, Destination), with real sockets
+and pipes: restic's pipe reaches the helper, the helper's verdict becomes the exit status restic judges the dump by,
 and a helper that gives none fails the dump."""
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ import pytest
 
 from watcher import commands
 from watcher import handoff as handoff_module
-from watcher.handoff import EXIT_NO_VERDICT, Destination, HandOff, HandOffError, RestartDump, hand_over
+from watcher.handoff import (
+    EXIT_NO_VERDICT,
+    READ_AHEAD_WAIT_S,
+    Destination,
+    HandOff,
+    HandOffError,
+    RestartDump,
+    destination_for,
+    hand_over,
+)
 from watcher.jobs import early_dump
 
 
@@ -230,3 +239,14 @@ def test_restic_ending_while_the_dump_is_read_ahead_ends_the_wait(tmp_path: Path
     with pytest.raises(HandOffError, match="restic ended before it started reading the dump"):
         destination.finish()
     os.close(watch_write)
+
+
+def test_a_full_read_ahead_waits_well_within_the_stall_bound(listening: tuple[str, int, int]) -> None:
+    _path, listener_fd, watch_fd = listening
+    plain, none = destination_for(None, watch_fd, 4.0)
+    assert none is None and plain.wait_s == READ_AHEAD_WAIT_S  # no hand-off: nothing is read ahead
+    early, handoff = destination_for(listener_fd, watch_fd, 4.0)
+    assert handoff is not None and early.wait_s == 2.0  # half the stall bound: a longer block would be a stall
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        unbounded, _ = destination_for(other.detach(), watch_fd, None)
+    assert unbounded.wait_s == READ_AHEAD_WAIT_S
