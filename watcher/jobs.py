@@ -31,6 +31,7 @@ from watcher.restic import (
     EXIT_NO_REPOSITORY,
     EXIT_WRONG_PASSWORD,
     Repository,
+    refused_retry_problem,
     repository_lock_problem,
     restic_error_text,
 )
@@ -540,8 +541,9 @@ def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, 
     stalled, detail = stall_problem(detail)
     if stalled is not None and not done.cancelled:
         head = f"backup aborted: {stalled}; no snapshot was written"
-    hint = lock_wait_problem(detail, lock_wait_of(ctx, target)) or repository_lock_problem(
-        done.returncode, detail, ctx.bounds.lock_retry_s)
+    hint = (lock_wait_problem(detail, lock_wait_of(ctx, target))
+            or repository_lock_problem(done.returncode, detail, ctx.bounds.lock_retry_s)
+            or refused_retry_problem(detail))
     error = "\n".join(part for part in (head, hint, detail) if part)
     return BackupResult(target.name, database, False, run_id, started_at, duration, error=error)
 

@@ -52,6 +52,23 @@ def repository_lock_problem(returncode: int, stderr: str, retry_s: float) -> str
             "that died is removed by `restic unlock` (the daemon runs it at start and before each prune)")
 
 
+# restic's words when an upload's retry met a file the first try had already stored: the connection broke
+# after the backend wrote it and before it answered, and rest-server refuses to overwrite (restic/rest-server#196).
+_RETRIED = re.compile(r"^Save\((<[^>]+>)\) returned error, retrying", re.MULTILINE)
+_REFUSED_SAVE = re.compile(r"^Save\((<[^>]+>)\) failed: .*\(403\)", re.MULTILINE)
+
+
+def refused_retry_problem(stderr: str) -> str | None:
+    """A sentence saying why restic failed when the backend refused the retry of an upload whose first try had
+    arrived (so the failure is the broken connection, not a permission); None when that is not why it failed."""
+    retried = set(_RETRIED.findall(stderr))
+    if not any(name in retried for name in _REFUSED_SAVE.findall(stderr)):
+        return None
+    return ("the connection to the repository broke during an upload, and the backend refused restic's retry "
+            "because the first try had already arrived (rest-server answers a repeated upload 403 Forbidden): "
+            "the next run uploads it anew, and `restic check` finds the unused file harmless")
+
+
 def parse_time(raw: str) -> datetime:
     """Parses restic's RFC 3339 timestamps (nanoseconds, any offset) into an aware UTC datetime."""
     match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", raw)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from watcher.restic import Snapshot, parse_snapshots, parse_time, parse_version
+from watcher.restic import Snapshot, parse_snapshots, parse_time, parse_version, refused_retry_problem
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -150,3 +150,21 @@ def test_globals_snapshots_are_listed_only_when_asked_for() -> None:
     assert [s.database for s in parse_snapshots(output)] == ["globals", "d"]
     with_globals = parse_snapshots(output, include_globals=True)
     assert [(s.database, s.globals) for s in with_globals] == [("globals", False), ("(globals)", True), ("d", False)]
+
+
+def test_a_retried_upload_refused_by_the_backend_is_named_as_a_broken_connection() -> None:
+    # What restic printed when rest-server was killed after storing a pack and before answering (CI, stop 25).
+    restic_said = (
+        'Save(<data/889a8f6a3c>) returned error, retrying after 576.756687ms: Post "http://127.0.0.1:34899/r/data/'
+        '889a8f6a3c163de3": EOF\n'
+        'Save(<data/cfe1bc02cb>) returned error, retrying after 1.373201787s: dial tcp: connection refused\n'
+        "Save(<data/cfe1bc02cb>) operation successful after 4 retries\n"
+        "Save(<data/889a8f6a3c>) failed: unexpected HTTP response (403): 403 Forbidden\n"
+        "Fatal: unable to save snapshot: unexpected HTTP response (403): 403 Forbidden")
+    problem = refused_retry_problem(restic_said)
+    assert problem is not None and "connection to the repository broke" in problem and "next run" in problem
+    # A 403 on a first try is a permission, not a retry: append-only or read-only credentials say so themselves.
+    first_try = "Save(<data/889a8f6a3c>) failed: unexpected HTTP response (403): 403 Forbidden"
+    assert refused_retry_problem(first_try) is None
+    other_retried = "Save(<data/aaaa>) returned error, retrying after 1s: EOF\n" + first_try
+    assert refused_retry_problem(other_retried) is None
