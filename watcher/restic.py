@@ -214,7 +214,7 @@ class Repository:
             EXIT_WRONG_PASSWORD: "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE: it is not this repository's password",
             EXIT_NO_REPOSITORY: "check RESTIC_REPOSITORY, or create the repository with `restic init`",
             EXIT_LOCKED: "another restic holds the repository's lock; `restic unlock` removes locks of dead ones",
-        }.get(done.returncode)
+        }.get(done.returncode) or refused_retry_problem(said)
         head = f"{doing} {self.label} failed: {said}"
         return f"{head} ({advice})" if advice else head
 
