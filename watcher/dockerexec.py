@@ -487,19 +487,36 @@ def _read_frames(sock: socket.socket, buffered: bytes, on_stdout: Callable[[memo
 def _hand_out(view: memoryview, start: int, filled: int, on_stdout: Callable[[memoryview], object],
               on_stderr: Callable[[memoryview], object]) -> tuple[int, str | None]:
     """Hands on the whole frames of view[start:filled]; returns where the first partial frame starts, and
-    the problem of a frame of an unknown stream type (None when there is none)."""
+    the problem of a frame of an unknown stream type (None when there is none).
+
+    Consecutive stdout frames are handed on as one piece: their payloads are moved together over the headers
+    between them (a memmove of the data, at memory speed), so that the reader's Python runs once per read
+    rather than once per frame of 32 KiB (issue 20: a third of the key-ordered dump's interpreter time).
+    """
+    out_start = out_end = start  # the stdout payloads gathered so far: view[out_start:out_end]
     while filled - start >= HEADER.size:
         kind, size = HEADER.unpack_from(view, start)
         end = start + HEADER.size + size
         if end > filled:
             break
         if kind == STREAM_STDOUT:
-            on_stdout(view[start + HEADER.size : end])
+            if out_end == out_start:
+                out_start = out_end = start + HEADER.size
+            elif size:
+                view[out_end : out_end + size] = view[start + HEADER.size : end]
+            out_end += size
         elif kind == STREAM_STDERR:
+            if out_end > out_start:
+                on_stdout(view[out_start:out_end])
+                out_start = out_end
             on_stderr(view[start + HEADER.size : end])
         else:
+            if out_end > out_start:
+                on_stdout(view[out_start:out_end])
             return start, f"unexpected stream type {kind} in the exec stream"
         start = end
+    if out_end > out_start:
+        on_stdout(view[out_start:out_end])
     return start, None
 
 

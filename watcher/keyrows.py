@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from watcher import archive
+from watcher import archive, memsearch
 
 CHUNK_MAX = 8 << 20  # pg_restore allocates a buffer of a chunk's size
 
@@ -155,7 +155,7 @@ class Chunker:
         newline written with it); None while the end line has not come."""
         if self._row_start and self._end_from == 0 and self._buf.startswith(self._end[1:]):
             return -1
-        at = self._buf.find(self._end, self._end_from)
+        at = memsearch.find(self._buf, self._end, self._end_from)
         return None if at < 0 else at
 
     def _finish(self) -> None:
@@ -194,7 +194,7 @@ class Chunker:
         buf = self._buf
         if self._row_start and self._bound_from == 0 and buf.startswith(key):
             return 0
-        found = buf.find(b"\n" + key, self._bound_from)
+        found = memsearch.find(buf, b"\n" + key, self._bound_from)
         if found < 0:
             self._bound_from = max(0, len(buf) - len(key))
             return None

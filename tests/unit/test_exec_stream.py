@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from watcher.dockerexec import HEADER, STREAM_STDERR, STREAM_STDOUT, ExecAbort, _read_frames
 
@@ -27,6 +29,47 @@ def test_frames_go_to_their_stream_and_a_clean_end_is_complete() -> None:
     data = frame(STREAM_STDOUT, b"rows") + frame(STREAM_STDERR, b"warning") + frame(STREAM_STDOUT, b" more")
     # Bytes that came with the upgrade response count as the stream's start (docker-py#3332).
     assert read_all(data[5:], buffered=data[:5]) == (True, None, b"rows more", b"warning")
+
+
+def test_stdout_frames_between_stderr_frames_arrive_whole_and_in_order() -> None:
+    # Consecutive stdout frames are handed on joined (their headers squeezed out): the bytes and where stderr
+    # falls between them stay exactly as sent, over several reads and frames cut by a read's end.
+    rng = random.Random(7)
+    sent: list[tuple[str, bytes]] = []
+    data = bytearray()
+    for number in range(3000):
+        kind = "err" if rng.random() < 0.05 else "out"
+        payload = rng.randbytes(rng.choice((0, 1, 7, 4096, 32768, 40000))) if kind == "out" else b"e%d" % number
+        sent.append((kind, payload))
+        data += frame(STREAM_STDOUT if kind == "out" else STREAM_STDERR, payload)
+    expected: list[tuple[str, bytes]] = []
+    for kind, payload in sent:
+        if kind == "out" and expected and expected[-1][0] == "out":
+            expected[-1] = ("out", expected[-1][1] + payload)
+        elif payload or kind == "err":
+            expected.append((kind, payload))
+    got: list[tuple[str, bytes]] = []
+
+    def keep(kind: str) -> Callable[[memoryview], None]:
+        def taken(piece: memoryview) -> None:
+            if kind == "out" and got and got[-1][0] == "out":
+                got[-1] = ("out", got[-1][1] + bytes(piece))
+            else:
+                got.append((kind, bytes(piece)))
+        return taken
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        def send() -> None:
+            theirs.sendall(data)
+            theirs.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        complete, problem = _read_frames(ours, b"", keep("out"), keep("err"))
+        sender.join()
+    assert (complete, problem) == (True, None)
+    assert got == expected
 
 
 def test_a_stream_cut_inside_a_frame_is_not_complete() -> None:
