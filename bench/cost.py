@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -146,9 +147,27 @@ def compile_bytecode(tree: Tree) -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HOOK_DIR)], check=True, stdout=subprocess.DEVNULL)
 
 
+def installed_python(workdir: Path) -> Path:
+    """An interpreter whose start is an installation's (the image's venv, `pip install .`), made once under
+    `workdir`: a venv that sees this venv's site-packages (the dependencies) as a plain directory on its path, so
+    that the checkout's editable-install hook there (a .pth that loads an import finder at every start: about
+    14 ms of CPU per Python process, and a backup starts four or five) is never run; the watcher itself comes
+    from the measured tree (the working directory). Returns its python; raises subprocess.CalledProcessError."""
+    home = workdir / "installed-python"
+    python = home / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        (Path(purelib) / "bench-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
 @contextlib.contextmanager
-def measured(tree: Tree) -> Iterator[Path]:
-    """Runs the watcher commands started inside from `tree` with the rusage hook; yields the hook's file."""
+def measured(tree: Tree, workdir: Path) -> Iterator[Path]:
+    """Runs the watcher commands started inside from `tree` with the rusage hook, on the interpreter of
+    installed_python (every command the kit starts uses sys.executable, and the CLI passes its own to its
+    helpers); yields the hook's file."""
     fd, name = tempfile.mkstemp(prefix="bwb-rusage-")
     os.close(fd)
     os.unlink(name)
@@ -158,9 +177,11 @@ def measured(tree: Tree) -> Iterator[Path]:
     # `python -m watcher` puts its working directory first on sys.path: the tree's packages win over the
     # installed (editable) ones, also in the exec helper restic starts (it inherits the directory).
     with contextlib.chdir(tree.cwd or Path.cwd()):
+        original, sys.executable = sys.executable, str(installed_python(workdir))
         try:
             yield Path(name)
         finally:
+            sys.executable = original
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -193,7 +214,7 @@ def bare_timed(big: PgContainer, repo: Repo) -> tuple[float, float | None]:
 
 def one_shot(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
     """`watcher backup BIG` from `tree`; returns its sample."""
-    with measured(tree) as path:
+    with measured(tree, world.workdir) as path:
         result = watcher_backup(world, repo, big.name, [big.name], expect_ok=1)
         usage = Usage.read(path)
     return Sample(result.seconds, result.job_seconds[BIG_DB], result.bytes_processed, Usage.cpu(usage.main),
@@ -210,7 +231,7 @@ def own_cpu(pid: int) -> float:
 def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
     """A daemon from `tree` against an empty repository: its catch-up pass backs BIG up (its database and its
     globals); returns the sample of that pass. Raises RuntimeError when it fails or takes over an hour."""
-    with measured(tree) as path:
+    with measured(tree, world.workdir) as path:
         daemon = Daemon(world, repo, f"cost-{repo.path.name}", patterns=big.name)
         try:
             before = own_cpu(daemon.proc.pid)
@@ -234,7 +255,7 @@ def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sam
 def restore_sample(world: World, big: PgContainer, repo: Repo, tree: Tree, nbytes: int) -> Sample:
     """`watcher restore BIG latest --yes` from `tree`; returns its sample. Raises RuntimeError on a wrong count."""
     expected = row_count(big)
-    with measured(tree) as path:
+    with measured(tree, world.workdir) as path:
         seconds, count, phases = restore.by_watcher(world, big, repo)
         usage = Usage.read(path)
     if count != expected:
