@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ from watcher.dockerexec import (
     ExecOutcome,
     SealedOutput,
     exec_env,
+    random_token,
     sealed_command,
     stall_watchdog,
     stream_exec,
@@ -124,7 +124,7 @@ class Dump:
     write: Write
     on_stderr: Callable[[bytes], object]
     on_piece: Callable[[], object] = lambda: None
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    token: str = field(default_factory=random_token)
     cancelled: bool = False
     holder_done: bool = False
 
@@ -286,7 +286,7 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
     argv = [*pg_dump]
     if tables:
         argv += [f"--snapshot={out.snapshot}", *(f"--exclude-table-data={exclude_pattern(t)}" for t in tables)]
-    seal = secrets.token_hex(16)
+    seal = random_token()
     filt = ArchiveFilter(dump, tables)
     sealer = SealedOutput(seal.encode(), filt.feed)
     outcome = stream_exec(docker_host, container, sealed_command(argv),
