@@ -151,14 +151,14 @@ def installed_python(workdir: Path) -> Path:
     """An interpreter whose start is an installation's (the image's venv, `pip install .`), made once under
     `workdir`: a venv that sees this venv's site-packages (the dependencies) as a plain directory on its path, so
     that the checkout's editable-install hook there (a .pth that loads an import finder at every start: about
-    14 ms of CPU per Python process, and a backup starts four or five) is never run; the watcher itself comes
+    10 ms of CPU per Python process, and a backup starts four or five) is never run; the watcher itself comes
     from the measured tree (the working directory). Returns its python; raises subprocess.CalledProcessError."""
     home = workdir / "installed-python"
     python = home / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True, timeout=300)
         purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+                                 capture_output=True, text=True, check=True, timeout=60).stdout.strip()
         (Path(purelib) / "bench-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
@@ -168,6 +168,7 @@ def measured(tree: Tree, workdir: Path) -> Iterator[Path]:
     """Runs the watcher commands started inside from `tree` with the rusage hook, on the interpreter of
     installed_python (every command the kit starts uses sys.executable, and the CLI passes its own to its
     helpers); yields the hook's file."""
+    python = installed_python(workdir)  # made before the hook is on: its making is no measured process
     fd, name = tempfile.mkstemp(prefix="bwb-rusage-")
     os.close(fd)
     os.unlink(name)
@@ -177,7 +178,7 @@ def measured(tree: Tree, workdir: Path) -> Iterator[Path]:
     # `python -m watcher` puts its working directory first on sys.path: the tree's packages win over the
     # installed (editable) ones, also in the exec helper restic starts (it inherits the directory).
     with contextlib.chdir(tree.cwd or Path.cwd()):
-        original, sys.executable = sys.executable, str(installed_python(workdir))
+        original, sys.executable = sys.executable, str(python)
         try:
             yield Path(name)
         finally:

@@ -453,9 +453,10 @@ def _read_frames(sock: socket.socket, buffered: bytes, on_stdout: Callable[[memo
                  on_read: Callable[[], object] | None = None, gather_s: float = 0.0) -> tuple[bool, str | None]:
     """Hands every frame of the multiplexed stream to its callback until the stream ends.
 
-    The stream is read into one buffer, reused (recv_into): a frame's payload is handed on as a memoryview
-    of it, valid only until `on_read` (called once the frames of each read were handed on, before the buffer
-    is read into again) returns. A frame is handed on only once whole.
+    The stream is read into one buffer, reused (recv_into): a payload is handed on as a memoryview of it (the
+    stdout frames that follow one another in a read as one view, their payloads moved together over the
+    headers between them: see _hand_out), valid only until `on_read` (called once the frames of each read were
+    handed on, before the buffer is read into again) returns. A frame is handed on only once whole.
 
     With `gather_s`, a read that found less than GATHER_BYTES waits that long before the next: the engine
     sends a dump in frames of a few KiB as it gets them, and a wake-up per frame (31,000 context switches for
@@ -508,6 +509,8 @@ def _hand_out(view: memoryview, start: int, filled: int, on_stdout: Callable[[me
             if out_end == out_start:
                 out_start = out_end = start + HEADER.size
             elif size:
+                # Leftwards over bytes already handed on or passed: memoryview copies overlapping ranges as
+                # memmove does, and nothing past this frame is touched.
                 view[out_end : out_end + size] = view[start + HEADER.size : end]
             out_end += size
         elif kind == STREAM_STDERR:

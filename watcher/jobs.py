@@ -31,6 +31,7 @@ from watcher.restic import (
     EXIT_NO_REPOSITORY,
     EXIT_WRONG_PASSWORD,
     Repository,
+    refused_retry,
     refused_retry_problem,
     repository_lock_problem,
     restic_error_text,
@@ -536,6 +537,8 @@ def _backup_result(ctx: JobContext, target: Target, database: str, run_id: str, 
     elif done.timed_out:
         head = (f"backup stopped: it ran longer than WATCHER_DUMP_TIMEOUT ({format_duration(ctx.bounds.dump_s)}); "
                 "no snapshot was written")
+    elif refused_retry(detail) == "snapshot":
+        head = f"backup failed (restic exit {done.returncode}) while it wrote the snapshot"
     else:
         head = f"backup failed (restic exit {done.returncode}); no snapshot was written"
     stalled, detail = stall_problem(detail)

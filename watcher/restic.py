@@ -54,19 +54,35 @@ def repository_lock_problem(returncode: int, stderr: str, retry_s: float) -> str
 
 # restic's words when an upload's retry met a file the first try had already stored: the connection broke
 # after the backend wrote it and before it answered, and rest-server refuses to overwrite (restic/rest-server#196).
-_RETRIED = re.compile(r"^Save\((<[^>]+>)\) returned error, retrying", re.MULTILINE)
-_REFUSED_SAVE = re.compile(r"^Save\((<[^>]+>)\) failed: .*\(403\)", re.MULTILINE)
+_RETRIED = re.compile(r"^Save\(<([a-z]+)/([0-9a-f]+)>\) returned error, retrying after \S+: (.*)$", re.MULTILINE)
+_REFUSED_SAVE = re.compile(r"^Save\(<([a-z]+)/([0-9a-f]+)>\) failed: .*\(403\)", re.MULTILINE)
+
+
+def refused_retry(stderr: str) -> str | None:
+    """The kind of file (`data`, `index`, `snapshot`, `lock`, ...) whose upload restic retried after a broken
+    connection and the backend then refused (403), most likely because the first try had arrived; None when
+    restic did not fail that way. A retry after a 403 of its own is a refusal from the start (a permission),
+    not this."""
+    broken = {(kind, name) for kind, name, error in _RETRIED.findall(stderr) if "(403)" not in error}
+    return next((kind for kind, name in _REFUSED_SAVE.findall(stderr) if (kind, name) in broken), None)
 
 
 def refused_retry_problem(stderr: str) -> str | None:
-    """A sentence saying why restic failed when the backend refused the retry of an upload whose first try had
-    arrived (so the failure is the broken connection, not a permission); None when that is not why it failed."""
-    retried = set(_RETRIED.findall(stderr))
-    if not any(name in retried for name in _REFUSED_SAVE.findall(stderr)):
+    """A sentence saying why restic failed when the backend refused the retry of an upload after a broken
+    connection (refused_retry) and what it left; None when that is not why it failed."""
+    kind = refused_retry(stderr)
+    if kind is None:
         return None
-    return ("the connection to the repository broke during an upload, and the backend refused restic's retry "
-            "because the first try had already arrived (rest-server answers a repeated upload 403 Forbidden): "
-            "the next run uploads it anew, and `restic check` finds the unused file harmless")
+    head = ("the connection to the repository broke during an upload, and the backend refused restic's retry, "
+            "most likely because the first try had already arrived (rest-server answers a repeated upload 403 "
+            "Forbidden)")
+    if kind == "snapshot":
+        return (f"{head}: this was the snapshot's own file, so the snapshot is most likely in the repository "
+                "despite this failure (`restic snapshots` shows it); the next run writes another")
+    if kind == "lock":
+        return (f"{head}: this was restic's lock file, left in the repository; `restic unlock` removes it (the "
+                "daemon runs it at start and before each prune)")
+    return f"{head}: the next run uploads it anew, and `restic check` finds the unused file harmless"
 
 
 def parse_time(raw: str) -> datetime:

@@ -6,7 +6,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 from watcher.dockerexec import HEADER, STREAM_STDERR, STREAM_STDOUT, ExecAbort, _read_frames
 
@@ -33,7 +32,9 @@ def test_frames_go_to_their_stream_and_a_clean_end_is_complete() -> None:
 
 def test_stdout_frames_between_stderr_frames_arrive_whole_and_in_order() -> None:
     # Consecutive stdout frames are handed on joined (their headers squeezed out): the bytes and where stderr
-    # falls between them stay exactly as sent, over several reads and frames cut by a read's end.
+    # falls between them stay exactly as sent, over several reads and frames cut by a read's end. The views are
+    # read only at on_read, as a consumer may (GatheredWrites writes them then): joining later frames must not
+    # have overwritten them by that time.
     rng = random.Random(7)
     sent: list[tuple[str, bytes]] = []
     data = bytearray()
@@ -48,15 +49,22 @@ def test_stdout_frames_between_stderr_frames_arrive_whole_and_in_order() -> None
             expected[-1] = ("out", expected[-1][1] + payload)
         elif payload or kind == "err":
             expected.append((kind, payload))
+    held: list[tuple[str, memoryview]] = []
     got: list[tuple[str, bytes]] = []
+    stdout_pieces = 0
 
-    def keep(kind: str) -> Callable[[memoryview], None]:
-        def taken(piece: memoryview) -> None:
+    def stdout_piece(view: memoryview) -> None:
+        nonlocal stdout_pieces
+        stdout_pieces += 1
+        held.append(("out", view))
+
+    def taken_at_read() -> None:
+        for kind, piece in held:
             if kind == "out" and got and got[-1][0] == "out":
                 got[-1] = ("out", got[-1][1] + bytes(piece))
             else:
                 got.append((kind, bytes(piece)))
-        return taken
+        held.clear()
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -66,10 +74,14 @@ def test_stdout_frames_between_stderr_frames_arrive_whole_and_in_order() -> None
 
         sender = threading.Thread(target=send)
         sender.start()
-        complete, problem = _read_frames(ours, b"", keep("out"), keep("err"))
+        complete, problem = _read_frames(ours, b"", stdout_piece,
+                                         lambda view: held.append(("err", view)), taken_at_read)
         sender.join()
+        taken_at_read()
     assert (complete, problem) == (True, None)
     assert got == expected
+    # Joined: one piece per run of stdout frames in a read, not one per frame.
+    assert stdout_pieces < sum(1 for kind, _ in sent if kind == "out") / 2
 
 
 def test_a_stream_cut_inside_a_frame_is_not_complete() -> None:

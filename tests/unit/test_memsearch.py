@@ -42,3 +42,16 @@ def test_the_buffer_can_grow_and_shrink_after_a_search() -> None:
     assert memsearch.find(buf, b"needle", 50_000) == 100_000
     del buf[:50_000]
     assert memsearch.find(buf, b"needle") == 50_000
+
+
+def test_needles_with_any_byte_and_starts_inside_large_buffers() -> None:
+    # memmem compares bytes, not C strings: a NUL in the needle or the buffer is an ordinary byte.
+    rng = random.Random(3)
+    buf = bytearray(rng.randbytes(200_000))
+    for _ in range(300):
+        at = rng.randrange(0, len(buf))
+        needle = bytes(buf[at:at + rng.randrange(1, 4)]) if rng.random() < 0.7 else rng.randbytes(2)
+        start = rng.randrange(0, len(buf) - memsearch.NATIVE_FROM_BYTES)
+        assert memsearch.find(buf, needle, start) == buf.find(needle, start), (at, start)
+    nul = bytearray(b"a" * 9_000 + b"\x00\x00b" + b"a" * 9_000)
+    assert memsearch.find(nul, b"\x00b") == 9_001

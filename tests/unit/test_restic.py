@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from watcher.restic import Snapshot, parse_snapshots, parse_time, parse_version, refused_retry_problem
+from watcher.restic import (
+    Snapshot,
+    parse_snapshots,
+    parse_time,
+    parse_version,
+    refused_retry,
+    refused_retry_problem,
+)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -161,10 +168,31 @@ def test_a_retried_upload_refused_by_the_backend_is_named_as_a_broken_connection
         "Save(<data/cfe1bc02cb>) operation successful after 4 retries\n"
         "Save(<data/889a8f6a3c>) failed: unexpected HTTP response (403): 403 Forbidden\n"
         "Fatal: unable to save snapshot: unexpected HTTP response (403): 403 Forbidden")
+    assert refused_retry(restic_said) == "data"
     problem = refused_retry_problem(restic_said)
-    assert problem is not None and "connection to the repository broke" in problem and "next run" in problem
-    # A 403 on a first try is a permission, not a retry: append-only or read-only credentials say so themselves.
+    assert problem is not None and "connection to the repository broke" in problem
+    assert "the next run uploads it anew" in problem
+
+
+def test_a_refusal_from_the_start_is_a_permission_not_a_broken_connection() -> None:
     first_try = "Save(<data/889a8f6a3c>) failed: unexpected HTTP response (403): 403 Forbidden"
     assert refused_retry_problem(first_try) is None
     other_retried = "Save(<data/aaaa>) returned error, retrying after 1s: EOF\n" + first_try
     assert refused_retry_problem(other_retried) is None
+    # Retried after a 403 of its own (a restic that retries refusals): append-only or read-only credentials.
+    refused_each_time = ("Save(<data/889a8f6a3c>) returned error, retrying after 1s: unexpected HTTP response "
+                         "(403): 403 Forbidden\n" + first_try)
+    assert refused_retry_problem(refused_each_time) is None
+
+
+@pytest.mark.parametrize(("kind", "said"), [
+    ("snapshot", "the snapshot is most likely in the repository"),
+    ("lock", "`restic unlock` removes it"),
+    ("index", "the next run uploads it anew"),
+])
+def test_what_a_refused_retry_left_depends_on_the_file(kind: str, said: str) -> None:
+    restic_said = (f"Save(<{kind}/5e1f0a>) returned error, retrying after 1s: read: connection reset by peer\n"
+                   f"Save(<{kind}/5e1f0a>) failed: unexpected HTTP response (403): 403 Forbidden")
+    assert refused_retry(restic_said) == kind
+    problem = refused_retry_problem(restic_said)
+    assert problem is not None and said in problem

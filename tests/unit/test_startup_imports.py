@@ -32,8 +32,8 @@ import watcher.dockerexec
 print(json.dumps(sorted(sys.modules)))
 """
 
-NOT_FOR_HELPER = ("structlog", "secrets", "watcher.cli", "watcher.config", "watcher.jobs", "http.client", "email",
-                  "dataclasses", "importlib.metadata", "docker")
+NOT_FOR_HELPER = ("structlog", "secrets", "ctypes", "watcher.cli", "watcher.config", "watcher.jobs", "http.client",
+                  "email", "dataclasses", "importlib.metadata", "docker")
 
 
 def modules_after(script: str) -> set[str]:
