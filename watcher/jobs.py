@@ -471,7 +471,8 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     source, source_env = engine.globals_source(ctx, target, role_passwords)
     argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
                                           source=source, snapshot_time=snapshot_time, engine=engine.name)
-    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host, **source_env}
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, **commands.RESTIC_BACKUP_PROGRESS_ENV,
+           "DOCKER_HOST": ctx.docker_host, **source_env}
     return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 
@@ -495,7 +496,8 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
         snapshot_time=snapshot_time, engine=engine.name, suffix=engine.dump_suffix,
     )
-    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, "DOCKER_HOST": ctx.docker_host, **source_env}
+    env = {**ctx.repository.env, **commands.RESTIC_TIME_ENV, **commands.RESTIC_BACKUP_PROGRESS_ENV,
+           "DOCKER_HOST": ctx.docker_host, **source_env}
     return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 
@@ -558,10 +560,10 @@ def log_failed_backup(result: BackupResult) -> None:
 
 
 def _keep_summary_lines(sink: list[str], tracker: Tracker) -> Callable[[str], None]:
-    # restic --json prints a status line 60 times a second. That rate stays: it is also what ends a restic
-    # whose watcher died (its next line meets a closed pipe), so a killed watcher's backup never goes on
-    # to a snapshot by itself. Only one line in STATUS_READ_SECONDS is parsed, for the progress board;
-    # every other line is kept for the summary.
+    # restic --json prints a status line 4 times a second (RESTIC_BACKUP_PROGRESS_ENV): that rate is also what
+    # ends a restic whose watcher died (its next line meets a closed pipe), so a killed watcher's backup does
+    # not go on to a snapshot by itself. Only one line in STATUS_READ_SECONDS is parsed, for the progress
+    # board; every other line is kept for the summary.
     last_read = 0.0
 
     def keep(line: str) -> None:

@@ -114,3 +114,13 @@ def test_a_lock_waited_for_in_vain_names_watcher_lock_retry() -> None:
     assert problem is not None and "after 30m" in problem and "WATCHER_LOCK_RETRY" in problem
     assert repository_lock_problem(1, restic_said, 1800.0) is not None, "restic's words alone are enough"
     assert repository_lock_problem(1, "Fatal: wrong password or no key found", 1800.0) is None
+
+
+def test_restic_is_asked_for_four_status_lines_a_second_not_sixty() -> None:
+    # One line a second is parsed; restic's default of 60 cost the CLI or daemon a wake-up each (issue 20). The
+    # rate also bounds how long a restic whose watcher died goes on (its next line meets a closed pipe).
+    ctx = JobContext("unix:///var/run/docker.sock", Repository("restic", {"RESTIC_PROGRESS_FPS": "60"}, Masker(),
+                                                               "/srv/restic"), "host-a", Masker())
+    at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+    for _argv, env in (_backup_command(ctx, make_target(), "app", at), _globals_command(ctx, make_target(), at, True)):
+        assert env["RESTIC_PROGRESS_FPS"] == "4"
