@@ -25,11 +25,11 @@ _Memmem = Callable[[int, int, bytes, int], "int | None"]
 def _libc_memmem() -> _Memmem | None:
     """The process's memmem (glibc or musl), looked up once; None where the C library has none or cannot be
     loaded."""
-    import ctypes  # noqa: PLC0415 - see the module's docstring
-
     try:
+        import ctypes  # noqa: PLC0415 - see the module's docstring
+
         memmem = ctypes.CDLL(None).memmem
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # a Python built without ctypes, a C library without memmem
         return None
     memmem.restype = ctypes.c_void_p
     memmem.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)

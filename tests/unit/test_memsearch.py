@@ -55,3 +55,11 @@ def test_needles_with_any_byte_and_starts_inside_large_buffers() -> None:
         assert memsearch.find(buf, needle, start) == buf.find(needle, start), (at, start)
     nul = bytearray(b"a" * 9_000 + b"\x00\x00b" + b"a" * 9_000)
     assert memsearch.find(nul, b"\x00b") == 9_001
+
+
+def test_without_the_c_library_search_the_answers_are_bytes_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Python without ctypes or a C library without memmem: the same answers, at CPython's speed.
+    monkeypatch.setattr(memsearch, "_libc_memmem", lambda: None)
+    buf = bytearray(b"1\trow\n" * 5_000 + b"4242\tboundary\n")
+    assert not memsearch.native()
+    assert memsearch.find(buf, b"\n4242\t") == buf.find(b"\n4242\t") > 0
