@@ -506,6 +506,7 @@ class Destination:
 
 def destination_of(app: App, name: str) -> Destination | None:
     """The running container `name` to restore into, None when there is none; raises DockerUnavailable."""
+    from watcher.dbproperties import KnownProperties
     from watcher.restore import Restorer
     from watcher.roles import RoleMaker
 
@@ -519,9 +520,11 @@ def destination_of(app: App, name: str) -> Destination | None:
     bounds = app.config.bounds
     if isinstance(found, Target) and found.lock_wait_timeout_s is not None:
         bounds = dataclasses.replace(bounds, lock_wait_s=found.lock_wait_timeout_s)
+    # The role plan reads the dump's database entries, properties included, once for the restore too.
+    known = KnownProperties()
     return Destination(info, credentials_of(info.env, user_label),
-                       Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel, app.progress),
-                       RoleMaker(app.docker_host, app.repository, app.masker, bounds, app.cancel))
+                       Restorer(app.docker_host, app.repository, app.masker, bounds, app.cancel, app.progress, known),
+                       RoleMaker(app.docker_host, app.repository, app.masker, bounds, app.cancel, known))
 
 
 def _restore_snapshot(app: App, args: argparse.Namespace) -> tuple[Snapshot, list[Snapshot]]:

@@ -230,8 +230,30 @@ def read_properties(*, restic: str, snapshot_id: str, database: str, container_i
     if done.timed_out or done.cancelled or list_code != 0 or not dump_cut:
         raise PropertiesUnreadable(f"reading the database entries of snapshot {snapshot_id[:8]} failed: "
                                    f"{done.describe_failure()}")
-    properties = reader.result()
+    return checked(reader.result(), snapshot_id)
+
+
+def checked(properties: DatabaseProperties, snapshot_id: str) -> DatabaseProperties:
+    """`properties` read from snapshot `snapshot_id`'s dump; raises PropertiesUnreadable when they name no
+    database (the dump had no DATABASE entry)."""
     if properties.database is None:
         raise PropertiesUnreadable(f"the dump of snapshot {snapshot_id[:8]} holds no DATABASE entry "
                                    "(a dump of selected tables or schemas cannot restore database properties)")
     return properties
+
+
+class KnownProperties:
+    """The database properties of snapshots whose entries were read already: the role plan of a restore reads
+    the same entries of the same dump (watcher.roles), and the restore then takes them here rather than read
+    the dump's start a second time (a repository open, an exec and pg_restore: about a second)."""
+
+    def __init__(self) -> None:
+        self._by_snapshot: dict[str, DatabaseProperties] = {}
+
+    def keep(self, snapshot_id: str, properties: DatabaseProperties) -> None:
+        """Keeps what was read of snapshot `snapshot_id` (the reader's result after its last line)."""
+        self._by_snapshot[snapshot_id] = properties
+
+    def take(self, snapshot_id: str) -> DatabaseProperties | None:
+        """The properties kept for snapshot `snapshot_id`, forgotten here; None when none were kept."""
+        return self._by_snapshot.pop(snapshot_id, None)

@@ -95,13 +95,16 @@ class Restorer:
     """Restores snapshots into databases of running containers."""
 
     def __init__(self, docker_host: str, repository: Repository, masker: Masker, bounds: Bounds | None = None,
-                 cancel: threading.Event | None = None, progress: ProgressBoard | None = None) -> None:
+                 cancel: threading.Event | None = None, progress: ProgressBoard | None = None,
+                 known: dbproperties.KnownProperties | None = None) -> None:
         self.docker_host = docker_host
         self.repository = repository
         self.masker = masker
         self.bounds = bounds or Bounds()
         self.cancel = cancel
         self.progress = progress or ProgressBoard()
+        # The database properties the role plan read already (roles.RoleMaker), taken instead of reading again.
+        self.known = known
 
     def _psql(self, container: str, creds: Credentials, script: str, variables: dict[str, str]) -> str:
         """Runs one step's script on the live server, bounded (lock_timeout, statement_timeout); returns
@@ -219,7 +222,8 @@ class Restorer:
         Raises RestoreError naming what failed (e.g. a role the properties name that does not exist).
         """
         try:
-            props = dbproperties.read_properties(
+            kept = self.known.take(snapshot.id) if self.known is not None else None
+            props = dbproperties.checked(kept, snapshot.id) if kept is not None else dbproperties.read_properties(
                 restic=self.repository.binary, snapshot_id=snapshot.id, database=database,
                 container_id=container_id, user=creds.user, env=self._pipeline_env(creds),
                 masker=self.masker.with_secrets([creds.password]), timeout=PROPERTIES_TIMEOUT_SECONDS,

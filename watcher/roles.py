@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from watcher import commands
+from watcher import commands, dbproperties
 from watcher.config import Bounds
 from watcher.discovery import Credentials
 from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
@@ -305,26 +305,37 @@ class RoleMaker:
     """Finds the roles a snapshot needs in a destination container and creates the missing ones."""
 
     def __init__(self, docker_host: str, repository: Repository, masker: Masker, bounds: Bounds,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, known: dbproperties.KnownProperties | None = None) -> None:
         self.docker_host = docker_host
         self.repository = repository
         self.masker = masker
         self.bounds = bounds
         self.cancel = cancel
+        # Where the database properties read with the roles go, for the restore that follows (None: not kept).
+        self.known = known
 
     def needed_roles(self, snapshot: Snapshot, container_id: str) -> set[str]:
         """The roles the snapshot's dump names, read by the destination's own pg_restore (no connection);
         raises RoleError."""
         collector = NeededRoles()
+        properties = dbproperties.PropertiesReader()
+
+        def each(line: str) -> None:
+            collector(line)
+            if self.known is not None:
+                properties(line)
+
         # With --create: the database's own entries too (its owner, ACL, per-database role settings).
         lister = commands.exec_helper(container_id, commands.pg_restore_database_entries_command(), stdin=True)
         dump = commands.restic_dump(self.repository.binary, snapshot.id, snapshot.database)
         done = run_pipeline([dump, lister], env={**self.repository.env, "DOCKER_HOST": self.docker_host},
                             masker=self.masker, timeout=READ_TIMEOUT_SECONDS, cancel=self.cancel,
-                            capture_stdout=False, on_stdout_line=collector)
+                            capture_stdout=False, on_stdout_line=each)
         if not toc_read(done):
             detail = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
             raise RoleError(f"reading the roles snapshot {snapshot.short_id} needs failed: {detail}")
+        if self.known is not None:
+            self.known.keep(snapshot.id, properties.result())
         return collector.roles
 
     def existing_roles(self, container_id: str, creds: Credentials) -> set[str]:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from watcher.dbproperties import PropertiesReader, retarget, split_statements
+from watcher.dbproperties import (
+    DatabaseProperties,
+    KnownProperties,
+    PropertiesReader,
+    PropertiesUnreadable,
+    checked,
+    retarget,
+    split_statements,
+)
 
 # The shape of pg_restore 15/17 output (trimmed), with awkward names and literals.
 PG_RESTORE_TEXT = '''--
@@ -147,3 +155,19 @@ def test_the_database_name_in_database_properties_is_the_bare_or_quoted_identifi
 
 def test_split_statements_ignores_semicolons_in_literals_and_identifiers() -> None:
     assert split_statements("--\n\nA 'x;y';\nB \"p;q\";\n--") == ["A 'x;y';", 'B "p;q";']
+
+
+def test_properties_read_with_the_roles_are_taken_once_by_the_restore_that_follows() -> None:
+    # The role plan reads a dump's entries before a restore; the restore takes the properties instead of
+    # reading the dump's start again, and once only (a second restore of the snapshot reads them anew).
+    known = KnownProperties()
+    known.keep("61a978dd", read().result())
+    taken = known.take("61a978dd")
+    assert taken is not None and checked(taken, "61a978dd").owner == "owner_r"
+    assert known.take("61a978dd") is None
+    assert known.take("other") is None
+
+
+def test_properties_without_a_database_entry_are_refused_wherever_they_were_read() -> None:
+    with pytest.raises(PropertiesUnreadable, match="holds no DATABASE entry"):
+        checked(DatabaseProperties(), "61a978ddb75d")
