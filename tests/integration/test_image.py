@@ -31,6 +31,10 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "backup-watcher:test"
+# The watcher containers' host identity, one per pytest-xdist worker: a watcher removes the drill containers of
+# its own identity at start (and a one-shot `drill` at its own), so two of these tests on two workers under one
+# identity took each other's running drill container for a leftover (404 while waiting for it: CI, session 8).
+IMAGE_HOST = f"image-test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 BASE_IMAGE = "backup-watcher-test/python-base:bookworm"
 
 
@@ -103,7 +107,7 @@ def run_watcher_container(name: str, repo_dir: Path, secrets_dir: Path, docker_s
     gid = os.stat(docker_sock).st_gid
     env = {"RESTIC_REPOSITORY": "/repo", "RESTIC_PASSWORD_FILE": "/run/secrets/restic_password",
            "WATCHER_INIT_REPOSITORY": "true", "WATCHER_CONTAINER_PATTERNS": pattern,
-           "WATCHER_HOST": "image-test", "DOCKER_HOST": "unix:///var/run/docker.sock", **(extra_env or {})}
+           "WATCHER_HOST": IMAGE_HOST, "DOCKER_HOST": "unix:///var/run/docker.sock", **(extra_env or {})}
     docker("rm", "-f", name, check=False)  # a leftover of an interrupted run
     argv = ["run", "-d", "--name", name, "--network", "none", "--label", TEST_LABEL, "--group-add", str(gid),
             "-v", f"{docker_sock}:/var/run/docker.sock", "-v", f"{repo_dir}:/repo",
@@ -111,6 +115,11 @@ def run_watcher_container(name: str, repo_dir: Path, secrets_dir: Path, docker_s
     for key, value in env.items():
         argv += ["-e", f"{key}={value}"]
     docker(*argv, IMAGE)
+    # Its start removes the drill containers of its identity: a drill exec'd before that would lose its own.
+    def watching() -> bool:
+        logs = docker("logs", name, check=False)
+        return '"event": "watching"' in logs.stdout + logs.stderr
+    wait_for(watching, 120, "the watcher container's daemon to be watching", interval=0.5)
 
 
 @pytest.fixture
@@ -177,7 +186,7 @@ def test_image_through_the_socket_proxy_and_what_the_proxy_refuses(
     db: PgContainer = start_pg("bwt-proxied-db", "15")
     db.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) AS g;")
     name = "bwt-watcher-proxied"
-    leftovers = docker("ps", "-aq", "--filter", "label=backup-watcher.drill-host=image-test").stdout.split()
+    leftovers = docker("ps", "-aq", "--filter", f"label=backup-watcher.drill-host={IMAGE_HOST}").stdout.split()
     if leftovers:
         docker("rm", "-f", "-v", *leftovers)
     proxy = Proxy(proxy_dir, allow_drills=False)
@@ -215,7 +224,7 @@ def test_image_through_the_socket_proxy_and_what_the_proxy_refuses(
             assert drill.returncode == 1, output
             assert "did not upgrade the exec connection" in output, output
             assert time.monotonic() - started < 120
-        leftovers = docker("ps", "-aq", "--filter", "label=backup-watcher.drill-host=image-test").stdout.split()
+        leftovers = docker("ps", "-aq", "--filter", f"label=backup-watcher.drill-host={IMAGE_HOST}").stdout.split()
         assert leftovers == [], "the drill container was removed through the proxy"
     finally:
         docker("rm", "-f", name, check=False)
