@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.conftest import (
     BIG_TABLE,
+    TEST_HOST,
     TEST_LABEL,
     PgContainer,
     Repo,
@@ -34,7 +35,7 @@ IMAGE = "backup-watcher:test"
 # The watcher containers' host identity, one per pytest-xdist worker: a watcher removes the drill containers of
 # its own identity at start (and a one-shot `drill` at its own), so two of these tests on two workers under one
 # identity took each other's running drill container for a leftover (404 while waiting for it: CI, session 8).
-IMAGE_HOST = f"image-test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+IMAGE_HOST = f"image-{TEST_HOST}"  # conftest's identity of this worker
 BASE_IMAGE = "backup-watcher-test/python-base:bookworm"
 
 
