@@ -112,7 +112,10 @@ class Notifier:
             self._count(False)
 
     def deliver_now(self, alert: Alert) -> bool:
-        """Delivers one alert synchronously (bounded by the timeout); returns whether it was delivered."""
+        """Delivers one alert synchronously (bounded by the timeout); returns whether it was delivered (False,
+        without a word or a count, when no target is configured: nothing was meant to go anywhere)."""
+        if not self.enabled:
+            return False
         return self._deliver(alert)
 
     def close(self, timeout: float = 10.0) -> None:

@@ -71,9 +71,21 @@ class Proxy:
         checked = subprocess.run(["haproxy", "-c", "-f", str(directory / "haproxy.cfg")], env=env,
                                  capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+        # HAProxy leaves its socket file behind when it stops, and binds a new one by renaming over it: the
+        # previous proxy's file would pass for this one's, and a container started then mounts that dead
+        # inode (its daemon exits: "cannot reach the Docker engine"; CI, session 8).
+        self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(directory / "haproxy.cfg")], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.socket.exists, 10, "the proxy socket")
+        wait_for(self._accepts, 10, "the proxy socket")
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def request(self, method: str, path: str, body: dict[str, object] | None = None) -> int:
         """Sends one API request through the proxy; returns the HTTP status.
@@ -94,6 +106,7 @@ class Proxy:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        self.socket.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -119,8 +132,16 @@ def run_watcher_container(name: str, repo_dir: Path, secrets_dir: Path, docker_s
     # Its start removes the drill containers of its identity: a drill exec'd before that would lose its own.
     def watching() -> bool:
         logs = docker("logs", name, check=False)
-        return '"event": "watching"' in logs.stdout + logs.stderr
-    wait_for(watching, 120, "the watcher container's daemon to be watching", interval=0.5)
+        if '"event": "watching"' in logs.stdout + logs.stderr:
+            return True
+        running = docker("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip()
+        assert running == "true", f"the watcher container exited before watching:\n{logs.stdout}{logs.stderr}"
+        return False
+    try:
+        wait_for(watching, 120, "the watcher container's daemon to be watching", interval=0.5)
+    except AssertionError as timed_out:
+        logs = docker("logs", "--tail", "40", name, check=False)
+        raise AssertionError(f"{timed_out}; its log ends:\n{logs.stdout}{logs.stderr}") from None
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from alerting.notify import url_secret_parts, validate
+from alerting.notify import Notifier, url_secret_parts, validate
 from alerting.policy import (
     ADVICE,
     AlertPolicy,
@@ -193,3 +193,13 @@ def test_validate_names_bad_urls_by_position_and_scheme_only() -> None:
     assert len(problems) == 2
     assert "entry #2 (scheme 'jsn')" in problems[0] and "secret-token-here" not in problems[0]
     assert "entry #3" in problems[1]
+
+
+def test_a_notifier_without_targets_delivers_nothing_and_counts_nothing() -> None:
+    """A startup failure of a watcher with no WATCHER_APPRISE_URLS: no attempt, so no Apprise error ("There
+    are no service(s) to notify"), no notification_failed warning, no failed delivery in the metrics."""
+    counted: list[bool] = []
+    notifier = Notifier([], None, mask=lambda text: text, on_result=counted.append)
+    assert not notifier.enabled
+    assert notifier.deliver_now(startup_alert(["cannot reach the Docker engine"])) is False
+    assert counted == []
