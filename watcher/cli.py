@@ -371,7 +371,8 @@ def cmd_drill(app: App, args: argparse.Namespace) -> int:
     if not targets:
         print("no targets to drill", file=sys.stderr)
         return EXIT_OK
-    from watcher.drill import Driller, remove_leftovers
+    from watcher.drill import Driller
+    from watcher.drill_leftovers import remove_leftovers
 
     ctx = app.job_context()
     check_repository(ctx, init=False)

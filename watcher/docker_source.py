@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from watcher.discovery import ContainerInfo
 from watcher.dockerexec import DEFAULT_DOCKER_HOST, DockerExecError, DockerRefused, api_call, scheme_problem
@@ -121,13 +122,33 @@ class DockerSource:
         """Removes a container and its anonymous volumes, running or not; a missing one is fine."""
         self._call("DELETE", f"/containers/{_quoted(container_id)}?v=1&force=1", missing_ok=True)
 
-    def containers_with_labels(self, *labels: str) -> list[tuple[str, str]]:
-        """(id, name) of every container, running or not, that carries all `labels` (KEY or KEY=VALUE)."""
+    def labelled_containers(self, *labels: str) -> list[ListedContainer]:
+        """Every container, running or not, that carries all `labels` (KEY or KEY=VALUE); raises
+        DockerUnavailable."""
         listed = self._listed({"all": "1", "filters": json.dumps({"label": list(labels)})})
-        return [(str(item["Id"]), _name_of(item)) for item in listed]
+        return [ListedContainer.of(item) for item in listed]
 
     def close(self) -> None:
         """Nothing to release: every call had its own connection, closed when it was answered."""
+
+
+@dataclass(frozen=True)
+class ListedContainer:
+    """One item of the engine's container list: id, name, labels, creation time (Unix seconds)."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    created: float
+
+    @classmethod
+    def of(cls, item: Mapping[str, object]) -> ListedContainer:
+        """The container a /containers/json item describes (missing fields: empty, created 0)."""
+        labels = item.get("Labels")
+        created = item.get("Created")
+        return cls(str(item["Id"]), _name_of(item),
+                   {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+                   float(created) if isinstance(created, int | float) else 0.0)
 
 
 def _name_of(listed: Mapping[str, object]) -> str:

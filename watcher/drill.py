@@ -13,7 +13,8 @@ a target), restore the latest snapshot into it, and check it:
   globals lack too (pruned, or taken before it existed) makes the drill restore without owners and
   grants (`drill_without_owners` names the roles).
 The container is always removed, also on failure or cancellation; one left by a crash is removed
-at the next start (`remove_leftovers`).
+by the next drill or start of a watcher of the same identity once its maker is gone
+(watcher.drill_leftovers).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import structlog
 
 from watcher import commands, dbproperties, engines, readiness, roles
 from watcher.clock import SystemClock
-from watcher.discovery import ROLE_LABEL, Credentials, Target
+from watcher.discovery import Credentials, Target
 from watcher.docker_source import DockerSource, DockerUnavailable
+from watcher.drill_leftovers import drill_labels, this_process
 from watcher.engines.mariadb_drill import MariaDBDriller
 from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
 from watcher.jobs import (
@@ -46,8 +48,6 @@ from watcher.progress import first_writer
 from watcher.restic import ResticError, Snapshot, restic_error_text
 
 log = structlog.get_logger("watcher.drill")
-SOURCE_LABEL = "backup-watcher.drill-source"
-HOST_LABEL = "backup-watcher.drill-host"
 # The throwaway container runs initdb first; it is no live database, so this is not WATCHER_READY_TIMEOUT.
 READY_TIMEOUT_SECONDS = 180.0
 DRILL_TIMEOUT_SECONDS = 12 * 3600.0
@@ -124,34 +124,13 @@ def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def remove_leftovers(docker: DockerSource, host: str) -> int:
-    """Removes drill containers that a watcher of this host identity (WATCHER_HOST) left behind when it
-    was interrupted; returns how many. Another watcher's running drills on the same engine are left
-    alone. Never raises: a leftover that cannot be removed (e.g. a proxy refusing it) is logged.
-    """
-    try:
-        leftovers = docker.containers_with_labels(f"{ROLE_LABEL}=drill", f"{HOST_LABEL}={host}")
-    except DockerUnavailable as exc:
-        log.warning("drill_leftover_check_failed", error=str(exc))
-        return 0
-    removed = 0
-    for container_id, name in leftovers:
-        try:
-            docker.remove(container_id)
-        except DockerUnavailable as exc:
-            log.error("drill_leftover_not_removed", container=name, error=str(exc))
-            continue
-        removed += 1
-        log.warning("drill_leftover_removed", container=name)
-    return removed
-
-
 class Driller:
     """Runs restore drills; built once, used by the `drill` command and the daemon."""
 
     def __init__(self, ctx: JobContext, docker: DockerSource) -> None:
         self.ctx = ctx
         self.docker = docker
+        self.owner = this_process()  # named on each drill container: see watcher.drill_leftovers
 
     def drill_target(self, target: Target,
                      on_result: Callable[[DrillResult], None] | None = None) -> list[DrillResult]:
@@ -211,7 +190,7 @@ class Driller:
             container_id = self.docker.run_throwaway(
                 target.image_id or target.image, name,
                 env={"POSTGRES_USER": creds.user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": database},
-                labels={ROLE_LABEL: "drill", SOURCE_LABEL: target.name, HOST_LABEL: self.ctx.host},
+                labels=drill_labels(target.name, self.ctx.host, self.owner),
                 init=target.init,
             )
             self._wait_ready(container_id, creds)

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     run_watcher,
     wait_for,
 )
+from watcher.drill_leftovers import OWNER_LABEL, Owner, this_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -71,6 +72,39 @@ def test_drill_of_a_healthy_target_reports_counts_matching_the_source(major: str
     assert succeeded and succeeded[0]["counts"] == at_backup
     assert succeeded[0]["restore_duration_s"] > 0
     assert drill_containers() == []
+
+
+def test_a_one_shot_drill_removes_only_the_drill_containers_whose_maker_is_gone(
+        start_pg: StartPg, repo: Repo, watcher_env: dict[str, str]) -> None:
+    """An operator's `backup-watcher drill` beside a daemon that is drilling (the same identity, the same
+    container) must not remove the daemon's drill container: only those whose maker has ended, or that are
+    older than any drill when made elsewhere, or that name no maker (an older watcher's)."""
+    db: PgContainer = start_pg("bwt-drillowner-db", "15")
+    db.psql(SEED)
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": db.name}
+    assert run_watcher(["backup"], env).returncode == 0
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    me = this_process()
+    owners = {"bw-drill-live-maker": me.label(),  # stands for the daemon's running drill
+              "bw-drill-ended-maker": Owner(*me.place(), ended.pid, "1").label(),
+              "bw-drill-young-elsewhere": Owner("another-watcher", "4026531836", 7, "1").label(),
+              "bw-drill-no-owner": None}
+    for name, owner in owners.items():
+        docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
+               "--label", "backup-watcher.role=drill", "--label", f"backup-watcher.drill-host={TEST_HOST}",
+               *(["--label", f"{OWNER_LABEL}={owner}"] if owner else []),
+               "--entrypoint", "sleep", PG_IMAGES["15"], "600")
+    try:
+        done = run_watcher(["drill", db.name], env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sorted(drill_containers()) == ["bw-drill-live-maker", "bw-drill-young-elsewhere"]
+        removed = {json.loads(line)["container"]: json.loads(line)["reason"] for line in done.stderr.splitlines()
+                   if '"drill_leftover_removed"' in line}
+        assert removed == {"bw-drill-ended-maker": f"the watcher process that made it ({ended.pid}) has ended",
+                           "bw-drill-no-owner": "it names no owner (made by an older watcher)"}
+    finally:
+        docker("rm", "-f", *owners, check=False)
 
 
 def test_drill_of_an_unreadable_snapshot_fails_once_with_reason_alert_and_metric(

@@ -27,6 +27,7 @@ from watcher.daemon.messages import (
 from watcher.daemon.running import BackupJob, CopyJob, DrillJob, Job, ProbeJob, PruneJob, RefreshJob, RetagJob
 from watcher.docker_source import DockerSource
 from watcher.drill import Driller, DrillResult
+from watcher.drill_leftovers import remove_leftovers
 from watcher.jobs import JobContext, JobError, backup_target, wait_until_serving
 from watcher.restic import ResticError, Snapshot, repository_lock_problem, restic_error_text
 from watcher.retention import apply_retention
@@ -138,7 +139,9 @@ class Launcher:
         return RetagFinished(job.container_id, job.renames)
 
     def _drill(self, job: DrillJob) -> DrillsFinished:
-        """One job drills every eligible target in turn: drills never run two at a time."""
+        """One job drills every eligible target in turn: drills never run two at a time. It first removes the
+        drill containers of this identity whose makers are gone (one a one-shot `drill` elsewhere left)."""
+        remove_leftovers(self.driller.docker, self.ctx.host)
         results: list[DrillResult] = []
         for target in job.targets:
             if self.ctx.cancel.is_set():

@@ -39,7 +39,7 @@ from watcher.daemon.running import BackupJob, Book, CopyJob, Job, RefreshJob, Re
 from watcher.daemon.scheduler import View, held, plan
 from watcher.discovery import DiscoveryRules
 from watcher.docker_source import DockerSource
-from watcher.drill import remove_leftovers
+from watcher.drill_leftovers import remove_leftovers
 from watcher.events import ContainerEvent, EventStream, StreamConnected, StreamDisconnected
 from watcher.jobs import JobContext
 from watcher.metrics import Metrics

@@ -8,8 +8,8 @@ the target's own image (no network, label backup-watcher.role=drill, a random ro
 As a restore on a fresh host does, the users with grants on the database are created first from the
 globals snapshot of the same pass, and their grants on tables and routines given after the load
 (watcher.engines.mariadb_users): a globals snapshot that does not load fails the drill.
-The container is always removed, also on failure; one a crash left is removed at the next start as the
-PostgreSQL drills' are (watcher.drill.remove_leftovers: same labels).
+The container is always removed, also on failure; one a crash left is removed as the PostgreSQL
+drills' are (watcher.drill_leftovers: same labels).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from watcher import commands, engines
-from watcher.discovery import ROLE_LABEL, Credentials, Target
+from watcher.discovery import Credentials, Target
 from watcher.docker_source import DockerUnavailable
+from watcher.drill_leftovers import drill_labels
 from watcher.engines.mariadb import MariaDBEngine, client_command
 from watcher.engines.mariadb_restore import quote_identifier, quote_string
 from watcher.execute import ExecError, Masker, run_in_container
@@ -94,7 +95,7 @@ class MariaDBDriller:
             container_id = self.driller.docker.run_throwaway(
                 target.image_id or target.image, name,
                 env={variable: password, variable.replace("ROOT_PASSWORD", "DATABASE"): database},
-                labels=self._labels(target), init=target.init)
+                labels=drill_labels(target.name, self.ctx.host, self.driller.owner), init=target.init)
             self._wait_ready(engine, container_id, variable, database, masker)
             restore_started = time.monotonic()
             users = _DrillUsers(self.ctx, target, container_id, Credentials("root", database, password, variable))
@@ -123,9 +124,6 @@ class MariaDBDriller:
         return DrillResult(target.name, database, True, run_id, datetime.now(UTC), duration, snapshot.id,
                            restore_s, tables)
 
-    def _labels(self, target: Target) -> dict[str, str]:
-        from watcher.drill import HOST_LABEL, SOURCE_LABEL
-        return {ROLE_LABEL: "drill", SOURCE_LABEL: target.name, HOST_LABEL: self.ctx.host}
 
     def _client(self, engine: MariaDBEngine, variable: str, *args: str) -> commands.Command:
         return client_command(variable, engine.client_programs, ("--user=root", *args))
