@@ -51,7 +51,7 @@ def no_drill_leftovers() -> None:
     leftovers = drill_containers()
     if leftovers:
         docker("rm", "-f", "-v", *leftovers, check=False)
-    docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
+    docker("rm", "-f", "-v", "bwt-pattern-impostor", check=False)
 
 
 @pytest.mark.parametrize("major", ["15", "17"])
@@ -162,17 +162,18 @@ def test_no_drill_container_remains_after_sigterm_or_after_sigkill_and_restart(
     assert again.stop() == 0
 
 
-@pytest.mark.alone  # its pattern bwt-* selects the containers of every other test
 def test_drill_containers_are_never_targets(start_pg: StartPg, start_daemon: StartDaemon, repo: Repo,
                                             watcher_env: dict[str, str]) -> None:
     db: PgContainer = start_pg("bwt-pattern-db", "15")
     db.psql(SEED)
-    # A container that looks like a drill's, with a name every pattern here matches.
-    docker("run", "-d", "--network", "none", "--name", "bwt-impostor-db", "--label", TEST_LABEL,
+    # A container that looks like a drill's, with a name the pattern matches, opted in by label too. (The
+    # pattern is this test's own: other tests' drill containers, which bw-drill-* matches, are never
+    # targets either, but their databases would be.)
+    docker("run", "-d", "--network", "none", "--name", "bwt-pattern-impostor", "--label", TEST_LABEL,
            "--label", "backup-watcher.role=drill", "--label", "backup-watcher.enable=true",
            "-e", "POSTGRES_PASSWORD=test-only", PG_IMAGES["15"])
     try:
-        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-*,bw-drill-*", "WATCHER_SCHEDULE": "0 3 * * *",
+        env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": "bwt-pattern-*,bw-drill-*", "WATCHER_SCHEDULE": "0 3 * * *",
                "WATCHER_DRILL_SCHEDULE": "* * * * *"}
         daemon: DaemonProcess = start_daemon(env)
         seen: set[str] = set()
@@ -184,10 +185,10 @@ def test_drill_containers_are_never_targets(start_pg: StartPg, start_daemon: Sta
         wait_for(drill_done, 150, "a drill", interval=0.1)
         assert daemon.stop() == 0
         assert db.name in seen
-        assert not [name for name in seen if name.startswith("bw-drill-") or name == "bwt-impostor-db"], seen
+        assert not [name for name in seen if name.startswith("bw-drill-") or name == "bwt-pattern-impostor"], seen
         assert not [e for e in daemon.events("target_registered") if str(e["target"]).startswith("bw-drill-")]
     finally:
-        docker("rm", "-f", "-v", "bwt-impostor-db", check=False)
+        docker("rm", "-f", "-v", "bwt-pattern-impostor", check=False)
 
 
 
