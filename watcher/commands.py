@@ -390,6 +390,16 @@ def pg_restore_database_entries_command() -> Command:
     return ("pg_restore", "--create", "--schema-only", "--file=-")
 
 
+def database_entries_pipeline(restic: str, snapshot_id: str, database: str, container_id: str,
+                              user: str | None = None) -> tuple[Command, Command]:
+    """The pipeline that prints a snapshot's dump's database entries as SQL text: `restic dump` of the dump into
+    the container's pg_restore_database_entries_command. With `user`, the exec gets that role's libpq
+    environment (pg_env: not secret; pg_restore writing text connects to no server, so no password)."""
+    lister = exec_helper(container_id, pg_restore_database_entries_command(), stdin=True,
+                         env_values=pg_env(user, "postgres") if user is not None else None)
+    return restic_dump(restic, snapshot_id, database), lister
+
+
 def restic_copy(restic: str, snapshot_ids: Sequence[str]) -> Command:
     """restic copy of the snapshots `snapshot_ids` from the source repository (RESTIC_FROM_REPOSITORY and its
     password, from the environment) into the repository (RESTIC_REPOSITORY). Copied snapshots keep their

@@ -15,11 +15,12 @@ from __future__ import annotations
 import re
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from watcher import commands
-from watcher.execute import Masker, run_pipeline
+from watcher.execute import Completed, Masker, run_pipeline
+from watcher.restic import restic_error_text
 
 _HEADER = re.compile(r"^-- Name: (?P<name>.*); Type: (?P<type>.*); Schema: (?P<schema>.*); Owner: (?P<owner>.*)$")
 # Statements that name roles after TO/FROM (over-counting one only makes a drill skip owners).
@@ -210,26 +211,68 @@ class PropertiesUnreadable(Exception):
     """The archive's database entries could not be read; the message says why."""
 
 
+# How a restic that handles SIGPIPE itself says that the reader of its output went away.
+_PIPE_CLOSED = "broken pipe"
+
+
+def entries_failure(done: Completed) -> str | None:
+    """Why a run of commands.database_entries_pipeline did not read the dump's database entries whole, naming
+    restic or pg_restore; None when it did.
+
+    pg_restore reads only the archive's table of contents, at its start, and exits; restic, still writing the
+    data after it, then meets a closed pipe and ends on SIGPIPE (or, handling the signal, exits non-zero saying
+    "broken pipe"). That is no failure when pg_restore exited 0: it had everything it needed. When pg_restore
+    failed, the pipe closed before that, and pg_restore is named. Any other restic failure is one even after
+    pg_restore's success (as before: nothing that restic reports as an error passes).
+    """
+    if done.timed_out or done.cancelled or done.problem is not None or len(done.returncodes) != 2:
+        return done.describe_failure()
+    dump_code, list_code = done.returncodes
+    said = restic_error_text(done.stderr_tail.splitlines())
+    tail = f": {said}" if said else ""
+    cut_off = dump_code == -signal.SIGPIPE or (dump_code != 0 and _PIPE_CLOSED in done.stderr_tail)
+    # restic first: a restic that fails (a wrong password, a missing pack) leaves pg_restore an input cut short.
+    if dump_code != 0 and not cut_off:
+        return f"restic dump failed (exit status {dump_code}){tail}"
+    if list_code != 0:
+        return f"pg_restore in the container failed (exit status {list_code}){tail}"
+    return None
+
+
+def read_entries(*, restic: str, snapshot_id: str, database: str, container_id: str, env: Mapping[str, str],
+                 masker: Masker, timeout: float, readers: Sequence[Callable[[str], None]], reading: str,
+                 user: str | None = None, cancel: threading.Event | None = None) -> None:
+    """Passes each line of a snapshot's dump's database entries, as the container's own pg_restore prints them
+    (commands.database_entries_pipeline), to every one of `readers` (PropertiesReader, roles.NeededRoles).
+
+    `env` is the pipeline's environment (the repository's and DOCKER_HOST); `user` gives the exec its libpq
+    environment. Returns once the entries were read whole; raises PropertiesUnreadable saying that `reading`
+    (what the caller reads, e.g. "the database entries of snapshot 61a978dd") failed, and why (entries_failure).
+    """
+    def each(line: str) -> None:
+        for reader in readers:
+            reader(line)
+
+    done = run_pipeline(commands.database_entries_pipeline(restic, snapshot_id, database, container_id, user),
+                        env=env, masker=masker, timeout=timeout, cancel=cancel, capture_stdout=False,
+                        on_stdout_line=each)
+    failure = entries_failure(done)
+    if failure is not None:
+        raise PropertiesUnreadable(f"reading {reading} failed: {failure}")
+
+
 def read_properties(*, restic: str, snapshot_id: str, database: str, container_id: str, user: str,
                     env: Mapping[str, str], masker: Masker, timeout: float,
                     cancel: threading.Event | None = None) -> DatabaseProperties:
-    """Reads the database entries of a snapshot's dump with the container's own pg_restore.
+    """Reads the database properties of a snapshot's dump (read_entries with a PropertiesReader).
 
-    `env` is the pipeline's environment (the repository's and DOCKER_HOST); pg_restore writing text
-    connects to no server, so no password is needed. Returns the DatabaseProperties; raises PropertiesUnreadable.
+    Returns the DatabaseProperties; raises PropertiesUnreadable when the entries cannot be read or hold no
+    DATABASE entry.
     """
     reader = PropertiesReader()
-    lister = commands.exec_helper(container_id, commands.pg_restore_database_entries_command(), stdin=True,
-                                  env_values=commands.pg_env(user, "postgres"))
-    dump = commands.restic_dump(restic, snapshot_id, database)
-    done = run_pipeline([dump, lister], env=env, masker=masker, timeout=timeout, cancel=cancel,
-                        capture_stdout=False, on_stdout_line=reader)
-    dump_code, list_code = done.returncodes
-    # pg_restore stops after the table of contents, so restic may be cut off by the closed pipe.
-    dump_cut = dump_code in (0, -signal.SIGPIPE) or "broken pipe" in done.stderr_tail
-    if done.timed_out or done.cancelled or list_code != 0 or not dump_cut:
-        raise PropertiesUnreadable(f"reading the database entries of snapshot {snapshot_id[:8]} failed: "
-                                   f"{done.describe_failure()}")
+    read_entries(restic=restic, snapshot_id=snapshot_id, database=database, container_id=container_id, env=env,
+                 masker=masker, timeout=timeout, readers=(reader,), user=user, cancel=cancel,
+                 reading=f"the database entries of snapshot {snapshot_id[:8]}")
     return checked(reader.result(), snapshot_id)
 
 

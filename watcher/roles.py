@@ -12,9 +12,8 @@ stdin, never argv nor a log, and every hash in it is masked in whatever psql say
 from __future__ import annotations
 
 import re
-import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,8 +21,8 @@ import structlog
 from watcher import commands, dbproperties
 from watcher.config import Bounds
 from watcher.discovery import Credentials
-from watcher.execute import Completed, ExecError, Masker, run_in_container, run_pipeline
-from watcher.restic import Repository, Snapshot, restic_error_text
+from watcher.execute import ExecError, Masker, run_in_container
+from watcher.restic import Repository, Snapshot
 
 log = structlog.get_logger("watcher.roles")
 READ_TIMEOUT_SECONDS = 12 * 3600.0
@@ -287,19 +286,6 @@ def globals_for(snapshots: Sequence[Snapshot], database_snapshot: Snapshot) -> S
     return min(own, key=lambda s: s.time, default=None)
 
 
-def toc_read(done: Completed) -> bool:
-    """Whether `restic dump | pg_restore --create --schema-only` read the whole table of contents: pg_restore
-    exited 0.
-
-    The definitions all stand in the archive's table of contents, before the data: pg_restore stops
-    reading there and restic, still writing the data, ends on SIGPIPE, which is no failure.
-    """
-    if done.timed_out or done.cancelled or done.problem is not None or len(done.returncodes) != 2:
-        return False
-    dump_exit, restore_exit = done.returncodes
-    return restore_exit == 0 and dump_exit in (0, -signal.SIGPIPE)
-
-
 # --- running it -----------------------------------------------------------------------------------------
 class RoleMaker:
     """Finds the roles a snapshot needs in a destination container and creates the missing ones."""
@@ -315,26 +301,22 @@ class RoleMaker:
         self.known = known
 
     def needed_roles(self, snapshot: Snapshot, container_id: str) -> set[str]:
-        """The roles the snapshot's dump names, read by the destination's own pg_restore (no connection);
-        raises RoleError."""
+        """The roles the snapshot's dump names, read by the destination's own pg_restore (no connection), its
+        database properties kept in `known` on the way; raises RoleError."""
         collector = NeededRoles()
-        properties = dbproperties.PropertiesReader()
-
-        def each(line: str) -> None:
-            collector(line)
-            if self.known is not None:
-                properties(line)
-
-        # With --create: the database's own entries too (its owner, ACL, per-database role settings).
-        lister = commands.exec_helper(container_id, commands.pg_restore_database_entries_command(), stdin=True)
-        dump = commands.restic_dump(self.repository.binary, snapshot.id, snapshot.database)
-        done = run_pipeline([dump, lister], env={**self.repository.env, "DOCKER_HOST": self.docker_host},
-                            masker=self.masker, timeout=READ_TIMEOUT_SECONDS, cancel=self.cancel,
-                            capture_stdout=False, on_stdout_line=each)
-        if not toc_read(done):
-            detail = restic_error_text(done.stderr_tail.splitlines()) or done.describe_failure()
-            raise RoleError(f"reading the roles snapshot {snapshot.short_id} needs failed: {detail}")
-        if self.known is not None:
+        # The properties are parsed only for a restore that takes them (`known`).
+        properties = dbproperties.PropertiesReader() if self.known is not None else None
+        readers: list[Callable[[str], None]] = [collector] if properties is None else [collector, properties]
+        try:
+            # Its --create prints the database's own entries too (its owner, ACL, per-database role settings).
+            dbproperties.read_entries(restic=self.repository.binary, snapshot_id=snapshot.id,
+                                      database=snapshot.database, container_id=container_id,
+                                      env={**self.repository.env, "DOCKER_HOST": self.docker_host},
+                                      masker=self.masker, timeout=READ_TIMEOUT_SECONDS, readers=readers,
+                                      reading=f"the roles snapshot {snapshot.short_id} needs", cancel=self.cancel)
+        except dbproperties.PropertiesUnreadable as exc:
+            raise RoleError(str(exc)) from exc
+        if self.known is not None and properties is not None:
             self.known.keep(snapshot.id, properties.result())
         return collector.roles
 

@@ -116,6 +116,17 @@ def test_restic_dump() -> None:
     assert argv == ("restic", "dump", "1a2b3c4d", "/a%2Fb.pgdump")
 
 
+def test_the_database_entries_pipeline_dumps_into_pg_restore_create_schema_only_in_the_container() -> None:
+    helper = (sys.executable, "-m", "watcher.dockerexec", "--container", "c0ffee", "--stdin")
+    listing = ("--", "pg_restore", "--create", "--schema-only", "--file=-")
+    assert commands.database_entries_pipeline("restic", "1a2b3c4d", "a/b", "c0ffee") == (
+        ("restic", "dump", "1a2b3c4d", "/a%2Fb.pgdump"), (*helper, *listing))
+    # A user's libpq environment, none of it secret (writing text, pg_restore connects to no server).
+    assert commands.database_entries_pipeline("restic", "1a2b3c4d", "a/b", "c0ffee", "backup")[1] == (
+        *helper, "--env", "PGUSER=backup", "--env", "PGDATABASE=postgres", "--env", "PGAPPNAME=backup-watcher",
+        *listing)
+
+
 def test_restic_forget_groups_per_history_with_its_keeps() -> None:
     argv = commands.restic_forget("restic", host="db-host", containers=["scalr-b-db", "scalr-app-db"],
                                   retention=Retention(daily=7, weekly=0, monthly=12))

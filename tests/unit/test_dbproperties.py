@@ -2,106 +2,24 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
+from tests.unit.entries_kit import PG_RESTORE_CUT_SHORT, PG_RESTORE_TEXT, RESTIC_CUT_OFF, FakePipeline
+from watcher import commands, dbproperties
 from watcher.dbproperties import (
     DatabaseProperties,
     KnownProperties,
     PropertiesReader,
     PropertiesUnreadable,
     checked,
+    entries_failure,
+    read_properties,
     retarget,
     split_statements,
 )
-
-# The shape of pg_restore 15/17 output (trimmed), with awkward names and literals.
-PG_RESTORE_TEXT = '''--
--- PostgreSQL database dump
---
-
-\\restrict abc
-
-SET statement_timeout = 0;
-
---
--- Name: My DB; Type: DATABASE; Schema: -; Owner: owner_r
---
-
-CREATE DATABASE "My DB" WITH TEMPLATE = template0 ENCODING = 'UTF8';
-
-
-ALTER DATABASE "My DB" OWNER TO owner_r;
-
-\\unrestrict abc
-\\connect -reuse-previous=on "dbname='My DB'"
-\\restrict abc
-
-SET statement_timeout = 0;
-
---
--- Name: DATABASE "My DB"; Type: COMMENT; Schema: -; Owner: owner_r
---
-
-COMMENT ON DATABASE "My DB" IS 'see DATABASE "My DB";
--- not a header
-done';
-
-
---
--- Name: My DB; Type: DATABASE PROPERTIES; Schema: -; Owner: owner_r
---
-
-ALTER DATABASE "My DB" SET search_path TO 'app', 'public';
-ALTER DATABASE "My DB" SET "TimeZone" TO 'Asia/Tokyo';
-ALTER ROLE "x IN DATABASE ""My DB""" IN DATABASE "My DB" SET work_mem TO '8MB';
-
-
-\\unrestrict abc
-\\connect -reuse-previous=on "dbname='My DB'"
-\\restrict abc
-
---
--- Name: t; Type: TABLE; Schema: public; Owner: app
---
-
-CREATE TABLE public.t (x integer);
-
-
---
--- Name: TABLE t; Type: ACL; Schema: public; Owner: app
---
-
-GRANT SELECT ON TABLE public.t TO reader;
-
-
---
--- Name: DEFAULT PRIVILEGES FOR TABLES; Type: DEFAULT ACL; Schema: public; Owner: owner_r
---
-
-ALTER DEFAULT PRIVILEGES FOR ROLE owner_r IN SCHEMA public GRANT SELECT ON TABLES TO "default reader";
-
-
---
--- Name: t p; Type: POLICY; Schema: public; Owner: app
---
-
-CREATE POLICY p ON public.t FOR SELECT TO policy_role USING ((x > 0));
-
-
---
--- Name: DATABASE "My DB"; Type: ACL; Schema: -; Owner: owner_r
---
-
-REVOKE CONNECT,TEMPORARY ON DATABASE "My DB" FROM PUBLIC;
-GRANT CONNECT ON DATABASE "My DB" TO ro;
-
-
---
--- PostgreSQL database dump complete
---
-
-\\unrestrict abc
-'''
+from watcher.execute import Completed, Masker
 
 
 def read(text: str = PG_RESTORE_TEXT) -> PropertiesReader:
@@ -171,3 +89,66 @@ def test_properties_read_with_the_roles_are_taken_once_by_the_restore_that_follo
 def test_properties_without_a_database_entry_are_refused_wherever_they_were_read() -> None:
     with pytest.raises(PropertiesUnreadable, match="holds no DATABASE entry"):
         checked(DatabaseProperties(), "61a978ddb75d")
+
+
+# --- the one check of `restic dump | pg_restore --create --schema-only` ---------------------------------------
+PIPELINE = commands.database_entries_pipeline("restic", "61a978ddb75d", "appdb", "c0ffee")
+
+
+def ended(dump: int, lister: int, stderr: str = "", *, timed_out: bool = False, cancelled: bool = False) -> Completed:
+    return Completed(PIPELINE, (dump, lister), stderr_tail=stderr, timed_out=timed_out, cancelled=cancelled)
+
+
+def test_entries_are_read_when_both_end_cleanly() -> None:
+    assert entries_failure(ended(0, 0)) is None
+
+
+def test_a_closed_pipe_after_pg_restore_had_everything_is_no_failure() -> None:
+    # pg_restore read the table of contents and exited 0; restic, still writing the data, met the closed pipe.
+    assert entries_failure(ended(-signal.SIGPIPE, 0)) is None
+    assert entries_failure(ended(1, 0, RESTIC_CUT_OFF)) is None
+
+
+def test_a_closed_pipe_before_pg_restore_had_everything_fails_naming_pg_restore() -> None:
+    for dump, stderr in ((-signal.SIGPIPE, PG_RESTORE_CUT_SHORT), (1, RESTIC_CUT_OFF + "\n" + PG_RESTORE_CUT_SHORT)):
+        failure = entries_failure(ended(dump, 1, stderr))
+        assert failure is not None and failure.startswith("pg_restore in the container failed (exit status 1): ")
+        assert "could not read from input file" in failure
+
+
+def test_a_real_failure_of_restic_or_pg_restore_fails_naming_which() -> None:
+    wrong_password = entries_failure(ended(12, 1, "Fatal: wrong password or no key found\n" + PG_RESTORE_CUT_SHORT))
+    assert wrong_password is not None and wrong_password.startswith("restic dump failed (exit status 12): Fatal: wrong")
+    # A restic error after pg_restore's success is still one: only the closed pipe is forgiven.
+    lost_pack = entries_failure(ended(1, 0, "Fatal: cannot dump file: pack 3b1f not found"))
+    assert lost_pack is not None and lost_pack.startswith("restic dump failed (exit status 1): Fatal: cannot dump")
+    bad_archive = entries_failure(ended(0, 1, "pg_restore: error: input file does not appear to be a valid archive"))
+    assert bad_archive is not None and bad_archive.startswith("pg_restore in the container failed (exit status 1)")
+    no_engine = entries_failure(ended(-signal.SIGPIPE, 125, "backup-watcher: cannot reach the Docker engine"))
+    assert no_engine is not None and no_engine.startswith("pg_restore in the container failed (exit status 125)")
+
+
+def test_an_interrupted_or_broken_run_fails_whatever_the_exit_codes() -> None:
+    for done in (ended(0, 0, timed_out=True), ended(-signal.SIGPIPE, 0, cancelled=True),
+                 Completed(PIPELINE, (0, 0), problem="the exec stream did not arrive whole"),
+                 Completed(PIPELINE[:1], (0,))):
+        assert entries_failure(done) is not None
+
+
+# --- the one reader, as drill and restore use it ---------------------------------------------------------
+def properties_of(pipeline: FakePipeline, monkeypatch: pytest.MonkeyPatch) -> DatabaseProperties:
+    monkeypatch.setattr(dbproperties, "run_pipeline", pipeline)
+    return read_properties(restic="restic", snapshot_id="61a978ddb75d", database="appdb", container_id="c0ffee",
+                           user="backup", env={}, masker=Masker(), timeout=60)
+
+
+def test_properties_are_read_through_the_entries_pipeline_as_the_exec_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = FakePipeline((1, 0), RESTIC_CUT_OFF)
+    assert properties_of(pipeline, monkeypatch).owner == "owner_r"
+    assert pipeline.argv == [commands.database_entries_pipeline("restic", "61a978ddb75d", "appdb", "c0ffee", "backup")]
+
+
+def test_properties_read_before_pg_restore_had_everything_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PropertiesUnreadable, match=r"^reading the database entries of snapshot 61a978dd failed: "
+                                                   r"pg_restore in the container failed \(exit status 1\)"):
+        properties_of(FakePipeline((1, 1), RESTIC_CUT_OFF + "\n" + PG_RESTORE_CUT_SHORT), monkeypatch)

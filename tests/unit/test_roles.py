@@ -7,10 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.unit.entries_kit import PG_RESTORE_CUT_SHORT, RESTIC_CUT_OFF, FakePipeline
+from watcher import commands, dbproperties
 from watcher.commands import GLOBALS_DATABASE
-from watcher.execute import Completed
-from watcher.restic import Snapshot
-from watcher.roles import NeededRoles, RoleError, globals_for, parse_globals, plan_roles, statements, toc_read
+from watcher.config import Bounds
+from watcher.dbproperties import KnownProperties
+from watcher.execute import Masker
+from watcher.restic import Repository, Snapshot
+from watcher.roles import NeededRoles, RoleError, RoleMaker, globals_for, parse_globals, plan_roles, statements
 
 HASH = "SCRAM-SHA-256$4096:lk+yc/7mAtgJ6vz9hNKZKA==$gMTi:pwq5"
 GLOBALS_17 = f"""--
@@ -172,10 +176,41 @@ def test_the_globals_of_the_same_pass_are_the_newest_at_or_before_the_dump() -> 
     assert globals_for(history, snap("db", 5, host="c")) is None
 
 
-def test_the_table_of_contents_is_read_whole_when_pg_restore_exits_0_even_if_restic_meets_a_closed_pipe() -> None:
-    argv = (("restic", "dump"), ("pg_restore",))
-    assert toc_read(Completed(argv, (0, 0)))
-    assert toc_read(Completed(argv, (-signal.SIGPIPE, 0)))
-    assert not toc_read(Completed(argv, (12, 1)))  # wrong password: pg_restore read nothing
-    assert not toc_read(Completed(argv, (-signal.SIGPIPE, 1)))
-    assert not toc_read(Completed(argv, (0, 0), timed_out=True))
+def role_maker(known: KnownProperties | None = None) -> RoleMaker:
+    return RoleMaker("unix:///var/run/docker.sock", Repository("restic", {}, Masker(), "/srv/restic"), Masker(),
+                     Bounds(), known=known)
+
+
+DUMP = Snapshot("61a978ddb75d", "61a978dd", datetime(2026, 11, 1, 3, tzinfo=UTC), "a", "db", "appdb", 1)
+
+
+def test_the_roles_are_read_through_the_same_entries_pipeline_and_check_as_the_properties(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # restic that handles SIGPIPE itself exits 1 saying "broken pipe": after pg_restore's 0, no failure here either.
+    pipeline = FakePipeline((1, 0), RESTIC_CUT_OFF)
+    monkeypatch.setattr(dbproperties, "run_pipeline", pipeline)
+    known = KnownProperties()
+    assert role_maker(known).needed_roles(DUMP, "c0ffee") == {
+        "owner_r", "app", "reader", "ro", 'x IN DATABASE "My DB"', "default reader", "policy_role"}
+    assert pipeline.argv == [commands.database_entries_pipeline("restic", "61a978ddb75d", "appdb", "c0ffee")]
+    kept = known.take(DUMP.id)
+    assert kept is not None and kept.owner == "owner_r" and len(kept.statements) == 6
+
+
+def test_roles_read_before_pg_restore_had_everything_fail_naming_pg_restore(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dbproperties, "run_pipeline", FakePipeline((-signal.SIGPIPE, 1), PG_RESTORE_CUT_SHORT))
+    with pytest.raises(RoleError, match=r"^reading the roles snapshot 61a978dd needs failed: "
+                                        r"pg_restore in the container failed \(exit status 1\)"):
+        role_maker(KnownProperties()).needed_roles(DUMP, "c0ffee")
+    monkeypatch.setattr(dbproperties, "run_pipeline", FakePipeline((12, 1), "Fatal: wrong password or no key found"))
+    with pytest.raises(RoleError, match=r"needs failed: restic dump failed \(exit status 12\): Fatal: wrong password"):
+        role_maker().needed_roles(DUMP, "c0ffee")
+
+
+def test_without_a_restore_to_take_them_the_properties_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_reader() -> None:
+        raise AssertionError("a PropertiesReader nobody takes the result of")
+
+    monkeypatch.setattr(dbproperties, "run_pipeline", FakePipeline((-signal.SIGPIPE, 0)))
+    monkeypatch.setattr(dbproperties, "PropertiesReader", no_reader)
+    assert "policy_role" in role_maker().needed_roles(DUMP, "c0ffee")
