@@ -52,7 +52,9 @@ ARG VERSION=unspecified
 ARG REVISION=unknown
 ARG BASE_IMAGE
 ARG WATCHER_UID=10001
-LABEL org.opencontainers.image.title="backup-watcher" \
+# backup-watcher.role: the watcher's own container is never one of its targets, whatever pattern matches its name.
+LABEL backup-watcher.role="watcher" \
+      org.opencontainers.image.title="backup-watcher" \
       org.opencontainers.image.description="Backs up every PostgreSQL database running in Docker into restic, and proves the backups restore." \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \

@@ -246,8 +246,23 @@ def pg_not_ready_reason(ctx: JobContext, target: Target) -> str | None:
         return None
     if done.timed_out or done.cancelled or done.problem:
         return done.describe_failure()
+    if done.returncode in NOT_STARTED_CODES:
+        # No waiting makes a missing program appear: most likely not a PostgreSQL container at all.
+        raise JobError(not_postgres_problem(target, done.returncode))
     # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
     return done.stderr_tail or _PG_ISREADY_CODES.get(done.returncode, f"pg_isready exit {done.returncode}")
+
+
+NOT_STARTED_CODES = (126, 127)  # the engine's exit codes of an exec whose program could not be started
+
+
+def not_postgres_problem(target: Target, code: int) -> str:
+    """Why a container without a runnable pg_isready is no PostgreSQL target, and what to do."""
+    return (f"pg_isready could not be started in {target.name} (exit {code}: not found or not executable): it "
+            f"does not look like a PostgreSQL container (image {target.image}). If it runs MariaDB or MySQL, set "
+            f"the label backup-watcher.engine=mariadb or mysql; another database: engine=command with "
+            f"backup-watcher.dump-command; not a database: label it backup-watcher.enable=false or narrow "
+            f"WATCHER_CONTAINER_PATTERNS")
 
 
 def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:

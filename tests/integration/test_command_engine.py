@@ -57,6 +57,20 @@ def test_a_dump_command_that_fails_leaves_no_snapshot(start_redis: StartRedis, r
     assert repo.snapshots_of(name) == []
 
 
+def test_a_redis_caught_by_a_pattern_without_an_engine_label_fails_at_once_saying_what_to_set(
+        start_redis: StartRedis, repo: Repo, watcher_env: dict[str, str]) -> None:
+    """Taken for PostgreSQL (the default engine) and just started: the wait for its server would last the whole
+    WATCHER_READY_TIMEOUT for a pg_isready that does not exist; it must fail at once, naming the labels."""
+    name = start_redis("bwt-e18-redis-unlabelled", {})
+    env = {**watcher_env, "WATCHER_CONTAINER_PATTERNS": name, "WATCHER_READY_TIMEOUT": "10m"}
+    backup = run_watcher(["backup"], env, timeout=120)
+    assert backup.returncode == 1, backup.stdout + backup.stderr
+    assert f"pg_isready could not be started in {name}" in backup.stdout, backup.stdout
+    assert "backup-watcher.engine=mariadb" in backup.stdout and "engine=command" in backup.stdout
+    assert "did not accept connections within" not in backup.stdout
+    assert repo.snapshots_of(name) == []
+
+
 def test_restore_says_clearly_when_no_restore_command_is_defined(start_redis: StartRedis, repo: Repo,
                                                                  watcher_env: dict[str, str]) -> None:
     name = start_redis("bwt-e18-redis-norestore", {"backup-watcher.dump-command": DUMP})

@@ -167,7 +167,7 @@ def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
         image: str, start_pg: StartPg, repo: Repo, repo_dir: Path, secrets_dir: Path) -> None:
     db: PgContainer = start_pg("bwt-img-db", "17")
     db.psql(BIG_TABLE)
-    name = "bwt-watcher-image"
+    name = "bwt-img-watcher"  # its own pattern below matches it: the image's role label keeps it from being a target
     try:
         # docker stop in the middle of the first dump: exit 0 within seconds, no partial snapshot.
         run_watcher_container(name, repo_dir, secrets_dir, engine_socket(), "bwt-img-*",
@@ -191,6 +191,9 @@ def test_image_runs_as_non_root_backs_up_through_the_socket_and_stops_cleanly(
         assert info["Config"]["User"] == "watcher"
         assert info["Config"]["Entrypoint"] == ["tini", "--", "backup-watcher"]
         assert info["Config"]["Labels"]["org.opencontainers.image.title"] == "backup-watcher"
+        assert info["Config"]["Labels"]["backup-watcher.role"] == "watcher"
+        status = docker("exec", name, "backup-watcher", "status").stdout
+        assert db.name in status and name not in status, status
         assert "restic 0.18" in docker("exec", name, "restic", "version").stdout
         assert docker("exec", name, "python3", "-m", "watcher.healthcheck").returncode == 0
         # The password came from a file: it is in no part of the container's configuration or argv.
