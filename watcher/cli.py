@@ -351,7 +351,7 @@ def _print_backup_results(targets: list[Target], batches: Batches, results: list
         if result.ok:
             assert result.snapshot_id is not None
             print(f"ok      {result.target}/{result.database}  snapshot {result.snapshot_id[:8]}  "
-                  f"{result.bytes_processed} bytes in {result.duration_s:.1f}s"
+                  f"{_human_bytes(result.bytes_processed)} in {result.duration_s:.1f}s"
                   + (f"  ({result.note})" if result.note else ""))
         else:
             print(f"FAILED  {result.target}/{result.database}: {result.error}")
@@ -424,14 +424,10 @@ def cmd_snapshots(app: App, args: argparse.Namespace) -> int:
 
 
 def _human_bytes(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+    """A snapshot's size as the progress line shows sizes ("-" when restic did not say)."""
+    from watcher.progress import human_bytes
+
+    return "-" if size is None else human_bytes(size)
 
 
 def cmd_restore(app: App, args: argparse.Namespace) -> int:
