@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -70,11 +71,16 @@ class RepositoryLock:
                                      stdout=subprocess.DEVNULL, stderr=self._stderr,
                                      env={**os.environ, "RESTIC_REPOSITORY": str(repo.path),
                                           "RESTIC_PASSWORD": repo.password})
-        wait_for(lambda: self.proc.poll() is not None or any(self.locks.iterdir()), 60, "restic key passwd's lock")
+        wait_for(lambda: self.proc.poll() is not None or self._written(), 60, "restic key passwd's lock")
         assert self.proc.poll() is None, (side / "holder.err").read_text()
-        (self.file,) = self.locks.iterdir()
+        (self.file,) = self._written()
         lock = json.loads(repo.restic("--no-lock", "cat", "lock", self.file.name).stdout)
         assert lock["exclusive"] is True and lock["pid"] == self.proc.pid, lock
+
+    def _written(self) -> list[Path]:
+        """The lock files restic has finished: its local backend writes `ID-tmp-RANDOM` first and renames it to
+        the ID (CI, session 9: the temporary name was read as the lock's)."""
+        return [path for path in self.locks.iterdir() if re.fullmatch(r"[0-9a-f]{64}", path.name)]
 
     @property
     def held(self) -> bool:
