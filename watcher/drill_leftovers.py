@@ -32,7 +32,7 @@ SOURCE_LABEL = "backup-watcher.drill-source"
 HOST_LABEL = "backup-watcher.drill-host"
 OWNER_LABEL = "backup-watcher.drill-owner"
 # A drill's steps in its container are each bounded (readiness 3 min; the restore, the counts and the
-# property checks 12 h each, watcher.drill): a container of a live drill is never older than this.
+# property checks 12 h each, watcher.drill_container): a container of a live drill is never older than this.
 LEFTOVER_AGE_SECONDS = 37 * 3600.0
 
 

@@ -23,8 +23,8 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 NOT_FOR_BACKUP = ("docker", "requests", "urllib3", "croniter", "prometheus_client", "apprise", "tqdm",
-                  "importlib.metadata", "watcher.daemon", "watcher.metrics", "watcher.drill", "watcher.restore",
-                  "watcher.keydump")
+                  "importlib.metadata", "watcher.daemon", "watcher.metrics", "watcher.drill", "watcher.drill_checks",
+                  "watcher.drill_container", "watcher.drill_restore", "watcher.restore", "watcher.keydump")
 
 HELPER_START = """
 import json, sys

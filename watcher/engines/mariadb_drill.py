@@ -105,7 +105,7 @@ class MariaDBDriller:
             restore_s = time.monotonic() - restore_started
             tables = self._check(engine, container_id, variable, database, counter, masker)
         except (JobError, DockerUnavailable, ExecError) as exc:
-            return self.driller._failed(target, database, run_id, started, snapshot, str(exc))
+            return self.driller.failed(target, database, run_id, started, snapshot, str(exc))
         finally:
             if container_id is not None:
                 try:
@@ -114,9 +114,9 @@ class MariaDBDriller:
                     bound.error("drill_cleanup_failed", container=name, error=str(exc))
         problems = [check.problem for check in tables if check.problem]
         if problems:
-            return self.driller._failed(target, database, run_id, started, snapshot,
-                                        "restored data does not match the dump: " + "; ".join(problems[:10]),
-                                        tables, restore_s)
+            return self.driller.failed(target, database, run_id, started, snapshot,
+                                       "restored data does not match the dump: " + "; ".join(problems[:10]),
+                                       tables, restore_s)
         duration = time.monotonic() - started
         bound.info("drill_succeeded", duration_s=round(duration, 3), restore_duration_s=round(restore_s, 3),
                    tables=len(tables), rows=sum(t.restored or 0 for t in tables),
@@ -153,7 +153,7 @@ class MariaDBDriller:
               masker: Masker) -> InsertCounter:
         """Loads the snapshot into the drill container, then reads it again counting its rows; returns the
         counts. Raises JobError when either pipeline fails or the dump is not whole."""
-        from watcher.drill import run_pipeline_checked
+        from watcher.drill_container import run_pipeline_checked
         from watcher.jobs import JobError
         env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
         dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database, engine.dump_suffix)
