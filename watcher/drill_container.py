@@ -15,7 +15,7 @@ from watcher.jobs import JobContext, JobError
 from watcher.restic import restic_error_text
 
 # No other session is in a drill container, so nothing there waits on a lock: each step (the restore, the
-# counts, each property check) is bounded only against a hang. watcher.drill_leftovers relies on this bound.
+# counts, each property check) is bounded only against a hang. watcher.drill_leftovers sums these bounds.
 DRILL_TIMEOUT_SECONDS = 12 * 3600.0
 
 

@@ -247,22 +247,32 @@ def pg_not_ready_reason(ctx: JobContext, target: Target) -> str | None:
     if done.timed_out or done.cancelled or done.problem:
         return done.describe_failure()
     if done.returncode in NOT_STARTED_CODES:
-        # No waiting makes a missing program appear: most likely not a PostgreSQL container at all.
-        raise JobError(not_postgres_problem(target, done.returncode))
+        said = done.stdout.decode(errors="replace").strip()[-300:]  # the engine writes its reason there
+        if program_missing(said):
+            # No waiting makes a missing program appear: most likely not a PostgreSQL container at all.
+            raise JobError(not_postgres_problem(target, said))
+        return said or f"pg_isready could not be started (exit {done.returncode})"
     # pg_isready: 1 = rejecting connections (starting up), 2 = no response, 3 = no attempt made.
     return done.stderr_tail or _PG_ISREADY_CODES.get(done.returncode, f"pg_isready exit {done.returncode}")
 
 
-NOT_STARTED_CODES = (126, 127)  # the engine's exit codes of an exec whose program could not be started
+# The engine's exit codes of an exec whose program could not be started: also for passing causes (a container
+# stopping between the exec's creation and start, a pids limit), so only the engine's words decide.
+NOT_STARTED_CODES = (126, 127)
 
 
-def not_postgres_problem(target: Target, code: int) -> str:
-    """Why a container without a runnable pg_isready is no PostgreSQL target, and what to do."""
-    return (f"pg_isready could not be started in {target.name} (exit {code}: not found or not executable): it "
-            f"does not look like a PostgreSQL container (image {target.image}). If it runs MariaDB or MySQL, set "
-            f"the label backup-watcher.engine=mariadb or mysql; another database: engine=command with "
-            f"backup-watcher.dump-command; not a database: label it backup-watcher.enable=false or narrow "
-            f"WATCHER_CONTAINER_PATTERNS")
+def program_missing(engine_said: str) -> bool:
+    """Whether the engine's reason for an exec that did not start says the program does not exist there."""
+    return "executable file not found" in engine_said or "no such file or directory" in engine_said
+
+
+def not_postgres_problem(target: Target, engine_said: str) -> str:
+    """Why a container without pg_isready is no PostgreSQL target, and what to do."""
+    return (f"pg_isready could not be started in {target.name} ({engine_said}): it does not look like a "
+            f"PostgreSQL container (image {target.image}), or its PATH lacks PostgreSQL's programs. If it runs "
+            f"MariaDB or MySQL, set the label backup-watcher.engine=mariadb or mysql; another database: "
+            f"engine=command with backup-watcher.dump-command; not a database: label it "
+            f"backup-watcher.enable=false or narrow WATCHER_CONTAINER_PATTERNS")
 
 
 def wait_until_ready(ctx: JobContext, target: Target, timeout: float) -> None:

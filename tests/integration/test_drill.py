@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import tarfile
+from dataclasses import replace
 
 import pytest
 
@@ -24,7 +25,7 @@ from tests.integration.conftest import (
     run_watcher,
     wait_for,
 )
-from watcher.drill_leftovers import OWNER_LABEL, Owner, this_process
+from watcher.drill_leftovers import OWNER_LABEL, this_process
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -87,8 +88,9 @@ def test_a_one_shot_drill_removes_only_the_drill_containers_whose_maker_is_gone(
     ended.wait()
     me = this_process()
     owners = {"bw-drill-live-maker": me.label(),  # stands for the daemon's running drill
-              "bw-drill-ended-maker": Owner(*me.place(), ended.pid, "1").label(),
-              "bw-drill-young-elsewhere": Owner("another-watcher", "4026531836", 7, "1").label(),
+              "bw-drill-ended-maker": replace(me, pid=ended.pid, started="1").label(),
+              "bw-drill-earlier-run": replace(me, namespace="1").label(),  # this container before a restart
+              "bw-drill-young-elsewhere": replace(me, hostname="another-watcher").label(),
               "bw-drill-no-owner": None}
     for name, owner in owners.items():
         docker("run", "-d", "--network", "none", "--name", name, "--label", TEST_LABEL,
@@ -102,6 +104,8 @@ def test_a_one_shot_drill_removes_only_the_drill_containers_whose_maker_is_gone(
         removed = {json.loads(line)["container"]: json.loads(line)["reason"] for line in done.stderr.splitlines()
                    if '"drill_leftover_removed"' in line}
         assert removed == {"bw-drill-ended-maker": f"the watcher process that made it ({ended.pid}) has ended",
+                           "bw-drill-earlier-run": "the run of this container or machine that made it has ended "
+                                                   "(restarted since)",
                            "bw-drill-no-owner": "it names no owner (made by an older watcher)"}
     finally:
         docker("rm", "-f", *owners, check=False)

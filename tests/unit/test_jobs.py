@@ -11,6 +11,7 @@ from watcher.jobs import (
     SETTLED_AFTER_SECONDS,
     ReadinessPlan,
     lock_wait_problem,
+    program_missing,
     readiness_plan,
 )
 from watcher.restic import restic_error_text
@@ -133,3 +134,14 @@ def test_other_failures_are_not_lock_waits() -> None:
     assert lock_wait_problem("pg_dump: error: connection to server failed", 300.0) is None
     assert lock_wait_problem("ERROR:  canceling statement due to statement timeout", 300.0) is None
     assert lock_wait_problem("", 300.0) is None
+
+
+def test_only_the_engines_word_that_the_program_is_missing_makes_a_container_no_postgresql() -> None:
+    """Exit 126 also comes from passing causes (a container stopping between exec create and start): those
+    are waited on like any other answer; only "not found" fails at once (jobs.pg_not_ready_reason)."""
+    missing = ('OCI runtime exec failed: exec failed: unable to start container process: exec: "pg_isready": '
+               'executable file not found in $PATH: unknown')
+    assert program_missing(missing)
+    assert program_missing('exec: "/usr/lib/postgresql/15/bin/pg_isready": stat ...: no such file or directory')
+    assert not program_missing("OCI runtime exec failed: exec failed: container is stopped: unknown")
+    assert not program_missing("")

@@ -124,7 +124,6 @@ class MariaDBDriller:
         return DrillResult(target.name, database, True, run_id, datetime.now(UTC), duration, snapshot.id,
                            restore_s, tables)
 
-
     def _client(self, engine: MariaDBEngine, variable: str, *args: str) -> commands.Command:
         return client_command(variable, engine.client_programs, ("--user=root", *args))
 
