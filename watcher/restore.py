@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -160,7 +160,9 @@ class Restorer:
         masker = self.masker.with_secrets([creds.password])
         scratch = scratch_name(database)
         bound = log.bind(target=container_name, database=database, snapshot_id=snapshot.short_id)
-        self._heal_interrupted_swap(container_id, creds, database, bound)
+        swap = DatabaseSwap(lambda script, variables: self._psql(container_id, creds, script, variables), database,
+                            bound)
+        swap.heal_interrupted()
         facts = self._psql(container_id, creds, (
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :'db';\n"
         ), {"db": database}).strip()
@@ -191,7 +193,7 @@ class Restorer:
             raise RestoreError(f"restore failed; {database!r} was left untouched. {exc}") from exc
 
         try:
-            self._swap(container_id, creds, database, scratch, bound)
+            swap.swap(scratch)
         except RestoreError as exc:
             bound.error("restore_failed", error=str(exc))
             raise
@@ -239,26 +241,37 @@ class Restorer:
         bound.info("restore_database_properties_applied", owner=props.owner, settings=props.setting_names(),
                    statements=len(props.statements))
 
-    def _heal_interrupted_swap(self, container_id: str, creds: Credentials, database: str,
-                               bound: structlog.typing.FilteringBoundLogger) -> None:
+
+class DatabaseSwap:
+    """The swap of a restore, and the healing of one interrupted: `database` replaced by its restored copy so
+    that no failure leaves the name without a database behind it. `psql(script, variables)` runs one step on
+    the live server (Restorer._psql, bound to its container) and raises RestoreError."""
+
+    def __init__(self, psql: Callable[[str, dict[str, str]], str], database: str,
+                 bound: structlog.typing.FilteringBoundLogger) -> None:
+        self._psql = psql
+        self.database = database
+        self.log = bound
+
+    def heal_interrupted(self) -> None:
         """Puts a database that an interrupted swap left renamed aside back under its name.
 
         Between the swap's first and second rename the old database is the only copy under neither
         name; a restore killed there must not have its next run drop it as a leftover.
         """
+        database = self.database
         names = {"db": database, "previous": previous_name(database)}
-        present = set(self._psql(container_id, creds, (
+        present = set(self._psql((
             "SELECT datname FROM pg_database WHERE datname IN (:'db', :'previous');\n"
         ), names).split("\n")) - {""}
         if names["previous"] in present and database not in present:
-            self._psql(container_id, creds, (
+            self._psql((
                 'ALTER DATABASE :"previous" RENAME TO :"db";\n'
                 'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
             ), names)
-            bound.warning("restore_interrupted_swap_healed", previous_database=names["previous"])
+            self.log.warning("restore_interrupted_swap_healed", previous_database=names["previous"])
 
-    def _swap(self, container_id: str, creds: Credentials, database: str, scratch: str,
-              bound: structlog.typing.FilteringBoundLogger) -> None:
+    def swap(self, scratch: str) -> None:
         """Puts the restored `scratch` database in the place of `database`; raises RestoreError.
 
         Each step is one statement that either happens or not, so that no failure leaves the name
@@ -266,56 +279,57 @@ class Restorer:
         while sessions stay in it), the restored one takes the name, and only then is the old one
         dropped. A failed middle step renames the old database back.
         """
+        database = self.database
         previous = previous_name(database)
         names = {"db": database, "scratch": scratch, "previous": previous}
         # Nobody may connect to the restored copy while it changes name (a backup of every
         # database, a monitoring agent): a session in it would make the rename fail.
-        self._psql(container_id, creds, (
+        self._psql((
             'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS false;\n'
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity\n"
             "  WHERE datname = :'scratch' AND pid <> pg_backend_pid();\n"
             'DROP DATABASE IF EXISTS :"previous";\n'
         ), names)
-        exists = self._psql(container_id, creds, (
+        exists = self._psql((
             "SELECT count(*) FROM pg_database WHERE datname = :'db';\n"
         ), names).strip() == "1"
         if exists:
             try:
-                self._psql(container_id, creds, (
+                self._psql((
                     'ALTER DATABASE :"db" ALLOW_CONNECTIONS false;\n'
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity\n"
                     "  WHERE datname = :'db' AND pid <> pg_backend_pid();\n"
                     'ALTER DATABASE :"db" RENAME TO :"previous";\n'
                 ), names)
             except RestoreError as exc:
-                self._undo(container_id, creds, (
+                self._undo((
                     'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
                     'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS true;\n'
-                ), names, bound)
+                ), names)
                 raise RestoreError(f"could not move {database!r} aside to swap in the restored copy; {database!r} "
                                    f"was left as it was and the restored copy is in {scratch!r}. {exc}") from exc
         try:
-            self._psql(container_id, creds, 'ALTER DATABASE :"scratch" RENAME TO :"db";\n', names)
+            self._psql('ALTER DATABASE :"scratch" RENAME TO :"db";\n', names)
         except RestoreError as exc:
             if exists:
-                self._undo(container_id, creds, (
+                self._undo((
                     'ALTER DATABASE :"previous" RENAME TO :"db";\n'
                     'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n'
-                ), names, bound)
-            self._undo(container_id, creds, 'ALTER DATABASE :"scratch" ALLOW_CONNECTIONS true;\n', names, bound)
+                ), names)
+            self._undo('ALTER DATABASE :"scratch" ALLOW_CONNECTIONS true;\n', names)
             raise RestoreError(f"could not give the restored copy the name {database!r}; the old database was "
                                f"put back and the restored copy is in {scratch!r}. {exc}") from exc
-        self._psql(container_id, creds, 'ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n', names)
+        self._psql('ALTER DATABASE :"db" ALLOW_CONNECTIONS true;\n', names)
         if exists:
             try:
-                self._psql(container_id, creds, 'DROP DATABASE :"previous";\n', names)
+                self._psql('DROP DATABASE :"previous";\n', names)
             except RestoreError as exc:
                 # The restore itself is done; only the old copy's space is not given back yet.
-                bound.warning("restore_previous_not_dropped", previous_database=previous, error=str(exc))
+                self.log.warning("restore_previous_not_dropped", previous_database=previous, error=str(exc))
 
-    def _undo(self, container_id: str, creds: Credentials, script: str, names: dict[str, str],
-              bound: structlog.typing.FilteringBoundLogger) -> None:
+    def _undo(self, script: str, names: dict[str, str]) -> None:
+        """Runs one step that puts something back; logs `restore_undo_failed` instead of raising."""
         try:
-            self._psql(container_id, creds, script, names)
+            self._psql(script, names)
         except RestoreError as exc:
-            bound.error("restore_undo_failed", error=str(exc))
+            self.log.error("restore_undo_failed", error=str(exc))
