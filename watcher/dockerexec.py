@@ -453,10 +453,11 @@ def _read_frames(sock: socket.socket, buffered: bytes, on_stdout: Callable[[memo
                  on_read: Callable[[], object] | None = None, gather_s: float = 0.0) -> tuple[bool, str | None]:
     """Hands every frame of the multiplexed stream to its callback until the stream ends.
 
-    The stream is read into one buffer, reused (recv_into): a payload is handed on as a memoryview of it (the
-    stdout frames that follow one another in a read as one view, their payloads moved together over the
-    headers between them: see _hand_out), valid only until `on_read` (called once the frames of each read were
-    handed on, before the buffer is read into again) returns. A frame is handed on only once whole.
+    The stream is read into one buffer, reused (recv_into): each payload is handed on as a memoryview of it,
+    valid only until `on_read` (called once the frames of each read were handed on, before the buffer is read
+    into again) returns; a reader that wants a read's frames together gathers them until `on_read` (writev
+    takes them as they are: moving them together would be one more pass over every byte). A frame is handed
+    on only once whole.
 
     With `gather_s`, a read that found less than GATHER_BYTES waits that long before the next: the engine
     sends a dump in frames of a few KiB as it gets them, and a wake-up per frame (31,000 context switches for
@@ -492,39 +493,22 @@ def _read_frames(sock: socket.socket, buffered: bytes, on_stdout: Callable[[memo
 
 def _hand_out(view: memoryview, start: int, filled: int, on_stdout: Callable[[memoryview], object],
               on_stderr: Callable[[memoryview], object]) -> tuple[int, str | None]:
-    """Hands on the whole frames of view[start:filled]; returns where the first partial frame starts, and
-    the problem of a frame of an unknown stream type (None when there is none).
-
-    Consecutive stdout frames are handed on as one piece: their payloads are moved together over the headers
-    between them (a memmove of the data, at memory speed), so that the reader's Python runs once per read
-    rather than once per frame of 32 KiB (issue 20: a third of the key-ordered dump's interpreter time).
-    """
-    out_start = out_end = start  # the stdout payloads gathered so far: view[out_start:out_end]
+    """Hands on the whole frames of view[start:filled], each payload as a view of the buffer (an empty one is
+    not handed on); returns where the first partial frame starts, and the problem of a frame of an unknown
+    stream type (None when there is none)."""
     while filled - start >= HEADER.size:
         kind, size = HEADER.unpack_from(view, start)
         end = start + HEADER.size + size
         if end > filled:
             break
         if kind == STREAM_STDOUT:
-            if out_end == out_start:
-                out_start = out_end = start + HEADER.size
-            elif size:
-                # Leftwards over bytes already handed on or passed: memoryview copies overlapping ranges as
-                # memmove does, and nothing past this frame is touched.
-                view[out_end : out_end + size] = view[start + HEADER.size : end]
-            out_end += size
+            if size:
+                on_stdout(view[start + HEADER.size : end])
         elif kind == STREAM_STDERR:
-            if out_end > out_start:
-                on_stdout(view[out_start:out_end])
-                out_start = out_end
             on_stderr(view[start + HEADER.size : end])
         else:
-            if out_end > out_start:
-                on_stdout(view[out_start:out_end])
             return start, f"unexpected stream type {kind} in the exec stream"
         start = end
-    if out_end > out_start:
-        on_stdout(view[out_start:out_end])
     return start, None
 
 

@@ -53,7 +53,15 @@ from watcher.dockerexec import (
     stream_exec,
     write_err,
 )
-from watcher.handoff import Destination, HandOffError, RestartDump, delivered, destination_for, restarting
+from watcher.handoff import (
+    Destination,
+    HandOffError,
+    Piece,
+    RestartDump,
+    delivered,
+    destination_for,
+    restarting,
+)
 from watcher.keyrows import CopyStream, HolderOutput, KeyDumpError, Table, exclude_pattern
 
 READY_TIMEOUT_EXTRA_S = 120.0  # beyond the lock wait, for the holder's next line
@@ -62,6 +70,8 @@ CANCEL_S = 10.0  # for the query that cancels the sessions of a dump that failed
 DIRECT_BYTES = 1 << 16  # smaller pieces are gathered (Output)
 
 Write = Callable[[bytes | bytearray | memoryview], object]
+WriteAll = Callable[[Sequence[Piece]], object]
+Pieces = Callable[[list[memoryview]], object]
 
 __all__ = ["KeyDumpError", "main", "run"]
 
@@ -114,6 +124,33 @@ class ErrorTail:
         return lines[-1][lines[-1].index("ERROR:"):] if lines else None
 
 
+class ReadBatch:
+    """The stdout pieces of one read of an exec stream (a frame's payload each), handed to `sink` together once
+    the read's frames are out (stream_exec's on_read), after `on_piece` (the stall bound's count of progress):
+    the dump's Python (its searches, the count) runs once per read of up to 1 MiB rather than once per frame of
+    a few KiB, and the frames are never moved together first. `sink` gets a list it must not keep."""
+
+    def __init__(self, sink: Pieces, on_piece: Callable[[], object]) -> None:
+        self._sink = sink
+        self._on_piece = on_piece
+        self.pieces: list[memoryview] = []
+
+    def flush(self) -> None:
+        """Hands the pieces gathered since the last flush on, if any; raises what `sink` raises."""
+        if self.pieces:
+            self._on_piece()
+            self._sink(self.pieces)
+            self.pieces.clear()
+
+
+def each_piece(feed: Callable[[memoryview], object]) -> Pieces:
+    """A sink of a read's pieces that feeds them one by one to `feed` (output of a few lines)."""
+    def sink(pieces: list[memoryview]) -> None:
+        for piece in pieces:
+            feed(piece)
+    return sink
+
+
 @dataclass
 class Dump:
     """One key-ordered dump of one database: where it runs, and where its archive goes."""
@@ -122,6 +159,7 @@ class Dump:
     container: str
     env: dict[str, str]
     write: Write
+    write_all: WriteAll
     on_stderr: Callable[[bytes], object]
     on_piece: Callable[[], object] = lambda: None
     token: str = field(default_factory=random_token)
@@ -133,22 +171,20 @@ class Dump:
         return ErrorTail(lambda data: None if self.cancelled or (holder and self.holder_done)
                          else self.on_stderr(data))
 
-    def counted(self, sink: Callable[[memoryview], object]) -> Callable[[memoryview], None]:
-        """`sink`, telling on_piece (the stall bound's count of progress) of each piece first."""
-        def each(view: memoryview) -> None:
-            self.on_piece()
-            sink(view)
-        return each
+    def stream(self, cmd: Sequence[str], env: dict[str, str], on_stdout: Pieces,
+               on_stderr: Callable[[memoryview], object]) -> ExecOutcome:
+        """Runs `cmd` in the container (stream_exec), its stdout to `on_stdout` a read at a time (ReadBatch);
+        returns its outcome, raises DockerExecError and what `on_stdout` raises."""
+        batch = ReadBatch(on_stdout, self.on_piece)
+        return stream_exec(self.docker_host, self.container, cmd, env=env, on_stdout=batch.pieces.append,
+                           on_read=batch.flush, on_stderr=on_stderr, gather=True)
 
-    def session(self, role: str, script: str, on_stdout: Callable[[memoryview], object], stderr: ErrorTail,
+    def session(self, role: str, script: str, on_stdout: Pieces, stderr: ErrorTail,
                 on_end: Callable[[], object]) -> ExecThread:
         """A psql session (not started) running `script`, named by `role` (keysql.app_name)."""
         env = {**self.env, keysql.SCRIPT_VARIABLE: script, "PGAPPNAME": keysql.app_name(self.token, role)}
-
-        def target() -> ExecOutcome:
-            return stream_exec(self.docker_host, self.container, keysql.script_command(), env=env,
-                               on_stdout=self.counted(on_stdout), on_stderr=stderr.feed, gather=True)
-        return ExecThread(f"the {role} session's psql", target, on_end)
+        return ExecThread(f"the {role} session's psql",
+                          lambda: self.stream(keysql.script_command(), env, on_stdout, stderr.feed), on_end)
 
     def cancel_sessions(self) -> None:
         """Cancels what still runs of this dump in the database (the holder's wait, the copy, pg_dump) once it
@@ -189,7 +225,15 @@ class ArchiveFilter:
     settings: str = ""
     _buf: bytearray = field(default_factory=bytearray)
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed_all(self, pieces: Sequence[Piece]) -> None:
+        """Takes the next pieces of pg_dump's output, in order; raises KeyDumpError on an archive it cannot read."""
+        for at, piece in enumerate(pieces):
+            if self.head is not None:
+                self.dump.write_all(pieces[at:])
+                return
+            self.feed(piece)
+
+    def feed(self, data: Piece) -> None:
         """Takes the next piece of pg_dump's output; raises KeyDumpError on an archive it cannot read."""
         if self.head is not None:
             self.dump.write(data)
@@ -225,8 +269,7 @@ def _copy_tables(dump: Dump, snapshot: str, tables: list[Table], filt: ArchiveFi
     script = keysql.copy_script(dump.token, snapshot, [t.oid for t in tables], filt.settings)
     stderr = dump.session_stderr()
     env = {**dump.env, keysql.SCRIPT_VARIABLE: script, "PGAPPNAME": keysql.app_name(dump.token, "copy")}
-    outcome = stream_exec(dump.docker_host, dump.container, keysql.script_command(), env=env,
-                          on_stdout=dump.counted(stream.feed), on_stderr=stderr.feed, gather=True)
+    outcome = dump.stream(keysql.script_command(), env, stream.feed_all, stderr.feed)
     if stream.copied < len(tables):
         # The session's own failure first: a session cut short lacks its boundary rows as a matter of course.
         failure = (stderr.error() or outcome.problem
@@ -259,10 +302,15 @@ def _await_holder(holder: ExecThread, out: HolderOutput, errors: ErrorTail, lock
 
 
 def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence[str], lock_wait_ms: int,
-        write: Write, on_stderr: Callable[[bytes], object], on_piece: Callable[[], object] | None = None) -> None:
-    """The whole key-ordered dump to `write` (`on_piece` called as each piece of any exec's output arrives);
-    raises KeyDumpError naming the part that failed."""
-    dump = Dump(docker_host, container, env, write, on_stderr)
+        write: Write, on_stderr: Callable[[bytes], object], on_piece: Callable[[], object] | None = None,
+        write_all: WriteAll | None = None) -> None:
+    """The whole key-ordered dump to `write` (several pieces at once to `write_all`, when given; `on_piece`
+    called as each read of any exec's output arrives); raises KeyDumpError naming the part that failed."""
+    def write_each(pieces: Sequence[Piece]) -> None:
+        for piece in pieces:
+            write(piece)
+
+    dump = Dump(docker_host, container, env, write, write_all or write_each, on_stderr)
     if on_piece is not None:
         dump.on_piece = on_piece
     try:
@@ -275,10 +323,10 @@ def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence
 
 def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
     """Steps 1 to 4 of the module's docstring; raises KeyDumpError or DockerExecError."""
-    docker_host, container, env, on_stderr = dump.docker_host, dump.container, dump.env, dump.on_stderr
+    env, on_stderr = dump.env, dump.on_stderr
     out = HolderOutput(dump.token)
     errors = dump.session_stderr(holder=True)
-    holder = dump.session("hold", keysql.holder_script(dump.token, lock_wait_ms), out.feed, errors,
+    holder = dump.session("hold", keysql.holder_script(dump.token, lock_wait_ms), each_piece(out.feed), errors,
                           on_end=out.ready.set)
     holder.start()
     _await_holder(holder, out, errors, lock_wait_ms)
@@ -288,11 +336,11 @@ def _run(dump: Dump, pg_dump: Sequence[str], lock_wait_ms: int) -> None:
         argv += [f"--snapshot={out.snapshot}", *(f"--exclude-table-data={exclude_pattern(t)}" for t in tables)]
     seal = random_token()
     filt = ArchiveFilter(dump, tables)
-    sealer = SealedOutput(seal.encode(), filt.feed)
-    outcome = stream_exec(docker_host, container, sealed_command(argv),
-                          env={**env, SEAL_VARIABLE: seal, "PGAPPNAME": keysql.app_name(dump.token, "dump")},
-                          on_stdout=dump.counted(sealer.feed), on_stderr=lambda view: on_stderr(bytes(view)),
-                          gather=True)
+    sealer = SealedOutput(seal.encode(), lambda _piece: None)  # only its pass_on is used
+    outcome = dump.stream(sealed_command(argv),
+                          {**env, SEAL_VARIABLE: seal, "PGAPPNAME": keysql.app_name(dump.token, "dump")},
+                          lambda pieces: filt.feed_all(sealer.pass_on(list(pieces))),
+                          lambda view: on_stderr(bytes(view)))
     if not outcome.ok:
         raise KeyDumpError(outcome.problem or f"pg_dump exited with status {outcome.exit_code}")
     if not sealer.sealed() or filt.head is None:
@@ -313,6 +361,18 @@ class Output:
     def __init__(self, destination: Destination) -> None:
         self._destination = destination
         self._small = bytearray()
+
+    def write_all(self, pieces: Sequence[Piece]) -> None:
+        """Writes `pieces` in order after what was gathered, in one writev (or gathers them when they are small
+        together); raises as Destination.write."""
+        if sum(len(piece) for piece in pieces) < DIRECT_BYTES:
+            for piece in pieces:
+                self._small += piece
+            if len(self._small) >= DIRECT_BYTES:
+                self.flush()
+            return
+        small, self._small = self._small, bytearray()
+        self._destination.write((small, *pieces))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Writes `data` (or gathers it); raises as Destination.write."""
@@ -382,18 +442,19 @@ def _attempt(args: argparse.Namespace, env: dict[str, str], destination: Destina
     RestartDump, HandOffError, OSError."""
     out = Output(destination)
     write: Write = out.write
+    write_all: WriteAll = out.write_all
     on_piece: Callable[[], object] | None = None
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
         # Each piece that arrives from the container counts (pg_dump's head is held until whole, and the
         # session's rows until a chunk ends), and so does each write on to restic: one blocked there is
         # restic's stall.
-        write = watch.counting(out.write)
+        write, write_all = watch.counting(out.write), watch.counting(out.write_all)
         arrived = watch.counting(lambda _piece: None)
         on_piece = lambda: arrived(None)  # noqa: E731
     with stall_watchdog(watch, "pg_dump"):
         run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
-            args.lock_wait_ms, write, write_err, on_piece)
+            args.lock_wait_ms, write, write_err, on_piece, write_all)
         out.flush()
 
 

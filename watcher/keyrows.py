@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from watcher import archive, memsearch
@@ -121,9 +121,15 @@ class Chunker:
         self._started = False
         self.bytes = 0
 
+    def hold(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Takes pieces of the session's output that the next `feed` looks at with its own (a read's frames:
+        the searches then run once per read)."""
+        for piece in pieces:
+            self._buf += piece
+
     def feed(self, data: bytes | memoryview) -> bytes | None:
-        """Takes the next piece of the session's output; returns None while the table goes on, and at its
-        end line what came after that line (written: every chunk and the block's end)."""
+        """Takes the next piece of the session's output (after those held); returns None while the table goes
+        on, and at its end line what came after that line (written: every chunk and the block's end)."""
         buf = self._buf
         buf += data
         if not self._started:
@@ -236,6 +242,16 @@ class CopyStream:
         self.done = threading.Event()
         if not tables:
             self.done.set()
+
+    def feed_all(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Takes the next pieces of the session's output, in order (a read's frames; views valid only during
+        the call), the rows of a table looked at once for them all; raises as `feed`."""
+        if self._chunker is not None and len(pieces) > 1:
+            self._chunker.hold(pieces[:-1])
+            self.feed(pieces[-1])
+            return
+        for piece in pieces:
+            self.feed(piece)
 
     def feed(self, data: bytes | memoryview) -> None:
         """Takes the next piece of the session's output; raises KeyDumpError on a table out of order or a
