@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from watcher import archive, keysql
+from watcher import archive, keyrows, keysql
 from watcher.keyrows import (
     CHUNK_MAX,
     Chunker,
@@ -77,6 +77,51 @@ def test_chunks_end_after_the_boundary_rows_whatever_pieces_they_arrive_in() -> 
     assert [chunk.rsplit(b"\n", 2)[-2].split(b"\t")[0] for chunk in expected[:-1]] == bounds_of(data)
     for piece in (1, 777, 65536, len(data) + len(END)):
         assert chunked(data, piece, after=b"next line\n") == expected
+
+
+@pytest.mark.parametrize("buffer_bytes", [256, 1 << 16, keyrows.BUFFER_BYTES])
+def test_a_read_of_many_frames_held_then_fed_gives_the_same_chunks(buffer_bytes: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The key-ordered dump hands a read's frames on together: all but the last held, the last fed; the rows
+    # held move to the front of the Chunker's buffer (or into a larger one) as pieces keep coming, often with
+    # a small buffer, also while a boundary row is found but not yet whole.
+    monkeypatch.setattr(keyrows, "BUFFER_BYTES", buffer_bytes)
+    data = b"".join(rows(60_000))
+    expected = chunked(data, 1 << 20)
+    stream = data + END + b"next line\n"
+    rng = random.Random(3)
+    for frame_bytes, frames_per_read in ((4096, 50), (32768, 40), (777, 3), (1 << 20, 6), (50, 1)):
+        out: list[bytes] = []
+        chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, bounds_of(data))
+        at, rest = 0, None
+        while rest is None:
+            count = rng.randrange(1, frames_per_read + 1)
+            pieces = [memoryview(stream)[at + n * frame_bytes : at + (n + 1) * frame_bytes] for n in range(count)]
+            at += count * frame_bytes
+            chunker.hold(pieces[:-1])
+            rest = chunker.feed(pieces[-1])
+        assert rest + stream[at:] == b"next line\n", (frame_bytes, frames_per_read)
+        assert block_chunks(b"".join(out)) == expected, (frame_bytes, frames_per_read)
+
+
+@pytest.mark.parametrize("rest_bytes", [180, None])
+def test_a_boundary_row_cut_by_a_read_ends_its_chunk_after_the_rows_move(rest_bytes: int | None,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Row 7, a boundary row, is found before its end came; the next piece does not fit after the rows held,
+    # which move to the front of the buffer (180 bytes: the same buffer; the rest at once: a larger one).
+    monkeypatch.setattr(keyrows, "BUFFER_BYTES", 256)
+    data = b"".join(rows(40, width=10))
+    cut = data.index(b"\n7\t") + 4
+    stream = data + END
+    out: list[bytes] = []
+    chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, [b"3", b"7"])
+    assert chunker.feed(stream[:cut]) is None
+    step = rest_bytes or len(stream)
+    results = [chunker.feed(stream[at : at + step]) for at in range(cut, len(stream), step)]
+    assert results[-1] == b"" and all(result is None for result in results[:-1])
+    chunks = block_chunks(b"".join(out))
+    assert b"".join(chunks) == data
+    assert [chunk.split(b"\n")[-2].split(b"\t")[0] for chunk in chunks[:2]] == [b"3", b"7"]
 
 
 def test_a_change_leaves_the_chunks_before_and_after_it_alone() -> None:
