@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from watcher import archive, keysql, stall
 from watcher.dockerexec import (
@@ -114,19 +113,22 @@ class ErrorTail:
         return lines[-1][lines[-1].index("ERROR:"):] if lines else None
 
 
-@dataclass
+# Plain classes, not dataclasses: importing dataclasses (with inspect, ast and dis) and generating their methods
+# cost this helper about 10 ms of CPU at every start (issue 20).
 class Dump:
     """One key-ordered dump of one database: where it runs, and where its archive goes."""
 
-    docker_host: str
-    container: str
-    env: dict[str, str]
-    write: Write
-    on_stderr: Callable[[bytes], object]
-    on_piece: Callable[[], object] = lambda: None
-    token: str = field(default_factory=random_token)
-    cancelled: bool = False
-    holder_done: bool = False
+    def __init__(self, docker_host: str, container: str, env: dict[str, str], write: Write,
+                 on_stderr: Callable[[bytes], object], on_piece: Callable[[], object] = lambda: None) -> None:
+        self.docker_host = docker_host
+        self.container = container
+        self.env = env
+        self.write = write
+        self.on_stderr = on_stderr
+        self.on_piece = on_piece
+        self.token = random_token()
+        self.cancelled = False
+        self.holder_done = False
 
     def session_stderr(self, holder: bool = False) -> ErrorTail:
         """Where a session's stderr goes: on to ours, but for the errors of our own cancels."""
@@ -176,18 +178,18 @@ def copy_settings(entries: list[archive.Entry]) -> str:
             "SET row_security = off;\n" + encoding)
 
 
-@dataclass
 class ArchiveFilter:
     """pg_dump's stdout on its way out: the header and TOC rewritten (a TABLE DATA entry per keyed table,
     after pg_dump's own), the rest passed on as it comes. pg_dump's stream is never held up here: a socket
     proxy (HAProxy 2.6) was seen to drop the tail of an exec stream whose reader lagged when it ended."""
 
-    dump: Dump
-    tables: list[Table]
-    head: archive.Head | None = None
-    dump_ids: tuple[int, ...] = ()
-    settings: str = ""
-    _buf: bytearray = field(default_factory=bytearray)
+    def __init__(self, dump: Dump, tables: list[Table]) -> None:
+        self.dump = dump
+        self.tables = tables
+        self.head: archive.Head | None = None
+        self.dump_ids: tuple[int, ...] = ()
+        self.settings = ""
+        self._buf = bytearray()
 
     def feed(self, data: bytes | memoryview) -> None:
         """Takes the next piece of pg_dump's output; raises KeyDumpError on an archive it cannot read."""
