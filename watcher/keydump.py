@@ -29,12 +29,13 @@ none comes: a dump that failed), so nothing needs to tell it, and nothing is lef
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from watcher import archive, keysql, stall
 from watcher.dockerexec import (
@@ -46,6 +47,8 @@ from watcher.dockerexec import (
     ExecOutcome,
     SealedOutput,
     exec_env,
+    last,
+    plain_options,
     random_token,
     sealed_command,
     stall_watchdog,
@@ -333,7 +336,40 @@ class Output:
             self._destination.write((small,))
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+class KeyDumpArgs(NamedTuple):
+    """The program's arguments (`python -m watcher.keydump --help` says what each is)."""
+
+    container: str
+    env: list[str]
+    lock_wait_ms: int
+    stall_timeout: float | None
+    handoff_fd: int | None
+    pg_dump: list[str]
+
+
+def _parse_args(argv: Sequence[str] | None) -> KeyDumpArgs:
+    """The program's arguments, as argparse reads them (see dockerexec.plain_options); exits 2 with argparse's
+    usage and message on arguments it refuses, 0 after --help."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    plain = plain_options(given, flags=(),
+                          valued=("--container", "--env", "--lock-wait-ms", "--stall-timeout", "--handoff-fd"))
+    if plain is not None:
+        options, pg_dump = plain
+        container, lock_wait_ms, stall_timeout, handoff_fd = (
+            last(options, name) for name in ("--container", "--lock-wait-ms", "--stall-timeout", "--handoff-fd"))
+        # Without a required option, or with a number float() or int() refuses, argparse says what is wrong.
+        if container is not None and lock_wait_ms is not None:
+            with contextlib.suppress(ValueError):
+                return KeyDumpArgs(container, options.get("--env", []), int(lock_wait_ms),
+                                   None if stall_timeout is None else float(stall_timeout),
+                                   None if handoff_fd is None else int(handoff_fd), pg_dump)
+    return _parsed_by_argparse(given)
+
+
+def _parsed_by_argparse(argv: list[str]) -> KeyDumpArgs:
+    """_parse_args for what plain_options leaves to argparse (imported here only: see plain_options)."""
+    import argparse  # noqa: PLC0415 - see dockerexec.plain_options
+
     parser = argparse.ArgumentParser(prog="python -m watcher.keydump")
     parser.add_argument("--container", required=True)
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -345,7 +381,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="write to the pipe handed over on this inherited listening socket by "
                              "`python -m watcher.handoff` (restic's command), and send it the exit status")
     parser.add_argument("pg_dump", nargs="+")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return KeyDumpArgs(args.container, args.env, args.lock_wait_ms, args.stall_timeout, args.handoff_fd,
+                       args.pg_dump)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status if handoff is None else delivered(handoff, status)
 
 
-def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> int:
+def _dumped(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -> int:
     """The dump to `destination`, anew from its start when an early start had to abandon it (RestartDump);
     returns the exit status."""
     while True:
@@ -379,7 +417,7 @@ def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destinat
         return 0
 
 
-def _attempt(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> None:
+def _attempt(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -> None:
     """One whole key-ordered dump to `destination`, under the stall bound; raises KeyDumpError, DockerExecError,
     RestartDump, HandOffError, OSError."""
     out = Output(destination)
