@@ -9,12 +9,16 @@ pg_backup_archiver.c: WriteHead, WriteToc, WriteInt, WriteStr, _StartData/_EndDa
 Integers are a sign byte and `int_size` bytes, least significant first; strings an integer length
 (-1 for NULL) and the bytes; a data block is BLK_DATA, the entry's dump id, chunks of (length, bytes)
 and a zero length. Everything here is pure: bytes in, bytes out.
+
+Its records are NamedTuples, not dataclasses: the key-ordered dump's helper process imports this module, and
+dataclasses (with inspect, ast and dis) and the code each @dataclass generates cost it several ms of CPU at
+every start (issue 20).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"PGDMP"
 FORMAT_CUSTOM = 1
@@ -37,8 +41,7 @@ class Incomplete(Exception):
     """More bytes are needed before the header and TOC can be read."""
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """The archive's header, kept as its bytes, with what reading the rest needs."""
 
     raw: bytes
@@ -47,8 +50,7 @@ class Head:
     off_size: int
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One TOC entry, every field as pg_dump writes it."""
 
     dump_id: int
@@ -191,8 +193,7 @@ def write_toc(head: Head, entries: list[Entry]) -> bytes:
     return writer.bytes()
 
 
-@dataclass(frozen=True)
-class KeyedTable:
+class KeyedTable(NamedTuple):
     """A table whose data the watcher writes itself, in key order: what its TOC entry needs."""
 
     oid: int
@@ -211,8 +212,7 @@ def table_data_entry(head: Head, dump_id: int, table: KeyedTable, table_entry: E
                  with_oids="false", deps=(table_entry.dump_id,), data_state=OFFSET_POS_NOT_SET, data_offset=0)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What to write in place of pg_dump's header and TOC, and the dump ids of the blocks the watcher
     writes, in the order their blocks must come (after pg_dump's own blocks)."""
 

@@ -30,7 +30,6 @@ status 124 and a sentence saying which side was silent (see `watcher.stall`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import gc
@@ -42,7 +41,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 from watcher import stall
@@ -615,7 +614,76 @@ def _verdict(docker_host: str, exec_id: str, stream_complete: bool, problem: str
     return ExecOutcome(exit_code, stream_complete, problem)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+class ExecArgs(NamedTuple):
+    """The program's arguments (`python -m watcher.dockerexec --help` says what each is)."""
+
+    container: str
+    stdin: bool
+    env: list[str]
+    user: str | None
+    seal: bool
+    stall_timeout: float | None
+    handoff_fd: int | None
+    cmd: list[str]
+
+
+def plain_options(argv: Sequence[str], flags: Collection[str], valued: Collection[str]
+                  ) -> tuple[dict[str, list[str]], list[str]] | None:
+    """`argv` read the way watcher.commands writes a helper's: options by their full names (`flags` alone, each
+    of `valued` with a value that does not start with "-" as the next argument), then "--" and the command.
+
+    Returns ({option given: its values in order, none for a flag}, the command), or None for anything else
+    (help, an abbreviation, --name=value, an unknown option, no command), which argparse is then left to read
+    with its own answers and messages. Why not argparse alone: its import (with gettext) and its parser cost
+    each helper a few ms of CPU at start, on every dump (issue 20).
+    """
+    options: dict[str, list[str]] = {}
+    at = 0
+    while at < len(argv):
+        arg = argv[at]
+        if arg == "--":
+            command = list(argv[at + 1:])
+            return (options, command) if command else None
+        if arg in flags:
+            options.setdefault(arg, [])
+            at += 1
+        elif arg in valued and at + 1 < len(argv) and not argv[at + 1].startswith("-"):
+            options.setdefault(arg, []).append(argv[at + 1])
+            at += 2
+        else:
+            return None
+    return None
+
+
+def last(options: Mapping[str, list[str]], name: str) -> str | None:
+    """The value given last for option `name` (argparse's rule for an option given twice), None if not given."""
+    values = options.get(name)
+    return values[-1] if values else None
+
+
+def _parse_args(argv: Sequence[str] | None) -> ExecArgs:
+    """The program's arguments, as argparse reads them (see plain_options); exits 2 with argparse's usage and
+    message on arguments it refuses, 0 after --help."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    plain = plain_options(given, flags=("--stdin", "--seal"),
+                          valued=("--container", "--env", "--user", "--stall-timeout", "--handoff-fd"))
+    if plain is not None:
+        options, cmd = plain
+        container, stall_timeout, handoff_fd = (last(options, name)
+                                                for name in ("--container", "--stall-timeout", "--handoff-fd"))
+        # Without --container, or with a number float() or int() refuses, argparse says what is wrong.
+        if container is not None:
+            with contextlib.suppress(ValueError):
+                return ExecArgs(container, "--stdin" in options, options.get("--env", []), last(options, "--user"),
+                                "--seal" in options, None if stall_timeout is None else float(stall_timeout),
+                                None if handoff_fd is None else int(handoff_fd), cmd)
+    return _parsed_by_argparse(given)
+
+
+def _parsed_by_argparse(argv: list[str]) -> ExecArgs:
+    """_parse_args for what plain_options leaves to argparse (imported here only: see plain_options)."""
+    import argparse  # noqa: PLC0415 - see plain_options
+
     parser = argparse.ArgumentParser(prog="python -m watcher.dockerexec")
     parser.add_argument("--container", required=True)
     parser.add_argument("--stdin", action="store_true", help="feed our stdin to the command")
@@ -633,7 +701,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "`python -m watcher.handoff` (restic's command), and send it the exit status; "
                              "stdout is then only watched for restic's end")
     parser.add_argument("cmd", nargs="+")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return ExecArgs(args.container, args.stdin, args.env, args.user, args.seal, args.stall_timeout, args.handoff_fd,
+                    args.cmd)
 
 
 def exec_env(items: Sequence[str]) -> dict[str, str]:
@@ -698,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status if handoff is None else delivered(handoff, status)
 
 
-def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
+def _streamed(args: ExecArgs, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
               seal: bytes | None) -> int:
     """Runs the exec and streams it to `destination`, anew from its start when an early start had to abandon it
     (handoff.RestartDump); returns the program's exit status for it."""
@@ -710,7 +780,7 @@ def _streamed(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, st
                 return EXIT_ENGINE_ERROR
 
 
-def _attempt(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
+def _attempt(args: ExecArgs, cmd: Sequence[str], env: Mapping[str, str], destination: Destination,
              seal: bytes | None) -> int:
     """One run of the exec streamed to `destination`; returns the program's exit status for it, raises
     RestartDump."""
@@ -739,7 +809,7 @@ def _attempt(args: argparse.Namespace, cmd: Sequence[str], env: Mapping[str, str
     return _exit_status(outcome, sealer, args.cmd[0], args.container)
 
 
-def _finished(destination: Destination, args: argparse.Namespace) -> int:
+def _finished(destination: Destination, args: ExecArgs) -> int:
     """Writes what a whole dump left read ahead (restic may still be opening the repository); returns 0, or
     EXIT_ENGINE_ERROR when restic did not take it."""
     try:

@@ -29,13 +29,13 @@ none comes: a dump that failed), so nothing needs to tell it, and nothing is lef
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from watcher import archive, keysql, stall
 from watcher.dockerexec import (
@@ -47,6 +47,8 @@ from watcher.dockerexec import (
     ExecOutcome,
     SealedOutput,
     exec_env,
+    last,
+    plain_options,
     random_token,
     sealed_command,
     stall_watchdog,
@@ -151,20 +153,23 @@ def each_piece(feed: Callable[[memoryview], object]) -> Pieces:
     return sink
 
 
-@dataclass
+# Plain classes, not dataclasses: importing dataclasses (with inspect, ast and dis) and generating their methods
+# cost this helper about 10 ms of CPU at every start (issue 20).
 class Dump:
     """One key-ordered dump of one database: where it runs, and where its archive goes."""
 
-    docker_host: str
-    container: str
-    env: dict[str, str]
-    write: Write
-    write_all: WriteAll
-    on_stderr: Callable[[bytes], object]
-    on_piece: Callable[[], object] = lambda: None
-    token: str = field(default_factory=random_token)
-    cancelled: bool = False
-    holder_done: bool = False
+    def __init__(self, docker_host: str, container: str, env: dict[str, str], write: Write, write_all: WriteAll,
+                 on_stderr: Callable[[bytes], object], on_piece: Callable[[], object] = lambda: None) -> None:
+        self.docker_host = docker_host
+        self.container = container
+        self.env = env
+        self.write = write
+        self.write_all = write_all
+        self.on_stderr = on_stderr
+        self.on_piece = on_piece
+        self.token = random_token()
+        self.cancelled = False
+        self.holder_done = False
 
     def session_stderr(self, holder: bool = False) -> ErrorTail:
         """Where a session's stderr goes: on to ours, but for the errors of our own cancels."""
@@ -212,18 +217,18 @@ def copy_settings(entries: list[archive.Entry]) -> str:
             "SET row_security = off;\n" + encoding)
 
 
-@dataclass
 class ArchiveFilter:
     """pg_dump's stdout on its way out: the header and TOC rewritten (a TABLE DATA entry per keyed table,
     after pg_dump's own), the rest passed on as it comes. pg_dump's stream is never held up here: a socket
     proxy (HAProxy 2.6) was seen to drop the tail of an exec stream whose reader lagged when it ended."""
 
-    dump: Dump
-    tables: list[Table]
-    head: archive.Head | None = None
-    dump_ids: tuple[int, ...] = ()
-    settings: str = ""
-    _buf: bytearray = field(default_factory=bytearray)
+    def __init__(self, dump: Dump, tables: list[Table]) -> None:
+        self.dump = dump
+        self.tables = tables
+        self.head: archive.Head | None = None
+        self.dump_ids: tuple[int, ...] = ()
+        self.settings = ""
+        self._buf = bytearray()
 
     def feed_all(self, pieces: Sequence[Piece]) -> None:
         """Takes the next pieces of pg_dump's output, in order; raises KeyDumpError on an archive it cannot read."""
@@ -391,7 +396,40 @@ class Output:
             self._destination.write((small,))
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+class KeyDumpArgs(NamedTuple):
+    """The program's arguments (`python -m watcher.keydump --help` says what each is)."""
+
+    container: str
+    env: list[str]
+    lock_wait_ms: int
+    stall_timeout: float | None
+    handoff_fd: int | None
+    pg_dump: list[str]
+
+
+def _parse_args(argv: Sequence[str] | None) -> KeyDumpArgs:
+    """The program's arguments, as argparse reads them (see dockerexec.plain_options); exits 2 with argparse's
+    usage and message on arguments it refuses, 0 after --help."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    plain = plain_options(given, flags=(),
+                          valued=("--container", "--env", "--lock-wait-ms", "--stall-timeout", "--handoff-fd"))
+    if plain is not None:
+        options, pg_dump = plain
+        container, lock_wait_ms, stall_timeout, handoff_fd = (
+            last(options, name) for name in ("--container", "--lock-wait-ms", "--stall-timeout", "--handoff-fd"))
+        # Without a required option, or with a number float() or int() refuses, argparse says what is wrong.
+        if container is not None and lock_wait_ms is not None:
+            with contextlib.suppress(ValueError):
+                return KeyDumpArgs(container, options.get("--env", []), int(lock_wait_ms),
+                                   None if stall_timeout is None else float(stall_timeout),
+                                   None if handoff_fd is None else int(handoff_fd), pg_dump)
+    return _parsed_by_argparse(given)
+
+
+def _parsed_by_argparse(argv: list[str]) -> KeyDumpArgs:
+    """_parse_args for what plain_options leaves to argparse (imported here only: see plain_options)."""
+    import argparse  # noqa: PLC0415 - see dockerexec.plain_options
+
     parser = argparse.ArgumentParser(prog="python -m watcher.keydump")
     parser.add_argument("--container", required=True)
     parser.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -403,7 +441,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="write to the pipe handed over on this inherited listening socket by "
                              "`python -m watcher.handoff` (restic's command), and send it the exit status")
     parser.add_argument("pg_dump", nargs="+")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return KeyDumpArgs(args.container, args.env, args.lock_wait_ms, args.stall_timeout, args.handoff_fd,
+                       args.pg_dump)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -414,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status if handoff is None else delivered(handoff, status)
 
 
-def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> int:
+def _dumped(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -> int:
     """The dump to `destination`, anew from its start when an early start had to abandon it (RestartDump);
     returns the exit status."""
     while True:
@@ -437,7 +477,7 @@ def _dumped(args: argparse.Namespace, env: dict[str, str], destination: Destinat
         return 0
 
 
-def _attempt(args: argparse.Namespace, env: dict[str, str], destination: Destination) -> None:
+def _attempt(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -> None:
     """One whole key-ordered dump to `destination`, under the stall bound; raises KeyDumpError, DockerExecError,
     RestartDump, HandOffError, OSError."""
     out = Output(destination)

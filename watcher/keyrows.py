@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from watcher import archive, memsearch
 
@@ -27,9 +27,8 @@ class KeyDumpError(Exception):
     """A part of the key-ordered dump failed; the message says which (no secret is ever in it)."""
 
 
-@dataclass(frozen=True)
-class Table:
-    """A table the copy session copies in key order."""
+class Table(NamedTuple):
+    """A table the copy session copies in key order (a NamedTuple: see watcher.archive on dataclasses)."""
 
     oid: int
     schema: str

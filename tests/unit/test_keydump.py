@@ -4,6 +4,7 @@ protocol, the names it passes on, and the SQL scripts that reach psql without an
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import zlib
@@ -32,6 +33,11 @@ def rows(count: int, seed: int = 1, width: int = 60, first: int = 0) -> list[byt
     """Rows as the copy session prints them: the key, then a value."""
     rng = random.Random(seed)
     return [f"{n}\t{rng.getrandbits(width * 4):0{width}x}\n".encode() for n in range(first, first + count)]
+
+
+def keep(out: list[bytes], data: bytes | bytearray | memoryview) -> None:
+    """A Chunker's write that keeps a copy of what it writes in `out`."""
+    out.append(bytes(data))
 
 
 def bounds_of(data: bytes) -> list[bytes]:
@@ -92,7 +98,7 @@ def test_a_read_of_many_frames_held_then_fed_gives_the_same_chunks(buffer_bytes:
     rng = random.Random(3)
     for frame_bytes, frames_per_read in ((4096, 50), (32768, 40), (777, 3), (1 << 20, 6), (50, 1)):
         out: list[bytes] = []
-        chunker = Chunker(HEAD, lambda b: out.append(bytes(b)), END, bounds_of(data))
+        chunker = Chunker(HEAD, functools.partial(keep, out), END, bounds_of(data))
         at, rest = 0, None
         while rest is None:
             count = rng.randrange(1, frames_per_read + 1)

@@ -33,7 +33,7 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 NOT_FOR_HELPER = ("structlog", "secrets", "ctypes", "watcher.cli", "watcher.config", "watcher.jobs", "http.client",
-                  "email", "dataclasses", "importlib.metadata", "docker")
+                  "email", "dataclasses", "inspect", "argparse", "importlib.metadata", "docker")
 
 
 def modules_after(script: str) -> set[str]:
