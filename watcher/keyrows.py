@@ -20,7 +20,6 @@ from typing import NamedTuple
 from watcher import archive, memsearch
 
 CHUNK_MAX = 8 << 20  # pg_restore allocates a buffer of a chunk's size
-BUFFER_BYTES = 4 << 20  # a Chunker's buffer to start with: a read (at most 1 MiB) and the rows of a chunk or two
 
 
 class KeyDumpError(Exception):
@@ -102,30 +101,22 @@ class HolderOutput:
 class Chunker:
     """Writes one table's rows, as the copy session prints them, as the chunks of its data block, until the
     table's end line (see the module's docstring). `bounds` are the COPY texts of the boundary rows' keys,
-    in key order; `key_only` says that the key's columns are all the table's columns.
-
-    The rows not yet written are _buf[_start:_end] of one buffer, reused: written rows are dropped by moving
-    _start, and what is left moves to the front only when a piece does not fit after it. (A bytearray cut at
-    its front and grown at its end, as before, was copied whole into new memory at nearly every read.)
-    Offsets into the buffer (_end_from, _bound_from, _bound_at) are of the buffer, shifted when it moves.
-    """
+    in key order; `key_only` says that the key's columns are all the table's columns."""
 
     def __init__(self, head: archive.Head, write: Callable[[bytes | bytearray | memoryview], object],
                  end_line: bytes, bounds: list[bytes], key_only: bool = False) -> None:
         self._head = head
         self._write = write
-        self._end_line = b"\n" + end_line  # after the table's last row
+        self._end = b"\n" + end_line  # after the table's last row
         self._empty = end_line  # a table without rows: the end line at once
         self._bounds = bounds
         self._after_key = b"\n" if key_only else b"\t"
         self._next = 0  # the boundary row looked for
-        self._buf = bytearray(BUFFER_BYTES)
-        self._start = 0  # _buf[_start:_end]: the rows not written yet
-        self._end = 0
+        self._buf = bytearray()
         self._end_from = 0  # no end line before this offset of _buf
         self._bound_from = 0  # the boundary row does not start before this offset of _buf
-        self._bound_at: int | None = None  # where it starts, once found
-        self._row_start = True  # _buf[_start:] starts at the start of a row
+        self._bound_at: int | None = None  # where it starts, once found (negative: in what was written)
+        self._row_start = True  # _buf starts at the start of a row
         self._started = False
         self.bytes = 0
 
@@ -133,19 +124,19 @@ class Chunker:
         """Takes pieces of the session's output that the next `feed` looks at with its own (a read's frames:
         the searches then run once per read)."""
         for piece in pieces:
-            self._append(piece)
+            self._buf += piece
 
     def feed(self, data: bytes | memoryview) -> bytes | None:
         """Takes the next piece of the session's output (after those held); returns None while the table goes
         on, and at its end line what came after that line (written: every chunk and the block's end)."""
-        self._append(data)
         buf = self._buf
+        buf += data
         if not self._started:
-            if buf.startswith(self._empty, self._start, self._end):
-                rest = bytes(buf[self._start + len(self._empty) : self._end])
+            if buf.startswith(self._empty):
+                rest = bytes(buf[len(self._empty):])
                 self._finish()
                 return rest
-            if self._end - self._start < len(self._empty) and self._empty.startswith(buf[self._start : self._end]):
+            if len(buf) < len(self._empty) and self._empty.startswith(buf):
                 return None
             self._started = True
         if self._next < len(self._bounds):
@@ -154,52 +145,22 @@ class Chunker:
                 return None  # the end line comes after the last boundary row: no need to look for it yet
         at = self._find_end()
         if at is None:
-            self._end_from = max(self._start, self._end - len(self._end_line) + 1)
+            self._end_from = max(0, len(buf) - len(self._end) + 1)
             self._cuts()
             return None
-        rest = bytes(buf[at + len(self._end_line) : self._end])
-        self._end = at + 1
+        rest = bytes(buf[at + len(self._end):])
+        del buf[at + 1:]
         self._cuts()
-        self._emit(self._end)
+        self._emit(len(buf))
         self._finish()
         return rest
 
-    def _append(self, data: bytes | memoryview) -> None:
-        """Puts `data` after the rows held, moving them to the front (or into a larger buffer) first when it
-        does not fit."""
-        size = len(data)
-        if self._end + size > len(self._buf):
-            self._move(size)
-        self._buf[self._end : self._end + size] = data  # same length: a copy into place, no resize
-        self._end += size
-
-    def _move(self, room: int) -> None:
-        """Moves the rows held to the front of the buffer, a larger one when they and `room` more bytes do not
-        fit in this one (a row longer than a chunk, a read larger than the buffer)."""
-        held = self._end - self._start
-        view = memoryview(self._buf)
-        if held + room > len(self._buf):
-            bigger = bytearray(max(2 * len(self._buf), held + room))
-            bigger[:held] = view[self._start : self._end]
-            view.release()
-            self._buf = bigger
-        else:
-            view[:held] = view[self._start : self._end]  # the ranges may overlap: memoryview moves as memmove
-            view.release()
-        shift = self._start
-        self._start, self._end = 0, held
-        self._end_from = max(0, self._end_from - shift)
-        self._bound_from = max(0, self._bound_from - shift)
-        if self._bound_at is not None:
-            self._bound_at -= shift
-
     def _find_end(self) -> int | None:
-        """Where in _buf the newline before the end line is (_start - 1: the rows held start with the end line,
-        the last row's newline written with them); None while the end line has not come."""
-        if self._row_start and self._end_from <= self._start and self._buf.startswith(
-                self._end_line[1:], self._start, self._end):
-            return self._start - 1
-        at = memsearch.find(self._buf, self._end_line, max(self._end_from, self._start), self._end)
+        """Where in _buf the newline before the end line is (-1: _buf starts with the end line, the last row's
+        newline written with it); None while the end line has not come."""
+        if self._row_start and self._end_from == 0 and self._buf.startswith(self._end[1:]):
+            return -1
+        at = memsearch.find(self._buf, self._end, self._end_from)
         return None if at < 0 else at
 
     def _finish(self) -> None:
@@ -214,8 +175,8 @@ class Chunker:
                 "session's output is garbled)")
 
     def _cuts(self) -> None:
-        """Writes a chunk for every boundary row that ended in the rows held; past CHUNK_MAX without one, the
-        largest chunk."""
+        """Writes a chunk for every boundary row that ended in _buf; past CHUNK_MAX without one, the largest
+        chunk."""
         buf = self._buf
         while self._next < len(self._bounds):
             key = self._bounds[self._next] + self._after_key
@@ -224,40 +185,42 @@ class Chunker:
                 if self._bound_at is None:
                     break
             # The row's end: the newline after its key (a key-only row: the one its key ends with).
-            row_end = buf.find(b"\n", max(self._start, self._bound_at + len(key) - 1), self._end)
+            row_end = buf.find(b"\n", max(0, self._bound_at + len(key) - 1))
             if row_end < 0:
                 break
             self._bound_at = None
             self._next += 1
             self._emit(row_end + 1)
-        while self._end - self._start >= CHUNK_MAX:
-            self._emit(self._start + CHUNK_MAX)
+        while len(buf) >= CHUNK_MAX:
+            self._emit(CHUNK_MAX)
 
     def _find(self, key: bytes) -> int | None:
         """Where in _buf the row that starts with `key` starts; None while it has not come."""
         buf = self._buf
-        if self._row_start and self._bound_from <= self._start and buf.startswith(key, self._start, self._end):
-            return self._start
-        found = memsearch.find(buf, b"\n" + key, max(self._bound_from, self._start), self._end)
+        if self._row_start and self._bound_from == 0 and buf.startswith(key):
+            return 0
+        found = memsearch.find(buf, b"\n" + key, self._bound_from)
         if found < 0:
-            self._bound_from = max(self._start, self._end - len(key))
+            self._bound_from = max(0, len(buf) - len(key))
             return None
         return found + 1
 
     def _emit(self, end: int) -> None:
-        """Writes _buf[_start:end] as chunks of at most CHUNK_MAX and drops it from the rows held."""
-        start = self._start
+        """Writes _buf[:end] as chunks of at most CHUNK_MAX and drops it from _buf."""
+        start = 0
         while start < end:
             stop = min(end, start + CHUNK_MAX)
             self._write(archive.chunk_header(self._head, stop - start))
             self._write(memoryview(self._buf)[start:stop])
             start = stop
-        if end > self._start:
+        if end:
             self._row_start = self._buf[end - 1] == 0x0A
-            self.bytes += end - self._start
-            self._start = end
-            self._end_from = max(self._end_from, end)
-            self._bound_from = max(self._bound_from, end)
+            del self._buf[:end]
+            self.bytes += end
+            self._end_from = max(0, self._end_from - end)
+            self._bound_from = max(0, self._bound_from - end)
+            if self._bound_at is not None:
+                self._bound_at -= end  # the boundary row started in what was written
 
 
 class CopyStream:

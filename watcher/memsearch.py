@@ -37,14 +37,13 @@ def _libc_memmem() -> _Memmem | None:
     return found
 
 
-def find(buf: bytearray, needle: bytes, start: int = 0, end: int | None = None) -> int:
-    """Where `needle` first starts in buf[start:end], as an offset of `buf`; -1 when it is not there (the same
-    answer as buf.find(needle, start, end) for any 0 <= start <= end <= len(buf))."""
-    stop = len(buf) if end is None else end
-    size = stop - start
-    memmem = _libc_memmem() if start >= 0 and size >= NATIVE_FROM_BYTES and needle and stop <= len(buf) else None
+def find(buf: bytearray, needle: bytes, start: int = 0) -> int:
+    """Where `needle` first starts in buf[start:], as an offset of `buf`; -1 when it is not there (the same
+    answer as buf.find(needle, start) for any start)."""
+    size = len(buf) - start
+    memmem = _libc_memmem() if start >= 0 and size >= NATIVE_FROM_BYTES and needle else None
     if memmem is None:
-        return buf.find(needle, start, stop)
+        return buf.find(needle, start)
     import ctypes  # noqa: PLC0415 - loaded by _libc_memmem already: a lookup in sys.modules
 
     # One byte's view gives the address (an array type per size would be a new type, kept, per call). The

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from watcher import archive, keyrows, keysql
+from watcher import archive, keysql
 from watcher.keyrows import (
     CHUNK_MAX,
     Chunker,
@@ -85,13 +85,8 @@ def test_chunks_end_after_the_boundary_rows_whatever_pieces_they_arrive_in() -> 
         assert chunked(data, piece, after=b"next line\n") == expected
 
 
-@pytest.mark.parametrize("buffer_bytes", [256, 1 << 16, keyrows.BUFFER_BYTES])
-def test_a_read_of_many_frames_held_then_fed_gives_the_same_chunks(buffer_bytes: int,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # The key-ordered dump hands a read's frames on together: all but the last held, the last fed; the rows
-    # held move to the front of the Chunker's buffer (or into a larger one) as pieces keep coming, often with
-    # a small buffer, also while a boundary row is found but not yet whole.
-    monkeypatch.setattr(keyrows, "BUFFER_BYTES", buffer_bytes)
+def test_a_read_of_many_frames_held_then_fed_gives_the_same_chunks() -> None:
+    # The key-ordered dump hands a read's frames on together (ReadBatch): all but the last held, the last fed.
     data = b"".join(rows(60_000))
     expected = chunked(data, 1 << 20)
     stream = data + END + b"next line\n"
@@ -111,11 +106,9 @@ def test_a_read_of_many_frames_held_then_fed_gives_the_same_chunks(buffer_bytes:
 
 
 @pytest.mark.parametrize("rest_bytes", [180, None])
-def test_a_boundary_row_cut_by_a_read_ends_its_chunk_after_the_rows_move(rest_bytes: int | None,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # Row 7, a boundary row, is found before its end came; the next piece does not fit after the rows held,
-    # which move to the front of the buffer (180 bytes: the same buffer; the rest at once: a larger one).
-    monkeypatch.setattr(keyrows, "BUFFER_BYTES", 256)
+def test_a_boundary_row_cut_by_a_read_ends_its_chunk_where_its_end_comes(rest_bytes: int | None) -> None:
+    # Row 7, a boundary row, is found before its end came; its chunk ends once the end came (in pieces of 180
+    # bytes, or all at once), after the chunk before it was written and dropped from the rows held.
     data = b"".join(rows(40, width=10))
     cut = data.index(b"\n7\t") + 4
     stream = data + END
