@@ -32,7 +32,7 @@ class DrillContainer:
     def pipeline_env(self) -> dict[str, str]:
         """Returns the environment of a `restic dump | … in the container` pipeline: the repository's,
         and the Docker host the exec helper reaches the container through."""
-        return {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
+        return self.ctx.repository.pipeline_env(self.ctx.docker_host)
 
     def query(self, script: str, variables: dict[str, str] | None = None, database: str = "postgres") -> str:
         """Runs a script in the drill container (no other session there); returns its output, raises JobError."""

@@ -202,11 +202,8 @@ class Restorer:
         return RestoreResult(container_name, database, snapshot.id, duration)
 
     def _pipeline_env(self, creds: Credentials) -> dict[str, str]:
-        env = dict(self.repository.env)
-        env["DOCKER_HOST"] = self.docker_host
-        if creds.password:
-            env["PGPASSWORD"] = creds.password
-        return env
+        return self.repository.pipeline_env(self.docker_host,
+                                            **({"PGPASSWORD": creds.password} if creds.password else {}))
 
     def _abandon_scratch(self, container_id: str, creds: Credentials, database: str,
                          bound: structlog.typing.FilteringBoundLogger) -> None:

@@ -311,7 +311,7 @@ class RoleMaker:
             # Its --create prints the database's own entries too (its owner, ACL, per-database role settings).
             dbproperties.read_entries(restic=self.repository.binary, snapshot_id=snapshot.id,
                                       database=snapshot.database, container_id=container_id,
-                                      env={**self.repository.env, "DOCKER_HOST": self.docker_host},
+                                      env=self.repository.pipeline_env(self.docker_host),
                                       masker=self.masker, timeout=READ_TIMEOUT_SECONDS, readers=readers,
                                       reading=f"the roles snapshot {snapshot.short_id} needs", cancel=self.cancel)
         except dbproperties.PropertiesUnreadable as exc:

@@ -154,7 +154,7 @@ class MariaDBDriller:
         counts. Raises JobError when either pipeline fails or the dump is not whole."""
         from watcher.drill_container import run_pipeline_checked
         from watcher.jobs import JobError
-        env = {**self.ctx.repository.env, "DOCKER_HOST": self.ctx.docker_host}
+        env = self.ctx.repository.pipeline_env(self.ctx.docker_host)
         dump = commands.restic_dump(self.ctx.repository.binary, snapshot.id, database, engine.dump_suffix)
         loader = commands.exec_helper(container_id, self._client(engine, variable, "--default-character-set=utf8mb4",
                                                                  database), stdin=True)

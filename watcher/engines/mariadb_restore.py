@@ -185,7 +185,7 @@ class MariaDBRestorer:
     def load(self, snapshot: Snapshot, container_id: str, creds: Credentials, database: str) -> None:
         """Streams the snapshot's dump into `database` (restic dump | the container's client); raises
         MariaDBRestoreError when restic or the client fails (the client stops at the first error)."""
-        env = {**self.repository.env, "DOCKER_HOST": self.docker_host}
+        env = self.repository.pipeline_env(self.docker_host)
         loader = commands.exec_helper(container_id, client_command(
             creds.password_env, self.engine.client_programs,
             (f"--user={creds.user}", "--default-character-set=utf8mb4", database)), stdin=True)

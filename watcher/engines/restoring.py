@@ -315,7 +315,7 @@ class CommandStep:
             started = time.monotonic()
             restorer = commands.exec_helper(self.info.id, shell_command(self.command), stdin=True)
             dump = commands.restic_dump(self.app.repository.binary, snap.id, snap.database, ".dump")
-            done = run_pipeline([dump, restorer], env={**self.app.repository.env, "DOCKER_HOST": self.app.docker_host},
+            done = run_pipeline([dump, restorer], env=self.app.repository.pipeline_env(self.app.docker_host),
                                 masker=self.app.masker, timeout=RESTORE_TIMEOUT_SECONDS, cancel=self.app.cancel,
                                 capture_stdout=False)
             duration = time.monotonic() - started
