@@ -2,15 +2,15 @@
 
 A job (backup, restore, drill, copy) registers on the board while it runs and sets how many bytes of its
 stream have passed. The readers sample it at their own low rate, never on the data path: the
-terminal's progress lines (watcher/progress_display.py), the `*_progress` log lines every
+terminal's progress lines (watcher/progress_lines.py), the `*_progress` log lines every
 WATCHER_PROGRESS_LOG_INTERVAL when not on a terminal, the daemon's `job_*` metrics (rendered at scrape
 time, so a finished job's series are gone at once) and `status`.
 
 Where the bytes come from costs next to nothing: a backup parses one of restic's own `--json` status
-lines every STATUS_READ_SECONDS (restic writes 60 a second; the others are only matched, not parsed);
-a restore reads how much `restic dump` has written so far from the kernel's count (/proc/PID/io),
-sampled by the runner once a second; a copy counts the snapshots `restic copy` says it saved and its
-packs of the current one (a streamed copy: what its `restic dump` wrote, as a restore).
+lines every STATUS_READ_SECONDS (restic writes 4 a second, RESTIC_PROGRESS_FPS; the others are only
+matched, not parsed); a restore reads how much `restic dump` has written so far from the kernel's count
+(/proc/PID/io), sampled by the runner once a second; a copy counts the snapshots `restic copy` says it saved
+and its packs of the current one (a streamed copy: what its `restic dump` wrote, as a restore).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from watcher.progress import (
     restic_status_bytes,
     written_bytes,
 )
-from watcher.progress_display import _TerminalLines
+from watcher.progress_lines import TerminalLines
 from watcher.registry import Registry
 from watcher.status import render_table, status_rows
 
@@ -156,7 +156,7 @@ def test_status_lists_a_targets_running_jobs_in_json_and_under_the_table() -> No
 def test_terminal_lines_follow_the_board_and_are_gone_when_their_jobs_end() -> None:
     board = ProgressBoard()
     screen = io.StringIO()
-    lines = _TerminalLines(board, screen)
+    lines = TerminalLines(board, screen)
     with board.track("restore", "app-db", "appdb", total=10 * 1024**2) as tracker:
         tracker.set_bytes(5 * 1024**2)
         lines.draw()

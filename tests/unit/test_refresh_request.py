@@ -1,0 +1,41 @@
+"""A one-shot command tells a daemon on this host that the repository changed: its bare POST /refresh reaches
+the daemon's own HTTP server (watcher.metrics), and with no daemon listening nothing happens but a debug line."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from watcher import cli
+from watcher.config import load_config
+from watcher.metrics import MetricsServer
+from watcher.settings import with_flags
+
+
+def app_for(port: int) -> cli.App:
+    """A one-shot command's App whose daemon would listen on loopback `port` (nothing else is reached)."""
+    args = cli.build_parser().parse_args(["backup"])
+    environ = {"RESTIC_REPOSITORY": "/nonexistent", "RESTIC_PASSWORD": "x", "DOCKER_HOST": "unix:///nonexistent.sock",
+               "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+    return cli.build_app(load_config(with_flags(environ, cli.settings_given(args))))
+
+
+def test_the_refresh_request_reaches_the_daemons_server() -> None:
+    asked = threading.Event()
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"), lambda: [], refresh=asked.set)
+    server.start()
+    try:
+        cli._ask_daemon_to_refresh(app_for(server.server_address[1]))
+        # The server calls refresh before it answers 202, and the request waited for the answer.
+        assert asked.is_set()
+    finally:
+        server.stop()
+
+
+def test_no_daemon_is_no_harm() -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli._ask_daemon_to_refresh(app_for(port))  # returns, raises nothing
