@@ -750,10 +750,14 @@ def _daemon_address(app: App) -> tuple[str, int]:
     return host, app.config.metrics_port
 
 
+def _host_port(host: str, port: int) -> str:
+    """HOST:PORT as a URL or a Host header writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _daemon_url(app: App, path: str) -> str:
     """The URL of `path` on this host's daemon (see _daemon_address)."""
-    host, port = _daemon_address(app)
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    return f"http://{_host_port(*_daemon_address(app))}{path}"
 
 
 def _daemon_status(app: App) -> list[dict[str, object]] | None:
@@ -773,7 +777,7 @@ def _ask_daemon_to_refresh(app: App) -> None:
     instead of at its next reconcile; no daemon, no harm. One bare HTTP/1.0 request on a socket: urllib.request
     (http.client, email, ssl) would cost every one-shot backup about 15 ms of CPU for one empty POST."""
     host, port = _daemon_address(app)
-    request = f"POST /refresh HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: 0\r\n\r\n".encode()
+    request = f"POST /refresh HTTP/1.0\r\nHost: {_host_port(host, port)}\r\nContent-Length: 0\r\n\r\n".encode()
     try:
         with socket.create_connection((host, port), timeout=2) as conn:
             conn.sendall(request)

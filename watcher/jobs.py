@@ -496,8 +496,8 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     source, source_env = engine.globals_source(ctx, target, role_passwords)
     argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
                                           source=source, snapshot_time=snapshot_time, engine=engine.name)
-    env = ctx.repository.pipeline_env(ctx.docker_host, **commands.RESTIC_TIME_ENV,
-                                      **commands.RESTIC_BACKUP_PROGRESS_ENV, **source_env)
+    env = ctx.repository.pipeline_env(ctx.docker_host, commands.RESTIC_TIME_ENV, commands.RESTIC_BACKUP_PROGRESS_ENV,
+                                      source_env)
     return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 
@@ -521,8 +521,8 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
         snapshot_time=snapshot_time, engine=engine.name, suffix=engine.dump_suffix,
     )
-    env = ctx.repository.pipeline_env(ctx.docker_host, **commands.RESTIC_TIME_ENV,
-                                      **commands.RESTIC_BACKUP_PROGRESS_ENV, **source_env)
+    env = ctx.repository.pipeline_env(ctx.docker_host, commands.RESTIC_TIME_ENV, commands.RESTIC_BACKUP_PROGRESS_ENV,
+                                      source_env)
     return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
 
 

@@ -486,9 +486,8 @@ def _attempt(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -
     on_piece: Callable[[], object] | None = None
     watch = stall.monotonic_watch(args.stall_timeout) if args.stall_timeout else None
     if watch is not None:
-        # Each piece that arrives from the container counts (pg_dump's head is held until whole, and the
-        # session's rows until a chunk ends), and so does each write on to restic: one blocked there is
-        # restic's stall.
+        # Each read of the container's output counts (pg_dump's head is held until whole, and the session's
+        # rows until a chunk ends), and so does each write on to restic: one blocked there is restic's stall.
         write, write_all = watch.counting(out.write), watch.counting(out.write_all)
         arrived = watch.counting(lambda _piece: None)
         on_piece = lambda: arrived(None)  # noqa: E731

@@ -245,6 +245,7 @@ class CopyStream:
     def feed_all(self, pieces: Sequence[bytes | memoryview]) -> None:
         """Takes the next pieces of the session's output, in order (a read's frames; views valid only during
         the call), the rows of a table looked at once for them all; raises as `feed`."""
+        pieces = [piece for piece in pieces if piece]  # an empty last piece would leave the held ones unread
         if self._chunker is not None and len(pieces) > 1:
             self._chunker.hold(pieces[:-1])
             self.feed(pieces[-1])

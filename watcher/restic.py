@@ -173,11 +173,14 @@ class Repository:
         self.masker = masker
         self.label = repository_label
 
-    def pipeline_env(self, docker_host: str, **extra: str) -> dict[str, str]:
+    def pipeline_env(self, docker_host: str, *extras: Mapping[str, str]) -> dict[str, str]:
         """The environment of a pipeline of restic and exec helpers (a backup, a restore, a drill's load):
-        the repository's, the Docker engine the helpers reach the container through, and `extra` (a database
-        password the helper passes by name, restic's progress settings)."""
-        return {**self.env, "DOCKER_HOST": docker_host, **extra}
+        the repository's, the Docker engine the helpers reach the container through, and `extras` in order,
+        a later one's value winning (restic's progress settings, a password the helper passes by name)."""
+        env = {**self.env, "DOCKER_HOST": docker_host}
+        for extra in extras:
+            env.update(extra)
+        return env
 
     def run(self, argv: tuple[str, ...], timeout: float = QUERY_TIMEOUT_SECONDS,
             cancel: threading.Event | None = None, *, on_stdout_line: Callable[[str], None] | None = None,

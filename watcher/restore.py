@@ -202,8 +202,7 @@ class Restorer:
         return RestoreResult(container_name, database, snapshot.id, duration)
 
     def _pipeline_env(self, creds: Credentials) -> dict[str, str]:
-        return self.repository.pipeline_env(self.docker_host,
-                                            **({"PGPASSWORD": creds.password} if creds.password else {}))
+        return self.repository.pipeline_env(self.docker_host, {"PGPASSWORD": creds.password} if creds.password else {})
 
     def _abandon_scratch(self, container_id: str, creds: Credentials, database: str,
                          bound: structlog.typing.FilteringBoundLogger) -> None:

@@ -5,13 +5,18 @@ protocol, the names it passes on, and the SQL scripts that reach psql without an
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
 import zlib
+from collections.abc import Callable, Sequence
 
 import pytest
 
+from tests.unit.test_archive import SCHEMA, head_bytes
 from watcher import archive, keysql
+from watcher.dockerexec import SealedOutput
+from watcher.keydump import ArchiveFilter, Dump, ReadBatch
 from watcher.keyrows import (
     CHUNK_MAX,
     Chunker,
@@ -220,6 +225,87 @@ def test_the_copy_session_output_becomes_the_tables_data_blocks(piece: int) -> N
     chunks = block_chunks(written[len(first):end_of_first])
     assert b"".join(chunks) == body and len(chunks) == len(bounds_of(body)) + 1
     assert written[end_of_first:] == archive.block_start(HEAD, 42) + archive.chunk_header(HEAD, 0)
+
+
+def fed_a_read_at_a_time(data: bytes, feed_all: Callable[[list[memoryview]], object], seed: int) -> None:
+    """Feeds `data` as the exec stream's reader hands it on: reads of random sizes into one reused buffer, each
+    read's frames as views of it, all of a read in one call; the buffer is overwritten after each call, so a
+    piece kept past its call, or lost, shows in what was written."""
+    rng = random.Random(seed)
+    buffer = bytearray(1 << 16)
+    at = 0
+    while at < len(data):
+        size = min(rng.randrange(1, len(buffer)), len(data) - at)
+        buffer[:size] = data[at : at + size]
+        cuts = sorted(rng.sample(range(1, size), min(size - 1, rng.randrange(0, 40)))) if size > 1 else []
+        edges = [0, *cuts, size]
+        with memoryview(buffer) as view:
+            feed_all([view[start:end] for start, end in itertools.pairwise(edges)])
+        buffer[:size] = b"\xee" * size
+        at += size
+
+
+def test_a_read_batch_hands_a_reads_pieces_on_once_and_counts_the_read() -> None:
+    got: list[list[bytes]] = []
+    reads = []
+    batch = ReadBatch(lambda pieces: got.append([bytes(piece) for piece in pieces]), lambda: reads.append(1))
+    batch.flush()  # nothing read: nothing handed on, no progress
+    batch.pieces.append(memoryview(b"ab"))
+    batch.pieces.append(memoryview(b"c"))
+    batch.flush()
+    batch.flush()
+    batch.pieces.append(memoryview(b"d"))
+    batch.flush()
+    assert got == [[b"ab", b"c"], [b"d"]] and len(reads) == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_copy_session_output_fed_a_read_at_a_time_gives_the_same_blocks(seed: int) -> None:
+    # Three tables, the middle one empty: tables end and start inside a read's frames.
+    second = {**TABLE, "oid": 16400, "name": "empty", "qualified": '"we""ird".empty'}
+    third = {**TABLE, "oid": 16500, "name": "more", "qualified": '"we""ird".more'}
+    tables = [parse_table("table " + json.dumps(t)) for t in (TABLE, second, third)]
+    first_rows, third_rows = b"".join(rows(3000)), b"".join(rows(2000, seed=5, first=7000))
+    output = (b"\n" + BOUNDS + b"".join(key + b"\n" for key in bounds_of(first_rows)) + start_line(TABLE)
+              + first_rows + END + BOUNDS + start_line(second) + END
+              + BOUNDS + b"".join(key + b"\n" for key in bounds_of(third_rows)) + start_line(third) + third_rows + END)
+    whole: list[bytes] = []
+    CopyStream(TOKEN, HEAD, tables, (41, 42, 43), functools.partial(keep, whole)).feed(output)
+    out: list[bytes] = []
+    stream = CopyStream(TOKEN, HEAD, tables, (41, 42, 43), functools.partial(keep, out))
+    fed_a_read_at_a_time(output, stream.feed_all, seed)
+    assert stream.done.is_set() and stream.copied == 3
+    assert b"".join(out) == b"".join(whole) and len(b"".join(whole)) > len(first_rows) + len(third_rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pg_dumps_output_fed_a_read_at_a_time_is_rewritten_once_and_passed_on_whole(seed: int) -> None:
+    # The archive's head and TOC end inside a read; the end mark is held back across reads (SealedOutput).
+    raw_head = head_bytes()
+    toc = raw_head + archive.write_toc(archive.Head(raw_head, (1, 14), 4, 8), list(SCHEMA))
+    blocks = bytes(range(256)) * 600
+    seal = b"0123456789abcdef0123456789abcdef"
+    tables = [Table(500, "public", "t500", "public.t500", "id", "id")]
+
+    def written_by(feed: Callable[[ArchiveFilter], object]) -> bytes:
+        out: list[bytes] = []
+
+        def keep_all(pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+            for piece in pieces:
+                keep(out, piece)
+
+        dump = Dump("unix:///nowhere.sock", "c", {}, functools.partial(keep, out), keep_all, lambda _data: None)
+        filt = ArchiveFilter(dump, tables)
+        feed(filt)
+        assert filt.dump_ids == (32,)
+        return b"".join(out)
+
+    expected = written_by(lambda filt: filt.feed(toc + blocks))
+    sealer = SealedOutput(seal, lambda _piece: None)
+    got = written_by(lambda filt: fed_a_read_at_a_time(
+        toc + blocks + seal, lambda pieces: filt.feed_all(sealer.pass_on(list(pieces))), seed))
+    assert sealer.sealed()
+    assert got == expected and got.endswith(blocks) and len(got) > len(toc) + len(blocks)
 
 
 def test_a_table_the_holder_did_not_list_fails_the_dump() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from watcher import cli
@@ -38,4 +39,6 @@ def test_no_daemon_is_no_harm() -> None:
     with socket.socket() as probe:  # a loopback port nobody listens on once this closes
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cli._ask_daemon_to_refresh(app_for(port))  # returns, raises nothing
+    with structlog.testing.capture_logs() as logs:
+        cli._ask_daemon_to_refresh(app_for(port))  # returns, raises nothing
+    assert [entry["event"] for entry in logs] == ["daemon_not_told"]

@@ -12,16 +12,20 @@ import subprocess
 import sys
 
 ONE_SHOT_START = """
-import json, os, sys
+import json, os, socket, sys
 from watcher import cli
 from watcher.settings import with_flags
 args = cli.build_parser().parse_args(["backup", "some-container"])
-environ = {"RESTIC_REPOSITORY": "/nonexistent", "RESTIC_PASSWORD": "x", "DOCKER_HOST": "unix:///nonexistent.sock"}
+with socket.socket() as probe:  # a loopback port nobody listens on once this closes: no daemon is told
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+environ = {"RESTIC_REPOSITORY": "/nonexistent", "RESTIC_PASSWORD": "x", "DOCKER_HOST": "unix:///nonexistent.sock",
+           "WATCHER_METRICS_ADDRESS": f"127.0.0.1:{port}"}
 config = cli.load_config(with_flags(environ, cli.settings_given(args)))
 app = cli.build_app(config)
 with app.showing_progress():  # stdout is a pipe here: log lines, no terminal lines
     pass
-cli._ask_daemon_to_refresh(app)  # what a backup does at its end (no daemon answers here)
+cli._ask_daemon_to_refresh(app)  # what a backup does at its end (no daemon listens there)
 print(json.dumps(sorted(sys.modules)))
 """
 
