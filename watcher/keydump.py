@@ -307,15 +307,11 @@ def _await_holder(holder: ExecThread, out: HolderOutput, errors: ErrorTail, lock
 
 
 def run(docker_host: str, container: str, env: dict[str, str], pg_dump: Sequence[str], lock_wait_ms: int,
-        write: Write, on_stderr: Callable[[bytes], object], on_piece: Callable[[], object] | None = None,
-        write_all: WriteAll | None = None) -> None:
-    """The whole key-ordered dump to `write` (several pieces at once to `write_all`, when given; `on_piece`
-    called as each read of any exec's output arrives); raises KeyDumpError naming the part that failed."""
-    def write_each(pieces: Sequence[Piece]) -> None:
-        for piece in pieces:
-            write(piece)
-
-    dump = Dump(docker_host, container, env, write, write_all or write_each, on_stderr)
+        write: Write, write_all: WriteAll, on_stderr: Callable[[bytes], object],
+        on_piece: Callable[[], object] | None = None) -> None:
+    """The whole key-ordered dump to `write` (several pieces at once to `write_all`; `on_piece` called as each
+    read of any exec's output arrives); raises KeyDumpError naming the part that failed."""
+    dump = Dump(docker_host, container, env, write, write_all, on_stderr)
     if on_piece is not None:
         dump.on_piece = on_piece
     try:
@@ -380,14 +376,8 @@ class Output:
         self._destination.write((small, *pieces))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Writes `data` (or gathers it); raises as Destination.write."""
-        if len(data) < DIRECT_BYTES:
-            self._small += data
-            if len(self._small) >= DIRECT_BYTES:
-                self.flush()
-            return
-        small, self._small = self._small, bytearray()
-        self._destination.write((small, data))
+        """Writes `data` (or gathers it): write_all of one piece; raises as Destination.write."""
+        self.write_all((data,))
 
     def flush(self) -> None:
         """Writes what was gathered; raises as Destination.write."""
@@ -493,7 +483,7 @@ def _attempt(args: KeyDumpArgs, env: dict[str, str], destination: Destination) -
         on_piece = lambda: arrived(None)  # noqa: E731
     with stall_watchdog(watch, "pg_dump"):
         run(os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST, args.container, env, args.pg_dump,
-            args.lock_wait_ms, write, write_err, on_piece, write_all)
+            args.lock_wait_ms, write, write_all, write_err, on_piece)
         out.flush()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -28,13 +28,21 @@ def shown(board: ProgressBoard, *, terminal: bool, stream: TextIO,
     `*_progress` log lines every `log_every_s`. The lines are gone when the block ends (the caller
     prints the results)."""
     if terminal:
-        from watcher.progress_lines import drawn  # noqa: PLC0415 - tqdm only where lines are drawn (the docstring)
+        from watcher.progress_lines import TerminalLines, logs_above_the_lines  # noqa: PLC0415 - the docstring
 
-        with drawn(board, stream):
+        with logs_above_the_lines(), _running(TerminalLines(board, stream).run):
             yield
         return
+    with _running(lambda stop: log_progress(board, stop, log_every_s)):
+        yield
+
+
+@contextmanager
+def _running(work: Callable[[threading.Event], object]) -> Iterator[None]:
+    """Runs `work(stop)` in a thread of its own while the `with` block runs; sets `stop` when it ends and waits
+    for the thread (at most 5 s)."""
     stop = threading.Event()
-    worker = threading.Thread(target=log_progress, args=(board, stop, log_every_s), name="progress", daemon=True)
+    worker = threading.Thread(target=work, args=(stop,), name="progress", daemon=True)
     worker.start()
     try:
         yield

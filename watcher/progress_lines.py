@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Never, TextIO
 
 from tqdm import tqdm
@@ -20,19 +19,9 @@ from watcher.progress import JobProgress, ProgressBoard
 DRAW_SECONDS = 0.5
 
 
-@contextmanager
-def drawn(board: ProgressBoard, stream: TextIO) -> Iterator[None]:
-    """Draws the board's lines on `stream` while the `with` block runs; they are gone when it ends."""
-    stop = threading.Event()
-    lines = TerminalLines(board, stream)
-    worker = threading.Thread(target=lines.run, args=(stop,), name="progress", daemon=True)
-    with logging_redirect_tqdm():
-        worker.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            worker.join(timeout=5)
+def logs_above_the_lines() -> AbstractContextManager[None]:
+    """Routes log lines written while the `with` block runs above the drawn lines, not through them."""
+    return logging_redirect_tqdm()
 
 
 class TerminalLines:
