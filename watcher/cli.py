@@ -556,12 +556,12 @@ def no_snapshots_message(target: str, host: str, of_target: Sequence[Snapshot], 
             "`backup-watcher snapshots` lists every target and snapshot it holds.")
 
 
-def _confirmed(database: str) -> bool:
-    """Whether the operator typed the database's name; raises UsageError when there is no terminal to ask."""
+def confirmed_by_typing(expected: str, question: str) -> bool:
+    """Whether the operator answered `question` (a restore's) by typing `expected`; raises UsageError when there is
+    no terminal to ask on."""
     if not sys.stdin.isatty():
         raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
-    answer = input(f"Type the database name ({database}) to confirm: ")
-    return answer.strip() == database
+    return input(question).strip() == expected
 
 
 def cmd_check_config(app: App, args: argparse.Namespace) -> int:

@@ -496,9 +496,7 @@ def _globals_command(ctx: JobContext, target: Target, snapshot_time: datetime,
     source, source_env = engine.globals_source(ctx, target, role_passwords)
     argv = commands.restic_backup_globals(ctx.repository.binary, host=ctx.host, container=target.name,
                                           source=source, snapshot_time=snapshot_time, engine=engine.name)
-    env = ctx.repository.pipeline_env(ctx.docker_host, commands.RESTIC_TIME_ENV, commands.RESTIC_BACKUP_PROGRESS_ENV,
-                                      source_env)
-    return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env
+    return _restic_backup_job(ctx, argv, source_env)
 
 
 def pg_globals_source(ctx: JobContext, target: Target, role_passwords: bool) -> tuple[Command, dict[str, str]]:
@@ -521,6 +519,12 @@ def _backup_command(ctx: JobContext, target: Target, database: str,
         ctx.repository.binary, host=ctx.host, container=target.name, database=database, source=source,
         snapshot_time=snapshot_time, engine=engine.name, suffix=engine.dump_suffix,
     )
+    return _restic_backup_job(ctx, argv, source_env)
+
+
+def _restic_backup_job(ctx: JobContext, argv: Command, source_env: dict[str, str]) -> tuple[Command, dict[str, str]]:
+    """A restic backup's argv with the repository lock wait, and the environment of its pipeline (restic's and the
+    dump source's)."""
     env = ctx.repository.pipeline_env(ctx.docker_host, commands.RESTIC_TIME_ENV, commands.RESTIC_BACKUP_PROGRESS_ENV,
                                       source_env)
     return commands.with_lock_wait(argv, ctx.bounds.lock_retry_s), env

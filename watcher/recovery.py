@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, UsageError
+from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, App, UsageError, confirmed_by_typing
 from watcher.engines.restoring import Preview, Step, StepFailed, step_for
 from watcher.restic import Snapshot
 
@@ -77,7 +77,8 @@ def recover_host(app: App, args: argparse.Namespace) -> int:
     _show(plans, args.host)
     if not any(plan.problem is None for plan in plans):
         return _report([outcome for plan in plans for outcome in _not_done(plan)])
-    if not args.yes and not _confirmed(args.host):
+    if not args.yes and not confirmed_by_typing(
+            args.host, f"Type the old host's name ({args.host}) to restore all of the above: "):
         print("not confirmed; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
     outcomes: list[Outcome] = []
@@ -112,13 +113,6 @@ def _show(plans: list[ContainerPlan], host: str) -> None:
         for snap, fate in zip(plan.snapshots, plan.preview.fates, strict=True):
             print(f"    {snap.database!r} from snapshot {snap.short_id} ({snap.time:%Y-%m-%d %H:%M:%S} UTC): {fate}",
                   file=sys.stderr)
-
-
-def _confirmed(host: str) -> bool:
-    """Whether the operator typed the old host's name; raises UsageError when there is no terminal to ask."""
-    if not sys.stdin.isatty():
-        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
-    return input(f"Type the old host's name ({host}) to restore all of the above: ").strip() == host
 
 
 def _not_done(plan: ContainerPlan) -> list[Outcome]:

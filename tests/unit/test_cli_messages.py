@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
 
-from watcher.cli import build_parser, no_snapshots_message, settings_given
+from watcher.cli import UsageError, build_parser, confirmed_by_typing, no_snapshots_message, settings_given
 from watcher.restic import Snapshot
 
 
@@ -54,3 +58,34 @@ def test_no_abbreviations_after_the_command_either(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         build_parser().parse_args(["restore", "x", "--restic-password", "secret"])
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """stdin on a real pty; the fixture's function types a line at it."""
+    master, slave = os.openpty()
+    with os.fdopen(slave, "r", closefd=True) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+
+        def type_line(line: str) -> None:
+            os.write(master, line.encode() + b"\n")
+
+        yield type_line
+    os.close(master)
+
+
+def test_a_restore_is_confirmed_only_by_the_expected_word_typed(terminal: Callable[[str], None],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    terminal("  appdb ")
+    assert confirmed_by_typing("appdb", "Type the database name (appdb) to confirm: ")
+    assert "Type the database name (appdb) to confirm: " in capsys.readouterr().out
+    terminal("appdb2")
+    assert not confirmed_by_typing("appdb", "Type: ")
+    terminal("")
+    assert not confirmed_by_typing("appdb", "Type: ")
+
+
+def test_a_restore_without_a_terminal_to_ask_on_is_refused_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("appdb\n"))
+    with pytest.raises(UsageError, match="no terminal to ask on; pass --yes"):
+        confirmed_by_typing("appdb", "Type: ")

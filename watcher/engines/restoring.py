@@ -112,7 +112,7 @@ def restore_one(app: App, args: argparse.Namespace, snapshot: Snapshot, listed: 
     step, shows it, asks (unless --yes) and runs it; returns 0 when
     restored, 1 when it failed (nothing changed when it could not be prepared), 2 when not confirmed. Raises
     UsageError for a destination that is not there."""
-    from watcher.cli import UsageError, _confirmed
+    from watcher.cli import UsageError, confirmed_by_typing
 
     name = args.into or args.target
     try:
@@ -127,8 +127,10 @@ def restore_one(app: App, args: argparse.Namespace, snapshot: Snapshot, listed: 
     print(f"Restore snapshot {snapshot.short_id} ({snapshot.time:%Y-%m-%d %H:%M:%S} UTC, host {snapshot.host}) "
           f"of {snapshot.container}/{snapshot.database}\n  into {preview.into[0]}.\n  {preview.fates[0]}"
           + (f"\n  {preview.accounts}" if preview.accounts else ""), file=sys.stderr)
-    confirm_word = snapshot.database if snapshot.engine != engines.COMMAND else name
-    if not args.yes and not _confirmed(confirm_word):
+    # A command target's snapshot names no database of its own: the operator types the container's name.
+    what, word = (("container's name", name) if snapshot.engine == engines.COMMAND
+                  else ("database name", snapshot.database))
+    if not args.yes and not confirmed_by_typing(word, f"Type the {what} ({word}) to confirm: "):
         print("not confirmed; nothing was changed", file=sys.stderr)
         return EXIT_USAGE
     with app.showing_progress():
