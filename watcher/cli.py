@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -781,12 +781,24 @@ def _ask_daemon_to_refresh(app: App) -> None:
     try:
         with socket.create_connection((host, port), timeout=2) as conn:
             conn.sendall(request)
-            status_line = conn.recv(256).split(b"\r\n", 1)[0].decode("latin-1")
+            status_line = status_line_of(conn.recv)
     except OSError as exc:
         log.debug("daemon_not_told", reason=str(exc))
         return
     if status_line.split(" ", 2)[1:2] != ["202"]:
         log.debug("daemon_not_told", reason=f"it answered {status_line[:100]!r}")
+
+
+def status_line_of(recv: Callable[[int], bytes], limit: int = 256) -> str:
+    """The first line of an HTTP answer read with `recv` (a socket's, each read bounded by its timeout): at most
+    `limit` bytes, without its CRLF, however the answer's bytes are split among reads. Raises what `recv` raises."""
+    head = b""
+    while b"\r\n" not in head and len(head) < limit:
+        data = recv(limit - len(head))
+        if not data:
+            break
+        head += data
+    return head.split(b"\r\n", 1)[0].decode("latin-1")
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:

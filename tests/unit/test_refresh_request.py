@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 
 import structlog.testing
 from prometheus_client import CollectorRegistry
@@ -42,3 +43,16 @@ def test_no_daemon_is_no_harm() -> None:
     with structlog.testing.capture_logs() as logs:
         cli._ask_daemon_to_refresh(app_for(port))  # returns, raises nothing
     assert [entry["event"] for entry in logs] == ["daemon_not_told"]
+
+
+def test_the_daemons_answer_is_read_whole_however_its_bytes_arrive() -> None:
+    def reads(*pieces: bytes) -> Callable[[int], bytes]:
+        left = list(pieces)
+        return lambda _n: left.pop(0) if left else b""
+
+    answer = b"HTTP/1.0 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+    for cut in range(1, len(answer)):
+        assert cli.status_line_of(reads(answer[:cut], answer[cut:])) == "HTTP/1.0 202 Accepted"
+    assert cli.status_line_of(reads(b"HTTP/1.0 2")) == "HTTP/1.0 2"  # the daemon closed early: what came is the line
+    endless = b"x" * 1000
+    assert cli.status_line_of(lambda n: endless[:n], limit=10) == "x" * 10  # no line end: at most the limit
