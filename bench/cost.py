@@ -59,6 +59,8 @@ ROWS = [
         "pipeline", goal=f"≤ {CPU_GOAL:g} CPU-s/GB, job ≤ {WALL_GOAL}{X}"),
     Row("7c", "Watcher's own CPU (CLI + exec helpers) per GB restored, `restore`; wall time vs `restic dump | "
         "pg_restore`", goal=f"≤ {CPU_GOAL:g} CPU-s/GB"),
+    Row("7d", "Information: 7b in the physical order (`WATCHER_DUMP_ORDER=physical`, pg_dump's stream passed on "
+        "unread), so that 7b less 7d is what the key order's boundary search and held rows cost", goal="information"),
 ]
 
 
@@ -229,11 +231,12 @@ def own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree) -> Sample:
-    """A daemon from `tree` against an empty repository: its catch-up pass backs BIG up (its database and its
-    globals); returns the sample of that pass. Raises RuntimeError when it fails or takes over an hour."""
+def daemon_backup(world: World, big: PgContainer, repo: Repo, tree: Tree, order: str = "key") -> Sample:
+    """A daemon from `tree` against an empty repository, dumping in `order`: its catch-up pass backs BIG up (its
+    database and its globals); returns the sample of that pass. Raises RuntimeError when it fails or takes over
+    an hour."""
     with measured(tree, world.workdir) as path:
-        daemon = Daemon(world, repo, f"cost-{repo.path.name}", patterns=big.name)
+        daemon = Daemon(world, repo, f"cost-{repo.path.name}", patterns=big.name, WATCHER_DUMP_ORDER=order)
         try:
             before = own_cpu(daemon.proc.pid)
             deadline = time.monotonic() + 3600
@@ -274,7 +277,9 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
         trees.insert(0, extract(compare_ref, world.workdir, "before"))
     for tree in trees:
         compile_bytecode(tree)
-    kinds = ["bare", *(f"{mode}@{i}" for i in range(len(trees)) for mode in ("oneshot", "daemon"))]
+    # The physical order (7d, information) only for the tree measured: what the key order costs in it.
+    kinds = ["bare", *(f"{mode}@{i}" for i in range(len(trees)) for mode in ("oneshot", "daemon")),
+             f"physical@{len(trees) - 1}"]
     bare: list[float] = []
     client_cpu: list[float] = []
     samples: dict[str, list[Sample]] = {kind: [] for kind in kinds[1:]}
@@ -288,8 +293,11 @@ def run(world: World, report: Report, big: PgContainer, reps: int, restore_reps:
                 client_cpu.append(cpu)
         else:
             mode, index = kind.split("@")
-            run_one = one_shot if mode == "oneshot" else daemon_backup
-            sample = run_one(world, big, repo, trees[int(index)])
+            tree = trees[int(index)]
+            if mode == "oneshot":
+                sample = one_shot(world, big, repo, tree)
+            else:
+                sample = daemon_backup(world, big, repo, tree, "physical" if mode == "physical" else "key")
             samples[kind].append(sample)
             seconds = sample.seconds
             say(f"    {kind}: job {fmt_s(sample.job_seconds)}, {sample.nbytes / GB:.2f} GB, CPU main "
@@ -348,15 +356,22 @@ def cost_cell(runs: list[Sample], reference: list[float], job: bool) -> tuple[st
 def report_rows(report: Report, trees: list[Tree], bare: list[float], samples: dict[str, list[Sample]],
                 hand: list[float], restored: dict[str, list[Sample]], nbytes: int) -> None:
     after = len(trees) - 1
+    cpus: dict[str, float] = {}
     for key, kind, reference, job in (("7a", "oneshot", bare, True), ("7b", "daemon", bare, True),
-                                      ("7c", "restore", hand, False)):
+                                      ("7c", "restore", hand, False), ("7d", "physical", bare, True)):
         runs = samples[f"{kind}@{after}"] if kind != "restore" else restored[f"restore@{after}"]
         if not runs:
             continue
         cell, cpu, ratio = cost_cell(runs, reference, job)
+        cpus[key] = cpu
         r = report.row(key)
         r.watcher = cell
         r.reference = f"{'bare pipeline' if kind != 'restore' else 'by hand'} {fmt_s(median(reference))}"
+        if key == "7d":
+            r.ratio = fmt_ratio(ratio, 3)
+            r.verdict = (f"info: the key order costs 7b less 7d = {cpus['7b'] - cpu:.2f} CPU-s/GB"
+                         if "7b" in cpus else "info")
+            continue
         if after:
             before_runs = samples[f"{kind}@0"] if kind != "restore" else restored["restore@0"]
             r.reference += "; before: " + cost_cell(before_runs, reference, job)[0]
@@ -367,12 +382,12 @@ def report_rows(report: Report, trees: list[Tree], bare: list[float], samples: d
                   f"(getrusage at exit; the daemon's from /proc between `watching` and the end of its pass); "
                   f"bare pipeline {rounded(bare)} s, restore by hand {rounded(hand)} s.")
     for index, tree in enumerate(trees):
-        for kind in ("oneshot", "daemon", "restore"):
-            runs = samples[f"{kind}@{index}"] if kind != "restore" else restored[f"restore@{index}"]
+        for kind in ("oneshot", "daemon", "physical", "restore"):
+            runs = samples.get(f"{kind}@{index}", []) if kind != "restore" else restored[f"restore@{index}"]
             if not runs:
                 continue
-            main = "daemon" if kind == "daemon" else "CLI"
-            main_rss = "" if kind == "daemon" else f"CLI {max(s.rss_main_kib for s in runs) // 1024} MiB, "
+            main = "daemon" if kind in ("daemon", "physical") else "CLI"
+            main_rss = "" if main == "daemon" else f"CLI {max(s.rss_main_kib for s in runs) // 1024} MiB, "
             report.detail(
                 f"7. {tree.label}, {kind}: wall {rounded(s.seconds for s in runs)} s, job "
                 f"{rounded(s.job_seconds for s in runs)} s; CPU {main} {rounded(s.cpu_main for s in runs)} s, "

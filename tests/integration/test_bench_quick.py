@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CELL = re.compile(r"(?<!\\)\|")  # a cell boundary: a pipe not escaped as \|
 ROWS = ["1a", "1b", "2a", "2b", "2c", "2d", "2e", "2f", "3a", "3b", "4a", "4b", "5a", "5b", "5c", "5d", "6", "7a", "7b",
-        "7c"]
+        "7c", "7d"]
 
 
 @pytest.mark.engine
