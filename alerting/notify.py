@@ -130,6 +130,8 @@ class Notifier:
 
     def _run(self) -> None:
         while True:
+            # Unbounded on purpose: an idle thread waiting for work, never a job. close() ends it with None (a
+            # daemon thread, it also ends with the process), and each delivery is bounded by _deliver's join.
             alert = self._queue.get()
             if alert is None:
                 return

@@ -48,7 +48,9 @@ class CopySpec:
     backup pass), whether this host prunes it, and its backend environment (secrets kept out of repr)."""
 
     name: str
-    repository: str
+    # Out of repr: a REST or S3 URL may carry its password (rest:https://user:pw@host/); messages name the
+    # repository through settings.mask_url.
+    repository: str = field(repr=False)
     keeps: tuple[int, int, int]
     schedule: str | None = None
     prune: bool = True

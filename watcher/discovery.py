@@ -37,7 +37,9 @@ class ContainerInfo:
     name: str
     image: str
     labels: Mapping[str, str]
-    env: Mapping[str, str]
+    # Out of repr: the container's whole environment, its database password (POSTGRES_PASSWORD, ...) and
+    # whatever else its application keeps there, none of which the watcher's masker knows.
+    env: Mapping[str, str] = field(repr=False)
     running: bool = True
     image_id: str = ""
     started_at: float | None = None  # epoch seconds of the container's last start, by the engine's clock

@@ -11,18 +11,51 @@ any duplicate harmless.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import docker.errors
+import requests.adapters
 import requests.exceptions
 import structlog
+from urllib3.connection import HTTPConnection
 
 log = structlog.get_logger("watcher.events")
 ACTIONS = ("start", "die", "stop", "destroy", "rename", "health_status")
 MAX_BACKOFF_SECONDS = 30.0
+# An idle event stream is normal (no container changed for hours), so its read has no timeout (docker-py asks
+# for none). Over tcp:// a peer that vanished without closing the connection (its host or a NAT on the way
+# gone) would leave that read waiting for ever, the stream still counted as connected and never reconnected.
+# The kernel probes an idle connection instead: a dead one fails the read within IDLE + COUNT * INTERVAL
+# seconds (2 min), and the stream reconnects. A unix socket's peer cannot vanish that way.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 60, 10, 6
+KEEPALIVE_OPTIONS = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT),
+)
+
+
+class _ProbedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections have the kernel probe them when idle (KEEPALIVE_OPTIONS)."""
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        pool_kwargs["socket_options"] = [*HTTPConnection.default_socket_options, *KEEPALIVE_OPTIONS]
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+
+def events_client(docker_host: str, version: str = "auto") -> docker.APIClient:
+    """The Docker API client of the event stream: over tcp:// its connections are probed when idle (see
+    KEEPALIVE_OPTIONS). Raises docker.errors.DockerException (`version` auto: the engine is asked for it)."""
+    client = docker.APIClient(base_url=docker_host, timeout=30, version=version)
+    if str(client.base_url).startswith("http://"):
+        client.mount("http://", _ProbedAdapter())
+    return client
 
 
 @dataclass(frozen=True)
@@ -101,7 +134,7 @@ class EventStream:
             client: docker.APIClient | None = None
             connected = False
             try:
-                client = docker.APIClient(base_url=self._docker_host, timeout=30, version="auto")
+                client = events_client(self._docker_host)
                 stream = client.events(decode=True, filters={"type": "container", "event": list(ACTIONS)})
                 with self._lock:
                     self._stream = stream

@@ -41,6 +41,16 @@ TICK_SECONDS = 1.0
 ABORT_JOIN_SECONDS = 2.0
 # The longest line of stderr kept whole; the rest of a longer line is dropped (a bounded tail).
 MAX_LINE_BYTES = 16384
+# pg_restore follows the error of a statement that failed with the whole statement ("Command was: " and its
+# further lines), and libpq's error may quote a line of it ("LINE 3: ...", then a caret). A dump's statements
+# can hold passwords that no masker knows (CREATE USER MAPPING ... OPTIONS (password '...'), CREATE
+# SUBSCRIPTION ... CONNECTION '... password=...'): they are left out of the tail, the error itself stays.
+# A quoted line is left out only from pg_restore's stream: psql's names the table of a lock wait
+# (jobs.lock_wait_problem), in the watcher's own queries.
+ECHOED_STATEMENT = "Command was: "
+STATEMENT_NOT_SHOWN = ECHOED_STATEMENT + "(not shown: a dump's statement may hold passwords)"
+# Lines that end an echoed statement: the next message of pg_restore or of the exec helper.
+_OWN_LINE_PREFIXES = ("pg_restore: ", "pg_dump: ", "backup-watcher: ")
 
 
 def maskable(secret: str) -> bool:
@@ -128,6 +138,9 @@ class _LineTail:
         self._masker = masker
         self._on_line = on_line
         self._partial = b""
+        self._in_statement = False  # inside a statement pg_restore echoed (ECHOED_STATEMENT)
+        self._after_quote = False  # the line before quoted a statement's line (LINE n: ...)
+        self._from_pg_restore = False  # pg_restore wrote to this stream
         self.lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
     def feed(self, data: bytes | memoryview) -> None:
@@ -145,12 +158,32 @@ class _LineTail:
             self._partial = b""
 
     def add(self, raw: bytes) -> None:
-        """Keeps one whole line (masked); blank lines are dropped."""
-        line = self._masker(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        """Keeps one whole line (masked); blank lines and the statements a program echoes are dropped."""
+        line = self._shown(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        if line is not None:
+            line = self._masker(line)
         if line:
             self.lines.append(line)
             if self._on_line is not None:
                 self._on_line(line)
+
+    def _shown(self, text: str) -> str | None:
+        """What of one line may be kept: None for a line of an echoed statement (see ECHOED_STATEMENT)."""
+        after_quote, self._after_quote = self._after_quote, False
+        head, echoed, _statement = text.partition(ECHOED_STATEMENT)
+        if echoed and (not head or head.endswith(": detail: ")):  # PostgreSQL 15+ may say it as a detail
+            self._in_statement = True
+            return head + STATEMENT_NOT_SHOWN
+        if self._in_statement and not text.startswith(_OWN_LINE_PREFIXES):
+            return None
+        self._in_statement = False
+        self._from_pg_restore = self._from_pg_restore or text.startswith("pg_restore: ")
+        if self._from_pg_restore and text.startswith("LINE ") and text[5:].partition(":")[0].isdigit():
+            self._after_quote = True
+            return None
+        if after_quote and text.strip() == "^":
+            return None
+        return text
 
 
 def _wait_bound(deadline: float, cancel: threading.Event | None) -> tuple[bool, bool]:

@@ -32,6 +32,10 @@ from watcher.registry import STATES, DatabaseState, Registry
 
 PREFIX = "backup_watcher_"
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
+# Each read and write on a client's connection waits at most this long: a client that connects and sends no
+# whole request (a scanner, a peer gone without a FIN) would otherwise hold its handler thread and socket
+# for ever. Generous against a scrape: the answer is made in memory, never by restic or Docker.
+REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 class TargetCollector(Collector):
@@ -260,6 +264,7 @@ class Metrics:
 
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
+    timeout = REQUEST_TIMEOUT_SECONDS  # set on the connection before the request is read (StreamRequestHandler)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

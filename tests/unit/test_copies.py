@@ -65,6 +65,15 @@ def test_a_copy_takes_its_own_repository_password_keeps_and_schedule(tmp_path: P
     assert "secret" not in str(shown)
 
 
+def test_a_password_in_the_copys_repository_url_stays_out_of_repr() -> None:
+    config = load_config({**PRIMARY, **OFFSITE,
+                          "WATCHER_COPY_OFFSITE_REPOSITORY": "rest:https://bob:url-secret-789@backup.example/r"})
+    assert "url-secret-789" in config.secrets
+    # A Config (its copies with it) that lands in a log line or a traceback shows no secret.
+    assert "url-secret-789" not in repr(config)
+    assert "url-secret-789" not in str(effective_copies(config))
+
+
 def test_a_copy_keeps_the_primarys_retention_unless_it_has_its_own() -> None:
     config = load_config({**PRIMARY, **OFFSITE, "WATCHER_KEEP_DAILY": "7"})
     assert config.copies[0].keeps == (7, 4, 6)

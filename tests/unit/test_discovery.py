@@ -204,6 +204,14 @@ def test_credentials_from_postgres_env() -> None:
     assert "pg-secret" not in repr(creds)
 
 
+def test_the_containers_environment_stays_out_of_repr() -> None:
+    info = ContainerInfo.from_inspect({"Id": "c0ffee", "Name": "/scalr-app-db", "State": {"Running": True},
+                                       "Config": {"Image": "postgres:16", "Env": ["POSTGRES_PASSWORD=pg-secret",
+                                                                                  "APP_API_TOKEN=app-token-42"]}})
+    assert info.env["POSTGRES_PASSWORD"] == "pg-secret"
+    assert "pg-secret" not in repr(info) and "app-token-42" not in repr(info)
+
+
 def test_default_user_is_postgres() -> None:
     creds = target_of(container(env={"POSTGRES_PASSWORD": "pw"})).credentials
     assert creds.user == "postgres"

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from watcher.execute import EXIT_UNKNOWN, STDERR_TAIL_LINES, Completed, Masker, _LineTail, run, run_pipeline
+from watcher.execute import (
+    EXIT_UNKNOWN,
+    STATEMENT_NOT_SHOWN,
+    STDERR_TAIL_LINES,
+    Completed,
+    Masker,
+    _LineTail,
+    run,
+    run_pipeline,
+)
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
 NO_SECRETS = Masker()
@@ -323,6 +332,40 @@ def test_a_secret_split_between_two_pieces_of_a_stream_is_masked_whole() -> None
     tail.feed(b"ne")
     tail.finish()
     assert list(tail.lines) == ["FATAL: password *** rejected", "second line"]
+
+
+def test_a_statement_that_pg_restore_echoes_stays_out_of_the_tail() -> None:
+    """pg_restore follows a failed statement's error with the statement, which may hold a password that no
+    masker knows (a user mapping's, a subscription's connection string); libpq may quote a line of it too."""
+    tail = _LineTail(NO_SECRETS)
+    tail.feed(b'pg_restore: error: could not execute query: ERROR:  role "etl" does not exist\n'
+              b"Command was: CREATE USER MAPPING FOR etl SERVER warehouse OPTIONS (\n"
+              b"    password 'fdw-pw-1',\n"
+              b"    \"user\" 'etl'\n"
+              b");\n"
+              b'pg_restore: error: could not execute query: ERROR:  syntax error at or near "two_phase"\n'
+              b"LINE 1: ...CONNECTION 'host=primary password=sub-pw-2' WITH (two_phase...\n"
+              b"                                                             ^\n"
+              b"pg_restore: detail: Command was: CREATE SUBSCRIPTION s CONNECTION 'password=sub-pw-2'\n"
+              b"    PUBLICATION p WITH (connect = false, two_phase = on);\n"
+              b"backup-watcher: pg_restore in app-db exited with status 1\n")
+    tail.finish()
+    assert "fdw-pw-1" not in str(list(tail.lines)) and "sub-pw-2" not in str(list(tail.lines))
+    assert list(tail.lines) == [
+        'pg_restore: error: could not execute query: ERROR:  role "etl" does not exist',
+        STATEMENT_NOT_SHOWN,
+        'pg_restore: error: could not execute query: ERROR:  syntax error at or near "two_phase"',
+        "pg_restore: detail: " + STATEMENT_NOT_SHOWN,
+        "backup-watcher: pg_restore in app-db exited with status 1",
+    ]
+
+
+def test_psqls_quoted_line_stays_in_the_tail() -> None:
+    """It names the table whose lock a query of the watcher's own gave up on (jobs.lock_wait_problem)."""
+    tail = _LineTail(NO_SECRETS)
+    tail.feed(b"ERROR:  canceling statement due to lock timeout\nLINE 1: SELECT 'public.t', EXISTS (SELECT 1)\n")
+    assert list(tail.lines) == ["ERROR:  canceling statement due to lock timeout",
+                                "LINE 1: SELECT 'public.t', EXISTS (SELECT 1)"]
 
 
 def test_a_line_tail_keeps_only_the_last_lines() -> None:
