@@ -3,6 +3,7 @@ create (SPEC §10, §13), on the dump MariaDB 11.8 writes."""
 
 from __future__ import annotations
 
+from watcher.engines.mariadb_restore import without_statement_excerpt
 from watcher.engines.mariadb_users import (
     drop_script,
     parse_existing,
@@ -105,3 +106,16 @@ def test_nothing_to_create_when_the_users_exist_or_there_are_no_globals() -> Non
     assert users_sentence(plan, future=True) == "Users the databases' grants name: kept (exist already): app@%, reader."
     assert plan_users({"shop"}, EXISTING, None).create == ()
     assert parse_existing("root\t%\nreader\t\n") == {("root", "%"), ("reader", "")}
+
+
+def test_a_syntax_errors_excerpt_of_a_users_script_is_not_shown() -> None:
+    # The excerpt ends inside a hash (80 characters), where the masker, which knows whole hashes, cannot see it.
+    hash_ = "*A4B6157319038724E3560894F7F932C8886EBFCF"
+    message = ("ERROR 1064 (42000) at line 3: You have an error in your SQL syntax; check the manual that corresponds "
+               f"to your MariaDB server version for the right syntax to use near 'IDENTIFIED VIA x USING "
+               f"'{hash_[:20]}' at line 1")
+    shown = without_statement_excerpt(message)
+    assert hash_[:20] not in shown
+    assert shown.startswith("ERROR 1064 (42000) at line 3: You have an error in your SQL syntax")
+    assert shown.endswith("near (the statement is not shown: it may hold a password hash) at line 1")
+    assert without_statement_excerpt("ERROR 1045 (28000): Access denied") == "ERROR 1045 (28000): Access denied"

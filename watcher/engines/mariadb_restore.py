@@ -15,6 +15,7 @@ dump does not load.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +34,10 @@ log = structlog.get_logger("watcher.engines.mariadb_restore")
 RESTORE_TIMEOUT_SECONDS = 12 * 3600.0
 SCRATCH_SUFFIX, PREVIOUS_SUFFIX = "_bw_restore", "_bw_previous"
 IDENTIFIER_CHARACTERS = 64
+# A syntax error quotes up to 80 characters of the statement from where it failed: "... near '<excerpt>' at line
+# N". In a users script that excerpt can end inside a password hash, and a part of a hash is no secret the
+# masker knows: the excerpt of a script that holds secrets is not shown.
+_NEAR_EXCERPT = re.compile(r"near '.*' at line (\d+)")
 
 
 class MariaDBRestoreError(Exception):
@@ -124,6 +129,11 @@ def move_back_script(database: str, previous: str, loaded: Objects, moved: Seque
     return "\n".join(lines) + "\n"
 
 
+def without_statement_excerpt(message: str) -> str:
+    """`message` with the statement excerpt of each syntax error left out (see _NEAR_EXCERPT)."""
+    return _NEAR_EXCERPT.sub(r"near (the statement is not shown: it may hold a password hash) at line \1", message)
+
+
 @dataclass(frozen=True)
 class RestoredDatabase:
     """What a finished restore did."""
@@ -158,7 +168,10 @@ class MariaDBRestorer:
         except ExecError as exc:
             raise MariaDBRestoreError(str(exc)) from exc
         if not done.ok:
-            raise MariaDBRestoreError(f"{self.engine.client_programs[0]} failed: {done.describe_failure()}")
+            failure = done.describe_failure()
+            if secrets:
+                failure = without_statement_excerpt(failure)
+            raise MariaDBRestoreError(f"{self.engine.client_programs[0]} failed: {failure}")
         return done.stdout.decode(errors="replace")
 
     def prepare(self, container_id: str, container_name: str, creds: Credentials, database: str) -> bool:
