@@ -559,7 +559,8 @@ def no_snapshots_message(target: str, host: str, of_target: Sequence[Snapshot], 
 def _confirmed(database: str) -> bool:
     """Whether the operator typed the database's name; raises UsageError when there is no terminal to ask."""
     if not sys.stdin.isatty():
-        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+        raise UsageError("refusing to restore without confirmation: no terminal to ask on (under `docker run` "
+                         "or `docker exec`, add -it); pass --yes to restore without asking")
     answer = input(f"Type the database name ({database}) to confirm: ")
     return answer.strip() == database
 

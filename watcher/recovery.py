@@ -117,7 +117,8 @@ def _show(plans: list[ContainerPlan], host: str) -> None:
 def _confirmed(host: str) -> bool:
     """Whether the operator typed the old host's name; raises UsageError when there is no terminal to ask."""
     if not sys.stdin.isatty():
-        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+        raise UsageError("refusing to restore without confirmation: no terminal to ask on (under `docker run` "
+                         "or `docker exec`, add -it); pass --yes to restore without asking")
     return input(f"Type the old host's name ({host}) to restore all of the above: ").strip() == host
 
 
