@@ -560,7 +560,8 @@ def confirmed_by_typing(expected: str, question: str) -> bool:
     """Whether the operator answered `question` (a restore's) by typing `expected`; raises UsageError when there is
     no terminal to ask on."""
     if not sys.stdin.isatty():
-        raise UsageError("refusing to restore without confirmation: no terminal to ask on; pass --yes")
+        raise UsageError("refusing to restore without confirmation: no terminal to ask on (under `docker run` "
+                         "or `docker exec`, add -it); pass --yes to restore without asking")
     return input(question).strip() == expected
 
 

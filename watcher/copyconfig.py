@@ -20,7 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watcher.settings import BOOL, CRON, Invalid, Kind, duration, read_secret, split_list, url_password, whole
+from watcher.settings import (
+    BOOL,
+    CRON,
+    Invalid,
+    Kind,
+    duration,
+    read_secret,
+    split_list,
+    unreadable,
+    url_password,
+    whole,
+)
 
 COPY_TO = "WATCHER_COPY_TO"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -157,7 +168,7 @@ def _backend_env(environ: Mapping[str, str], prefix: str, restic_env: Mapping[st
     try:
         values = read_env_file(path)
     except OSError as exc:
-        problems.append(f"{prefix}ENV_FILE: cannot read {path}: {exc.strerror}")
+        problems.append(f"{prefix}ENV_FILE: {unreadable(path, exc)}")
         return {}
     except Invalid as exc:
         problems.append(f"{prefix}ENV_FILE: {path}: {exc}")

@@ -178,8 +178,26 @@ def _connect(docker_host: str, timeout: float | None) -> socket.socket:
             host = parsed.hostname or "localhost"
             return socket.create_connection((host, parsed.port or 2375), timeout=timeout)
     except OSError as exc:
-        raise DockerExecError(f"cannot reach the Docker engine at DOCKER_HOST={docker_host}: {exc}") from exc
+        hint = socket_hint(parsed.path, exc) if parsed.scheme == "unix" else ""
+        raise DockerExecError(f"cannot reach the Docker engine at DOCKER_HOST={docker_host}: {exc}{hint}") from exc
     raise DockerExecError(scheme_problem(docker_host) or f"DOCKER_HOST={docker_host}: no such endpoint")
+
+
+def socket_hint(path: str, exc: OSError) -> str:
+    """What fixes a refused or missing Docker socket `path` (an empty string for other failures): in the
+    image, which runs as uid 10001, the socket's group or the socket's mount is what is usually missing."""
+    if isinstance(exc, PermissionError):
+        try:
+            group = str(os.stat(path).st_gid)
+        except OSError:
+            group = f'"$(stat -c %g {path})"'
+        return (f" (this process, uid {os.getuid()} with groups {sorted({os.getgid(), *os.getgroups()})}, may not "
+                f"use the socket: give it the socket's group, e.g. `docker run --group-add {group}`, or point "
+                "DOCKER_HOST at a socket proxy)")
+    if isinstance(exc, FileNotFoundError):
+        return (f" (there is no socket at {path}: mount the engine's socket there, e.g. `docker run -v "
+                "/var/run/docker.sock:/var/run/docker.sock`, or set DOCKER_HOST)")
+    return ""
 
 
 def scheme_problem(docker_host: str) -> str | None:

@@ -137,6 +137,8 @@ def _report(outcomes: list[Outcome]) -> int:
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)), row[4]]).rstrip())
     failed = sum(not o.ok for o in outcomes)
     print(f"{len(outcomes) - failed} of {len(outcomes)} database(s) restored", file=sys.stderr)
-    log.info("host_recovered" if not failed else "host_recovery_incomplete", restored=len(outcomes) - failed,
-             failed=failed)
+    if failed:
+        log.error("host_recovery_incomplete", restored=len(outcomes) - failed, failed=failed)
+    else:
+        log.info("host_recovered", restored=len(outcomes), failed=0)
     return EXIT_OK if not failed else EXIT_FAILED

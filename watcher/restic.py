@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +84,19 @@ def refused_retry_problem(stderr: str) -> str | None:
         return (f"{head}: this was restic's lock file, left in the repository; `restic unlock` removes it (the "
                 "daemon runs it at start and before each prune)")
     return f"{head}: the next run uploads it anew, and `restic check` finds the unused file harmless"
+
+
+def local_permission_problem(repository: str, said: str) -> str | None:
+    """What fixes restic's `permission denied` on a repository on a path (the image runs as uid 10001, and a
+    directory made by root is not its own); None for other failures and other backends."""
+    if "permission denied" not in said.lower():
+        return None
+    if not repository.startswith(("/", "local:", ".")):
+        return None
+    uid, gid = os.getuid(), os.getgid()
+    return (f"restic runs as uid {uid}, gid {gid} and may not read or write the repository's directory "
+            f"{repository}: give it and everything in it to that user on the host, e.g. `chown -R {uid}:{gid} DIR`, "
+            f"or create it with `install -d -m 700 -o {uid} -g {gid} DIR`")
 
 
 def parse_time(raw: str) -> datetime:
@@ -227,7 +241,9 @@ class Repository:
                 )
             created = self.run(commands.restic_init(self.binary), timeout=300)
             if not created.ok:
-                raise ResticError(f"repository {self.label}: init failed: {created.describe_failure()}")
+                said = created.describe_failure()
+                advice = local_permission_problem(self.label, said)
+                raise ResticError(f"repository {self.label}: init failed: {said}" + (f" ({advice})" if advice else ""))
             return True
         raise ResticError(self.failure("opening the repository", done))
 
@@ -239,7 +255,7 @@ class Repository:
             EXIT_WRONG_PASSWORD: "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE: it is not this repository's password",
             EXIT_NO_REPOSITORY: "check RESTIC_REPOSITORY, or create the repository with `restic init`",
             EXIT_LOCKED: "another restic holds the repository's lock; `restic unlock` removes locks of dead ones",
-        }.get(done.returncode) or refused_retry_problem(said)
+        }.get(done.returncode) or refused_retry_problem(said) or local_permission_problem(self.label, said)
         head = f"{doing} {self.label} failed: {said}"
         return f"{head} ({advice})" if advice else head
 

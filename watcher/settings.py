@@ -10,6 +10,7 @@ and the formatter that writes the value back), and the helpers shared by setting
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import urllib.parse
 import zoneinfo
@@ -157,9 +158,20 @@ def read_secret(environ: Mapping[str, str], name: str, problems: list[str]) -> s
         try:
             return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            problems.append(f"{name}_FILE: cannot read {path}: {exc.strerror}")
+            problems.append(f"{name}_FILE: {unreadable(path, exc)}")
             return None
     return value or None
+
+
+def unreadable(path: str, exc: OSError) -> str:
+    """Why the file `path` could not be read, and for a refused read whom it must be readable by: the image
+    runs as uid 10001, so a secret the host's root wrote (and did not chown) is the usual culprit."""
+    said = f"cannot read {path}: {exc.strerror}"
+    if isinstance(exc, PermissionError):
+        uid, gid = os.getuid(), os.getgid()
+        said += (f" (this process runs as uid {uid}, gid {gid}: make the file, and the directories above it, "
+                 f"readable by that user on the host, e.g. `chown {uid}:{gid} FILE`)")
+    return said
 
 
 def flag_name(variable: str) -> str:

@@ -87,5 +87,6 @@ def test_a_restore_is_confirmed_only_by_the_expected_word_typed(terminal: Callab
 
 def test_a_restore_without_a_terminal_to_ask_on_is_refused_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("appdb\n"))
-    with pytest.raises(UsageError, match="no terminal to ask on; pass --yes"):
+    way_out = r"no terminal to ask on \(under `docker run` or `docker exec`, add -it\); pass --yes"
+    with pytest.raises(UsageError, match=way_out):
         confirmed_by_typing("appdb", "Type: ")

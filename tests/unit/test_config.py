@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from watcher.config import SETTINGS, Config, ConfigError, Retention, effective_config, load_config
 from watcher.execute import Masker
-from watcher.settings import Shown, mask_url, parse_address, rows, split_list, validate_pattern
+from watcher.settings import Shown, mask_url, parse_address, rows, split_list, unreadable, validate_pattern
 
 PASSWORD = "correct-horse-battery"
 BASE = {"RESTIC_PASSWORD": PASSWORD, "RESTIC_REPOSITORY": "/srv/restic"}
@@ -205,6 +206,29 @@ def test_unreadable_password_file_names_the_variable(tmp_path: Path, kind: str) 
     path = tmp_path / "nope" if kind == "missing" else tmp_path
     problems = problems_of({"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD_FILE": str(path)})
     assert_named(problems, "RESTIC_PASSWORD_FILE")
+
+
+def test_refused_password_file_says_whom_it_must_be_readable_by(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The image runs as uid 10001: a secret root wrote and did not chown is refused (root itself reads any
+    # file, so the refusal is simulated); the problem names the file, the uid and the fix, never the content.
+    path = tmp_path / "restic_password"
+    path.write_text(PASSWORD, encoding="utf-8")
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    problems = problems_of({"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD_FILE": str(path)})
+    (problem,) = [p for p in problems if "RESTIC_PASSWORD_FILE" in p]
+    assert f"cannot read {path}: Permission denied" in problem
+    assert f"uid {os.getuid()}" in problem and f"chown {os.getuid()}:{os.getgid()}" in problem
+    assert PASSWORD not in problem
+
+
+def test_missing_file_gets_no_ownership_advice(tmp_path: Path) -> None:
+    problem = unreadable(str(tmp_path / "nope"), FileNotFoundError(2, "No such file or directory"))
+    assert problem == f"cannot read {tmp_path / 'nope'}: No such file or directory"
 
 
 def test_empty_password_file_is_an_error(tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
-"""The Engine API client's reading of HTTP/1.1 answers (watcher.dockerexec.http_response): whole or not yet."""
+"""The Engine API client's reading of HTTP/1.1 answers (watcher.dockerexec.http_response): whole or not yet;
+what it says when the socket cannot be reached."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from watcher.dockerexec import http_response
+from watcher.dockerexec import DockerExecError, api_call, http_response, socket_hint
 
 CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: Chunked\r\n\r\n"
            b"5\r\n[{\"a\"\r\n6;ext=1\r\n: 1}]\n\r\n0\r\n\r\n")
@@ -37,3 +41,22 @@ def test_body_without_length_is_not_whole_before_the_connection_ends() -> None:
 def test_what_is_no_http_response_is_refused(garbage: bytes) -> None:
     with pytest.raises(ValueError, match="not an HTTP response"):
         http_response(garbage)
+
+
+def test_a_missing_socket_says_to_mount_it(tmp_path: Path) -> None:
+    path = tmp_path / "docker.sock"
+    with pytest.raises(DockerExecError) as caught:
+        api_call(f"unix://{path}", "GET", "/version", timeout=5)
+    assert f"DOCKER_HOST=unix://{path}" in str(caught.value)
+    assert f"there is no socket at {path}" in str(caught.value) and "-v /var/run/docker.sock" in str(caught.value)
+
+
+def test_a_refused_socket_says_which_group_to_add(tmp_path: Path) -> None:
+    # Root connects to any socket, so the refusal is given; the hint names the socket's own group.
+    path = tmp_path / "docker.sock"
+    path.touch()
+    hint = socket_hint(str(path), PermissionError(13, "Permission denied"))
+    assert f"uid {os.getuid()}" in hint and f"--group-add {path.stat().st_gid}" in hint
+    assert "--group-add \"$(stat -c %g /gone/docker.sock)\"" in socket_hint("/gone/docker.sock",
+                                                                             PermissionError(13, "Permission denied"))
+    assert socket_hint(str(path), ConnectionRefusedError(111, "Connection refused")) == ""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from watcher.restic import (
     Snapshot,
+    local_permission_problem,
     parse_snapshots,
     parse_time,
     parse_version,
@@ -196,3 +198,23 @@ def test_what_a_refused_retry_left_depends_on_the_file(kind: str, said: str) -> 
     assert refused_retry(restic_said) == kind
     problem = refused_retry_problem(restic_said)
     assert problem is not None and said in problem
+
+
+def test_permission_denied_on_a_path_repository_says_whom_to_give_it_to() -> None:
+    # A repository directory made by root (mkdir, or `restic init` as root) refuses the image's uid 10001.
+    said = "Fatal: create repository at /repo failed: Fatal: unable to open repository at /repo: mkdir /repo/data: "\
+           "permission denied"
+    problem = local_permission_problem("/repo", said)
+    assert problem is not None
+    assert f"uid {os.getuid()}" in problem and f"chown -R {os.getuid()}:{os.getgid()}" in problem
+    assert "/repo" in problem
+    assert local_permission_problem("local:/srv/restic", "stat /srv/restic/config: permission denied") is not None
+
+
+@pytest.mark.parametrize(("repository", "said"), [
+    ("/repo", "Fatal: wrong password or no key found"),
+    ("sftp:backup@host:/srv/restic", "ssh: Permission denied (publickey)"),
+    ("s3:https://s3.example.com/bucket", "Access Denied: permission denied"),
+])
+def test_other_failures_get_no_ownership_advice(repository: str, said: str) -> None:
+    assert local_permission_problem(repository, said) is None
