@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -44,12 +45,14 @@ from watcher.restic import Repository, ResticError, Snapshot
 from watcher.settings import mask_url, with_flags
 
 if TYPE_CHECKING:
+    from alerting.notify import Notifier
     from alerting.policy import Alert
     from watcher.daemon import Daemon
     from watcher.drill import DrillResult
     from watcher.metrics import Metrics, MetricsServer
     from watcher.restore import Restorer
     from watcher.roles import RoleMaker, RolePlan
+    from watcher.startup_page import StartupPages
 
 # The daemon, the metrics server, Apprise, drills and restores are imported by the commands that use
 # them: a one-shot `backup` run from cron over a fleet pays for its imports on every run (about a
@@ -636,8 +639,9 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     except (DockerUnavailable, ResticError) as exc:
         reason = app.masker(str(exc))
         log.error("startup_failed", error=reason)
-        notifier.deliver_now(startup_alert([reason]))
+        _page_startup_failure(notifier, startup_alert([reason]), os.environ)
         raise
+    startup_pages(os.environ).started()
     daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
                     policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
     server = _metrics_server(app, metrics, daemon)
@@ -892,7 +896,26 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
         return
     secrets = [part for url in urls for part in url_secret_parts(url)]
     notifier = Notifier(urls, config_path, mask=Masker(secrets), timeout_s=20)
-    notifier.deliver_now(startup_alert(problems, "configuration of backup-watcher"))
+    _page_startup_failure(notifier, startup_alert(problems, "configuration of backup-watcher"), environ)
+
+
+def startup_pages(environ: Mapping[str, str]) -> StartupPages:
+    """The marker of this watcher's failed starts (watcher.startup_page)."""
+    from watcher.startup_page import StartupPages, marker_path
+
+    return StartupPages(marker_path(environ), time.time)
+
+
+def _page_startup_failure(notifier: Notifier, alert: Alert, environ: Mapping[str, str]) -> None:
+    """Delivers a failed start's alert unless a failed start of the same cause paged it lately (a restart policy
+    starts a failing watcher again and again: watcher.startup_page)."""
+    pages = startup_pages(environ)
+    if pages.due(alert.body):
+        notifier.deliver_now(alert)
+    else:
+        # Plain words on stderr: before the configuration is read, no log format is set.
+        print(f"backup-watcher: not paged again: an earlier start failed the same way and was paged (marker "
+              f"{pages.path}); another cause pages at once, this one again after 24 h", file=sys.stderr)
 
 
 def startup_alert(problems: Sequence[str], what: str = "backup-watcher did not start") -> Alert:

@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -185,16 +186,33 @@ def test_bad_label_and_stale_snapshot_alert_once_and_unreachable_endpoint_change
     assert repo.snapshots_of(bad.name) == []
 
 
-def test_configuration_errors_at_start_are_paged(watcher_env: dict[str, str], webhook: Webhook) -> None:
-    env = {**watcher_env, "WATCHER_SCHEDULE": "every night", "WATCHER_APPRISE_URLS": webhook.url}
-    done = subprocess.run([sys.executable, "-m", "watcher", "run"], env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+def test_configuration_errors_at_start_are_paged_once_per_cause(watcher_env: dict[str, str], webhook: Webhook,
+                                                                 tmp_path: Path) -> None:
+    # TMPDIR: where the marker of a paged start-up failure is kept (the container's own /tmp in the image).
+    env = {**watcher_env, "WATCHER_SCHEDULE": "every night", "WATCHER_APPRISE_URLS": webhook.url,
+           "TMPDIR": str(tmp_path)}
+
+    def start(**changed: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "watcher", "run"], env={**env, **changed}, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    done = start()
     assert done.returncode == 2
     assert "WATCHER_SCHEDULE" in done.stderr
     assert webhook.titles() == ["[backup-watcher] FAILED: configuration of backup-watcher"]
     assert webhook.received[0]["type"] == "failure"
     assert "WATCHER_SCHEDULE='every night'" in str(webhook.received[0]["message"])
     assert HOOK_PASSWORD not in json.dumps(webhook.received) + done.stderr + done.stdout
+    # A restart policy starts it again: the same cause is not paged again, and its log says so.
+    again = start()
+    assert again.returncode == 2 and "WATCHER_SCHEDULE" in again.stderr
+    assert "not paged again: an earlier start failed the same way" in again.stderr
+    assert len(webhook.received) == 1
+    # Another cause pages at once.
+    other = start(WATCHER_SCHEDULE="0 3 * * *", WATCHER_CONCURRENCY="lots")
+    assert other.returncode == 2
+    assert len(webhook.received) == 2
+    assert "WATCHER_CONCURRENCY='lots'" in str(webhook.received[1]["message"])
 
 
 def test_invalid_apprise_url_is_a_configuration_error_without_its_secret(watcher_env: dict[str, str]) -> None:

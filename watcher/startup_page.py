@@ -1,0 +1,95 @@
+"""A daemon that cannot start pages once per cause, not once per restart.
+
+Deployed with a restart policy (`docker run --restart unless-stopped`, compose `restart: unless-stopped`),
+a watcher whose start fails (a wrong repository password, no Docker, a bad setting) exits 2 and is started
+again by Docker, with pauses growing to a minute, for as long as the cause stays: a page at every start would
+be a page a minute. The first start that fails pages and leaves a marker: the cause's digest and when it
+paged, in a file of the temporary directory (in the image, the container's own file system, which outlives
+a restart of the container but not its removal). A later start that fails for the same cause within
+REPAGE_AFTER_S does not page again (its log line still says why it did not start); another cause pages at
+once, and so does the same cause a day later, as the alert policy's reminder would. A start that succeeds
+removes the marker, so that the next failure pages again.
+
+The marker holds no secret: a digest of the (masked) alert text and a time. Its name is a digest of what
+tells one watcher from another on the same host (the repository, the Docker host, the metrics address), so
+that two watchers beside each other outside containers keep their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+REPAGE_AFTER_S = 24 * 3600.0  # as the alert policy reminds of a failure (cli: reminder_after)
+MARKER_PREFIX = "backup-watcher-startup-failure-"
+_IDENTITY = ("RESTIC_REPOSITORY", "DOCKER_HOST", "WATCHER_METRICS_ADDRESS")
+
+
+def digest(text: str) -> str:
+    """A short hex digest of `text`."""
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()[:32]
+
+
+def marker_path(environ: Mapping[str, str], directory: str | None = None) -> Path:
+    """The marker file of the watcher `environ` configures, in `directory` (default: the temporary one)."""
+    identity = "\0".join(environ.get(name, "") for name in _IDENTITY)
+    return Path(directory or tempfile.gettempdir()) / f"{MARKER_PREFIX}{digest(identity)[:16]}"
+
+
+def page_due(marker: str | None, cause: str, now: float) -> bool:
+    """Whether a failed start for `cause` (a digest) pages, given the marker's text left by an earlier failed
+    start (None: there is none, or it cannot be read): yes unless that start paged the same cause less than
+    REPAGE_AFTER_S before `now`."""
+    if marker is None:
+        return True
+    paged_cause, _, paged_at = marker.strip().partition(" ")
+    try:
+        since = now - float(paged_at)
+    except ValueError:
+        return True
+    return paged_cause != cause or not 0 <= since < REPAGE_AFTER_S
+
+
+class StartupPages:
+    """The marker of one watcher's failed starts (see the module's docstring)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        self.path = path
+        self._clock = clock
+
+    def due(self, alert_text: str) -> bool:
+        """Whether a failed start whose alert says `alert_text` pages now; when it does, the marker records it.
+        Never raises: a marker that cannot be read or written pages (at worst, as often as before)."""
+        cause, now = digest(alert_text), self._clock()
+        if not page_due(self._read(), cause, now):
+            return False
+        self._write(f"{cause} {now:.0f}\n")
+        return True
+
+    def started(self) -> None:
+        """The watcher started: the next failure pages. Never raises."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+    def _read(self) -> str | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, encoding="ascii", errors="replace") as marker:
+            return marker.read(200)
+
+    def _write(self, text: str) -> None:
+        # Written beside, then renamed over: a start killed mid-write leaves the old marker or none. O_EXCL and
+        # O_NOFOLLOW: a link someone else left in a shared temporary directory is never written through.
+        part = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as marker:
+                marker.write(text)
+            os.replace(part, self.path)
