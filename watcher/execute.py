@@ -66,13 +66,19 @@ class Masker:
     """Replaces every exact occurrence of a known secret in a text with '***' (secrets that look like words
     are left alone, see `maskable`)."""
 
-    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+    def __init__(self, secrets: Iterable[str | None] = (), *, statement_quotes: bool = True) -> None:
         # Longest first, so a secret that contains another is masked whole.
         self._secrets = sorted({s for s in secrets if s and maskable(s)}, key=len, reverse=True)
+        # False for a program fed a script that holds secrets: PostgreSQL quotes a failed statement's line
+        # ("LINE 1: ...") cut to about 60 characters around the error, which can cut a password hash in two,
+        # and a part of a secret is no secret it knows (_LineTail leaves such lines out).
+        self.statement_quotes = statement_quotes
 
-    def with_secrets(self, secrets: Iterable[str | None]) -> Masker:
-        """Returns a new Masker that also masks `secrets`."""
-        return Masker([*self._secrets, *secrets])
+    def with_secrets(self, secrets: Iterable[str | None], *, statement_quotes: bool | None = None) -> Masker:
+        """Returns a new Masker that also masks `secrets` (and keeps or leaves out statement quotes as this one,
+        unless `statement_quotes` says otherwise)."""
+        keep = self.statement_quotes if statement_quotes is None else statement_quotes
+        return Masker([*self._secrets, *secrets], statement_quotes=keep)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
@@ -178,7 +184,8 @@ class _LineTail:
             return None
         self._in_statement = False
         self._from_pg_restore = self._from_pg_restore or text.startswith("pg_restore: ")
-        if self._from_pg_restore and text.startswith("LINE ") and text[5:].partition(":")[0].isdigit():
+        quotes_hidden = self._from_pg_restore or not self._masker.statement_quotes
+        if quotes_hidden and text.startswith("LINE ") and text[5:].partition(":")[0].isdigit():
             self._after_quote = True
             return None
         if after_quote and text.strip() == "^":

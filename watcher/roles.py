@@ -337,7 +337,7 @@ class RoleMaker:
         """Creates the plan's roles in one transaction (all or none); raises RoleError."""
         if not plan.create:
             return
-        self._psql(container_id, creds, plan.script, self.masker.with_secrets(plan.hashes))
+        self._psql(container_id, creds, plan.script, self.masker.with_secrets(plan.hashes, statement_quotes=False))
         log.info("roles_created", target=container_name, roles=",".join(plan.create),
                  kept=",".join(plan.keep))
 
