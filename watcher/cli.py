@@ -911,7 +911,8 @@ def _page_startup_failure(notifier: Notifier, alert: Alert, environ: Mapping[str
     starts a failing watcher again and again: watcher.startup_page)."""
     pages = startup_pages(environ)
     if pages.due(alert.body):
-        notifier.deliver_now(alert)
+        if notifier.deliver_now(alert):
+            pages.paged(alert.body)
     else:
         # Plain words on stderr: before the configuration is read, no log format is set.
         print(f"backup-watcher: not paged again: an earlier start failed the same way and was paged (marker "

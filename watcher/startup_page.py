@@ -3,12 +3,12 @@
 Deployed with a restart policy (`docker run --restart unless-stopped`, compose `restart: unless-stopped`),
 a watcher whose start fails (a wrong repository password, no Docker, a bad setting) exits 2 and is started
 again by Docker, with pauses growing to a minute, for as long as the cause stays: a page at every start would
-be a page a minute. The first start that fails pages and leaves a marker: the cause's digest and when it
-paged, in a file of the temporary directory (in the image, the container's own file system, which outlives
-a restart of the container but not its removal). A later start that fails for the same cause within
-REPAGE_AFTER_S does not page again (its log line still says why it did not start); another cause pages at
-once, and so does the same cause a day later, as the alert policy's reminder would. A start that succeeds
-removes the marker, so that the next failure pages again.
+be a page a minute. The first start that fails pages and, once the page was delivered, leaves a marker: the
+cause's digest and when it paged, in a file of the temporary directory (in the image, the container's own file
+system, which outlives a restart of the container but not its removal). A later start that fails for the
+same cause within REPAGE_AFTER_S does not page again (its log line still says why it did not start, and stderr
+that it was paged already); another cause pages at once, and so does the same cause a day later, as the
+alert policy's reminder would. A start that succeeds removes the marker, so that the next failure pages again.
 
 The marker holds no secret: a digest of the (masked) alert text and a time. Its name is a digest of what
 tells one watcher from another on the same host (the repository, the Docker host, the metrics address), so
@@ -62,13 +62,14 @@ class StartupPages:
         self._clock = clock
 
     def due(self, alert_text: str) -> bool:
-        """Whether a failed start whose alert says `alert_text` pages now; when it does, the marker records it.
-        Never raises: a marker that cannot be read or written pages (at worst, as often as before)."""
-        cause, now = digest(alert_text), self._clock()
-        if not page_due(self._read(), cause, now):
-            return False
-        self._write(f"{cause} {now:.0f}\n")
-        return True
+        """Whether a failed start whose alert says `alert_text` pages now. Never raises: a marker that cannot be
+        read pages."""
+        return page_due(self._read(), digest(alert_text), self._clock())
+
+    def paged(self, alert_text: str) -> None:
+        """Records that the alert saying `alert_text` was delivered (one that was not is tried again at the next
+        start). Never raises: a marker that cannot be written only means a page at every start, as before."""
+        self._write(f"{digest(alert_text)} {self._clock():.0f}\n")
 
     def started(self) -> None:
         """The watcher started: the next failure pages. Never raises."""
