@@ -292,6 +292,58 @@ def readme_docker_run_steps() -> list[str]:
     return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
 
 
+HOOK_PORT = 8999
+# An Apprise json:// target: prints each notification's title on one line.
+HOOK_SERVER = f"""
+import http.server, json
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        print("PAGE", json.loads(body).get("title"), flush=True)
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", {HOOK_PORT}), Hook)
+print("LISTENING", flush=True)
+server.serve_forever()
+"""
+
+
+def restarted_pages_once(run_step: str, name: str, secrets: Path, image: str) -> None:
+    """The README's docker run as it is (--restart unless-stopped) with the Apprise URLs file of its next
+    paragraph, and a repository password that is wrong: Docker starts the watcher again and again, and its
+    FAILED notice goes out once. The notice's receiver shares the watcher's network namespace (loopback
+    only, no bridge)."""
+    hook = f"{name}-hook"
+    (secrets / "apprise_urls").write_text(f"json://127.0.0.1:{HOOK_PORT}/\n")
+    shutil.chown(secrets / "apprise_urls", 10001, 10001)
+    (secrets / "apprise_urls").chmod(0o400)
+    docker("rm", "-f", name, hook, check=False)
+    docker("run", "-d", "--name", hook, "--network", "none", "--label", TEST_LABEL, "--entrypoint", "python3",
+           image, "-c", HOOK_SERVER)
+    wait_for(lambda: "LISTENING" in docker("logs", hook).stdout, 30, "the notice's receiver to listen")
+    step = run_step.replace(" --restart unless-stopped ", " ")  # as the caller had it, then as the README has it
+    step = step.replace("docker run -d ", "docker run -d --restart unless-stopped ", 1)
+    step = step.replace(" --network none ", f" --network container:{hook} ")
+    step = step.replace(" -e RESTIC_REPOSITORY=", " -e WATCHER_APPRISE_URLS_FILE=/run/secrets/apprise_urls"
+                                                   " -e RESTIC_REPOSITORY=", 1)
+    assert "--restart unless-stopped" in step and f"container:{hook}" in step and "APPRISE_URLS_FILE" in step
+    try:
+        subprocess.run(["bash", "-c", step], check=True, capture_output=True, timeout=60)
+        # Four restarts: the first four starts have failed (the fifth may be under way).
+        wait_for(lambda: json.loads(docker("inspect", name).stdout)[0]["RestartCount"] >= 4, 90,
+                 "Docker to start the failing watcher four more times", interval=1)
+        logs = docker("logs", name)
+        pages = [line for line in docker("logs", hook).stdout.splitlines() if line.startswith("PAGE ")]
+        assert pages == ["PAGE [backup-watcher] FAILED: backup-watcher did not start"], (pages, logs.stderr[-3000:])
+        assert logs.stderr.count("wrong password or no key found") >= 4  # every start failed the same way
+        assert "not paged again: an earlier start failed the same way" in logs.stderr
+    finally:
+        docker("rm", "-f", name, hook, check=False)
+        (secrets / "apprise_urls").unlink()
+
+
 @pytest.mark.timeout(2400)  # the module's image build (its own bound: 1800 s) when this test runs first
 def test_readme_docker_run_followed_literally_ends_in_a_snapshot_and_a_bad_start_exits_2(
         image: str, start_pg: StartPg, tmp_path: Path) -> None:
@@ -345,6 +397,7 @@ def test_readme_docker_run_followed_literally_ends_in_a_snapshot_and_a_bad_start
         assert state["ExitCode"] == 2, logs.stdout[-2000:] + logs.stderr[-2000:]
         assert "wrong password or no key found" in logs.stderr
         assert "RESTIC_PASSWORD" in logs.stderr
+        restarted_pages_once(run_step, name, etc, image)
         # No repository there and WATCHER_INIT_REPOSITORY=false; no Docker engine at DOCKER_HOST: the same.
         empty = tmp_path / "empty-repo"
         empty.mkdir()
