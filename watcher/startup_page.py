@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -77,12 +78,21 @@ class StartupPages:
             self.path.unlink(missing_ok=True)
 
     def _read(self) -> str | None:
+        # O_NONBLOCK: a FIFO in the marker's place (a shared temporary directory) would otherwise hold the start
+        # for ever, unpaged. Only a regular file of this user's is a marker: another user's says nothing of this
+        # watcher's pages (and in a sticky directory this one could not remove it).
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         with os.fdopen(fd, encoding="ascii", errors="replace") as marker:
-            return marker.read(200)
+            try:
+                found = os.fstat(fd)
+                if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+                    return None
+                return marker.read(200)
+            except OSError:
+                return None
 
     def _write(self, text: str) -> None:
         # Written beside, then renamed over: a start killed mid-write leaves the old marker or none. O_EXCL and

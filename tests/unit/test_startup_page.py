@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,21 @@ def test_a_good_start_clears_the_marker_of_a_configuration_error_whose_settings_
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(MARKER_PREFIX)]
     assert cli.main([*flags, "--schedule", "every night", "run"]) == 2
     assert len(delivered) == 2, "the same error after a good start pages again"
+
+
+def test_what_is_no_marker_of_this_users_pages_and_holds_no_start(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a shared temporary directory (a watcher outside a container) another user may put anything in the
+    # marker's place: a FIFO (whose open would wait for a writer for ever), or a marker of the cause to hide.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    answers: list[bool] = []
+    asking = threading.Thread(target=lambda: answers.append(StartupPages(fifo, Clock()).due("x")), daemon=True)
+    asking.start()
+    asking.join(5)
+    assert answers == [True]
+    planted = StartupPages(tmp_path / "marker", Clock())
+    planted.paged("backup-watcher did not start")
+    assert not planted.due("backup-watcher did not start")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "marker").st_uid + 1)
+    assert planted.due("backup-watcher did not start"), "another user's marker pages"
