@@ -38,7 +38,15 @@ def digest(text: str) -> str:
 def marker_path(environ: Mapping[str, str], directory: str | None = None) -> Path:
     """The marker file of the watcher `environ` configures, in `directory` (default: the temporary one)."""
     identity = "\0".join(environ.get(name, "") for name in _IDENTITY)
-    return Path(directory or tempfile.gettempdir()) / f"{MARKER_PREFIX}{digest(identity)[:16]}"
+    if directory is None:
+        try:
+            directory = tempfile.gettempdir()
+        except OSError:
+            # No writable temporary directory (a full disk, a read-only file system): gettempdir raises, which
+            # would keep the very page this marker is about from going out (and a good start from running).
+            # The usual place is read as it is; a marker that cannot be written pages at every start.
+            directory = environ.get("TMPDIR") or "/tmp"  # noqa: S108 - read and written as _read, _write say
+    return Path(directory) / f"{MARKER_PREFIX}{digest(identity)[:16]}"
 
 
 def page_due(marker: str | None, cause: str, now: float) -> bool:

@@ -7,6 +7,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -144,3 +145,23 @@ def test_what_is_no_marker_of_this_users_pages_and_holds_no_start(tmp_path: Path
     assert not planted.due("backup-watcher did not start")
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "marker").st_uid + 1)
     assert planted.due("backup-watcher did not start"), "another user's marker pages"
+
+
+def test_without_a_usable_temporary_directory_the_failure_still_pages_and_a_good_start_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk or a read-only file system: tempfile.gettempdir() finds no directory it can write a probe to.
+    def no_directory() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_directory)
+    delivered: list[Alert] = []
+
+    class Delivering:
+        def deliver_now(self, alert: Alert) -> bool:
+            delivered.append(alert)
+            return True
+
+    environ = {"TMPDIR": str(tmp_path / "missing")}
+    cli._page_startup_failure(cast(Notifier, Delivering()), cli.startup_alert(["disk full"]), environ)
+    assert len(delivered) == 1
+    cli.startup_pages(environ).started()  # raises nothing: the daemon goes on
