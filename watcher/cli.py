@@ -631,6 +631,9 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
                       progress=app.progress)
     notifier = Notifier(app.config.apprise_urls, app.config.apprise_config, mask=app.masker,
                         on_result=lambda ok: metrics.notifications.labels("success" if ok else "failure").inc())
+    # The marker of failed starts is named as main() names it for a configuration error: from the environment
+    # with the command line's settings over it (a --repository or --metrics-address given as a flag).
+    environ = with_flags(os.environ, settings_given(args))
     try:
         app.docker.check()
         ctx = app.job_context()
@@ -639,9 +642,9 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     except (DockerUnavailable, ResticError) as exc:
         reason = app.masker(str(exc))
         log.error("startup_failed", error=reason)
-        _page_startup_failure(notifier, startup_alert([reason]), os.environ)
+        _page_startup_failure(notifier, startup_alert([reason]), environ)
         raise
-    startup_pages(os.environ).started()
+    startup_pages(environ).started()
     daemon = Daemon(config=app.config, docker=app.docker, ctx=ctx, registry=registry, metrics=metrics, clock=clock,
                     policy=AlertPolicy(reminder_after=timedelta(hours=24)), notifier=notifier)
     server = _metrics_server(app, metrics, daemon)

@@ -177,7 +177,8 @@ class _LineTail:
         """What of one line may be kept: None for a line of an echoed statement (see ECHOED_STATEMENT)."""
         after_quote, self._after_quote = self._after_quote, False
         head, echoed, _statement = text.partition(ECHOED_STATEMENT)
-        if echoed and (not head or head.endswith(": detail: ")):  # PostgreSQL 15+ may say it as a detail
+        # PostgreSQL 15+ says it as a detail; 12 to 14 at the line's start; 11 and older indented by four spaces.
+        if echoed and (not head.strip() or head.endswith(": detail: ")):
             self._in_statement = True
             return head + STATEMENT_NOT_SHOWN
         if self._in_statement and not text.startswith(_OWN_LINE_PREFIXES):

@@ -9,11 +9,14 @@ and histograms keep their totals and are removed explicitly when a target is des
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,10 +35,27 @@ from watcher.registry import STATES, DatabaseState, Registry
 
 PREFIX = "backup_watcher_"
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
-# Each read and write on a client's connection waits at most this long: a client that connects and sends no
-# whole request (a scanner, a peer gone without a FIN) would otherwise hold its handler thread and socket
-# for ever. Generous against a scrape: the answer is made in memory, never by restic or Docker.
+# A client's whole request is read within this long, and each write waits at most this long: a client that
+# connects and sends no whole request (a scanner, a peer gone without a FIN, one that sends a byte now and
+# then) would otherwise hold its handler thread and socket for ever. Generous against a scrape: the answer
+# is made in memory, never by restic or Docker.
 REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+class _DeadlineSocketIO(socket.SocketIO):
+    """A connection's reads, each waiting at most what is left until `deadline` (time.monotonic)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__(sock, "rb")
+        self._deadline = deadline
+        self._connection = sock
+
+    def readinto(self, b: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not read in time")
+        self._connection.settimeout(left)
+        return super().readinto(b)
 
 
 class TargetCollector(Collector):
@@ -265,6 +285,14 @@ class Metrics:
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     timeout = REQUEST_TIMEOUT_SECONDS  # set on the connection before the request is read (StreamRequestHandler)
+
+    def setup(self) -> None:
+        super().setup()
+        # A bound per read alone lets a client that sends a byte before each read's bound ends hold the thread:
+        # the request's reads share one deadline.
+        self.rfile.close()
+        deadline = time.monotonic() + (self.timeout or REQUEST_TIMEOUT_SECONDS)
+        self.rfile = io.BufferedReader(_DeadlineSocketIO(self.connection, deadline))
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +38,15 @@ def digest(text: str) -> str:
 def marker_path(environ: Mapping[str, str], directory: str | None = None) -> Path:
     """The marker file of the watcher `environ` configures, in `directory` (default: the temporary one)."""
     identity = "\0".join(environ.get(name, "") for name in _IDENTITY)
-    return Path(directory or tempfile.gettempdir()) / f"{MARKER_PREFIX}{digest(identity)[:16]}"
+    if directory is None:
+        try:
+            directory = tempfile.gettempdir()
+        except OSError:
+            # No writable temporary directory (a full disk, a read-only file system): gettempdir raises, which
+            # would keep the very page this marker is about from going out (and a good start from running).
+            # The usual place is read as it is; a marker that cannot be written pages at every start.
+            directory = environ.get("TMPDIR") or "/tmp"  # noqa: S108 - read and written as _read, _write say
+    return Path(directory) / f"{MARKER_PREFIX}{digest(identity)[:16]}"
 
 
 def page_due(marker: str | None, cause: str, now: float) -> bool:
@@ -77,12 +86,21 @@ class StartupPages:
             self.path.unlink(missing_ok=True)
 
     def _read(self) -> str | None:
+        # O_NONBLOCK: a FIFO in the marker's place (a shared temporary directory) would otherwise hold the start
+        # for ever, unpaged. Only a regular file of this user's is a marker: another user's says nothing of this
+        # watcher's pages (and in a sticky directory this one could not remove it).
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         with os.fdopen(fd, encoding="ascii", errors="replace") as marker:
-            return marker.read(200)
+            try:
+                found = os.fstat(fd)
+                if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+                    return None
+                return marker.read(200)
+            except OSError:
+                return None
 
     def _write(self, text: str) -> None:
         # Written beside, then renamed over: a start killed mid-write leaves the old marker or none. O_EXCL and

@@ -403,3 +403,18 @@ def test_a_timed_out_exec_says_so_before_anything_else() -> None:
     done = Completed(argv=(("psql",),), returncodes=(EXIT_UNKNOWN,), timed_out=True, duration_s=40.2,
                      stderr_tail="ERROR:  canceling statement due to lock timeout")
     assert done.describe_failure() == "psql timed out after 40s: ERROR:  canceling statement due to lock timeout"
+
+
+def test_a_statement_that_an_old_pg_restore_echoes_indented_stays_out_of_the_tail() -> None:
+    """pg_restore 11 and older (a target's own, run in its container) indent it: "    Command was: "."""
+    tail = _LineTail(NO_SECRETS)
+    tail.feed(b"pg_restore: [archiver (db)] Error while PROCESSING TOC:\n"
+              b"pg_restore: [archiver (db)] could not execute query: ERROR:  role \"etl\" does not exist\n"
+              b"    Command was: CREATE USER MAPPING FOR etl SERVER warehouse OPTIONS (\n"
+              b"    password 'fdw-pw-1'\n"
+              b");\n"
+              b"backup-watcher: pg_restore in app-db exited with status 1\n")
+    tail.finish()
+    assert "fdw-pw-1" not in str(list(tail.lines))
+    assert list(tail.lines)[2:] == ["    " + STATEMENT_NOT_SHOWN,
+                                    "backup-watcher: pg_restore in app-db exited with status 1"]

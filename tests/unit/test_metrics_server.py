@@ -3,8 +3,11 @@ that connects and never sends a whole request must not hold a handler thread and
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from watcher.metrics import REQUEST_TIMEOUT_SECONDS, MetricsServer, _Handler
@@ -17,9 +20,44 @@ def test_a_connection_waits_within_the_request_bound() -> None:
         # A whole request is there already: the handler answers it at once, on the connection it was given.
         client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
         _Handler(ours, ("127.0.0.1", 0), server)
-        assert ours.gettimeout() == REQUEST_TIMEOUT_SECONDS  # None would wait for ever on a silent client
+        # None would wait for ever on a silent client; the reads share one deadline, so what is left of it.
+        timeout = ours.gettimeout()
+        assert timeout is not None and 0 < timeout <= REQUEST_TIMEOUT_SECONDS
         assert client.recv(4096).startswith(b"HTTP/1.0 200 ")
     finally:
         ours.close()
         client.close()
         server.server_close()
+
+
+def test_a_client_that_sends_a_byte_now_and_then_is_cut_off_at_the_request_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Handler, "timeout", 0.5)
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok\n"), lambda: [])
+    server.start()
+    started = time.monotonic()
+    try:
+        # A byte every 0.1 s, each read's own bound (0.5 s) never reached; 60 bytes take 6 s.
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as client, \
+                pytest.raises(OSError):
+            for byte in b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"x" * 60:
+                client.sendall(bytes([byte]))
+                time.sleep(0.1)
+                if select.select([client], [], [], 0)[0] and not client.recv(1):
+                    raise ConnectionResetError("closed by the server")
+        assert time.monotonic() - started < 5, "cut off long before the slow request could end"
+    finally:
+        server.stop()
+
+
+def test_a_whole_request_is_answered_within_the_bound_however_it_is_split() -> None:
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok\n"), lambda: [])
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as client:
+            for piece in (b"GET /hea", b"lthz HTTP/1.0\r", b"\n\r\n"):
+                client.sendall(piece)
+                time.sleep(0.05)
+            assert client.recv(4096).startswith(b"HTTP/1.0 200 ")
+    finally:
+        server.stop()

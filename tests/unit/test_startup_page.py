@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import tempfile
+import threading
 from pathlib import Path
+from typing import cast
 
-from watcher.startup_page import REPAGE_AFTER_S, StartupPages, digest, marker_path, page_due
+import pytest
+
+import watcher.daemon
+import watcher.logs
+from alerting.notify import Notifier
+from alerting.policy import Alert
+from watcher import cli
+from watcher.docker_source import DockerSource
+from watcher.restic import Repository
+from watcher.startup_page import MARKER_PREFIX, REPAGE_AFTER_S, StartupPages, digest, marker_path, page_due
 
 DAY = REPAGE_AFTER_S
 
@@ -73,3 +86,82 @@ def test_each_watcher_has_its_own_marker_named_without_its_settings(tmp_path: Pa
     assert one != two and one.parent == tmp_path
     assert "secret" not in one.name
     assert one == marker_path({"RESTIC_REPOSITORY": "rest:https://u:secret@h/one", "OTHER": "x"}, str(tmp_path))
+
+
+def test_a_good_start_clears_the_marker_of_a_configuration_error_whose_settings_came_as_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() names the marker of a configuration error from the environment with the flags over it; the start
+    that succeeds must clear that same marker, or the same error a few hours later is not paged again."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in list(os.environ):
+        if name.startswith(("RESTIC_", "WATCHER_", "DOCKER_", "AWS_")):
+            monkeypatch.delenv(name)
+    for name, value in {"RESTIC_REPOSITORY": "/nonexistent", "RESTIC_PASSWORD": "x", "WATCHER_HOST": "h",
+                        "DOCKER_HOST": "unix:///nonexistent.sock", "WATCHER_APPRISE_URLS": "json://127.0.0.1:9/"}.items():
+        monkeypatch.setenv(name, value)
+    delivered: list[Alert] = []
+
+    def deliver_now(self: Notifier, alert: Alert) -> bool:
+        delivered.append(alert)
+        return True
+
+    class Started(Exception):
+        """The daemon would run now."""
+
+    def daemon(**_kwargs: object) -> None:
+        raise Started
+
+    monkeypatch.setattr(Notifier, "deliver_now", deliver_now)
+    monkeypatch.setattr(watcher.logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(DockerSource, "check", lambda self: None)
+    monkeypatch.setattr(cli, "check_repository", lambda ctx, init: None)
+    monkeypatch.setattr(Repository, "version", lambda self: (0, 18, 0))
+    monkeypatch.setattr(watcher.daemon, "Daemon", daemon)
+    flags = ["--metrics-address", "127.0.0.1:19810"]  # never bound: the daemon "runs" before
+
+    assert cli.main([*flags, "--schedule", "every night", "run"]) == 2
+    assert len(delivered) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(MARKER_PREFIX)]
+    with pytest.raises(Started):
+        cli.main([*flags, "run"])  # a good start
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(MARKER_PREFIX)]
+    assert cli.main([*flags, "--schedule", "every night", "run"]) == 2
+    assert len(delivered) == 2, "the same error after a good start pages again"
+
+
+def test_what_is_no_marker_of_this_users_pages_and_holds_no_start(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a shared temporary directory (a watcher outside a container) another user may put anything in the
+    # marker's place: a FIFO (whose open would wait for a writer for ever), or a marker of the cause to hide.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    answers: list[bool] = []
+    asking = threading.Thread(target=lambda: answers.append(StartupPages(fifo, Clock()).due("x")), daemon=True)
+    asking.start()
+    asking.join(5)
+    assert answers == [True]
+    planted = StartupPages(tmp_path / "marker", Clock())
+    planted.paged("backup-watcher did not start")
+    assert not planted.due("backup-watcher did not start")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "marker").st_uid + 1)
+    assert planted.due("backup-watcher did not start"), "another user's marker pages"
+
+
+def test_without_a_usable_temporary_directory_the_failure_still_pages_and_a_good_start_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk or a read-only file system: tempfile.gettempdir() finds no directory it can write a probe to.
+    def no_directory() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_directory)
+    delivered: list[Alert] = []
+
+    class Delivering:
+        def deliver_now(self, alert: Alert) -> bool:
+            delivered.append(alert)
+            return True
+
+    environ = {"TMPDIR": str(tmp_path / "missing")}
+    cli._page_startup_failure(cast(Notifier, Delivering()), cli.startup_alert(["disk full"]), environ)
+    assert len(delivered) == 1
+    cli.startup_pages(environ).started()  # raises nothing: the daemon goes on
