@@ -797,11 +797,17 @@ def _ask_daemon_to_refresh(app: App) -> None:
         log.debug("daemon_not_told", reason=f"it answered {status_line[:100]!r}")
 
 
-def status_line_of(recv: Callable[[int], bytes], limit: int = 256) -> str:
+def status_line_of(recv: Callable[[int], bytes], limit: int = 256, within_s: float = 2.0,
+                   clock: Callable[[], float] = time.monotonic) -> str:
     """The first line of an HTTP answer read with `recv` (a socket's, each read bounded by its timeout): at most
-    `limit` bytes, without its CRLF, however the answer's bytes are split among reads. Raises what `recv` raises."""
+    `limit` bytes, without its CRLF, however the answer's bytes are split among reads. No read starts after
+    `within_s` seconds: a peer that sends a byte at a time cannot hold a one-shot command. Raises what `recv`
+    raises, and TimeoutError when the line did not come in time."""
     head = b""
+    deadline = clock() + within_s
     while b"\r\n" not in head and len(head) < limit:
+        if clock() > deadline:
+            raise TimeoutError(f"the daemon's answer did not come within {within_s:g} s")
         data = recv(limit - len(head))
         if not data:
             break
@@ -914,8 +920,7 @@ def _page_startup_failure(notifier: Notifier, alert: Alert, environ: Mapping[str
     starts a failing watcher again and again: watcher.startup_page)."""
     pages = startup_pages(environ)
     if pages.due(alert.body):
-        if notifier.deliver_now(alert):
-            pages.paged(alert.body)
+        pages.paged(alert.body, delivered=notifier.deliver_now(alert))
     else:
         # Plain words on stderr: before the configuration is read, no log format is set.
         print(f"backup-watcher: not paged again: an earlier start failed the same way and was paged (marker "

@@ -187,6 +187,12 @@ class Repository:
         self.masker = masker
         self.label = repository_label
 
+    @property
+    def _location(self) -> str:
+        """Where the repository is, as restic is told (its label may be a copy's name, or say only that a file
+        names it: for the advice on a local path's owner)."""
+        return self.env.get("RESTIC_REPOSITORY", "") or self.label
+
     def pipeline_env(self, docker_host: str, *extras: Mapping[str, str]) -> dict[str, str]:
         """The environment of a pipeline of restic and exec helpers (a backup, a restore, a drill's load):
         the repository's, the Docker engine the helpers reach the container through, and `extras` in order,
@@ -242,7 +248,7 @@ class Repository:
             created = self.run(commands.restic_init(self.binary), timeout=300)
             if not created.ok:
                 said = created.describe_failure()
-                advice = local_permission_problem(self.label, said)
+                advice = local_permission_problem(self._location, said)
                 raise ResticError(f"repository {self.label}: init failed: {said}" + (f" ({advice})" if advice else ""))
             return True
         raise ResticError(self.failure("opening the repository", done))
@@ -255,7 +261,7 @@ class Repository:
             EXIT_WRONG_PASSWORD: "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE: it is not this repository's password",
             EXIT_NO_REPOSITORY: "check RESTIC_REPOSITORY, or create the repository with `restic init`",
             EXIT_LOCKED: "another restic holds the repository's lock; `restic unlock` removes locks of dead ones",
-        }.get(done.returncode) or refused_retry_problem(said) or local_permission_problem(self.label, said)
+        }.get(done.returncode) or refused_retry_problem(said) or local_permission_problem(self._location, said)
         head = f"{doing} {self.label} failed: {said}"
         return f"{head} ({advice})" if advice else head
 

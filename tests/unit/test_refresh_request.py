@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+import pytest
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
@@ -56,3 +57,15 @@ def test_the_daemons_answer_is_read_whole_however_its_bytes_arrive() -> None:
     assert cli.status_line_of(reads(b"HTTP/1.0 2")) == "HTTP/1.0 2"  # the daemon closed early: what came is the line
     endless = b"x" * 1000
     assert cli.status_line_of(lambda n: endless[:n], limit=10) == "x" * 10  # no line end: at most the limit
+
+
+def test_a_peer_that_sends_a_byte_at_a_time_is_given_up_on() -> None:
+    now = [0.0]
+
+    def drip(_n: int) -> bytes:
+        now[0] += 0.5  # each read waits half a second for its byte
+        return b"H"
+
+    with pytest.raises(TimeoutError, match="did not come within 2 s"):
+        cli.status_line_of(drip, clock=lambda: now[0])
+    assert now[0] <= 3.0  # no read started after the bound

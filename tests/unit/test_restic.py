@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from watcher.execute import Completed, Masker
 from watcher.restic import (
+    Repository,
     Snapshot,
     local_permission_problem,
     parse_snapshots,
@@ -218,3 +220,13 @@ def test_permission_denied_on_a_path_repository_says_whom_to_give_it_to() -> Non
 ])
 def test_other_failures_get_no_ownership_advice(repository: str, said: str) -> None:
     assert local_permission_problem(repository, said) is None
+
+
+def test_a_copys_path_repository_gets_the_ownership_advice_too() -> None:
+    # A copy's Repository is labelled by its name; the advice goes by where restic is told the repository is.
+    copy = Repository("restic", {"RESTIC_REPOSITORY": "/srv/offsite"}, Masker(), "copy offsite (/srv/offsite)")
+    done = Completed(argv=(("restic", "snapshots"),), returncodes=(1,),
+                     stderr_tail="Fatal: unable to open config file: stat /srv/offsite/config: permission denied")
+    message = copy.failure("opening the repository", done)
+    assert message.startswith("opening the repository copy offsite (/srv/offsite) failed:")
+    assert f"chown -R {os.getuid()}:{os.getgid()}" in message

@@ -18,14 +18,22 @@ from alerting.policy import Alert
 from watcher import cli
 from watcher.docker_source import DockerSource
 from watcher.restic import Repository
-from watcher.startup_page import MARKER_PREFIX, REPAGE_AFTER_S, StartupPages, digest, marker_path, page_due
+from watcher.startup_page import (
+    MARKER_PREFIX,
+    REPAGE_AFTER_S,
+    RETRY_UNDELIVERED_S,
+    StartupPages,
+    digest,
+    marker_path,
+    page_due,
+)
 
 DAY = REPAGE_AFTER_S
 
 
 def test_the_same_cause_pages_again_only_after_a_day_another_cause_at_once() -> None:
     cause = digest("cannot reach the Docker engine")
-    marker = f"{cause} 1000\n"
+    marker = f"{cause} 1000 delivered\n"
     assert page_due(None, cause, 1000.0)
     assert not page_due(marker, cause, 1000.0 + 60)
     assert not page_due(marker, cause, 1000.0 + DAY - 1)
@@ -33,6 +41,12 @@ def test_the_same_cause_pages_again_only_after_a_day_another_cause_at_once() -> 
     assert page_due(marker, digest("wrong password"), 1000.0 + 60)
     assert page_due("garbled", cause, 1000.0)
     assert page_due(marker, cause, 999.0)  # the clock went back: the marker says nothing trustworthy
+    # A page some target did not take is sent again an hour later, not at every restart before.
+    undelivered = f"{cause} 1000 undelivered\n"
+    assert not page_due(undelivered, cause, 1000.0 + 60)
+    assert not page_due(undelivered, cause, 1000.0 + RETRY_UNDELIVERED_S - 1)
+    assert page_due(undelivered, cause, 1000.0 + RETRY_UNDELIVERED_S)
+    assert page_due(f"{cause} 1000\n", cause, 1000.0 + RETRY_UNDELIVERED_S)  # a marker of an older version
 
 
 class Clock:
@@ -48,9 +62,12 @@ def test_a_failed_start_leaves_a_marker_that_a_good_start_removes(tmp_path: Path
     pages = StartupPages(tmp_path / "marker", clock)
     wrong = "backup-watcher did not start:\n- wrong password"
     assert pages.due(wrong)
-    clock.now += 70  # the page could not be delivered: the next start tries again
+    pages.paged(wrong, delivered=False)  # a target did not take it: tried again an hour later
+    clock.now += 70
+    assert not pages.due(wrong)
+    clock.now += RETRY_UNDELIVERED_S
     assert pages.due(wrong)
-    pages.paged(wrong)
+    pages.paged(wrong, delivered=True)
     assert stat.S_IMODE((tmp_path / "marker").stat().st_mode) == 0o600
     assert "wrong password" not in (tmp_path / "marker").read_text()  # a digest and a time, nothing of the text
     clock.now += 70  # Docker's restart, a minute later
@@ -68,7 +85,7 @@ def test_a_link_in_the_markers_place_is_never_written_through(tmp_path: Path) ->
     (tmp_path / "marker").symlink_to(victim)
     pages = StartupPages(tmp_path / "marker", Clock())
     assert pages.due("backup-watcher did not start")  # a marker it cannot read pages
-    pages.paged("backup-watcher did not start")
+    pages.paged("backup-watcher did not start", delivered=True)
     assert victim.read_text() == "keep me\n"
     assert not (tmp_path / "marker").is_symlink()
 
@@ -76,7 +93,7 @@ def test_a_link_in_the_markers_place_is_never_written_through(tmp_path: Path) ->
 def test_a_marker_that_cannot_be_written_pages_every_time(tmp_path: Path) -> None:
     pages = StartupPages(tmp_path / "missing-directory" / "marker", Clock())
     assert pages.due("backup-watcher did not start")
-    pages.paged("backup-watcher did not start")  # raises nothing
+    pages.paged("backup-watcher did not start", delivered=True)  # raises nothing
     assert pages.due("backup-watcher did not start")
 
 
@@ -141,7 +158,7 @@ def test_what_is_no_marker_of_this_users_pages_and_holds_no_start(tmp_path: Path
     asking.join(5)
     assert answers == [True]
     planted = StartupPages(tmp_path / "marker", Clock())
-    planted.paged("backup-watcher did not start")
+    planted.paged("backup-watcher did not start", delivered=True)
     assert not planted.due("backup-watcher did not start")
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "marker").st_uid + 1)
     assert planted.due("backup-watcher did not start"), "another user's marker pages"
