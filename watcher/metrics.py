@@ -40,6 +40,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 # then) would otherwise hold its handler thread and socket for ever. Generous against a scrape: the answer
 # is made in memory, never by restic or Docker.
 REQUEST_TIMEOUT_SECONDS = 30.0
+# Connections served at once; Prometheus, a healthcheck and an operator's curl need a few.
+MAX_CONNECTIONS = 32
 
 
 class _DeadlineSocketIO(socket.SocketIO):
@@ -328,7 +330,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """Serves /metrics, /healthz, /status (and POST /refresh) on a background thread."""
+    """Serves /metrics, /healthz, /status (and POST /refresh) on a background thread, a thread per connection,
+    at most MAX_CONNECTIONS at once (a connection beyond them is closed at once, unanswered)."""
 
     daemon_threads = True
 
@@ -341,6 +344,25 @@ class MetricsServer(ThreadingHTTPServer):
         self.status = status
         self.refresh = refresh
         self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # The port is often open to a network (0.0.0.0 in the image): a flood of connections, each held up to
+        # REQUEST_TIMEOUT_SECONDS, must not become as many threads in the daemon.
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def start(self) -> None:
         """Starts serving in the background."""

@@ -10,6 +10,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+import watcher.metrics
 from watcher.metrics import REQUEST_TIMEOUT_SECONDS, MetricsServer, _Handler
 
 
@@ -59,5 +60,32 @@ def test_a_whole_request_is_answered_within_the_bound_however_it_is_split() -> N
                 client.sendall(piece)
                 time.sleep(0.05)
             assert client.recv(4096).startswith(b"HTTP/1.0 200 ")
+    finally:
+        server.stop()
+
+
+def test_connections_beyond_the_cap_are_closed_unanswered_and_their_slots_come_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watcher.metrics, "MAX_CONNECTIONS", 2)
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok\n"), lambda: [])
+    server.start()
+    address = ("127.0.0.1", server.server_address[1])
+    try:
+        silent = [socket.create_connection(address, timeout=10) for _ in range(2)]  # each holds a handler thread
+        time.sleep(0.2)  # let the server accept both before the third
+        with socket.create_connection(address, timeout=10) as third:
+            assert third.recv(1) == b""  # closed by the server at once, not left waiting for a request
+        for client in silent:
+            client.close()
+
+        def answered() -> bool:
+            with socket.create_connection(address, timeout=10) as client:
+                client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                return client.recv(4096).startswith(b"HTTP/1.0 200 ")
+
+        deadline = time.monotonic() + 10
+        while not answered():  # the silent ones' threads end when their clients close
+            assert time.monotonic() < deadline, "the slots never came back"
+            time.sleep(0.1)
     finally:
         server.stop()
