@@ -26,7 +26,17 @@ import structlog
 
 import watcher
 from watcher import logs
-from watcher.config import SETTINGS, Config, ConfigError, effective_config, effective_copies, flags, load_config
+from watcher.config import (
+    FLAG_VARIABLES,
+    RESTIC_SECRET_VARIABLES,
+    SETTINGS,
+    Config,
+    ConfigError,
+    effective_config,
+    effective_copies,
+    flags,
+    load_config,
+)
 from watcher.discovery import (
     LABEL_PREFIX,
     ContainerInfo,
@@ -42,7 +52,7 @@ from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_one, backup_target, check_repository, new_run_id
 from watcher.progress import ProgressBoard
 from watcher.restic import Repository, ResticError, Snapshot
-from watcher.settings import mask_url, with_flags
+from watcher.settings import flag_name, mask_url, with_flags
 
 if TYPE_CHECKING:
     from alerting.notify import Notifier
@@ -943,8 +953,35 @@ def _interrupt_on_signals(app: App) -> None:
         signal.signal(signum, interrupt)
 
 
+def secret_flag_problem(argv: Sequence[str]) -> str | None:
+    """Why a command line that gives a secret as a flag (`--restic-password VALUE`) is refused, or None.
+
+    argparse would refuse it too, but in its own words: `invalid choice: 'VALUE'` or `unrecognized
+    arguments: --restic-password VALUE`, the secret itself on stderr (the container's log) and no word of
+    where a secret goes instead. This message names the flag only.
+    """
+    secrets = [name for name, row in SETTINGS.items() if row.secret] + list(RESTIC_SECRET_VARIABLES)
+    by_flag = {flag_name(name): name for name in secrets}
+    for arg in argv:
+        if arg == "--":
+            break
+        flag = arg.partition("=")[0]
+        if (name := by_flag.get(flag)) is None:
+            continue
+        instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"
+        if f"{name}_FILE" in FLAG_VARIABLES:
+            instead += f", or give that path as {flag_name(name + '_FILE')} PATH"
+        return (f"{flag}: secrets are never flags (argv is readable by every user of the host, and the value is "
+                f"not shown here): {instead}; if the value was a real secret, change it, as it has been visible "
+                f"in the process list")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
+    if (problem := secret_flag_problem(sys.argv[1:] if argv is None else argv)) is not None:
+        print(f"backup-watcher: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     environ = with_flags(os.environ, settings_given(args))
     try:
