@@ -905,6 +905,12 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
     if not urls and not config_path:
         return
     secrets = [part for url in urls for part in url_secret_parts(url)]
+    # The page's own log line (notification_sent or _failed) goes to stdout as the daemon's lines do, in their
+    # format: left unconfigured, structlog would print it in its console style, the one non-JSON line of a
+    # JSON log. A format or level that is itself among the errors falls back to the default.
+    log_format = SETTINGS["WATCHER_LOG_FORMAT"].read(environ, unused) or "json"
+    log_level = SETTINGS["WATCHER_LOG_LEVEL"].read(environ, unused) or "info"
+    logs.configure(log_format, log_level, stream=sys.stdout, mask=Masker(secrets))
     notifier = Notifier(urls, config_path, mask=Masker(secrets), timeout_s=20)
     _page_startup_failure(notifier, startup_alert(problems, "configuration of backup-watcher"), environ)
 
