@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="backup-watcher",
         # No prefixes: --restic-password would otherwise pass for --restic-password-file.
         allow_abbrev=False,
-        description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
+        description="Back up the databases running in Docker containers (PostgreSQL, MariaDB/MySQL, or any with a "
+                    "dump command) into restic, and restore them.",
     )
     parser.add_argument("--version", action=_VersionAction)
     _add_settings(parser, default=None)
