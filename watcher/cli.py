@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -973,7 +974,10 @@ def secret_flag_problem(argv: Sequence[str]) -> str | None:
         if arg == "--":
             break
         flag = arg.partition("=")[0]
-        if (name := by_flag.get(flag)) is None:
+        copy = re.fullmatch(r"--copy-([a-z0-9]+)-password", flag)
+        # A copy's password (README, Copies) or another secret by its variable's flag name.
+        name = f"WATCHER_COPY_{copy.group(1).upper()}_PASSWORD" if copy is not None else by_flag.get(flag)
+        if name is None:
             continue
         instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"
         if f"{name}_FILE" in FLAG_VARIABLES:

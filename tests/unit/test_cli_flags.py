@@ -42,6 +42,7 @@ def test_secrets_are_never_flags(secret: str, capsys: pytest.CaptureFixture[str]
     (["--apprise-urls", "json://u:Hunter2-correct-horse@h/", "run"], "WATCHER_APPRISE_URLS_FILE",
      "--apprise-urls-file"),
     (["backup", "--aws-secret-access-key", "Hunter2-correct-horse"], "AWS_SECRET_ACCESS_KEY_FILE", None),
+    (["--copy-offsite-password", "Hunter2-correct-horse", "copy"], "WATCHER_COPY_OFFSITE_PASSWORD_FILE", None),
 ])
 def test_a_secret_given_as_a_flag_is_refused_without_echoing_it(
         given: list[str], variable: str, file_flag: str | None, capsys: pytest.CaptureFixture[str]) -> None:
