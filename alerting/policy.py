@@ -223,7 +223,8 @@ def startup_summary(host: str, stale: Sequence[tuple[str, str]], at: datetime) -
     """
     lines = "\n".join(f"- {name}: {detail}" for name, detail in stale)
     body = (f"backup-watcher started on {host} at {at:%Y-%m-%d %H:%M:%S} UTC. {len(stale)} target(s) have no "
-            f"snapshot newer than 1.5x their schedule interval; they are being backed up now:\n{lines}\n\n"
+            f"snapshot newer than 1.5x their schedule interval; they are being backed up now (a stopped container once "
+            f"it runs again: start it, or remove it if it is gone for good):\n{lines}\n\n"
             "You will get a RECOVERED notice for each once its backup succeeds.")
     return Alert(Kind.FAILED, host, Concern.STALE,
                  f"[backup-watcher] {len(stale)} target(s) without a recent snapshot on {host}", body)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -26,7 +27,17 @@ import structlog
 
 import watcher
 from watcher import logs
-from watcher.config import SETTINGS, Config, ConfigError, effective_config, effective_copies, flags, load_config
+from watcher.config import (
+    FLAG_VARIABLES,
+    RESTIC_SECRET_VARIABLES,
+    SETTINGS,
+    Config,
+    ConfigError,
+    effective_config,
+    effective_copies,
+    flags,
+    load_config,
+)
 from watcher.discovery import (
     LABEL_PREFIX,
     ContainerInfo,
@@ -42,7 +53,7 @@ from watcher.execute import Masker
 from watcher.jobs import BackupResult, JobContext, backup_one, backup_target, check_repository, new_run_id
 from watcher.progress import ProgressBoard
 from watcher.restic import Repository, ResticError, Snapshot
-from watcher.settings import mask_url, with_flags
+from watcher.settings import flag_name, mask_url, with_flags
 
 if TYPE_CHECKING:
     from alerting.notify import Notifier
@@ -81,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="backup-watcher",
         # No prefixes: --restic-password would otherwise pass for --restic-password-file.
         allow_abbrev=False,
-        description="Back up every PostgreSQL database running in Docker into restic, and restore it.",
+        description="Back up the databases running in Docker containers (PostgreSQL, MariaDB/MySQL, or any with a "
+                    "dump command) into restic, and restore them.",
     )
     parser.add_argument("--version", action=_VersionAction)
     _add_settings(parser, default=None)
@@ -904,6 +916,12 @@ def _page_configuration_errors(problems: list[str], environ: Mapping[str, str]) 
     if not urls and not config_path:
         return
     secrets = [part for url in urls for part in url_secret_parts(url)]
+    # The page's own log line (notification_sent or _failed) goes to stdout as the daemon's lines do, in their
+    # format: left unconfigured, structlog would print it in its console style, the one non-JSON line of a
+    # JSON log. A format or level that is itself among the errors falls back to the default.
+    log_format = SETTINGS["WATCHER_LOG_FORMAT"].read(environ, unused) or "json"
+    log_level = SETTINGS["WATCHER_LOG_LEVEL"].read(environ, unused) or "info"
+    logs.configure(log_format, log_level, stream=sys.stdout, mask=Masker(secrets))
     notifier = Notifier(urls, config_path, mask=Masker(secrets), timeout_s=20)
     _page_startup_failure(notifier, startup_alert(problems, "configuration of backup-watcher"), environ)
 
@@ -951,8 +969,38 @@ def _interrupt_on_signals(app: App) -> None:
         signal.signal(signum, interrupt)
 
 
+def secret_flag_problem(argv: Sequence[str]) -> str | None:
+    """Why a command line that gives a secret as a flag (`--restic-password VALUE`) is refused, or None.
+
+    argparse would refuse it too, but in its own words: `invalid choice: 'VALUE'` or `unrecognized
+    arguments: --restic-password VALUE`, the secret itself on stderr (the container's log) and no word of
+    where a secret goes instead. This message names the flag only.
+    """
+    secrets = [name for name, row in SETTINGS.items() if row.secret] + list(RESTIC_SECRET_VARIABLES)
+    by_flag = {flag_name(name): name for name in secrets}
+    for arg in argv:
+        if arg == "--":
+            break
+        flag = arg.partition("=")[0]
+        copy = re.fullmatch(r"--copy-([a-z0-9]+)-password", flag)
+        # A copy's password (README, Copies) or another secret by its variable's flag name.
+        name = f"WATCHER_COPY_{copy.group(1).upper()}_PASSWORD" if copy is not None else by_flag.get(flag)
+        if name is None:
+            continue
+        instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"
+        if f"{name}_FILE" in FLAG_VARIABLES:
+            instead += f", or give that path as {flag_name(name + '_FILE')} PATH"
+        return (f"{flag}: secrets are never flags (argv is readable by every user of the host, and the value is "
+                f"not shown here): {instead}; if the value was a real secret, change it, as it has been visible "
+                f"in the process list")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (0 ok, 1 a job failed, 2 usage or configuration)."""
+    if (problem := secret_flag_problem(sys.argv[1:] if argv is None else argv)) is not None:
+        print(f"backup-watcher: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     environ = with_flags(os.environ, settings_given(args))
     try:

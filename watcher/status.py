@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -53,6 +54,8 @@ def status_rows(entries: Iterable[TargetState], now: datetime, running: Sequence
                  "snapshot_id": db.last_snapshot_id[:8] if db.last_snapshot_id else None,
                  "last_success": _iso(db.last_success), "last_failure": _iso(db.last_failure),
                  "last_error": db.last_error, "note": db.note,
+                 # Its newest dump is a flagged shrunken dump (None: not judged, as by a survey without the daemon).
+                 "size_anomaly": db.size_anomaly,
                  "copies": _copies(copies or {}, (entry.name, name), now)}
                 for name, db in sorted(entry.databases.items())
             ],
@@ -94,7 +97,7 @@ def render_table(rows: Sequence[Mapping[str, object]]) -> str:
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
-    return "\n".join(lines + _running(rows) + _notes(rows) + _lagging(rows))
+    return "\n".join(lines + _running(rows) + _notes(rows) + _shrunken(rows) + _lagging(rows))
 
 
 def _running(rows: Sequence[Mapping[str, object]]) -> list[str]:
@@ -117,6 +120,22 @@ def _notes(rows: Sequence[Mapping[str, object]]) -> list[str]:
             if isinstance(db, Mapping) and db.get("note"):
                 notes.append(f"note: {row['target']} {db['database']}: {db['note']}")
     return ([""] if notes else []) + notes
+
+
+def _shrunken(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """One line per database whose newest dump is flagged as shrunken, under the table: the page says so, and
+    the target's state stays ok (its backups succeed), so without this line `status` showed nothing of it."""
+    found = []
+    for row in rows:
+        databases = row.get("databases")
+        for db in databases if isinstance(databases, list) else []:
+            if isinstance(db, Mapping) and db.get("size_anomaly"):
+                target, database = row["target"], db["database"]
+                found.append(f"shrunken: {target} {database}: its newest dump is flagged as far smaller than the "
+                             f"one before (WATCHER_SHRINK_THRESHOLD); retention forgets nothing of its history until "
+                             f"a dump of normal size follows or `backup-watcher ack {target} --database "
+                             f"{shlex.quote(str(database))}`")
+    return ([""] if found else []) + found
 
 
 def _lagging(rows: Sequence[Mapping[str, object]]) -> list[str]:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from watcher.cli import UsageError, build_parser, confirmed_by_typing, no_snapshots_message, settings_given
+from watcher import logs
+from watcher.cli import UsageError, build_parser, confirmed_by_typing, main, no_snapshots_message, settings_given
 from watcher.restic import Snapshot
 
 
@@ -90,3 +94,24 @@ def test_a_restore_without_a_terminal_to_ask_on_is_refused_with_the_way_out(monk
     way_out = r"no terminal to ask on \(under `docker run` or `docker exec`, add -it\); pass --yes"
     with pytest.raises(UsageError, match=way_out):
         confirmed_by_typing("appdb", "Type: ")
+
+
+def test_a_failed_start_logs_its_page_as_json_like_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # The page of a daemon that did not start logs notification_sent/_failed on stdout; before the configuration
+    # is read no format was set, and structlog printed that one line in its console style amid the JSON log.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the marker's place (watcher.startup_page)
+    for name, value in {"RESTIC_REPOSITORY": str(tmp_path / "repo"), "RESTIC_PASSWORD": "pw",
+                        "WATCHER_KEEP_DAILY": "abc",
+                        # Nothing listens on port 9 here: the delivery fails at once, and is logged.
+                        "WATCHER_APPRISE_URLS": "json://user:Apprise-Secret-123@127.0.0.1:9/hook"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert main(["run"]) == 2
+    finally:
+        logs.configure("json", "info", stream=io.StringIO())
+    captured = capsys.readouterr()
+    assert "WATCHER_KEEP_DAILY" in captured.err
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert "notification_failed" in [line["event"] for line in lines]
+    assert "Apprise-Secret-123" not in captured.out + captured.err

@@ -14,7 +14,7 @@ from watcher.clock import FakeClock
 from watcher.config import Retention
 from watcher.daemon.inventory import Inventory, known_databases, newest_by_database
 from watcher.daemon.messages import LabelsJudged, Registered, Removed, Renamed
-from watcher.discovery import DiscoveryRules
+from watcher.discovery import ContainerInfo, DiscoveryRules
 from watcher.execute import Masker
 from watcher.registry import DatabaseState, Registry
 from watcher.restic import Snapshot
@@ -175,3 +175,41 @@ def test_a_targets_globals_are_judged_like_a_database_once_the_repository_has_th
     older, registry, _ = inventory(snapshots=(snap("app", T0),))
     older.register(container())
     assert sorted(registry.get(ID).databases) == ["app"]  # type: ignore[union-attr]
+
+
+class ListedDocker:
+    """Docker as a reconcile sees it: a full listing (stopped containers included) and inspect."""
+
+    def __init__(self, *containers: ContainerInfo) -> None:
+        self.containers = {info.id: info for info in containers}
+        self.inspected: list[str] = []
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        self.inspected.append(container)
+        return self.containers.get(container)
+
+    def list_all(self) -> list[tuple[str, str, bool]]:
+        return [(info.id, info.name, info.running) for info in self.containers.values()]
+
+
+def test_a_selected_container_found_stopped_at_start_is_a_stopped_target_judged_for_staleness() -> None:
+    # A database container that did not come back after a reboot: before, a daemon (re)started then never
+    # registered it, so no stale alert, no summary at start and no metrics series said a word of it.
+    from watcher.daemon.outcomes import staleness
+
+    docker = ListedDocker(container(running=False), container("web", running=False))
+    registry, clock = Registry(), FakeClock(T0 + timedelta(days=3))
+    found = Inventory(docker, DiscoveryRules(("scalr-*-db",), "0 3 * * *", Retention()), registry, clock, "UTC",
+                      Masker())
+    found.load((snap("app", T0),))
+    changes = found.reconcile("start")
+    assert changes is not None
+    entry = registry.get(ID)
+    assert entry is not None and entry.state == "stopped" and entry.databases["app"].last_snapshot == T0
+    registered = [change for change in changes if isinstance(change, Registered)]
+    assert [change.entry for change in registered] == [entry], "the start's summary judges the stopped entry"
+    stale, detail = staleness(entry, clock.now())
+    assert stale and "the container is stopped" in detail
+    assert registry.get("web-id") is None, "an unselected stopped container stays out"
+    docker.inspected.clear()
+    assert found.reconcile("periodic") == [] and docker.inspected == [], "each is inspected once, not per reconcile"

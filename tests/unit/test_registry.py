@@ -108,3 +108,22 @@ def test_status_says_how_far_each_copy_has_come_and_names_the_ones_lacking_snaps
     table = render_table(rows)
     assert "copy vault: a-db app lacks snapshots for 2h0m" in table and "copy offsite" not in table, table
     assert "copy " not in render_table(status_rows(registry.view(), later))  # one-shot status: no copies known
+
+
+def test_a_flagged_shrunken_dump_shows_in_status_with_the_way_to_accept_it() -> None:
+    # The target's state stays ok (its backups succeed): this line is what `status` shows of the page.
+    from watcher.status import render_table, status_rows
+    registry, cid = _registry_with_target()
+    registry.record_size_anomaly(cid, "app", True)
+    registry.record_size_anomaly(cid, "billing", False)
+    registry.record_size_anomaly(cid, "(globals)", True)
+    rows = status_rows(registry.view(), NEW)
+    assert [(db["database"], db["size_anomaly"]) for db in rows[0]["databases"]] == [  # type: ignore[attr-defined]
+        ("(globals)", True), ("app", True), ("billing", False)]
+    table = render_table(rows)
+    assert "shrunken: a-db app: " in table and "`backup-watcher ack a-db --database app`" in table
+    assert "`backup-watcher ack a-db --database '(globals)'`" in table, "quoted for the shell"
+    assert "billing:" not in table
+    registry.record_size_anomaly(cid, "app", False)
+    registry.record_size_anomaly(cid, "(globals)", False)
+    assert "shrunken:" not in render_table(status_rows(registry.view(), NEW))

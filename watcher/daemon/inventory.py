@@ -10,6 +10,7 @@ outcomes. It is also the `status` command's survey when no daemon answers.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -178,9 +179,17 @@ class Inventory:
             return []
         if info is None:
             return self.destroyed(container_id)
-        if not info.running:
-            return self.stopped(container_id)
         try:
+            if not info.running:
+                if self.registry.get(container_id) is not None:
+                    return self.stopped(container_id)
+                # A selected container found stopped (at start: it did not come back after a reboot) is known as
+                # a stopped target, as one that stops while watched is: its snapshots' age is judged (the stale
+                # alert, the start's summary, its metrics) instead of the container going unmentioned.
+                changes = [*self.register(info), *self.stopped(container_id)]
+                entry = self.registry.get(container_id)
+                return [replace(change, entry=entry) if isinstance(change, Registered) and entry is not None
+                        else change for change in changes]
             return self.register(info, old_name)
         except Exception as exc:
             # Whatever one container's attributes trip, it must cost that container, not the
@@ -227,7 +236,7 @@ class Inventory:
     def _compare(self, container_id: str, name: str, running: bool) -> list[Change]:
         entry = self.registry.get(container_id)
         if entry is None:
-            return self.observe(container_id) if running and self._ignored.get(container_id) != name else []
+            return self.observe(container_id) if self._ignored.get(container_id) != name else []
         if entry.name != name or (running and entry.stopped):
             return self.observe(container_id, old_name=entry.name if entry.name != name else None)
         if not running and not entry.stopped:
