@@ -57,12 +57,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=int, help="size of the big database (default 700, quick 30)")
     parser.add_argument("--reps", type=int, help="repetitions of the throughput and fleet runs (default 3, quick 1)")
     parser.add_argument("--restore-reps", type=int, help="repetitions of the restores (default 2, quick 1)")
-    parser.add_argument("--fleet", type=int, help="number of small databases (default 20, quick 6)")
+    parser.add_argument("--fleet", type=int, help="number of small databases (default 20, quick 3)")
     parser.add_argument("--fleet-size-mb", type=float,
                         help="size of each small database (default 12, quick 8; an empty one is 7.5)")
-    parser.add_argument("--starts", type=int, help="one-at-a-time starts (default 50, quick 10)")
-    parser.add_argument("--burst", type=int, help="containers started at once (default 100, quick 30)")
-    parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 5)")
+    parser.add_argument("--starts", type=int, help="one-at-a-time starts (default 50, quick 5)")
+    parser.add_argument("--burst", type=int, help="containers started at once (default 100, quick 10)")
+    parser.add_argument("--idle-s", type=float, help="idle window of the footprint (default 30, quick 3)")
     parser.add_argument("--real-orders", type=int,
                         help="orders of the realistic database of 2d-2f (default 1500000, quick 20000; events and "
                              "sessions: 4/15 of it)")
@@ -78,8 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (repositories, daemon logs)")
     args = parser.parse_args(argv)
     q = args.quick
-    defaults = {"size_mb": (700, 30), "reps": (3, 1), "restore_reps": (2, 1), "fleet": (20, 6),
-                "fleet_size_mb": (12.0, 8.0), "starts": (50, 10), "burst": (100, 30), "idle_s": (30.0, 5.0),
+    defaults = {"size_mb": (700, 30), "reps": (3, 1), "restore_reps": (2, 1), "fleet": (20, 3),
+                "fleet_size_mb": (12.0, 8.0), "starts": (50, 5), "burst": (100, 10), "idle_s": (30.0, 3.0),
                 "real_orders": (1_500_000, 20_000)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
