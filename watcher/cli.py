@@ -990,8 +990,10 @@ def secret_flag_problem(argv: Sequence[str]) -> str | None:
                 else by_flag.get(flag))
         if name is None and flag.startswith("--") and len(flag) >= 6:
             # Shortened (--restic-pass): argparse takes no abbreviation, and would echo the value it then finds.
+            # Not what may be short for another flag (--restic-re: --restic-repository too) than a secret's _FILE.
             known = _option_strings() if known is None else known
-            name = next((by_flag[full] for full in by_flag if full.startswith(flag) and flag not in known), None)
+            if all(option.removesuffix("-file") in by_flag for option in known if option.startswith(flag)):
+                name = next((by_flag[full] for full in by_flag if full.startswith(flag)), None)
         if name is None:
             continue
         instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"

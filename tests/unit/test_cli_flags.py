@@ -97,7 +97,7 @@ def test_a_duration_flag_takes_a_unit() -> None:
 
 @pytest.mark.parametrize("given", [
     ["--restic-password-file", "/run/secrets/restic", "status"],  # a secret's _FILE flag is no secret
-    ["--all", "status"], ["status", "--json"],  # a flag of its own, however short
+    ["status", "--json"], ["--restic-re", "x", "status"],  # a flag of its own, or short for one as well
     ["restore", "scalr-app-db", "--", "--restic-password"],  # after --, a positional (argparse's own words then)
 ])
 def test_what_is_no_secret_flag_is_left_to_argparse(given: list[str]) -> None:
