@@ -988,12 +988,13 @@ def secret_flag_problem(argv: Sequence[str]) -> str | None:
         copy = re.fullmatch(r"--copy-([a-z0-9][a-z0-9_-]*)-password", flag, re.IGNORECASE)
         name = (f"WATCHER_COPY_{copy.group(1).upper().replace('-', '_')}_PASSWORD" if copy is not None
                 else by_flag.get(flag))
-        if name is None and flag.startswith("--") and len(flag) >= 6:
+        shortened = [by_flag[full] for full in by_flag if full.startswith(flag)] if flag.startswith("--") else []
+        if name is None and shortened and len(flag) >= 6:
             # Shortened (--restic-pass): argparse takes no abbreviation, and would echo the value it then finds.
             # Not what may be short for another flag (--restic-re: --restic-repository too) than a secret's _FILE.
             known = _option_strings() if known is None else known
             if all(option.removesuffix("-file") in by_flag for option in known if option.startswith(flag)):
-                name = next((by_flag[full] for full in by_flag if full.startswith(flag)), None)
+                name = shortened[0]
         if name is None:
             continue
         instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"
