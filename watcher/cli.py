@@ -978,13 +978,23 @@ def secret_flag_problem(argv: Sequence[str]) -> str | None:
     """
     secrets = [name for name, row in SETTINGS.items() if row.secret] + list(RESTIC_SECRET_VARIABLES)
     by_flag = {flag_name(name): name for name in secrets}
+    known: set[str] | None = None
     for arg in argv:
         if arg == "--":
             break
         flag = arg.partition("=")[0]
-        copy = re.fullmatch(r"--copy-([a-z0-9]+)-password", flag)
-        # A copy's password (README, Copies) or another secret by its variable's flag name.
-        name = f"WATCHER_COPY_{copy.group(1).upper()}_PASSWORD" if copy is not None else by_flag.get(flag)
+        # A copy's password (README, Copies; a copy's name may hold _, its flag a -) or another secret by its
+        # variable's flag name.
+        copy = re.fullmatch(r"--copy-([a-z0-9][a-z0-9_-]*)-password", flag, re.IGNORECASE)
+        name = (f"WATCHER_COPY_{copy.group(1).upper().replace('-', '_')}_PASSWORD" if copy is not None
+                else by_flag.get(flag))
+        shortened = [by_flag[full] for full in by_flag if full.startswith(flag)] if flag.startswith("--") else []
+        if name is None and shortened and len(flag) >= 6:
+            # Shortened (--restic-pass): argparse takes no abbreviation, and would echo the value it then finds.
+            # Not what may be short for another flag (--restic-re: --restic-repository too) than a secret's _FILE.
+            known = _option_strings() if known is None else known
+            if all(option.removesuffix("-file") in by_flag for option in known if option.startswith(flag)):
+                name = shortened[0]
         if name is None:
             continue
         instead = f"set {name}_FILE to the path of a file that holds it (readable by the watcher only)"
@@ -994,6 +1004,19 @@ def secret_flag_problem(argv: Sequence[str]) -> str | None:
                 f"not shown here): {instead}; if the value was a real secret, change it, as it has been visible "
                 f"in the process list")
     return None
+
+
+def _option_strings() -> set[str]:
+    """Every option string the parser and its commands' parsers know."""
+    found: set[str] = set()
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            found.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import socket
 import threading
@@ -42,6 +43,20 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 REQUEST_TIMEOUT_SECONDS = 30.0
 # Connections served at once; Prometheus, a healthcheck and an operator's curl need a few.
 MAX_CONNECTIONS = 32
+# Of them, these only a peer on the loopback takes: the image's healthcheck and a one-shot command in the
+# container (`status`, the refresh) are answered while a flood from the network holds all the others (a
+# healthcheck closed unanswered three times in a row is an unhealthy container, which Swarm replaces).
+LOOPBACK_RESERVE = 4
+
+
+def is_loopback(client_address: Any) -> bool:
+    """Whether a connection's peer address is on the loopback (127.0.0.0/8, ::1, ::ffff:127.x)."""
+    try:
+        address = ipaddress.ip_address(str(client_address[0]))
+    except (ValueError, IndexError, TypeError):
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 class _DeadlineSocketIO(socket.SocketIO):
@@ -345,24 +360,42 @@ class MetricsServer(ThreadingHTTPServer):
         self.refresh = refresh
         self._thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Taken besides a slot by a peer off the loopback: LOOPBACK_RESERVE slots stay for the loopback.
+        self._remote_slots = threading.BoundedSemaphore(max(1, MAX_CONNECTIONS - LOOPBACK_RESERVE))
+
+    def _take_slot(self, client_address: Any) -> bool:
+        remote = not is_loopback(client_address)
+        if remote and not self._remote_slots.acquire(blocking=False):
+            return False
+        if self._slots.acquire(blocking=False):
+            return True
+        if remote:
+            self._remote_slots.release()
+        return False
+
+    def _give_slot(self, client_address: Any) -> None:
+        # The same address as when it was taken: the same kind of slot.
+        self._slots.release()
+        if not is_loopback(client_address):
+            self._remote_slots.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # The port is often open to a network (0.0.0.0 in the image): a flood of connections, each held up to
         # REQUEST_TIMEOUT_SECONDS, must not become as many threads in the daemon.
-        if not self._slots.acquire(blocking=False):
+        if not self._take_slot(client_address):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._give_slot(client_address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give_slot(client_address)
 
     def start(self) -> None:
         """Starts serving in the background."""

@@ -65,7 +65,8 @@ def page_due(marker: str | None, cause: str, now: float) -> bool:
         since = now - float(paged_at)
     except ValueError:
         return True
-    wait = REPAGE_AFTER_S if delivered == "delivered" else RETRY_UNDELIVERED_S
+    # A marker of two fields is of a version that wrote one only once the page was delivered.
+    wait = RETRY_UNDELIVERED_S if delivered == "undelivered" else REPAGE_AFTER_S
     return paged_cause != cause or not 0 <= since < wait
 
 

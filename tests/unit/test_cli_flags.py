@@ -43,6 +43,11 @@ def test_secrets_are_never_flags(secret: str, capsys: pytest.CaptureFixture[str]
      "--apprise-urls-file"),
     (["backup", "--aws-secret-access-key", "Hunter2-correct-horse"], "AWS_SECRET_ACCESS_KEY_FILE", None),
     (["--copy-offsite-password", "Hunter2-correct-horse", "copy"], "WATCHER_COPY_OFFSITE_PASSWORD_FILE", None),
+    # A copy named off_site (WATCHER_COPY_OFF_SITE_*): its flag would be --copy-off-site-password.
+    (["--copy-off-site-password", "Hunter2-correct-horse", "copy"], "WATCHER_COPY_OFF_SITE_PASSWORD_FILE", None),
+    # Shortened: argparse takes no abbreviation and would echo the value as the command it then finds.
+    (["--restic-pass", "Hunter2-correct-horse", "run"], "RESTIC_PASSWORD_FILE", "--restic-password-file"),
+    (["status", "--aws-secret=Hunter2-correct-horse"], "AWS_SECRET_ACCESS_KEY_FILE", None),
 ])
 def test_a_secret_given_as_a_flag_is_refused_without_echoing_it(
         given: list[str], variable: str, file_flag: str | None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,3 +93,13 @@ def test_a_duration_flag_takes_a_unit() -> None:
     config = load_config(with_flags({"RESTIC_REPOSITORY": "/srv/restic", "RESTIC_PASSWORD": "pw"},
                                     settings_given(args)))
     assert (config.shutdown_grace_s, config.reconcile_interval_s) == (120, 90)
+
+
+@pytest.mark.parametrize("given", [
+    ["--restic-password-file", "/run/secrets/restic", "status"],  # a secret's _FILE flag is no secret
+    ["status", "--json"], ["--restic-re", "x", "status"],  # a flag of its own, or short for one as well
+    ["restore", "scalr-app-db", "--", "--restic-password"],  # after --, a positional (argparse's own words then)
+])
+def test_what_is_no_secret_flag_is_left_to_argparse(given: list[str]) -> None:
+    from watcher.cli import secret_flag_problem
+    assert secret_flag_problem(given) is None

@@ -213,3 +213,30 @@ def test_a_selected_container_found_stopped_at_start_is_a_stopped_target_judged_
     assert registry.get("web-id") is None, "an unselected stopped container stays out"
     docker.inspected.clear()
     assert found.reconcile("periodic") == [] and docker.inspected == [], "each is inspected once, not per reconcile"
+
+
+def test_a_stopped_target_renamed_follows_its_name_so_a_newcomer_under_the_old_one_is_told_apart() -> None:
+    # The upgrade by hand: `docker stop db; docker rename db db-old; docker run --name db ...`. The stopped
+    # container kept its old name in the registry, so two entries bore the name (one history, one metrics series,
+    # one alert state), and `docker rm db-old` then removed the name of the newcomer's series and alert state.
+    from watcher.events import ContainerEvent
+
+    old, new = container(running=False), container(container_id="new-id")
+    renamed = ContainerInfo(old.id, "scalr-app-old-db", old.image, old.labels, old.env, running=False)
+    docker = ListedDocker(renamed, new)
+    registry, clock = Registry(), FakeClock(T0)
+    found = Inventory(docker, DiscoveryRules(("scalr-*-db",), "0 3 * * *", Retention()), registry, clock, "UTC",
+                      Masker())
+    found.load((snap("app", T0 - timedelta(hours=2)),))
+    found.register(container())
+    found.stopped(ID)
+    changes = found.event(ContainerEvent("rename", ID, renamed.name, old_name=NAME))
+    assert Renamed(ID, NAME, renamed.name) in changes
+    entry = registry.get(ID)
+    assert entry is not None and entry.name == renamed.name and entry.stopped
+    assert [change.entry for change in changes if isinstance(change, Registered)] == [entry]
+    found.event(ContainerEvent("start", "new-id", NAME))
+    assert sorted(e.name for e in registry.view()) == [NAME, renamed.name]
+    docker.inspected.clear()
+    assert found.reconcile("periodic") == [] and docker.inspected == [], "nothing left to follow"
+    assert found.event(ContainerEvent("destroy", ID, renamed.name)) == [Removed(ID, renamed.name, destroyed=True)]

@@ -67,6 +67,7 @@ def test_a_whole_request_is_answered_within_the_bound_however_it_is_split() -> N
 def test_connections_beyond_the_cap_are_closed_unanswered_and_their_slots_come_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(watcher.metrics, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(watcher.metrics, "LOOPBACK_RESERVE", 0)
     server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok\n"), lambda: [])
     server.start()
     address = ("127.0.0.1", server.server_address[1])
@@ -89,3 +90,55 @@ def test_connections_beyond_the_cap_are_closed_unanswered_and_their_slots_come_b
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+def test_a_flood_from_the_network_leaves_the_loopback_its_reserved_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The image's healthcheck comes on the loopback: a flood that holds every other slot must not make the
+    # container unhealthy. The test's connections all come from 127.0.0.1: those bound to a port of `remote`
+    # pass for a network's.
+    remote: set[int] = set()
+    monkeypatch.setattr(watcher.metrics, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(watcher.metrics, "LOOPBACK_RESERVE", 1)
+    monkeypatch.setattr(watcher.metrics, "is_loopback", lambda address: address[1] not in remote)
+    server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok\n"), lambda: [])
+    server.start()
+    address = ("127.0.0.1", server.server_address[1])
+
+    def from_network() -> socket.socket:
+        client = socket.socket()
+        client.settimeout(10)
+        client.bind(("127.0.0.1", 0))
+        remote.add(client.getsockname()[1])
+        client.connect(address)
+        return client
+
+    def answered() -> bool:
+        with socket.create_connection(address, timeout=10) as client:
+            client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            return client.recv(4096).startswith(b"HTTP/1.0 200 ")
+
+    try:
+        flood = [from_network() for _ in range(2)]  # each holds a handler thread, and all the network's slots
+        with from_network() as third:
+            assert third.recv(1) == b"", "beyond the network's slots: closed at once"
+        assert answered(), "the loopback's reserved slot"
+        for client in flood:
+            client.close()
+        deadline = time.monotonic() + 10
+        while True:  # the flood's slots come back: the network is answered again
+            with from_network() as client:
+                client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                if client.recv(4096).startswith(b"HTTP/1.0 200 "):
+                    break
+            assert time.monotonic() < deadline, "the network's slots never came back"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+
+
+def test_loopback_peers_are_told_from_others() -> None:
+    from watcher.metrics import is_loopback
+    assert is_loopback(("127.0.0.1", 1)) and is_loopback(("127.1.2.3", 1)) and is_loopback(("::1", 1, 0, 0))
+    assert is_loopback(("::ffff:127.0.0.1", 1, 0, 0))
+    assert not is_loopback(("172.17.0.1", 1)) and not is_loopback(("::ffff:10.0.0.1", 1, 0, 0))
+    assert not is_loopback(("", 0)) and not is_loopback(())

@@ -46,7 +46,9 @@ def test_the_same_cause_pages_again_only_after_a_day_another_cause_at_once() -> 
     assert not page_due(undelivered, cause, 1000.0 + 60)
     assert not page_due(undelivered, cause, 1000.0 + RETRY_UNDELIVERED_S - 1)
     assert page_due(undelivered, cause, 1000.0 + RETRY_UNDELIVERED_S)
-    assert page_due(f"{cause} 1000\n", cause, 1000.0 + RETRY_UNDELIVERED_S)  # a marker of an older version
+    # A marker of an older version, written only once the page was delivered: a day, as before.
+    assert not page_due(f"{cause} 1000\n", cause, 1000.0 + RETRY_UNDELIVERED_S)
+    assert page_due(f"{cause} 1000\n", cause, 1000.0 + DAY)
 
 
 class Clock:

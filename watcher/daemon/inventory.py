@@ -181,12 +181,16 @@ class Inventory:
             return self.destroyed(container_id)
         try:
             if not info.running:
-                if self.registry.get(container_id) is not None:
+                existing = self.registry.get(container_id)
+                if existing is not None and existing.name == info.name:
                     return self.stopped(container_id)
                 # A selected container found stopped (at start: it did not come back after a reboot) is known as
                 # a stopped target, as one that stops while watched is: its snapshots' age is judged (the stale
-                # alert, the start's summary, its metrics) instead of the container going unmentioned.
-                changes = [*self.register(info), *self.stopped(container_id)]
+                # alert, the start's summary, its metrics) instead of the container going unmentioned. One renamed
+                # while stopped follows its name as a running one does: left under the old one, a newcomer of that
+                # name (`docker rename db db-old; docker run --name db`) would share its name, and its removal would
+                # take the newcomer's metrics and alert state along.
+                changes = [*self.register(info, old_name), *self.stopped(container_id)]
                 entry = self.registry.get(container_id)
                 return [replace(change, entry=entry) if isinstance(change, Registered) and entry is not None
                         else change for change in changes]
