@@ -311,6 +311,13 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + (self.timeout or REQUEST_TIMEOUT_SECONDS)
         self.rfile = io.BufferedReader(_DeadlineSocketIO(self.connection, deadline))
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        # The request's head is read: the answer's writes get the whole bound of their own, not what the reads
+        # left of theirs (a body's reads still keep to the request's deadline: _DeadlineSocketIO).
+        self.connection.settimeout(self.timeout)
+        return ok
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":

@@ -93,6 +93,8 @@ def local_permission_problem(repository: str, said: str) -> str | None:
         return None
     if not repository.startswith(("/", "local:", ".")):
         return None
+    if repository.removeprefix("local:").rstrip("/") not in said:
+        return None  # another repository's path refused (a copy's source, RESTIC_FROM_REPOSITORY): not this one's
     uid, gid = os.getuid(), os.getgid()
     return (f"restic runs as uid {uid}, gid {gid} and may not read or write the repository's directory "
             f"{repository}: give it and everything in it to that user on the host, e.g. `chown -R {uid}:{gid} DIR`, "

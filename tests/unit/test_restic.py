@@ -230,3 +230,10 @@ def test_a_copys_path_repository_gets_the_ownership_advice_too() -> None:
     message = copy.failure("opening the repository", done)
     assert message.startswith("opening the repository copy offsite (/srv/offsite) failed:")
     assert f"chown -R {os.getuid()}:{os.getgid()}" in message
+
+
+def test_a_copys_source_refused_gets_no_advice_naming_the_copy() -> None:
+    # restic copy reads the primary (RESTIC_FROM_REPOSITORY): its path refused says nothing of the copy's.
+    said = "Fatal: unable to open config file: stat /srv/restic/config: permission denied"
+    assert local_permission_problem("/srv/offsite", said) is None
+    assert local_permission_problem("/srv/restic/", said) is not None
