@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +145,18 @@ PAUSE_CASES = [pytest.param(index, min(fraction, 0.65), id=f"{min(fraction, 0.65
                for index, fraction in enumerate(POINTS)]
 
 
+def pause(container: str) -> None:
+    """`docker pause`, again when runc could not freeze the container's cgroup at once ("unable to freeze": seen
+    in CI with a process of the dump in the middle of I/O on a loaded machine; runc thaws it and gives up);
+    raises AssertionError when the third try fails too."""
+    for attempt in range(3):
+        done = docker("pause", container, check=False)
+        if done.returncode == 0:
+            return
+        assert "unable to freeze" in done.stderr and attempt < 2, f"docker pause {container} failed: {done.stderr}"
+        time.sleep(0.2)
+
+
 # --- 5. the database container paused mid-dump: the stall bound ---------------------------------------
 @pytest.mark.parametrize(("point", "fraction"), PAUSE_CASES)
 def test_a_paused_container_fails_its_dump_at_the_stall_bound(
@@ -155,7 +168,7 @@ def test_a_paused_container_fails_its_dump_at_the_stall_bound(
         backup = start_backup(source, {**env, "WATCHER_STALL_TIMEOUT": "4s"})
         try:
             wait_for_point(source, fraction, backup)
-            docker("pause", source.db.name)
+            pause(source.db.name)
             out, err = backup.communicate(timeout=120)
         finally:
             docker("unpause", source.db.name, check=False)
@@ -176,7 +189,7 @@ def test_a_dump_running_past_the_dump_timeout_is_stopped_without_a_snapshot(
         backup = start_backup(source, {**env, "WATCHER_STALL_TIMEOUT": "1h", "WATCHER_DUMP_TIMEOUT": "8s"})
         try:
             wait_for_point(source, 0.1, backup)
-            docker("pause", source.db.name)
+            pause(source.db.name)
             out, err = backup.communicate(timeout=120)
         finally:
             docker("unpause", source.db.name, check=False)
