@@ -113,7 +113,7 @@ class Inventory:
         self.clock = clock
         self.timezone = timezone
         self.masker = masker
-        self._ignored: dict[str, str] = {}  # id → name of running containers that are not selected
+        self._ignored: dict[str, str] = {}  # id → name of containers (running or not) that are not selected
         self._newest: Newest = {}
         self._sizes: dict[History, SizeVerdict] = {}
         self.shrink_threshold = shrink_threshold
@@ -128,14 +128,13 @@ class Inventory:
         """Judges the dumps' sizes (see `size_changes`); records each changed verdict in the registry and
         returns them as changes."""
         changed = size_changes(self._sizes, list(snapshots), self.shrink_threshold, complete=complete)
-        by_name = {entry.name: entry for entry in self.registry.view() if entry.target is not None}
+        by_name = _targets_by_name(self.registry)
         judged: list[Change] = []
         for (container, database), verdict in sorted(changed.items()):
             previous = self._sizes.get((container, database))
             self._sizes[(container, database)] = verdict
-            entry = by_name.get(container)
-            if entry is not None and entry.target is not None and (
-                    entry.target.all_databases or database in entry.target.databases or database == GLOBALS_DATABASE):
+            entry = _backing_up(by_name, container, database)
+            if entry is not None:
                 self.registry.record_size_anomaly(entry.container_id, database, verdict.flagged)
             if verdict.flagged or (previous is not None and previous.flagged):
                 judged.append(SizeJudged(container, database, verdict, previous, at_start))
@@ -143,16 +142,15 @@ class Inventory:
 
     def take_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
         """Takes newer snapshots (never older ones) into the cache and the registry."""
-        by_name = {entry.name: entry for entry in self.registry.view() if entry.target is not None}
+        by_name = _targets_by_name(self.registry)
         for key, snap in newest_by_database(snapshots).items():
             known = self._newest.get(key)
             if known is not None and known.time >= snap.time:
                 continue
             self._newest[key] = snap
             container, database = key
-            entry = by_name.get(container)
-            if entry is not None and entry.target is not None and (
-                    entry.target.all_databases or database in entry.target.databases or database == GLOBALS_DATABASE):
+            entry = _backing_up(by_name, container, database)
+            if entry is not None:
                 self.registry.record_snapshot(entry.container_id, database, snap.time, snap.id)
 
     # --- the containers' side -------------------------------------------------------------
@@ -184,12 +182,9 @@ class Inventory:
                 existing = self.registry.get(container_id)
                 if existing is not None and existing.name == info.name:
                     return self.stopped(container_id)
-                # A selected container found stopped (at start: it did not come back after a reboot) is known as
-                # a stopped target, as one that stops while watched is: its snapshots' age is judged (the stale
-                # alert, the start's summary, its metrics) instead of the container going unmentioned. One renamed
-                # while stopped follows its name as a running one does: left under the old one, a newcomer of that
-                # name (`docker rename db db-old; docker run --name db`) would share its name, and its removal would
-                # take the newcomer's metrics and alert state along.
+                # Found stopped (not back after a reboot), a selected container is a stopped target whose snapshots'
+                # age is judged; renamed while stopped, it follows its name, or a newcomer of the old name (`docker
+                # rename db db-old; docker run --name db`) would share it, and lose its state with db-old.
                 changes = [*self.register(info, old_name), *self.stopped(container_id)]
                 entry = self.registry.get(container_id)
                 return [replace(change, entry=entry) if isinstance(change, Registered) and entry is not None
@@ -306,6 +301,20 @@ class Inventory:
                  next_run=when.isoformat(), catch_up=when == now,
                  databases="all" if found.all_databases else ",".join(found.databases))
         return Registered(entry, now)
+
+
+def _targets_by_name(registry: Registry) -> dict[str, TargetState]:
+    """The registry's selected entries by container name."""
+    return {entry.name: entry for entry in registry.view() if entry.target is not None}
+
+
+def _backing_up(by_name: dict[str, TargetState], container: str, database: str) -> TargetState | None:
+    """The target entry named `container` that backs up `database` (its globals always), None when none does."""
+    entry = by_name.get(container)
+    if entry is None or entry.target is None:
+        return None
+    target = entry.target
+    return entry if target.all_databases or database in target.databases or database == GLOBALS_DATABASE else None
 
 
 def survey(docker: Containers, ctx: JobContext, rules: DiscoveryRules, clock: Clock,
